@@ -1,0 +1,56 @@
+# Two commands on a fresh machine: `make serve` and `make test`. Both create .venv and install
+# the hash-locked requirements first (llama-cpp-python compiles ~5 min the first time; pip
+# caches the wheel afterwards).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip --disable-pip-version-check
+
+.PHONY: serve test lint typecheck fmt lock bench install install-dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=25" setuptools wheel
+
+$(VENV)/.base-installed: requirements/base.txt pyproject.toml | $(BIN)/python
+	$(PIP) install --require-hashes -r requirements/base.txt
+	$(PIP) install --no-deps -e .
+	touch $@
+
+$(VENV)/.dev-installed: requirements/dev.txt pyproject.toml | $(BIN)/python
+	$(PIP) install --require-hashes -r requirements/dev.txt
+	$(PIP) install --no-deps -e .
+	touch $@ $(VENV)/.base-installed
+
+install: $(VENV)/.base-installed
+install-dev: $(VENV)/.dev-installed
+
+serve: install
+	$(BIN)/llm-api serve
+
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install-dev
+	$(BIN)/mypy
+
+test: install-dev lint typecheck
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+fmt: install-dev
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: install-dev
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Re-lock after editing requirements/*.in (needs pip-tools; run where PyPI is reachable).
+lock:
+	$(PYTHON) -m piptools compile -q --generate-hashes --allow-unsafe --strip-extras -o requirements/base.txt requirements/base.in
+	$(PYTHON) -m piptools compile -q --generate-hashes --allow-unsafe --strip-extras -o requirements/prod.txt requirements/prod.in
+	$(PYTHON) -m piptools compile -q --generate-hashes --allow-unsafe --strip-extras -o requirements/dev.txt requirements/dev.in
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache

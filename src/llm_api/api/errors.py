@@ -1,0 +1,112 @@
+"""Exception handlers, registered in layers: our APIError taxonomy, then framework errors
+(validation, HTTP), then a last-resort handler. Every body is OpenAI's error object; none carries
+a stack trace, a file path or an upstream URL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llm_api.core.exceptions import (
+    APIError,
+    InvalidRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    ServerError,
+)
+
+log = structlog.get_logger(__name__)
+
+
+def json_response(
+    body: Any, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(
+        orjson.dumps(body), status_code=status_code, headers=headers, media_type="application/json"
+    )
+
+
+def error_response(exc: APIError) -> Response:
+    return json_response(exc.to_dict(), exc.status_code, exc.headers)
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    parts = [p for p in loc if p not in ("body", "query", "path", "header")]
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif not str(p).startswith(("function-", "tagged-union")) and p not in (
+            "str",
+            "list[TextPart]",
+            "list[str]",
+            "int",
+            "float",
+            "bool",
+            "constrained-str",
+        ):
+            out += f".{p}" if out else str(p)
+    return out or None
+
+
+def validation_to_api_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    if not errors:
+        return InvalidRequestError("Invalid request.")
+    err = errors[0]
+    if err.get("type") == "json_invalid":
+        return InvalidRequestError("We could not parse the JSON body of your request.")
+    ctx_error = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_error, APIError):  # raised inside a model validator
+        return ctx_error
+    param = _param(tuple(err.get("loc", ())))
+    msg = str(err.get("msg", "Invalid value"))
+    if err.get("type") == "missing":
+        msg = f"Missing required parameter: '{param}'."
+    else:
+        msg = f"Invalid value for '{param}': {msg}." if param else f"{msg}."
+    return InvalidRequestError(msg, param=param)
+
+
+async def _api_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return error_response(exc)
+
+
+async def _validation_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(validation_to_api_error(exc))
+
+
+async def _http_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    api: APIError
+    if exc.status_code == 404:
+        api = NotFoundError("Not found.")
+    elif exc.status_code == 413:
+        api = PayloadTooLargeError(str(exc.detail))
+    else:
+        api = APIError(str(exc.detail))
+        api.status_code = exc.status_code
+        api.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        api.code = None
+    api.headers = dict(exc.headers or {})
+    return error_response(api)
+
+
+async def _unhandled(request: Request, exc: Exception) -> Response:
+    log.error("unhandled_error", path=request.url.path, exc_info=exc)
+    return error_response(ServerError("The server had an error processing your request."))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unhandled)

@@ -1,0 +1,31 @@
+"""GET /v1/models and /v1/models/{id}."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from llm_api.api.deps import LLMServiceDep
+from llm_api.schemas.model_list import ModelCard, ModelList
+from llm_api.services.llm.registry import ModelConfig
+
+router = APIRouter(tags=["models"])
+
+
+def _card(config: ModelConfig, created: int) -> ModelCard:
+    return ModelCard(
+        id=config.id,
+        created=created,
+        owned_by=config.owned_by,
+        context_length=config.context_length,
+        tier=config.tier,
+    )
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(llm: LLMServiceDep) -> ModelList:
+    return ModelList(data=[_card(m, llm.started_at) for m in llm.registry.models])
+
+
+@router.get("/models/{model_id:path}", response_model=ModelCard)
+async def get_model(model_id: str, llm: LLMServiceDep) -> ModelCard:
+    return _card(llm.get_model(model_id), llm.started_at)

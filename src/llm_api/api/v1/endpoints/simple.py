@@ -1,0 +1,66 @@
+"""The guide's simple API on the same service: POST /v1/generate (JSON) and POST /v1/stream
+(NDJSON, one {"token": ...} per line)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from llm_api.api.deps import LLMServiceDep, RequestCtx, SettingsDep
+from llm_api.api.disconnect import cancel_on_disconnect
+from llm_api.api.streaming import ndjson_response
+from llm_api.schemas.completions import CompletionRequest, GenerateRequest, GenerateResponse
+from llm_api.services.llm.service import LLMService
+
+router = APIRouter(tags=["simple"])
+
+
+class TokenLine(BaseModel):
+    token: str
+
+
+def _as_completion(body: GenerateRequest, llm: LLMService, stream: bool) -> CompletionRequest:
+    return CompletionRequest.model_validate(
+        {
+            "model": body.model or llm.registry.default.id,
+            "prompt": body.prompt,
+            "max_tokens": body.max_tokens,
+            "temperature": body.temperature,
+            "stream": stream,
+        }
+    )
+
+
+@router.post("/generate", response_model=GenerateResponse)
+async def generate(
+    body: GenerateRequest, request: Request, llm: LLMServiceDep, ctx: RequestCtx
+) -> GenerateResponse:
+    result = await cancel_on_disconnect(
+        request, llm.completion(_as_completion(body, llm, False), ctx)
+    )
+    assert result.usage is not None
+    return GenerateResponse(
+        id=result.id,
+        model=result.model,
+        text=result.choices[0].text,
+        finish_reason=result.choices[0].finish_reason,
+        usage=result.usage,
+    )
+
+
+@router.post("/stream")
+async def stream(
+    body: GenerateRequest, llm: LLMServiceDep, ctx: RequestCtx, settings: SettingsDep
+) -> StreamingResponse:
+    chunks = await llm.completion_stream(_as_completion(body, llm, True), ctx)
+
+    async def tokens() -> AsyncIterator[TokenLine]:
+        async for chunk in chunks:
+            for choice in chunk.choices:
+                if choice.text:
+                    yield TokenLine(token=choice.text)
+
+    return ndjson_response(tokens(), settings.sse_keepalive_seconds)

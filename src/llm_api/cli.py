@@ -1,0 +1,72 @@
+"""The `llm-api` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="llm-api: serve LLMs over an OpenAI-compatible API.",
+)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Bind port (default 8000).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Model registry file (YAML/TOML).")] = None,
+) -> None:
+    """Serve the API with uvicorn (use gunicorn.conf.py in production)."""
+    import os
+
+    import uvicorn
+
+    from llm_api.core.config import Settings
+
+    if config is not None:
+        os.environ["LLM_API_MODELS_FILE"] = str(config)
+    settings = Settings()
+    uvicorn.run(
+        "llm_api.main:create_app",
+        factory=True,
+        host=host or settings.host,
+        port=port or settings.port,
+        workers=workers or settings.workers,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+
+
+@app.command()
+def models(
+    config: Annotated[Path | None, typer.Option(help="Model registry file (YAML/TOML).")] = None,
+) -> None:
+    """List the models in the registry."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from llm_api.core.config import Settings
+    from llm_api.services.llm.registry import load_registry
+
+    registry = load_registry(config or Settings().models_file)
+    table = Table("id", "backend", "context", "tier", "concurrency", "source")
+    for m in registry.models:
+        source = m.gguf if m.backend == "llama_cpp" else (m.base_url or "")
+        table.add_row(
+            m.id, m.backend, str(m.context_length), m.tier, str(m.concurrency), source or ""
+        )
+    Console().print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Application settings: one pydantic-settings class, read from `LLM_API_*` env vars and `.env`.
+
+Every field has a description; `.env.example` documents each one. Validators fail fast at start so a
+misconfigured server never comes up half-working.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_JWT_SECRET = "dev-insecure-change-me"  # noqa: S105 - refused outside development
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LLM_API_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+    )
+
+    # --- server -----------------------------------------------------------------------------
+    environment: Literal["development", "production", "test"] = Field(
+        "development", description="development relaxes secret checks; production enforces them."
+    )
+    host: str = Field("127.0.0.1", description="Bind address for `llm-api serve`.")
+    port: int = Field(8000, ge=1, le=65535, description="Bind port for `llm-api serve`.")
+    workers: int = Field(1, ge=1, description="Worker processes for `llm-api serve`.")
+    data_dir: Path = Field(
+        Path("data"), description="Directory for the SQLite database, uploaded files and buffers."
+    )
+    log_level: str = Field("INFO", description="Root log level.")
+    log_json: bool | None = Field(
+        None, description="JSON logs (default: on in production, readable text in development)."
+    )
+
+    # --- models -----------------------------------------------------------------------------
+    models_file: Path | None = Field(
+        None,
+        description="YAML or TOML model registry. Unset: the built-in registry (embedded SmolLM2).",
+    )
+    llama_threads: int | None = Field(
+        None, ge=1, description="CPU threads for in-process llama.cpp models (default: all cores)."
+    )
+    warmup: bool = Field(True, description="Run one short generation per local model at start.")
+
+    # --- request limits ---------------------------------------------------------------------
+    max_body_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Largest accepted request body; larger gets 413."
+    )
+    max_messages: int = Field(256, ge=1, description="Most messages in one chat request.")
+    max_message_chars: int = Field(
+        200_000, ge=1, description="Longest single message or prompt, in characters."
+    )
+    max_stop_sequences: int = Field(4, ge=1, le=64, description="Most stop sequences.")
+    max_n: int = Field(4, ge=1, le=16, description="Largest `n` (choices per request).")
+    sse_keepalive_seconds: float = Field(
+        15.0, gt=0, description="Interval of SSE keep-alive comments on idle streams."
+    )
+
+    # --- storage ----------------------------------------------------------------------------
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy async URL (postgresql+asyncpg://...). Unset: SQLite in data_dir.",
+    )
+    db_pool_size: int = Field(10, ge=1, description="PostgreSQL pool size.")
+    db_max_overflow: int = Field(20, ge=0, description="PostgreSQL pool overflow.")
+    db_pool_pre_ping: bool = Field(True, description="Check connections before use.")
+    db_pool_recycle: int = Field(3600, ge=1, description="Recycle connections after N seconds.")
+    redis_url: str | None = Field(
+        None, description="Redis URL for limits, cache and queues. Unset: in-process memory."
+    )
+
+    # --- security ---------------------------------------------------------------------------
+    auth_enabled: bool = Field(
+        True, description="Require credentials. May be false only when binding to loopback."
+    )
+    jwt_secret: str = Field(
+        DEFAULT_JWT_SECRET, description="HS256 signing key (>= 32 chars outside development)."
+    )
+    jwt_issuer: str = Field("llm-api", description="JWT `iss` claim.")
+    jwt_audience: str = Field("llm-api", description="JWT `aud` claim.")
+    access_token_minutes: int = Field(15, ge=1, description="Access-token lifetime.")
+    refresh_token_days: int = Field(14, ge=1, description="Refresh-token lifetime.")
+    cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins.")
+    cors_allow_credentials: bool = Field(False, description="Allow credentials in CORS.")
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="CIDRs whose X-Forwarded-For is believed."
+    )
+    metrics_public: bool = Field(
+        False, description="Serve /metrics without credentials (else an admin credential)."
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _valid_cidrs(cls, v: list[str]) -> list[str]:
+        for cidr in v:
+            ipaddress.ip_network(cidr, strict=False)
+        return v
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        if self.environment != "development" and (
+            self.jwt_secret == DEFAULT_JWT_SECRET or len(self.jwt_secret) < 32
+        ):
+            raise ValueError(
+                "LLM_API_JWT_SECRET must be set to a random value of >= 32 characters "
+                "outside development"
+            )
+        if "*" in self.cors_origins and self.cors_allow_credentials:
+            raise ValueError("CORS: '*' origins cannot be combined with credentials")
+        return self
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'llm-api.db').resolve()}"
+
+    @property
+    def json_logs(self) -> bool:
+        return self.log_json if self.log_json is not None else self.environment == "production"

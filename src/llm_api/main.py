@@ -1,0 +1,86 @@
+"""The app factory and its lifespan.
+
+The lifespan builds every long-lived object (model backends, and later DB engines, Redis and HTTP
+pools) onto `app.state.llm_api`; api/deps.py hands them to routes. Models load in the background
+so that /health answers at once and /ready turns 200 only after every model has warmed up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import structlog
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from llm_api.api.errors import install_error_handlers
+from llm_api.api.v1.endpoints import health
+from llm_api.api.v1.router import api_router
+from llm_api.core.config import Settings
+from llm_api.core.logging import configure_logging
+from llm_api.core.state import AppState
+from llm_api.middleware.body_limit import BodyLimitMiddleware
+from llm_api.middleware.request_id import RequestIdMiddleware
+from llm_api.services.llm.backends.factory import build_backend
+from llm_api.services.llm.registry import load_registry
+from llm_api.services.llm.service import LLMService
+
+log = structlog.get_logger(__name__)
+
+
+def build_llm_service(settings: Settings) -> LLMService:
+    registry = load_registry(settings.models_file)
+    backends = {m.id: build_backend(m, settings) for m in registry.models}
+    return LLMService(settings, registry, backends)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    llm = build_llm_service(settings)
+    state = AppState(settings=settings, llm=llm)
+    app.state.llm_api = state
+
+    async def load_models() -> None:
+        try:
+            await llm.start()
+            log.info("models_ready", models=[m.id for m in llm.registry.models])
+        except Exception:
+            log.exception("model_load_failed")
+
+    loader = asyncio.create_task(load_models(), name="load-models")
+    try:
+        yield
+    finally:
+        state.draining = True
+        loader.cancel()
+        await asyncio.gather(loader, return_exceptions=True)
+        await llm.aclose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    configure_logging(settings)
+    app = FastAPI(
+        title="llm-api",
+        version="0.1.0",
+        summary="An OpenAI-compatible API for local and upstream LLMs.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(api_router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials=settings.cors_allow_credentials,
+            allow_methods=["GET", "POST", "DELETE", "PATCH", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID", "Cache-Control"],
+        )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)
+    return app

@@ -1,0 +1,36 @@
+"""X-Request-ID: accepted from the client when well-formed, generated otherwise, stored in the
+scope for handlers and logs, and echoed on the response."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+_VALID = re.compile(rb"^[A-Za-z0-9._:-]{8,128}$")
+
+
+class RequestIdMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = next(
+            (v for k, v in scope["headers"] if k == b"x-request-id" and _VALID.match(v)), None
+        )
+        request_id = rid.decode() if rid else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

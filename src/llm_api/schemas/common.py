@@ -1,0 +1,140 @@
+"""Pieces shared by the OpenAI-compatible request and response types."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from llm_api.core.exceptions import InvalidRequestError
+
+# Fields that decide where a request is sent or with which secret. They are set by the operator in
+# the model registry; a client that sends them anywhere in the body gets a 400 (SSRF / key theft).
+FORBIDDEN_FIELDS = frozenset(
+    {"api_base", "base_url", "api_key", "api_version", "callback_url", "webhook_url", "proxy"}
+)
+MAX_JSON_DEPTH = 64
+UNSUPPORTED_FIELDS = (
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+    "best_of",
+    "echo",
+    "suffix",
+    "tools",
+    "functions",
+)
+
+
+def reject_forbidden_fields(data: Any, path: str = "", depth: int = 0) -> None:
+    """Walk a decoded JSON body; raise on a routing/secret field at any depth."""
+    if depth > MAX_JSON_DEPTH:
+        raise InvalidRequestError("Request body is nested too deeply.", param=path or None)
+    if isinstance(data, dict):
+        for key, value in data.items():
+            here = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and key.lower() in FORBIDDEN_FIELDS:
+                raise InvalidRequestError(
+                    f"`{key}` cannot be set by a client; upstreams are configured by the operator.",
+                    param=here,
+                )
+            reject_forbidden_fields(value, here, depth + 1)
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            reject_forbidden_fields(value, f"{path}[{i}]", depth + 1)
+
+
+class StrictModel(BaseModel):
+    """Wire types reject wrong JSON types ("0.5" for a float) and NaN/Infinity."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="allow")
+
+
+class OpenAIRequest(StrictModel):
+    """Base for request bodies: unknown fields are tolerated (SDKs send extras) but routing
+    fields never are."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_routing_fields(cls, data: Any) -> Any:
+        reject_forbidden_fields(data)
+        return data
+
+
+StopStr = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+class JSONSchemaFormat(StrictModel):
+    name: Annotated[str, StringConstraints(max_length=64)] = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _bounded(self) -> JSONSchemaFormat:
+        if len(json.dumps(self.schema_)) > 64_000:
+            raise ValueError("json_schema.schema is too large (64 kB max)")
+        return self
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_present(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format.json_schema is required when type is json_schema")
+        return self
+
+
+class SamplingFields(OpenAIRequest):
+    """Sampling parameters common to chat and text completions."""
+
+    model: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    stop: StopStr | list[StopStr] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    n: int = Field(1, ge=1)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    user: Annotated[str, StringConstraints(max_length=256)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def reject_unsupported(self) -> None:
+        """Features we do not implement fail loudly instead of being silently ignored."""
+        extra = self.model_extra or {}
+        for name in UNSUPPORTED_FIELDS:
+            value = extra.get(name)
+            if value and not (name == "best_of" and value == 1):
+                raise InvalidRequestError(f"`{name}` is not supported by this server.", param=name)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,221 @@
+"""Any OpenAI-compatible upstream (vLLM, Ollama, llama.cpp's server, OpenAI).
+
+One pooled aiohttp session per upstream (aiohttp sustains several times httpx's request rate on
+this hardware, see PERFORMANCE.md). We always ask the upstream to stream, with usage, and pass
+each chunk on as it arrives; a non-streaming client request simply collects the same stream.
+Errors are mapped to our taxonomy; messages never carry the upstream URL or key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+
+from llm_api.core.exceptions import (
+    APIError,
+    ContextLengthExceededError,
+    InvalidRequestError,
+    RateLimitError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
+from llm_api.services.llm.registry import ModelConfig
+from llm_api.services.llm.types import GenerationChunk, GenerationRequest
+
+log = structlog.get_logger(__name__)
+_URL = re.compile(r"(https?|wss?)://\S+")
+
+
+class OpenAIUpstreamBackend:
+    def __init__(self, config: ModelConfig) -> None:
+        if not config.base_url:
+            raise ValueError(f"model {config.id}: base_url is required for the openai backend")
+        self.config = config
+        self._base_url = config.base_url
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._session is not None and not self._session.closed
+
+    async def start(self, warmup: bool = True) -> None:
+        headers = {"Content-Type": "application/json"}
+        if self.config.api_key_env:
+            key = os.environ.get(self.config.api_key_env)
+            if not key:
+                raise RuntimeError(
+                    f"model {self.config.id}: environment variable "
+                    f"{self.config.api_key_env} is not set"
+                )
+            headers["Authorization"] = f"Bearer {key}"
+        self._session = aiohttp.ClientSession(
+            base_url=self._base_url + "/",
+            headers=headers,
+            connector=aiohttp.TCPConnector(limit=self.config.max_connections, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=self.config.connect_timeout, connect=None
+            ),
+            json_serialize=lambda o: orjson.dumps(o).decode(),
+            trust_env=False,  # never route through a proxy picked up from the environment
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def prepare(self, request: GenerationRequest) -> None:
+        """Upstreams validate context length themselves; nothing to count locally."""
+
+    def _body(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
+        p = request.params
+        body: dict[str, Any] = {
+            "model": self.config.upstream_model or self.config.id,
+            "max_tokens": p.max_tokens,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if p.stop:
+            body["stop"] = p.stop
+        if p.seed is not None:
+            body["seed"] = p.seed
+        if p.presence_penalty:
+            body["presence_penalty"] = p.presence_penalty
+        if p.frequency_penalty:
+            body["frequency_penalty"] = p.frequency_penalty
+        if p.json_schema is not None:
+            body["response_format"] = (
+                {"type": "json_object"}
+                if not p.json_schema
+                else {
+                    "type": "json_schema",
+                    "json_schema": {"name": "response", "schema": p.json_schema, "strict": True},
+                }
+            )
+        if request.messages is not None:
+            body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+            return "chat/completions", body
+        body["prompt"] = request.prompt or ""
+        return "completions", body
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        if self._session is None:
+            raise UpstreamError("Upstream is not connected.")
+        path, body = self._body(request)
+        # One deadline covers both the response headers and the first chunk.
+        deadline = asyncio.get_running_loop().time() + self.config.first_token_timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                resp = await self._session.post(path, json=body)
+        except TimeoutError:
+            raise UpstreamTimeoutError(
+                "The upstream model server did not answer in time."
+            ) from None
+        except aiohttp.ClientError:
+            raise UpstreamError("Could not connect to the upstream model server.") from None
+        async with resp:
+            if resp.status >= 400:
+                raise await _map_error(resp)
+            async for chunk in self._read(resp, deadline):
+                yield chunk
+
+    async def _read(
+        self, resp: aiohttp.ClientResponse, deadline: float
+    ) -> AsyncIterator[GenerationChunk]:
+        finish: str | None = None
+        prompt_tokens: int | None = None
+        completion_tokens: int | None = None
+        pieces = 0
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    line = await resp.content.readline()
+            except TimeoutError:
+                raise UpstreamTimeoutError(
+                    "The upstream model server stopped sending tokens."
+                ) from None
+            except aiohttp.ClientError:
+                raise UpstreamError("The upstream connection failed mid-response.") from None
+            if not line:
+                break  # EOF
+            deadline = loop.time() + self.config.idle_timeout
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue  # blank separators, comments, `event:` lines
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                raise UpstreamError("The upstream sent a malformed chunk.") from None
+            if "error" in obj:
+                raise UpstreamError(_clean(_error_message(obj)))
+            usage = obj.get("usage")
+            if usage:
+                prompt_tokens = usage.get("prompt_tokens")
+                completion_tokens = usage.get("completion_tokens")
+            for choice in obj.get("choices") or ():
+                text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+                if text:
+                    pieces += 1
+                    yield GenerationChunk(text=text, tokens=1)
+                if choice.get("finish_reason"):
+                    finish = choice["finish_reason"]
+        if finish is None:
+            raise UpstreamError("The upstream closed the stream before finishing.")
+        yield GenerationChunk(
+            finish_reason="length" if finish == "length" else "stop",
+            prompt_tokens=prompt_tokens if prompt_tokens is not None else 0,
+            # Counted chunks approximate tokens when an upstream does not report usage.
+            completion_tokens=completion_tokens if completion_tokens is not None else pieces,
+        )
+
+
+def _error_message(obj: Any) -> str:
+    err = obj.get("error") if isinstance(obj, dict) else None
+    if isinstance(err, dict):
+        return str(err.get("message") or "")
+    if isinstance(err, str):
+        return err
+    return str(obj.get("message") or obj.get("detail") or "") if isinstance(obj, dict) else ""
+
+
+def _clean(message: str) -> str:
+    return _URL.sub("[upstream]", message)[:500] or "Upstream error."
+
+
+async def _map_error(resp: aiohttp.ClientResponse) -> APIError:
+    raw = await resp.read()
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        obj = {}
+    message = _clean(_error_message(obj))
+    err = obj.get("error") if isinstance(obj, dict) else None
+    code = err.get("code") if isinstance(err, dict) else None
+    status = resp.status
+    log.warning("upstream_error", status=status, code=code)
+    if status == 429:
+        retry = resp.headers.get("Retry-After", "1")
+        return RateLimitError(
+            "The upstream model server is rate limiting; retry shortly.",
+            headers={"Retry-After": retry if retry.isdigit() else "1"},
+        )
+    if status in (400, 422) and (code == "context_length_exceeded" or "context" in message.lower()):
+        return ContextLengthExceededError(message, param="messages")
+    if status in (400, 422):
+        return InvalidRequestError(message)
+    if status in (401, 403):
+        return UpstreamError("The upstream model server rejected our credentials.")
+    return UpstreamError(f"The upstream model server failed (status {status}).")

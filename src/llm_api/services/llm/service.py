@@ -1,0 +1,472 @@
+"""The LLM service: turns validated wire requests into engine requests, admits them through each
+model's gate, runs the backend, and shapes its output as OpenAI chunks or whole responses.
+
+Streaming and non-streaming are two consumers of the same chunk iterator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+
+from llm_api.core.config import Settings
+from llm_api.core.exceptions import (
+    APIError,
+    ContextLengthExceededError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    ServiceUnavailableError,
+)
+from llm_api.schemas.chat import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChoiceDelta,
+    ChunkChoice,
+)
+from llm_api.schemas.common import SamplingFields, Usage
+from llm_api.schemas.completions import Completion, CompletionChoice, CompletionRequest
+from llm_api.services.llm.admission import AdmissionGate
+from llm_api.services.llm.backends.base import Backend
+from llm_api.services.llm.registry import ModelConfig, Registry
+from llm_api.services.llm.types import (
+    CompletionRecord,
+    GenerationChunk,
+    GenerationRequest,
+    Message,
+    RequestContext,
+    SamplingParams,
+)
+
+Observer = Callable[[CompletionRecord], Awaitable[None] | None]
+
+
+@dataclass(slots=True)
+class _Run:
+    """Book-keeping for one request while it streams."""
+
+    ctx: RequestContext
+    model: ModelConfig
+    endpoint: str
+    stream: bool
+    started: float = field(default_factory=time.perf_counter)
+    admitted: float | None = None
+    first_token: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+
+
+class LLMService:
+    def __init__(self, settings: Settings, registry: Registry, backends: dict[str, Backend]):
+        self.settings = settings
+        self.registry = registry
+        self.backends = backends
+        self.gates = {
+            m.id: AdmissionGate(m.id, m.concurrency, m.max_queue) for m in registry.models
+        }
+        self.observers: list[Observer] = []
+        self.started_at = int(time.time())
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for backend in self.backends.values():
+            await backend.start(warmup=self.settings.warmup)
+
+    async def aclose(self) -> None:
+        for backend in self.backends.values():
+            await backend.aclose()
+
+    @property
+    def ready(self) -> bool:
+        return all(b.ready for b in self.backends.values())
+
+    # --- models ---------------------------------------------------------------------------------
+
+    def get_model(self, model_id: str) -> ModelConfig:
+        config = self.registry.get(model_id)
+        if config is None:
+            raise ModelNotFoundError(model_id)
+        return config
+
+    def _backend(self, config: ModelConfig) -> Backend:
+        backend = self.backends[config.id]
+        if not backend.ready:
+            raise ServiceUnavailableError(f"Model `{config.id}` is loading; retry shortly.")
+        return backend
+
+    # --- request shaping ------------------------------------------------------------------------
+
+    def _params(
+        self, req: SamplingFields, config: ModelConfig, max_tokens: int | None
+    ) -> SamplingParams:
+        stop = req.stop_list()
+        if len(stop) > self.settings.max_stop_sequences:
+            raise InvalidRequestError(
+                f"At most {self.settings.max_stop_sequences} stop sequences are allowed.",
+                param="stop",
+            )
+        if req.n > self.settings.max_n:
+            raise InvalidRequestError(f"`n` must be at most {self.settings.max_n}.", param="n")
+        if req.stream_options is not None and not req.stream:
+            raise InvalidRequestError(
+                "`stream_options` is only allowed when `stream` is true.", param="stream_options"
+            )
+        req.reject_unsupported()
+        d = config.defaults
+        return SamplingParams(
+            max_tokens=max_tokens or d.max_tokens,
+            temperature=d.temperature if req.temperature is None else req.temperature,
+            top_p=d.top_p if req.top_p is None else req.top_p,
+            stop=stop,
+            seed=req.seed,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+        )
+
+    def _check_lengths(self, texts: list[str], param: str) -> None:
+        limit = self.settings.max_message_chars
+        for text in texts:
+            if len(text) > limit:
+                raise InvalidRequestError(
+                    f"A message is longer than {limit} characters.", param=param
+                )
+
+    def chat_requests(
+        self, req: ChatCompletionRequest, ctx: RequestContext
+    ) -> tuple[ModelConfig, list[GenerationRequest]]:
+        config = self.get_model(req.model)
+        if len(req.messages) > self.settings.max_messages:
+            raise InvalidRequestError(
+                f"At most {self.settings.max_messages} messages are allowed.", param="messages"
+            )
+        messages = [Message(m.role, m.text()) for m in req.messages]
+        self._check_lengths([m.content for m in messages], "messages")
+        params = self._params(req, config, req.requested_max_tokens)
+        rf = req.response_format
+        if rf is not None and rf.type == "json_object":
+            params.json_schema = {}
+        elif rf is not None and rf.type == "json_schema" and rf.json_schema is not None:
+            params.json_schema = rf.json_schema.schema_ or {}
+        explicit = req.requested_max_tokens is not None
+        return config, [
+            self._sequence(ctx, config, params, i, explicit, messages=messages)
+            for i in range(req.n)
+        ]
+
+    def completion_requests(
+        self, req: CompletionRequest, ctx: RequestContext
+    ) -> tuple[ModelConfig, list[GenerationRequest]]:
+        config = self.get_model(req.model)
+        prompts = req.prompts()
+        self._check_lengths(prompts, "prompt")
+        params = self._params(req, config, req.max_tokens)
+        if len(prompts) * req.n > self.settings.max_n * 4:
+            raise InvalidRequestError("Too many prompts times `n`.", param="prompt")
+        explicit = req.max_tokens is not None
+        return config, [
+            self._sequence(ctx, config, params, i, explicit, prompt=p)
+            for p in prompts
+            for i in range(req.n)
+        ]
+
+    @staticmethod
+    def _sequence(
+        ctx: RequestContext,
+        config: ModelConfig,
+        params: SamplingParams,
+        index: int,
+        explicit_max: bool,
+        *,
+        messages: list[Message] | None = None,
+        prompt: str | None = None,
+    ) -> GenerationRequest:
+        seq_params = replace(params, stop=list(params.stop))
+        if seq_params.seed is not None and index:
+            seq_params.seed += index  # n>1 with a seed: distinct but reproducible choices
+        return GenerationRequest(
+            request_id=ctx.request_id,
+            model=config.id,
+            params=seq_params,
+            messages=messages,
+            prompt=prompt,
+            explicit_max_tokens=explicit_max,
+            user=ctx.user_id,
+        )
+
+    async def _prepare(self, backend: Backend, seqs: list[GenerationRequest]) -> None:
+        for seq in seqs:
+            await backend.prepare(seq)
+            if seq.prompt_tokens is None:
+                continue  # upstreams check their own context window
+            ctx_len = backend.config.context_length
+            room = ctx_len - seq.prompt_tokens
+            if room < 1 or (seq.explicit_max_tokens and seq.params.max_tokens > room):
+                raise ContextLengthExceededError(
+                    f"This model's maximum context length is {ctx_len} tokens. However, you "
+                    f"requested {seq.prompt_tokens + seq.params.max_tokens} tokens "
+                    f"({seq.prompt_tokens} in the messages, {seq.params.max_tokens} in the "
+                    "completion). Please reduce the length of the messages or completion.",
+                    param="messages",
+                )
+            seq.params.max_tokens = min(seq.params.max_tokens, room)
+
+    # --- running --------------------------------------------------------------------------------
+
+    async def run(
+        self,
+        config: ModelConfig,
+        seqs: list[GenerationRequest],
+        ctx: RequestContext,
+        *,
+        endpoint: str,
+        stream: bool,
+        n: int = 1,
+    ) -> AsyncGenerator[tuple[int, GenerationChunk], None]:
+        """Validate, admit, generate. Yields (choice index, chunk). Tells the observers what the
+        request cost whatever happens (success, error, cancellation)."""
+        backend = self._backend(config)
+        await self._prepare(backend, seqs)  # errors here are plain 4xx, raised before streaming
+        run = _Run(ctx=ctx, model=config, endpoint=endpoint, stream=stream)
+        ctx.model = config.id
+        done_tokens = 0  # completion tokens of finished sequences (authoritative counts)
+        status, cancelled = 200, False
+        try:
+            async with self.gates[config.id].slot():
+                run.admitted = time.perf_counter()
+                for index, seq in enumerate(seqs):
+                    seq_tokens = 0
+                    async for chunk in backend.generate(seq):
+                        if chunk.text and run.first_token is None:
+                            run.first_token = time.perf_counter()
+                            ctx.ttft_ms = (run.first_token - run.started) * 1000
+                        seq_tokens += chunk.tokens
+                        if chunk.finish_reason is not None:
+                            run.finish_reason = chunk.finish_reason
+                            if chunk.completion_tokens is not None:
+                                seq_tokens = chunk.completion_tokens
+                            if chunk.prompt_tokens is not None:
+                                seq.prompt_tokens = chunk.prompt_tokens
+                            done_tokens += seq_tokens
+                            seq_tokens = 0
+                        run.completion_tokens = done_tokens + seq_tokens
+                        yield index, chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            status, cancelled = 499, True
+            raise
+        except APIError as exc:
+            status = exc.status_code
+            raise
+        except Exception:
+            status = 500
+            raise
+        finally:
+            run.prompt_tokens = sum(s.prompt_tokens or 0 for s in seqs[::n])
+            ctx.prompt_tokens, ctx.completion_tokens = run.prompt_tokens, run.completion_tokens
+            await self._notify(run, status, cancelled)
+
+    async def _notify(self, run: _Run, status: int, cancelled: bool) -> None:
+        now = time.perf_counter()
+        record = CompletionRecord(
+            request_id=run.ctx.request_id,
+            model=run.model.id,
+            endpoint=run.endpoint,
+            user_id=run.ctx.user_id,
+            key_id=run.ctx.key_id,
+            batch_id=run.ctx.batch_id,
+            prompt_tokens=run.prompt_tokens,
+            completion_tokens=run.completion_tokens,
+            finish_reason=run.finish_reason,
+            status=status,
+            cache_hit=False,
+            cancelled=cancelled,
+            ttft_ms=(run.first_token - run.started) * 1000 if run.first_token else None,
+            latency_ms=(now - run.started) * 1000,
+            queue_ms=((run.admitted or now) - run.started) * 1000,
+            stream=run.stream,
+        )
+        for observer in self.observers:
+            result = observer(record)
+            if inspect.isawaitable(result):
+                await result
+
+    # --- OpenAI shapes --------------------------------------------------------------------------
+
+    async def chat_stream(
+        self, req: ChatCompletionRequest, ctx: RequestContext
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        config, seqs = self.chat_requests(req, ctx)
+        chunks = await self._started(config, seqs, ctx, "chat", req.n)
+        return self._chat_chunks(req, ctx, config, chunks)
+
+    async def _started(
+        self,
+        config: ModelConfig,
+        seqs: list[GenerationRequest],
+        ctx: RequestContext,
+        endpoint: str,
+        n: int,
+    ) -> AsyncIterator[tuple[int, GenerationChunk]]:
+        """Start a stream and wait for its first chunk, so that validation, admission and
+        upstream errors surface as plain HTTP errors before any byte is sent."""
+        chunks = self.run(config, seqs, ctx, endpoint=endpoint, stream=True, n=n)
+        first = await anext(chunks, None)
+
+        async def resumed() -> AsyncIterator[tuple[int, GenerationChunk]]:
+            try:
+                if first is not None:
+                    yield first
+                async for item in chunks:
+                    yield item
+            finally:
+                await chunks.aclose()
+
+        return resumed()
+
+    async def _chat_chunks(
+        self,
+        req: ChatCompletionRequest,
+        ctx: RequestContext,
+        config: ModelConfig,
+        chunks: AsyncIterator[tuple[int, GenerationChunk]],
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        cid, created = f"chatcmpl-{ctx.request_id}", int(time.time())
+        usage = _UsageCounter(req.n)
+
+        def make(index: int, delta: ChoiceDelta, finish: str | None = None) -> ChatCompletionChunk:
+            return ChatCompletionChunk(
+                id=cid,
+                created=created,
+                model=config.id,
+                choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish)],
+            )
+
+        started: set[int] = set()
+        async for index, chunk in chunks:
+            if index not in started:
+                started.add(index)
+                yield make(index, ChoiceDelta(role="assistant", content=""))
+            if chunk.text:
+                yield make(index, ChoiceDelta(content=chunk.text))
+            if chunk.finish_reason is not None:
+                usage.add(index, chunk)
+                yield make(index, ChoiceDelta(), _wire_finish(chunk.finish_reason))
+        if req.stream_options is not None and req.stream_options.include_usage:
+            yield ChatCompletionChunk(
+                id=cid, created=created, model=config.id, choices=[], usage=usage.usage()
+            )
+
+    async def chat(self, req: ChatCompletionRequest, ctx: RequestContext) -> ChatCompletion:
+        config, seqs = self.chat_requests(req, ctx)
+        texts, finish, usage = await self._collect(config, seqs, ctx, "chat", req.n)
+        return ChatCompletion(
+            id=f"chatcmpl-{ctx.request_id}",
+            created=int(time.time()),
+            model=config.id,
+            choices=[
+                ChatChoice(
+                    index=i, message=AssistantMessage(content=texts[i]), finish_reason=finish[i]
+                )
+                for i in range(len(seqs))
+            ],
+            usage=usage,
+        )
+
+    async def completion_stream(
+        self, req: CompletionRequest, ctx: RequestContext
+    ) -> AsyncIterator[Completion]:
+        config, seqs = self.completion_requests(req, ctx)
+        chunks = await self._started(config, seqs, ctx, "completions", req.n)
+        return self._completion_chunks(req, ctx, config, chunks)
+
+    async def _completion_chunks(
+        self,
+        req: CompletionRequest,
+        ctx: RequestContext,
+        config: ModelConfig,
+        chunks: AsyncIterator[tuple[int, GenerationChunk]],
+    ) -> AsyncIterator[Completion]:
+        cid, created = f"cmpl-{ctx.request_id}", int(time.time())
+        usage = _UsageCounter(req.n)
+        async for index, chunk in chunks:
+            if chunk.finish_reason is not None:
+                usage.add(index, chunk)
+            if chunk.text or chunk.finish_reason is not None:
+                choice = CompletionChoice(
+                    index=index, text=chunk.text, finish_reason=_wire_finish(chunk.finish_reason)
+                )
+                yield Completion(id=cid, created=created, model=config.id, choices=[choice])
+        if req.stream_options is not None and req.stream_options.include_usage:
+            yield Completion(
+                id=cid, created=created, model=config.id, choices=[], usage=usage.usage()
+            )
+
+    async def completion(self, req: CompletionRequest, ctx: RequestContext) -> Completion:
+        config, seqs = self.completion_requests(req, ctx)
+        texts, finish, usage = await self._collect(config, seqs, ctx, "completions", req.n)
+        return Completion(
+            id=f"cmpl-{ctx.request_id}",
+            created=int(time.time()),
+            model=config.id,
+            choices=[
+                CompletionChoice(index=i, text=texts[i], finish_reason=finish[i])
+                for i in range(len(seqs))
+            ],
+            usage=usage,
+        )
+
+    async def _collect(
+        self,
+        config: ModelConfig,
+        seqs: list[GenerationRequest],
+        ctx: RequestContext,
+        endpoint: str,
+        n: int,
+    ) -> tuple[list[str], list[str | None], Usage]:
+        parts: list[list[str]] = [[] for _ in seqs]
+        finish: list[str | None] = [None for _ in seqs]
+        usage = _UsageCounter(n)
+        async for index, chunk in self.run(config, seqs, ctx, endpoint=endpoint, stream=False, n=n):
+            parts[index].append(chunk.text)
+            if chunk.finish_reason is not None:
+                finish[index] = _wire_finish(chunk.finish_reason)
+                usage.add(index, chunk)
+        return ["".join(p) for p in parts], finish, usage.usage()
+
+
+class _UsageCounter:
+    """Sums token counts over choices. A prompt shared by n choices counts once, as OpenAI
+    does: sequences are ordered prompt-major, so only every n-th one adds its prompt."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.prompt = 0
+        self.completion = 0
+
+    def add(self, index: int, chunk: GenerationChunk) -> None:
+        if index % self.n == 0:
+            self.prompt += chunk.prompt_tokens or 0
+        self.completion += chunk.completion_tokens or 0
+
+    def usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt,
+            completion_tokens=self.completion,
+            total_tokens=self.prompt + self.completion,
+        )
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _wire_finish(reason: str | None) -> str | None:
+    # "cancelled"/"error" never reach a client as a finish_reason; such streams end otherwise.
+    return reason if reason in (None, "stop", "length") else "stop"
