@@ -18,6 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from llm_api.api.errors import install_error_handlers
 from llm_api.api.v1.endpoints import health
 from llm_api.api.v1.router import api_router
+from llm_api.api.web import install_web_ui
 from llm_api.core.config import Settings
 from llm_api.core.logging import configure_logging
 from llm_api.core.state import AppState
@@ -73,6 +74,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(api_router)
+    if settings.web_ui:
+        install_web_ui(app)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

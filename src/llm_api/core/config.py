@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     metrics_public: bool = Field(
         False, description="Serve /metrics without credentials (else an admin credential)."
     )
+    web_ui: bool = Field(
+        True, description="Serve the web playground and dashboards at / (static, public page)."
+    )
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -1,0 +1,239 @@
+// Account pages: one's API keys (created keys are shown once), usage as a chart of tokens per
+// day per model, and the current rate-limit standing.
+
+import { api, currentUser } from "./api.js";
+import { legend, stackedBars } from "./chart.js";
+import { $, fmtDate, fmtInt, h, mount, notice } from "./dom.js";
+
+const USAGE_DAYS = 14;
+
+function isoDay(date) {
+  return date.toISOString().slice(0, 10);
+}
+
+/** Rows of `GET /v1/usage` → categories (days) and one series per model. */
+export function usageSeries(rows, days) {
+  const end = new Date();
+  const categories = [];
+  for (let i = days - 1; i >= 0; i -= 1) {
+    categories.push(isoDay(new Date(end.getTime() - i * 86_400_000)));
+  }
+  const byModel = new Map();
+  for (const row of rows) {
+    const day = String(row.date ?? row.day ?? "").slice(0, 10);
+    const index = categories.indexOf(day);
+    if (index === -1) continue;
+    const tokens =
+      row.total_tokens ?? (row.prompt_tokens || 0) + (row.completion_tokens || 0);
+    const model = row.model || "unknown";
+    if (!byModel.has(model)) byModel.set(model, new Array(categories.length).fill(0));
+    byModel.get(model)[index] += tokens;
+  }
+  const series = [...byModel.entries()].map(([name, values]) => ({ name, values }));
+  return { categories, series };
+}
+
+function usageRows(body) {
+  if (Array.isArray(body)) return body;
+  return body.data || body.rows || body.usage || [];
+}
+
+function profile(user) {
+  if (!user) return notice("Signed in with an API key: sign in with a password to see your profile.", "info");
+  return h(
+    "dl",
+    { class: "facts", id: "profile" },
+    h("dt", {}, "Email"),
+    h("dd", {}, user.email),
+    h("dt", {}, "Tier"),
+    h("dd", {}, user.tier),
+    h("dt", {}, "Role"),
+    h("dd", {}, user.role),
+  );
+}
+
+async function renderKeys(section) {
+  const body = $(".body", section);
+  try {
+    const list = await api("/v1/keys");
+    const keys = (Array.isArray(list) ? list : list.data || []).filter((k) => !k.revoked_at);
+    if (keys.length === 0) {
+      mount(body, h("p", { class: "muted" }, "No API keys yet."));
+      return;
+    }
+    mount(
+      body,
+      h(
+        "table",
+        { id: "keys-table" },
+        h("thead", {}, h("tr", {}, ["Name", "Key", "Created", "Last used", ""].map((t) => h("th", {}, t)))),
+        h(
+          "tbody",
+          {},
+          keys.map((key) =>
+            h(
+              "tr",
+              { dataset: { keyId: key.id } },
+              h("td", {}, key.name || "—"),
+              h("td", {}, h("code", {}, `${key.prefix || key.display_prefix || ""}…`)),
+              h("td", {}, fmtDate(key.created_at)),
+              h("td", {}, fmtDate(key.last_used_at)),
+              h(
+                "td",
+                {},
+                h(
+                  "button",
+                  {
+                    class: "danger small revoke",
+                    onclick: async (event) => {
+                      event.target.disabled = true;
+                      try {
+                        await api(`/v1/keys/${encodeURIComponent(key.id)}`, { method: "DELETE" });
+                      } catch (err) {
+                        body.prepend(notice(`Could not revoke: ${err.message}`));
+                      }
+                      renderKeys(section);
+                    },
+                  },
+                  "Revoke",
+                ),
+              ),
+            ),
+          ),
+        ),
+      ),
+    );
+  } catch (err) {
+    mount(body, notice(`Could not list keys: ${err.message}`));
+  }
+}
+
+function keysSection() {
+  const section = h(
+    "section",
+    { class: "panel", id: "keys" },
+    h("h2", {}, "API keys"),
+    h(
+      "form",
+      {
+        class: "inline",
+        id: "create-key",
+        onsubmit: async (event) => {
+          event.preventDefault();
+          const name = $("#key-name", section).value.trim() || "playground";
+          const shown = $("#new-key", section);
+          try {
+            const created = await api("/v1/keys", { method: "POST", json: { name } });
+            const secret = created.key || created.api_key || created.secret;
+            mount(
+              shown,
+              h("p", {}, "Copy this key now: it is shown only once."),
+              h("code", { id: "new-key-value", class: "secret" }, secret),
+              h(
+                "button",
+                {
+                  type: "button",
+                  class: "secondary small",
+                  onclick: () => navigator.clipboard && navigator.clipboard.writeText(secret),
+                },
+                "Copy",
+              ),
+            );
+            $("#key-name", section).value = "";
+          } catch (err) {
+            mount(shown, notice(`Could not create a key: ${err.message}`));
+          }
+          renderKeys(section);
+        },
+      },
+      h("label", { for: "key-name" }, "Name"),
+      h("input", { id: "key-name", maxlength: 100, placeholder: "my-script" }),
+      h("button", { type: "submit" }, "Create key"),
+    ),
+    h("div", { id: "new-key", class: "once" }),
+    h("div", { class: "body" }),
+  );
+  renderKeys(section);
+  return section;
+}
+
+async function renderUsage(body) {
+  const end = new Date();
+  const start = new Date(end.getTime() - (USAGE_DAYS - 1) * 86_400_000);
+  try {
+    const data = await api(`/v1/usage?start=${isoDay(start)}&end=${isoDay(end)}`);
+    const rows = usageRows(data);
+    const { categories, series } = usageSeries(rows, USAGE_DAYS);
+    const total = series.reduce((sum, x) => sum + x.values.reduce((a, b) => a + b, 0), 0);
+    mount(
+      body,
+      h("p", {}, `${fmtInt(total)} tokens in the last ${USAGE_DAYS} days.`),
+      stackedBars(categories, series, { title: "Tokens per day per model" }),
+      legend(series.map((x) => x.name)),
+    );
+  } catch (err) {
+    mount(body, notice(`Could not load usage: ${err.message}`));
+  }
+}
+
+function duration(seconds) {
+  if (seconds === null || seconds === undefined) return "—";
+  if (seconds < 60) return `${Math.ceil(seconds)} s`;
+  return `${Math.floor(seconds / 60)} m ${Math.ceil(seconds % 60)} s`;
+}
+
+async function renderLimits(body) {
+  try {
+    const standing = await api("/v1/users/me/limits");
+    mount(
+      body,
+      h("p", { class: "muted" }, `Tier: ${standing.tier}`),
+      h(
+        "table",
+        { id: "limits-table" },
+        h("thead", {}, h("tr", {}, ["Limit", "Used", "Remaining", "Of", "Resets in"].map((t) => h("th", {}, t)))),
+        h(
+          "tbody",
+          {},
+          standing.limits.map((l) =>
+            h(
+              "tr",
+              {},
+              h("td", {}, l.description || l.name),
+              h("td", {}, l.limit === null ? "—" : fmtInt(l.limit - l.remaining)),
+              h("td", {}, l.remaining === null ? "unlimited" : fmtInt(l.remaining)),
+              h("td", {}, l.limit === null ? "—" : fmtInt(l.limit)),
+              h("td", {}, duration(l.reset_seconds)),
+            ),
+          ),
+        ),
+      ),
+    );
+  } catch (err) {
+    mount(body, notice(`Could not load your rate limits: ${err.message}`));
+  }
+}
+
+export async function show(container) {
+  const usage = h("div", { class: "body" });
+  const limits = h("div", { class: "body" });
+  const who = h("div", {});
+  mount(
+    container,
+    h(
+      "div",
+      { class: "account" },
+      h("section", { class: "panel", id: "profile-panel" }, h("h2", {}, "Profile"), who),
+      keysSection(),
+      h("section", { class: "panel", id: "usage" }, h("h2", {}, "Usage"), usage),
+      h("section", { class: "panel", id: "limits" }, h("h2", {}, "Rate limits"), limits),
+    ),
+  );
+  currentUser()
+    .then((user) => mount(who, profile(user)))
+    .catch((err) => mount(who, notice(err.message)));
+  renderUsage(usage);
+  renderLimits(limits);
+}
+
+export function hide() {}

@@ -1,0 +1,185 @@
+// Admin pages: a live server summary (polled), users, and usage across users. The server
+// enforces the role (403 for others); this page only shows what the API answers.
+
+import { api } from "./api.js";
+import { legend, sparkline, stackedBars } from "./chart.js";
+import { $, fmtDate, fmtInt, h, mount, notice } from "./dom.js";
+import { usageSeries } from "./account.js";
+
+const POLL_MS = 3000;
+const HISTORY = 60;
+
+let timer = null;
+let rates = [];
+
+function refused(container, err) {
+  stopPolling();
+  mount(
+    container,
+    h(
+      "section",
+      { class: "panel", id: "admin-refused" },
+      h("h2", {}, "Admin only"),
+      notice(
+        err.status === 403
+          ? `The server refused: ${err.message}`
+          : err.status === 401
+            ? "Sign in with an admin account to see these pages."
+            : `Could not load the admin pages: ${err.message}`,
+      ),
+    ),
+  );
+}
+
+function stat(label, value, id) {
+  return h("div", { class: "stat" }, h("div", { class: "value", id }, value), h("div", { class: "label" }, label));
+}
+
+function renderSummary(el, summary) {
+  rates.push(summary.tokens_per_second);
+  if (rates.length > HISTORY) rates = rates.slice(-HISTORY);
+  mount(
+    el,
+    h(
+      "div",
+      { class: "stats" },
+      stat("requests running", fmtInt(summary.requests_running), "stat-running"),
+      stat("requests waiting", fmtInt(summary.requests_waiting), "stat-waiting"),
+      stat("tokens/s", summary.tokens_per_second.toFixed(1), "stat-tps"),
+      stat("completion tokens", fmtInt(summary.completion_tokens_total), "stat-tokens"),
+    ),
+    sparkline(rates, { label: "tokens per second, last 3 minutes" }),
+    h(
+      "table",
+      { id: "models-table" },
+      h("thead", {}, h("tr", {}, ["Model", "Running", "Waiting", "Slots", "Queue bound"].map((t) => h("th", {}, t)))),
+      h(
+        "tbody",
+        {},
+        summary.models.map((m) =>
+          h(
+            "tr",
+            {},
+            h("td", {}, m.id),
+            h("td", {}, fmtInt(m.running)),
+            h("td", {}, fmtInt(m.waiting)),
+            h("td", {}, fmtInt(m.slots)),
+            h("td", {}, fmtInt(m.max_waiting)),
+          ),
+        ),
+      ),
+    ),
+    h("p", { class: "muted" }, `Updated ${new Date().toLocaleTimeString()} · every ${POLL_MS / 1000} s`),
+  );
+}
+
+function usersTable(users) {
+  return h(
+    "table",
+    { id: "users-table" },
+    h("thead", {}, h("tr", {}, ["Email", "Tier", "Role", "Active", "Created"].map((t) => h("th", {}, t)))),
+    h(
+      "tbody",
+      {},
+      users.map((u) =>
+        h(
+          "tr",
+          {},
+          h("td", {}, u.email),
+          h("td", {}, u.tier),
+          h("td", {}, u.role),
+          h("td", {}, u.is_active ?? u.active ? "yes" : "no"),
+          h("td", {}, fmtDate(u.created_at)),
+        ),
+      ),
+    ),
+  );
+}
+
+function usageByUser(rows) {
+  const totals = new Map();
+  for (const row of rows) {
+    const who = row.email || row.user_email || row.user_id || "—";
+    const t = totals.get(who) || { requests: 0, prompt: 0, completion: 0 };
+    t.requests += row.requests || 0;
+    t.prompt += row.prompt_tokens || 0;
+    t.completion += row.completion_tokens || 0;
+    totals.set(who, t);
+  }
+  return h(
+    "table",
+    { id: "admin-usage-table" },
+    h("thead", {}, h("tr", {}, ["User", "Requests", "Prompt tokens", "Completion tokens"].map((t) => h("th", {}, t)))),
+    h(
+      "tbody",
+      {},
+      [...totals.entries()].map(([who, t]) =>
+        h("tr", {}, h("td", {}, who), h("td", {}, fmtInt(t.requests)), h("td", {}, fmtInt(t.prompt)), h("td", {}, fmtInt(t.completion))),
+      ),
+    ),
+  );
+}
+
+async function poll(container, el) {
+  try {
+    renderSummary(el, await api("/v1/admin/summary"));
+  } catch (err) {
+    if (err.status === 401 || err.status === 403) refused(container, err);
+    else mount(el, notice(`Summary unavailable: ${err.message}`));
+  }
+}
+
+function stopPolling() {
+  if (timer !== null) clearInterval(timer);
+  timer = null;
+}
+
+export async function show(container) {
+  stopPolling();
+  rates = [];
+  const summary = h("div", { class: "body", id: "summary" }, "Loading…");
+  const users = h("div", { class: "body" }, "Loading…");
+  const usage = h("div", { class: "body" }, "Loading…");
+  // The first call decides: a non-admin sees the refusal and nothing else.
+  let first;
+  try {
+    first = await api("/v1/admin/summary");
+  } catch (err) {
+    refused(container, err);
+    return;
+  }
+  mount(
+    container,
+    h(
+      "div",
+      { class: "admin" },
+      h("section", { class: "panel", id: "summary-panel" }, h("h2", {}, "Live summary"), summary),
+      h("section", { class: "panel", id: "users" }, h("h2", {}, "Users"), users),
+      h("section", { class: "panel", id: "admin-usage" }, h("h2", {}, "Usage across users (14 days)"), usage),
+    ),
+  );
+  renderSummary(summary, first);
+  timer = setInterval(() => poll(container, summary), POLL_MS);
+  api("/v1/admin/users")
+    .then((body) => mount(users, usersTable(Array.isArray(body) ? body : body.data || [])))
+    .catch((err) => mount(users, notice(`Could not list users: ${err.message}`)));
+  const end = new Date();
+  const start = new Date(end.getTime() - 13 * 86_400_000);
+  const day = (d) => d.toISOString().slice(0, 10);
+  api(`/v1/admin/usage?start=${day(start)}&end=${day(end)}`)
+    .then((body) => {
+      const rows = Array.isArray(body) ? body : body.data || [];
+      const { categories, series } = usageSeries(rows, 14);
+      mount(
+        usage,
+        stackedBars(categories, series, { title: "Tokens per day per model, all users" }),
+        legend(series.map((x) => x.name)),
+        usageByUser(rows),
+      );
+    })
+    .catch((err) => mount(usage, notice(`Could not load usage: ${err.message}`)));
+}
+
+export function hide() {
+  stopPolling();
+}
