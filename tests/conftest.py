@@ -10,8 +10,11 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import httpx
 import openai
@@ -20,6 +23,7 @@ from asgi_lifespan import LifespanManager
 
 from llm_api.core.config import Settings
 from llm_api.main import create_app
+from llm_api.services.auth import api_keys
 from llm_api.services.llm.registry import DEFAULT_MODEL_ID
 
 MODEL = DEFAULT_MODEL_ID
@@ -53,6 +57,8 @@ def test_settings(tmp_path: Path, **overrides: object) -> Settings:
         "jwt_secret": "test-secret-" + "x" * 40,
         "data_dir": tmp_path,
         "log_level": "WARNING",
+        # Shared fixtures run many requests as one account; tests/rate_limit turns limits on.
+        "rate_limit_enabled": False,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
@@ -63,10 +69,45 @@ def session_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("llm-api")
 
 
-@pytest.fixture(scope="session")
-async def app(session_tmp: Path) -> AsyncIterator[object]:
-    """One app with the real model for the whole session (loading it takes ~1 s)."""
-    application = create_app(test_settings(session_tmp))
+@dataclass(frozen=True)
+class Account:
+    """A user made through the real services, with one API key."""
+
+    user_id: str
+    email: str
+    password: str
+    api_key: str
+    key_id: str
+    role: str = "user"
+    tier: str = "free"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+async def create_account(
+    app: Any,
+    email: str | None = None,
+    *,
+    role: Literal["user", "admin"] = "user",
+    tier: Literal["free", "paid"] = "free",
+    password: str | None = None,
+) -> Account:
+    """Create a user and an API key in the app's database (argon2 hashing: ~20 ms)."""
+    state = app.state.llm_api
+    email = email or f"user-{uuid.uuid4().hex[:12]}@example.com"
+    password = password or "pw-" + uuid.uuid4().hex
+    async with state.db.sessions.begin() as db:
+        user = await state.auth.users.create(db, email, password, role=role, tier=tier)
+        key, raw = await api_keys.create_key(db, user.id, "test")
+    return Account(user.id, user.email, password, raw, key.id, role, tier)
+
+
+@contextlib.asynccontextmanager
+async def running_app(settings: Settings) -> AsyncIterator[Any]:
+    """An app with its lifespan running and its models loaded."""
+    application = create_app(settings)
     async with LifespanManager(application, startup_timeout=120, shutdown_timeout=60):
         state = application.state.llm_api
         for _ in range(600):
@@ -77,6 +118,80 @@ async def app(session_tmp: Path) -> AsyncIterator[object]:
         yield application
 
 
+@pytest.fixture(scope="session")
+async def app(session_tmp: Path) -> AsyncIterator[Any]:
+    """One app with the real model for the whole session (loading it takes ~1 s). Auth is on:
+    `app.state.test_account` holds the user and API key that `http` and `client` send."""
+    async with running_app(test_settings(session_tmp)) as application:
+        application.state.test_account = await create_account(application, "test-user@example.com")
+        yield application
+
+
+@pytest.fixture(scope="session")
+def account(app: Any) -> Account:
+    """The user whose key `http` and `client` send (free tier, role user)."""
+    acct: Account = app.state.test_account
+    return acct
+
+
+@pytest.fixture(scope="session")
+async def second_account(app: Any) -> Account:
+    """Another free user, for cross-user (BOLA) checks."""
+    return await create_account(app, "second-user@example.com")
+
+
+@pytest.fixture(scope="session")
+async def admin_account(app: Any) -> Account:
+    return await create_account(app, "admin@example.com", role="admin")
+
+
+@pytest.fixture(scope="session")
+async def paid_account(app: Any) -> Account:
+    return await create_account(app, "paid-user@example.com", tier="paid")
+
+
+@contextlib.asynccontextmanager
+async def postgres_database() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database (llmapi_test_<random>) on 127.0.0.1:5432, dropped after;
+    yields its SQLAlchemy URL. Call require_service("PostgreSQL", ...) first."""
+    import asyncpg
+
+    name = f"llmapi_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(host="127.0.0.1", port=5432, user="postgres", database="postgres")
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin = await asyncpg.connect(
+            host="127.0.0.1", port=5432, user="postgres", database="postgres"
+        )
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def pg_url() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database for this test session (skipped locally without PostgreSQL,
+    a failure in CI)."""
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    async with postgres_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+async def pg_app(session_tmp: Path, pg_url: str) -> AsyncIterator[Any]:
+    """The same app on PostgreSQL (migrated at start), with `app.state.test_account`."""
+    settings = test_settings(session_tmp / "pg", database_url=pg_url, db_auto_migrate=True)
+    async with running_app(settings) as application:
+        application.state.test_account = await create_account(application, "pg-user@example.com")
+        yield application
+
+
 async def _sleep(seconds: float) -> None:
     import asyncio
 
@@ -84,17 +199,20 @@ async def _sleep(seconds: float) -> None:
 
 
 @pytest.fixture(scope="session")
-async def http(app: object) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+async def http(app: Any, account: Account) -> AsyncIterator[httpx.AsyncClient]:
+    """httpx over ASGI, sending the test account's API key."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://testserver", headers=account.headers
+    ) as client:
         yield client
 
 
 @pytest.fixture(scope="session")
-async def client(http: httpx.AsyncClient) -> AsyncIterator[openai.AsyncOpenAI]:
-    """The official openai SDK, talking to the in-process app."""
+async def client(http: httpx.AsyncClient, account: Account) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The official openai SDK, talking to the in-process app with the test account's key."""
     yield openai.AsyncOpenAI(
-        base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0
+        base_url="http://testserver/v1", api_key=account.api_key, http_client=http, max_retries=0
     )
 
 
@@ -102,6 +220,12 @@ class LiveServer:
     def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
         self.proc, self.port, self.log = proc, port, log
         self.base_url = f"http://127.0.0.1:{port}"
+        # Made with the CLI before start (`llm-api users create` + `keys create`).
+        self.api_key = ""
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -110,6 +234,23 @@ class LiveServer:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+def cli_api_key(env: dict[str, str], email: str, tier: str = "free") -> str:
+    """Create (if needed) a user and a new API key with the real CLI; returns the key."""
+    cli = [sys.executable, "-m", "llm_api.cli"]
+    if env.get("LLM_API_DATABASE_URL"):
+        subprocess.run([*cli, "db", "upgrade"], env=env, check=True, capture_output=True)
+    subprocess.run(  # exits 1 when the user exists already (a reused data dir): fine
+        [*cli, "users", "create", email, "--tier", tier, "--password-stdin"],
+        env=env,
+        input=b"pw-" + uuid.uuid4().hex.encode() + b"\n",
+        capture_output=True,
+    )
+    out = subprocess.run(
+        [*cli, "keys", "create", email], env=env, check=True, capture_output=True, text=True
+    )
+    return out.stdout.strip().splitlines()[-1]
 
 
 def start_live_server(
@@ -125,8 +266,12 @@ def start_live_server(
         "LLM_API_JWT_SECRET": "test-secret-" + "x" * 40,
         "LLM_API_DATA_DIR": str(tmp),
         "LLM_API_PORT": str(port),
+        "LLM_API_RATE_LIMIT_ENABLED": "false",  # tests/rate_limit passes "true"
         **(env or {}),
     }
+    api_key = ""
+    if full_env.get("LLM_API_AUTH_ENABLED", "true").lower() not in ("0", "false", "no"):
+        api_key = cli_api_key(full_env, "live-user@example.com")
     proc = subprocess.Popen(
         [sys.executable, "-m", "llm_api.cli", "serve", *(args or [])],
         env=full_env,
@@ -134,6 +279,7 @@ def start_live_server(
         stderr=subprocess.STDOUT,
     )
     server = LiveServer(proc, port, log)
+    server.api_key = api_key
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:

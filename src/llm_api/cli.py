@@ -7,11 +7,16 @@ from typing import Annotated
 
 import typer
 
+from llm_api.cli_accounts import db_app, keys_app, users_app
+
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     help="llm-api: serve LLMs over an OpenAI-compatible API.",
 )
+app.add_typer(db_app, name="db")
+app.add_typer(users_app, name="users")
+app.add_typer(keys_app, name="keys")
 
 
 @app.command()
@@ -26,11 +31,13 @@ def serve(
 
     import uvicorn
 
-    from llm_api.core.config import Settings
+    from llm_api.core.config import Settings, is_loopback_host
 
     if config is not None:
         os.environ["LLM_API_MODELS_FILE"] = str(config)
     settings = Settings()
+    if not settings.auth_enabled and not is_loopback_host(host or settings.host):
+        raise typer.BadParameter("LLM_API_AUTH_ENABLED=false needs a loopback --host")
     uvicorn.run(
         "llm_api.main:create_app",
         factory=True,

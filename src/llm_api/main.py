@@ -24,6 +24,7 @@ from llm_api.core.logging import configure_logging
 from llm_api.core.state import AppState
 from llm_api.middleware.body_limit import BodyLimitMiddleware
 from llm_api.middleware.request_id import RequestIdMiddleware
+from llm_api.services.auth.startup import start_accounts
 from llm_api.services.llm.backends.factory import build_backend
 from llm_api.services.llm.registry import load_registry
 from llm_api.services.llm.service import LLMService
@@ -43,6 +44,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     llm = build_llm_service(settings)
     state = AppState(settings=settings, llm=llm)
     app.state.llm_api = state
+    state.db, state.auth = await start_accounts(settings)
 
     async def load_models() -> None:
         try:
@@ -59,6 +61,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader.cancel()
         await asyncio.gather(loader, return_exceptions=True)
         await llm.aclose()
+        await state.db.dispose()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from llm_api.api.security import get_admin, get_current_user, get_principal
 from llm_api.core.config import Settings
+from llm_api.core.exceptions import ServiceUnavailableError
 from llm_api.core.state import AppState
+from llm_api.services.auth.principal import AuthServices, Principal
 from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.types import RequestContext
 
@@ -26,12 +31,49 @@ def get_llm_service(state: Annotated[AppState, Depends(get_state)]) -> LLMServic
     return state.llm
 
 
-def get_request_context(request: Request) -> RequestContext:
+def get_request_context(
+    request: Request, principal: Annotated[Principal, Depends(get_principal)]
+) -> RequestContext:
     client = request.client.host if request.client else None
-    return RequestContext(request_id=uuid.uuid4().hex, client_ip=client)
+    return RequestContext(
+        request_id=uuid.uuid4().hex,
+        client_ip=client,
+        user_id=principal.user_id,
+        key_id=principal.key_id,
+        tier=principal.tier,
+    )
+
+
+async def get_db(state: Annotated[AppState, Depends(get_state)]) -> AsyncIterator[AsyncSession]:
+    """One session per request: commit on success, roll back on error. Services never commit.
+    (An error may ask to keep its changes, e.g. a refresh-token family revoked on reuse.)"""
+    if state.db is None:
+        raise ServiceUnavailableError("The database is not available yet; retry shortly.")
+    async with state.db.sessions() as session:
+        try:
+            yield session
+        except Exception as exc:
+            if getattr(exc, "keep_changes", False):
+                await session.commit()
+            else:
+                await session.rollback()
+            raise
+        await session.commit()
+
+
+def get_auth(state: Annotated[AppState, Depends(get_state)]) -> AuthServices:
+    if state.auth is None:
+        raise ServiceUnavailableError("Accounts are not available yet; retry shortly.")
+    return state.auth
 
 
 StateDep = Annotated[AppState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 LLMServiceDep = Annotated[LLMService, Depends(get_llm_service)]
 RequestCtx = Annotated[RequestContext, Depends(get_request_context)]
+# scope="function": commit before the response is sent, so a 2xx means the write is durable.
+DbSession = Annotated[AsyncSession, Depends(get_db, scope="function")]
+AuthDep = Annotated[AuthServices, Depends(get_auth)]
+CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+CurrentUser = Annotated[Principal, Depends(get_current_user)]
+AdminUser = Annotated[Principal, Depends(get_admin)]

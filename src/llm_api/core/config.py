@@ -17,6 +17,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_JWT_SECRET = "dev-insecure-change-me"  # noqa: S105 - refused outside development
 
 
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LLM_API_",
@@ -73,6 +82,10 @@ class Settings(BaseSettings):
     db_max_overflow: int = Field(20, ge=0, description="PostgreSQL pool overflow.")
     db_pool_pre_ping: bool = Field(True, description="Check connections before use.")
     db_pool_recycle: int = Field(3600, ge=1, description="Recycle connections after N seconds.")
+    db_auto_migrate: bool = Field(
+        False,
+        description="Run database migrations at start for PostgreSQL too (SQLite always does).",
+    )
     redis_url: str | None = Field(
         None, description="Redis URL for limits, cache and queues. Unset: in-process memory."
     )
@@ -86,6 +99,7 @@ class Settings(BaseSettings):
     )
     jwt_issuer: str = Field("llm-api", description="JWT `iss` claim.")
     jwt_audience: str = Field("llm-api", description="JWT `aud` claim.")
+    max_keys_per_user: int = Field(100, ge=1, description="Most active API keys per user.")
     access_token_minutes: int = Field(15, ge=1, description="Access-token lifetime.")
     refresh_token_days: int = Field(14, ge=1, description="Refresh-token lifetime.")
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins.")
@@ -115,6 +129,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 "LLM_API_JWT_SECRET must be set to a random value of >= 32 characters "
                 "outside development"
+            )
+        if not self.auth_enabled and not is_loopback_host(self.host):
+            raise ValueError(
+                "LLM_API_AUTH_ENABLED=false is only allowed while binding to a loopback address"
             )
         if "*" in self.cors_origins and self.cors_allow_credentials:
             raise ValueError("CORS: '*' origins cannot be combined with credentials")

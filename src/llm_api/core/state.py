@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm_api.core.config import Settings
+from llm_api.db.engine import Database
+from llm_api.services.auth.principal import AuthServices
 from llm_api.services.llm.service import LLMService
 
 
@@ -14,4 +16,6 @@ class AppState:
     settings: Settings
     llm: LLMService
     draining: bool = False
+    db: Database | None = None  # engine + session maker (accounts issue)
+    auth: AuthServices | None = None  # passwords, tokens, users, authenticator
     extras: dict[str, Any] = field(default_factory=dict)

@@ -19,6 +19,7 @@ from llm_api.core.exceptions import (
     ContextLengthExceededError,
     InvalidRequestError,
     ModelNotFoundError,
+    PaymentRequiredError,
     ServiceUnavailableError,
 )
 from llm_api.schemas.chat import (
@@ -96,6 +97,13 @@ class LLMService:
             raise ModelNotFoundError(model_id)
         return config
 
+    def get_model_for(self, model_id: str, ctx: RequestContext) -> ModelConfig:
+        """The model, if the caller's tier may use it (a paid model answers free users 402)."""
+        config = self.get_model(model_id)
+        if config.tier == "paid" and ctx.tier != "paid":
+            raise PaymentRequiredError("Paid subscription required", param="model")
+        return config
+
     def _backend(self, config: ModelConfig) -> Backend:
         backend = self.backends[config.id]
         if not backend.ready:
@@ -142,7 +150,7 @@ class LLMService:
     def chat_requests(
         self, req: ChatCompletionRequest, ctx: RequestContext
     ) -> tuple[ModelConfig, list[GenerationRequest]]:
-        config = self.get_model(req.model)
+        config = self.get_model_for(req.model, ctx)
         if len(req.messages) > self.settings.max_messages:
             raise InvalidRequestError(
                 f"At most {self.settings.max_messages} messages are allowed.", param="messages"
@@ -164,7 +172,7 @@ class LLMService:
     def completion_requests(
         self, req: CompletionRequest, ctx: RequestContext
     ) -> tuple[ModelConfig, list[GenerationRequest]]:
-        config = self.get_model(req.model)
+        config = self.get_model_for(req.model, ctx)
         prompts = req.prompts()
         self._check_lengths(prompts, "prompt")
         params = self._params(req, config, req.max_tokens)

@@ -1,0 +1,104 @@
+"""Authentication as a router-level dependency: deny by default.
+
+`authenticate` runs on every route of the /v1 router (see api/v1/router.py), so a new route is
+protected without opting in. Only endpoints marked @public skip it; /health, /ready and the
+OpenAPI docs live outside /v1. A failing verifier or database is a 401 or 503, never anonymous.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import structlog
+from fastapi import Depends, Request
+from sqlalchemy.exc import SQLAlchemyError
+
+from llm_api.core.config import is_loopback_host
+from llm_api.core.exceptions import (
+    AuthenticationError,
+    PermissionDeniedError,
+    ServiceUnavailableError,
+)
+from llm_api.core.state import AppState
+from llm_api.services.auth.principal import ANONYMOUS, Principal
+
+log = structlog.get_logger(__name__)
+
+# The endpoints that need no credentials: login and refresh (marked with @public). Matched by
+# the endpoint function the router resolved, never by the raw path, so `//v1/..` or encoded
+# variants cannot reach a protected route unauthenticated. tests/auth/test_route_walk.py pins
+# the exact list.
+_PUBLIC_ENDPOINTS: set[Callable[..., Any]] = set()
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def public(endpoint: F) -> F:
+    """Exempt one /v1 endpoint from authentication. Use sparingly; the route walk test lists
+    every public route."""
+    _PUBLIC_ENDPOINTS.add(endpoint)
+    return endpoint
+
+
+def is_loopback(host: str | None) -> bool:
+    return host is not None and is_loopback_host(host)
+
+
+def bearer_credential(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, credential = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return ""  # present but unusable: a 401, not "no credentials"
+    return credential.strip()
+
+
+def _loopback_only(request: Request) -> bool:
+    server = request.scope.get("server")
+    server_host = server[0] if server else None
+    client_host = request.client.host if request.client else None
+    return (server_host is None or is_loopback(server_host)) and is_loopback(client_host)
+
+
+async def authenticate(request: Request) -> Principal | None:
+    """The caller, or None on a public route. Raises 401/503 otherwise."""
+    if request.scope.get("endpoint") in _PUBLIC_ENDPOINTS:
+        return None
+    state: AppState = request.app.state.llm_api
+    credential = bearer_credential(request)
+    if credential is None and not state.settings.auth_enabled and _loopback_only(request):
+        return ANONYMOUS
+    if not credential:
+        raise AuthenticationError()
+    if state.db is None or state.auth is None:
+        raise ServiceUnavailableError("Authentication is not available yet; retry shortly.")
+    try:
+        async with state.db.sessions() as db:
+            return await state.auth.authenticator.authenticate(db, credential)
+    except (SQLAlchemyError, OSError, TimeoutError) as exc:
+        log.error("auth_backend_unavailable", error=type(exc).__name__)
+        raise ServiceUnavailableError(
+            "Authentication is temporarily unavailable; retry shortly."
+        ) from exc
+
+
+def get_principal(principal: Annotated[Principal | None, Depends(authenticate)]) -> Principal:
+    if principal is None:  # only on a public route that asked for a principal anyway
+        raise AuthenticationError()
+    return principal
+
+
+def get_current_user(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    """A signed-in user (account routes need an account; the auth-disabled anonymous caller
+    has none)."""
+    if principal.user_id is None:
+        raise AuthenticationError("This route needs an account's credentials.")
+    return principal
+
+
+def get_admin(principal: Annotated[Principal, Depends(get_current_user)]) -> Principal:
+    if not principal.is_admin:
+        raise PermissionDeniedError("This route is for administrators.")
+    return principal

@@ -1,0 +1,76 @@
+"""Administration under /v1/admin: list, create, deactivate users, change tiers and roles,
+revoke any key. Every route depends on AdminUser (403 for everyone else)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
+
+from llm_api.api.deps import AuthDep, DbSession
+from llm_api.api.security import get_admin
+from llm_api.api.v1.endpoints.users import user_info
+from llm_api.core.exceptions import InvalidRequestError, NotFoundError
+from llm_api.db.tables import User
+from llm_api.schemas.accounts import (
+    AdminUserCreate,
+    AdminUserUpdate,
+    DeletedApiKey,
+    UserInfo,
+    UserList,
+)
+from llm_api.services.auth import api_keys
+from llm_api.services.auth.principal import Principal
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(get_admin)])
+Admin = Annotated[Principal, Depends(get_admin)]
+
+
+@router.get("/users", response_model=UserList)
+async def list_users(
+    db: DbSession,
+    auth: AuthDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> UserList:
+    return UserList(data=[user_info(u) for u in await auth.users.list(db, limit, offset)])
+
+
+@router.post("/users", response_model=UserInfo, status_code=201)
+async def create_user(body: AdminUserCreate, db: DbSession, auth: AuthDep) -> UserInfo:
+    user = await auth.users.create(db, body.email, body.password, role=body.role, tier=body.tier)
+    return user_info(user)
+
+
+async def _user(db: DbSession, user_id: str) -> User:
+    user = await db.get(User, user_id)
+    if user is None:
+        raise NotFoundError("No such user.", param="user_id")
+    return user
+
+
+@router.get("/users/{user_id}", response_model=UserInfo)
+async def get_user(user_id: str, db: DbSession) -> UserInfo:
+    return user_info(await _user(db, user_id))
+
+
+@router.patch("/users/{user_id}", response_model=UserInfo)
+async def update_user(user_id: str, body: AdminUserUpdate, admin: Admin, db: DbSession) -> UserInfo:
+    user = await _user(db, user_id)
+    if user.id == admin.user_id and (body.is_active is False or body.role == "user"):
+        raise InvalidRequestError("Administrators cannot deactivate or demote themselves.")
+    if body.tier is not None:
+        user.tier = body.tier
+    if body.role is not None:
+        user.role = body.role
+    if body.is_active is not None:
+        user.is_active = body.is_active
+    await db.flush()
+    return user_info(user)
+
+
+@router.delete("/keys/{key_id}", response_model=DeletedApiKey)
+async def revoke_any_key(key_id: str, db: DbSession) -> DeletedApiKey:
+    if not await api_keys.revoke_key(db, key_id, None):
+        raise NotFoundError("No such API key.", param="key_id")
+    return DeletedApiKey(id=key_id)

@@ -1,0 +1,62 @@
+"""Login (OAuth2 password flow), refresh-token rotation and logout. Thin: the work is in
+services/users.py and services/auth/tokens.py. (Login rate limiting chains in here.)"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from fastapi.security import OAuth2PasswordRequestForm
+
+from llm_api.api.deps import AuthDep, CurrentUser, DbSession
+from llm_api.api.security import public
+from llm_api.core.exceptions import AuthenticationError
+from llm_api.schemas.accounts import LogoutRequest, LogoutResponse, RefreshRequest, TokenResponse
+from llm_api.services.auth.tokens import TokenPair
+
+router = APIRouter(prefix="/auth", tags=["auth"])
+
+# One message for unknown email, wrong password and inactive account alike.
+BAD_LOGIN = "Incorrect email or password."
+
+
+def _response(pair: TokenPair) -> TokenResponse:
+    return TokenResponse(
+        access_token=pair.access_token,
+        expires_in=pair.expires_in,
+        refresh_token=pair.refresh_token,
+    )
+
+
+@router.post("/token", response_model=TokenResponse)
+@public
+async def login(
+    form: Annotated[OAuth2PasswordRequestForm, Depends()], db: DbSession, auth: AuthDep
+) -> TokenResponse:
+    user = await auth.users.authenticate(db, form.username, form.password)
+    if user is None:
+        raise AuthenticationError(BAD_LOGIN, code="invalid_credentials")
+    return _response(await auth.tokens.issue_pair(db, user.id))
+
+
+@router.post("/refresh", response_model=TokenResponse)
+@public
+async def refresh(body: RefreshRequest, db: DbSession, auth: AuthDep) -> TokenResponse:
+    user_id, pair = await auth.tokens.rotate(db, body.refresh_token)
+    user = await auth.users.get(db, user_id)
+    if user is None or not user.is_active:
+        raise AuthenticationError("Invalid or expired refresh token.")
+    return _response(pair)
+
+
+@router.post("/logout", response_model=LogoutResponse)
+async def logout(
+    user: CurrentUser, db: DbSession, auth: AuthDep, body: LogoutRequest | None = None
+) -> LogoutResponse:
+    """Revoke this login (the access token's session) and, if given, a refresh token's."""
+    assert user.user_id is not None
+    if user.session_id is not None:
+        await auth.tokens.revoke_family(db, user.session_id)
+    if body is not None and body.refresh_token:
+        await auth.tokens.revoke_by_token(db, body.refresh_token, user.user_id)
+    return LogoutResponse()

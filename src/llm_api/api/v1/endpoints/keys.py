@@ -1,0 +1,50 @@
+"""A user's own API keys: create (shown once), list, revoke. Another user's key is a 404."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from llm_api.api.deps import CurrentUser, DbSession, SettingsDep
+from llm_api.core.exceptions import InvalidRequestError, NotFoundError
+from llm_api.db.tables import ApiKey
+from llm_api.schemas.accounts import (
+    ApiKeyCreate,
+    ApiKeyCreated,
+    ApiKeyInfo,
+    ApiKeyList,
+    DeletedApiKey,
+    epoch,
+)
+from llm_api.services.auth import api_keys
+
+router = APIRouter(prefix="/keys", tags=["keys"])
+
+
+def key_info(key: ApiKey) -> ApiKeyInfo:
+    return ApiKeyInfo(id=key.id, name=key.name, prefix=key.prefix, created_at=epoch(key.created_at))
+
+
+@router.post("", response_model=ApiKeyCreated, status_code=201)
+async def create_key(
+    user: CurrentUser, db: DbSession, settings: SettingsDep, body: ApiKeyCreate | None = None
+) -> ApiKeyCreated:
+    assert user.user_id is not None
+    if await api_keys.count_active(db, user.user_id) >= settings.max_keys_per_user:
+        raise InvalidRequestError(
+            f"At most {settings.max_keys_per_user} active keys per user; revoke one first."
+        )
+    key, raw = await api_keys.create_key(db, user.user_id, body.name if body else None)
+    return ApiKeyCreated(**key_info(key).model_dump(), key=raw)
+
+
+@router.get("", response_model=ApiKeyList)
+async def list_keys(user: CurrentUser, db: DbSession) -> ApiKeyList:
+    assert user.user_id is not None
+    return ApiKeyList(data=[key_info(k) for k in await api_keys.list_keys(db, user.user_id)])
+
+
+@router.delete("/{key_id}", response_model=DeletedApiKey)
+async def revoke_key(key_id: str, user: CurrentUser, db: DbSession) -> DeletedApiKey:
+    if not await api_keys.revoke_key(db, key_id, user.user_id):
+        raise NotFoundError("No such API key.", param="key_id")
+    return DeletedApiKey(id=key_id)

@@ -1,0 +1,130 @@
+"""`llm-api db|users|keys`: migrate the database and bootstrap accounts from a shell.
+
+llm-api db upgrade
+printf '%s' "$PASSWORD" | llm-api users create admin@example.com --admin --password-stdin
+llm-api keys create admin@example.com      # the key is the last line of stdout
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Literal, TypeVar
+
+import typer
+
+from llm_api.core.config import Settings
+from llm_api.core.exceptions import APIError
+from llm_api.db import migrate
+from llm_api.db.engine import Database
+
+T = TypeVar("T")
+
+db_app = typer.Typer(no_args_is_help=True, help="Database migrations (Alembic).")
+users_app = typer.Typer(no_args_is_help=True, help="User accounts.")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys.")
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+def _with_db(work: Callable[[Database, Settings], Awaitable[T]], *, migrate_sqlite: bool) -> T:
+    settings = Settings()
+
+    async def run() -> T:
+        db = Database.from_settings(settings)
+        try:
+            if migrate_sqlite and db.is_sqlite:
+                await migrate.upgrade(db.engine)
+            return await work(db, settings)
+        finally:
+            await db.dispose()
+
+    try:
+        return asyncio.run(run())
+    except APIError as exc:
+        raise _fail(exc.message) from None
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Apply migrations up to REVISION (default: the latest)."""
+
+    async def work(db: Database, _: Settings) -> None:
+        await migrate.upgrade(db.engine, revision)
+        typer.echo(f"database at {await migrate.current_revision(db.engine)}")
+
+    _with_db(work, migrate_sqlite=False)
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument()] = "-1") -> None:
+    """Revert migrations down to REVISION (default: one step; `base` empties the schema)."""
+
+    async def work(db: Database, _: Settings) -> None:
+        await migrate.downgrade(db.engine, revision)
+        typer.echo(f"database at {await migrate.current_revision(db.engine) or 'base'}")
+
+    _with_db(work, migrate_sqlite=False)
+
+
+@users_app.command("create")
+def users_create(
+    email: str,
+    admin: Annotated[bool, typer.Option("--admin", help="Make the user an administrator.")] = False,
+    tier: Annotated[str, typer.Option(help="free or paid.")] = "free",
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from stdin.")
+    ] = False,
+) -> None:
+    """Create a user. Without --password-stdin the password is prompted for (hidden)."""
+    if tier not in ("free", "paid"):
+        raise _fail("--tier must be free or paid")
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    role: Literal["user", "admin"] = "admin" if admin else "user"
+
+    async def work(db: Database, settings: Settings) -> str:
+        from llm_api.services.auth.principal import build_auth
+
+        auth = build_auth(settings)
+        async with db.sessions.begin() as session:
+            user = await auth.users.create(
+                session,
+                email,
+                password,
+                role=role,
+                tier="paid" if tier == "paid" else "free",
+            )
+            return f"created {user.role} {user.email} ({user.tier}) id={user.id}"
+
+    typer.echo(_with_db(work, migrate_sqlite=True))
+
+
+@keys_app.command("create")
+def keys_create(
+    email: str, name: Annotated[str | None, typer.Option(help="A label for the key.")] = None
+) -> None:
+    """Create an API key for a user and print it (last line of stdout; shown only once)."""
+
+    async def work(db: Database, settings: Settings) -> str:
+        from llm_api.services.auth import api_keys
+        from llm_api.services.auth.principal import build_auth
+
+        auth = build_auth(settings)
+        async with db.sessions.begin() as session:
+            user = await auth.users.by_email(session, email)
+            if user is None or not user.is_active:
+                raise _fail(f"no active user {email!r}")
+            key, raw = await api_keys.create_key(session, user.id, name)
+            typer.echo(
+                f"created key {key.id} for {user.email}; store it now, it is not shown again:"
+            )
+            return raw
+
+    typer.echo(_with_db(work, migrate_sqlite=True))

@@ -1,0 +1,1 @@
+"""Persistence: the async engine and session maker, ORM tables and Alembic migrations."""

@@ -1,0 +1,105 @@
+"""Wire types of the account routes: tokens, API keys, users. None of them carries a hash."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from llm_api.db.tables import as_utc
+from llm_api.services.auth.passwords import MAX_PASSWORD_LENGTH
+
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+Email = Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=254)]
+Password = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PASSWORD_LENGTH)]
+
+
+class Strict(BaseModel):
+    # Unknown fields are refused (400), so `role`/`tier` cannot be smuggled into a request.
+    model_config = ConfigDict(extra="forbid")
+
+
+class TokenResponse(BaseModel):
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105 - the OAuth2 token type
+    expires_in: int
+    refresh_token: str
+
+
+class RefreshRequest(Strict):
+    refresh_token: Annotated[str, StringConstraints(min_length=1, max_length=512)]
+
+
+class LogoutRequest(Strict):
+    refresh_token: Annotated[str, StringConstraints(min_length=1, max_length=512)] | None = None
+
+
+class LogoutResponse(BaseModel):
+    revoked: bool = True
+
+
+class ApiKeyCreate(Strict):
+    name: Name | None = None
+
+
+class ApiKeyInfo(BaseModel):
+    id: str
+    object: Literal["api_key"] = "api_key"
+    name: str | None
+    prefix: str = Field(description="The first characters of the key, for recognising it.")
+    created_at: int
+
+
+class ApiKeyCreated(ApiKeyInfo):
+    key: str = Field(description="The key itself. Shown once; store it now.")
+
+
+class ApiKeyList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ApiKeyInfo]
+
+
+class DeletedApiKey(BaseModel):
+    id: str
+    object: Literal["api_key"] = "api_key"
+    deleted: bool = True
+
+
+class UserInfo(BaseModel):
+    id: str
+    object: Literal["user"] = "user"
+    email: str
+    display_name: str | None
+    tier: Literal["free", "paid"]
+    role: Literal["user", "admin"]
+    is_active: bool
+    created_at: int
+
+
+class UserList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[UserInfo]
+
+
+class UserUpdate(Strict):
+    """What a user may change about themselves. `role`, `tier` and anything else → 400."""
+
+    display_name: Name | None = None
+
+
+class AdminUserCreate(Strict):
+    email: Email
+    password: Password
+    role: Literal["user", "admin"] = "user"
+    tier: Literal["free", "paid"] = "free"
+
+
+class AdminUserUpdate(Strict):
+    tier: Literal["free", "paid"] | None = None
+    role: Literal["user", "admin"] | None = None
+    is_active: bool | None = None
+
+
+def epoch(value: datetime) -> int:
+    return int(as_utc(value).timestamp())

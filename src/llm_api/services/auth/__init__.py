@@ -1,0 +1,1 @@
+"""Accounts and credentials: password hashing, JWT access tokens, refresh tokens, API keys."""
