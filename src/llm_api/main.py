@@ -25,7 +25,7 @@ from llm_api.core.state import AppState
 from llm_api.middleware.body_limit import BodyLimitMiddleware
 from llm_api.middleware.request_id import RequestIdMiddleware
 from llm_api.services.auth.startup import start_accounts
-from llm_api.services.llm.backends.factory import build_backend
+from llm_api.services.llm.backends.factory import build_backends
 from llm_api.services.llm.registry import load_registry
 from llm_api.services.llm.service import LLMService
 
@@ -34,7 +34,7 @@ log = structlog.get_logger(__name__)
 
 def build_llm_service(settings: Settings) -> LLMService:
     registry = load_registry(settings.models_file)
-    backends = {m.id: build_backend(m, settings) for m in registry.models}
+    backends = build_backends(registry, settings)
     return LLMService(settings, registry, backends)
 
 

@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+from llm_api.services.llm.routing.config import DeploymentConfig, RoutingPolicy
 
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
 PACKAGE_PREFIX = "package:"
@@ -34,7 +43,7 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
-    backend: Literal["llama_cpp", "openai"]
+    backend: Literal["llama_cpp", "openai", "router"]
     context_length: int = Field(8192, ge=64)
     defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
     concurrency: int = Field(1, ge=1, description="Requests generating at once.")
@@ -58,6 +67,22 @@ class ModelConfig(BaseModel):
     first_token_timeout: float = Field(60.0, gt=0)
     idle_timeout: float = Field(30.0, gt=0)
     max_connections: int = Field(100, ge=1)
+
+    # router: one id over several deployments (services/llm/routing/)
+    deployments: list[DeploymentConfig] = Field(default_factory=list)
+    routing: RoutingPolicy = Field(default_factory=RoutingPolicy)
+    aliases: list[str] = Field(default_factory=list, description="Other ids for this model.")
+    fallbacks: list[str] = Field(
+        default_factory=list,
+        description="Models tried in order when this one fails, is rate limited or the context "
+        "is too long, as long as nothing was sent to the client yet.",
+    )
+
+    @model_validator(mode="after")
+    def _router_has_deployments(self) -> ModelConfig:
+        if (self.backend == "router") != bool(self.deployments):
+            raise ValueError(f"model {self.id}: `deployments` go with (only) backend `router`")
+        return self
 
     @field_validator("base_url")
     @classmethod
@@ -86,10 +111,26 @@ class Registry(BaseModel):
             raise ValueError("model ids must be unique")
         if not v:
             raise ValueError("the registry needs at least one model")
+        names = ids + [a for m in v for a in m.aliases]
+        if len(names) != len(set(names)):
+            raise ValueError("model ids and aliases must be unique")
         return v
 
+    @model_validator(mode="after")
+    def _references_exist(self) -> Registry:
+        local = {m.id for m in self.models if m.backend == "llama_cpp"}
+        for m in self.models:
+            for fb in m.fallbacks:
+                if self.get(fb) is None or fb == m.id:
+                    raise ValueError(f"model {m.id}: unknown fallback `{fb}`")
+            for d in m.deployments:
+                if d.model is not None and d.model not in local:
+                    raise ValueError(f"model {m.id}: `{d.model}` is not a local model")
+        return self
+
     def get(self, model_id: str) -> ModelConfig | None:
-        return next((m for m in self.models if m.id == model_id), None)
+        """The model with this id or alias."""
+        return next((m for m in self.models if m.id == model_id or model_id in m.aliases), None)
 
     @property
     def default(self) -> ModelConfig:

@@ -13,6 +13,8 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
+import structlog
+
 from llm_api.core.config import Settings
 from llm_api.core.exceptions import (
     APIError,
@@ -20,6 +22,7 @@ from llm_api.core.exceptions import (
     InvalidRequestError,
     ModelNotFoundError,
     PaymentRequiredError,
+    RateLimitError,
     ServiceUnavailableError,
 )
 from llm_api.schemas.chat import (
@@ -46,6 +49,7 @@ from llm_api.services.llm.types import (
 )
 
 Observer = Callable[[CompletionRecord], Awaitable[None] | None]
+log = structlog.get_logger(__name__)
 
 
 @dataclass(slots=True)
@@ -62,6 +66,7 @@ class _Run:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
+    prepared: bool = False  # passed validation on some model: the request gets a record
 
 
 class LLMService:
@@ -239,33 +244,39 @@ class LLMService:
         n: int = 1,
     ) -> AsyncGenerator[tuple[int, GenerationChunk], None]:
         """Validate, admit, generate. Yields (choice index, chunk). Tells the observers what the
-        request cost whatever happens (success, error, cancellation)."""
-        backend = self._backend(config)
-        await self._prepare(backend, seqs)  # errors here are plain 4xx, raised before streaming
+        request cost whatever happens (success, error, cancellation), once.
+
+        When the model fails before its first chunk (an upstream error or timeout, 429, 503,
+        context too long) and lists `fallbacks`, those models are tried in order. Nothing has
+        reached the client then: streams wait for the first chunk (`_started`)."""
+        candidates = [config, *(self.get_model(f) for f in config.fallbacks)]
+        pristine = [_copy(s) for s in seqs] if len(candidates) > 1 else seqs
         run = _Run(ctx=ctx, model=config, endpoint=endpoint, stream=stream)
         ctx.model = config.id
-        done_tokens = 0  # completion tokens of finished sequences (authoritative counts)
         status, cancelled = 200, False
         try:
-            async with self.gates[config.id].slot():
-                run.admitted = time.perf_counter()
-                for index, seq in enumerate(seqs):
-                    seq_tokens = 0
-                    async for chunk in backend.generate(seq):
-                        if chunk.text and run.first_token is None:
-                            run.first_token = time.perf_counter()
-                            ctx.ttft_ms = (run.first_token - run.started) * 1000
-                        seq_tokens += chunk.tokens
-                        if chunk.finish_reason is not None:
-                            run.finish_reason = chunk.finish_reason
-                            if chunk.completion_tokens is not None:
-                                seq_tokens = chunk.completion_tokens
-                            if chunk.prompt_tokens is not None:
-                                seq.prompt_tokens = chunk.prompt_tokens
-                            done_tokens += seq_tokens
-                            seq_tokens = 0
-                        run.completion_tokens = done_tokens + seq_tokens
-                        yield index, chunk
+            for i, model in enumerate(candidates):
+                attempt_seqs = seqs if i == 0 else [_copy(s, model.id) for s in pristine]
+                run.model, ctx.model, seqs = model, model.id, attempt_seqs
+                chunks = self._attempt(model, attempt_seqs, ctx, run)
+                try:
+                    first = await anext(chunks, None)
+                except APIError as exc:
+                    await chunks.aclose()
+                    if i + 1 == len(candidates) or not _falls_back(exc):
+                        raise
+                    log.warning(
+                        "model_fallback", model=model.id, to=candidates[i + 1].id, error=exc.code
+                    )
+                    continue
+                try:
+                    if first is not None:
+                        yield first
+                    async for item in chunks:
+                        yield item
+                finally:
+                    await chunks.aclose()
+                return
         except (asyncio.CancelledError, GeneratorExit):
             status, cancelled = 499, True
             raise
@@ -278,7 +289,36 @@ class LLMService:
         finally:
             run.prompt_tokens = sum(s.prompt_tokens or 0 for s in seqs[::n])
             ctx.prompt_tokens, ctx.completion_tokens = run.prompt_tokens, run.completion_tokens
-            await self._notify(run, status, cancelled)
+            if run.prepared:  # validation errors (plain 4xx before any model ran) get none
+                await self._notify(run, status, cancelled)
+
+    async def _attempt(
+        self, config: ModelConfig, seqs: list[GenerationRequest], ctx: RequestContext, run: _Run
+    ) -> AsyncGenerator[tuple[int, GenerationChunk], None]:
+        """One model: prepare, admit, generate, keeping `run`'s counts."""
+        backend = self._backend(config)
+        await self._prepare(backend, seqs)  # errors here are plain 4xx, raised before streaming
+        run.prepared = True
+        done_tokens = 0  # completion tokens of finished sequences (authoritative counts)
+        async with self.gates[config.id].slot():
+            run.admitted = time.perf_counter()
+            for index, seq in enumerate(seqs):
+                seq_tokens = 0
+                async for chunk in backend.generate(seq):
+                    if chunk.text and run.first_token is None:
+                        run.first_token = time.perf_counter()
+                        ctx.ttft_ms = (run.first_token - run.started) * 1000
+                    seq_tokens += chunk.tokens
+                    if chunk.finish_reason is not None:
+                        run.finish_reason = chunk.finish_reason
+                        if chunk.completion_tokens is not None:
+                            seq_tokens = chunk.completion_tokens
+                        if chunk.prompt_tokens is not None:
+                            seq.prompt_tokens = chunk.prompt_tokens
+                        done_tokens += seq_tokens
+                        seq_tokens = 0
+                    run.completion_tokens = done_tokens + seq_tokens
+                    yield index, chunk
 
     async def _notify(self, run: _Run, status: int, cancelled: bool) -> None:
         now = time.perf_counter()
@@ -347,12 +387,13 @@ class LLMService:
     ) -> AsyncIterator[ChatCompletionChunk]:
         cid, created = f"chatcmpl-{ctx.request_id}", int(time.time())
         usage = _UsageCounter(req.n)
+        model_id = ctx.model or config.id  # the model that answered (after any fallback)
 
         def make(index: int, delta: ChoiceDelta, finish: str | None = None) -> ChatCompletionChunk:
             return ChatCompletionChunk(
                 id=cid,
                 created=created,
-                model=config.id,
+                model=model_id,
                 choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish)],
             )
 
@@ -368,7 +409,7 @@ class LLMService:
                 yield make(index, ChoiceDelta(), _wire_finish(chunk.finish_reason))
         if req.stream_options is not None and req.stream_options.include_usage:
             yield ChatCompletionChunk(
-                id=cid, created=created, model=config.id, choices=[], usage=usage.usage()
+                id=cid, created=created, model=model_id, choices=[], usage=usage.usage()
             )
 
     async def chat(self, req: ChatCompletionRequest, ctx: RequestContext) -> ChatCompletion:
@@ -377,7 +418,7 @@ class LLMService:
         return ChatCompletion(
             id=f"chatcmpl-{ctx.request_id}",
             created=int(time.time()),
-            model=config.id,
+            model=ctx.model or config.id,
             choices=[
                 ChatChoice(
                     index=i, message=AssistantMessage(content=texts[i]), finish_reason=finish[i]
@@ -403,6 +444,7 @@ class LLMService:
     ) -> AsyncIterator[Completion]:
         cid, created = f"cmpl-{ctx.request_id}", int(time.time())
         usage = _UsageCounter(req.n)
+        model_id = ctx.model or config.id
         async for index, chunk in chunks:
             if chunk.finish_reason is not None:
                 usage.add(index, chunk)
@@ -410,10 +452,10 @@ class LLMService:
                 choice = CompletionChoice(
                     index=index, text=chunk.text, finish_reason=_wire_finish(chunk.finish_reason)
                 )
-                yield Completion(id=cid, created=created, model=config.id, choices=[choice])
+                yield Completion(id=cid, created=created, model=model_id, choices=[choice])
         if req.stream_options is not None and req.stream_options.include_usage:
             yield Completion(
-                id=cid, created=created, model=config.id, choices=[], usage=usage.usage()
+                id=cid, created=created, model=model_id, choices=[], usage=usage.usage()
             )
 
     async def completion(self, req: CompletionRequest, ctx: RequestContext) -> Completion:
@@ -422,7 +464,7 @@ class LLMService:
         return Completion(
             id=f"cmpl-{ctx.request_id}",
             created=int(time.time()),
-            model=config.id,
+            model=ctx.model or config.id,
             choices=[
                 CompletionChoice(index=i, text=texts[i], finish_reason=finish[i])
                 for i in range(len(seqs))
@@ -469,6 +511,23 @@ class _UsageCounter:
             completion_tokens=self.completion,
             total_tokens=self.prompt + self.completion,
         )
+
+
+def _copy(seq: GenerationRequest, model: str | None = None) -> GenerationRequest:
+    """A fresh sequence for another attempt: params as the client asked, no engine state."""
+    return replace(
+        seq,
+        model=model or seq.model,
+        params=replace(seq.params, stop=list(seq.params.stop)),
+        prompt_tokens=None,
+        engine_state={},
+    )
+
+
+def _falls_back(exc: APIError) -> bool:
+    """Worth another model: it failed, timed out, is overloaded or rate limited, or the context
+    was too long for it. Other 4xx are the request's fault and would fail anywhere."""
+    return exc.status_code >= 500 or isinstance(exc, (RateLimitError, ContextLengthExceededError))
 
 
 def new_request_id() -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from llm_api.core.config import Settings
 from llm_api.services.llm.backends.base import Backend
-from llm_api.services.llm.registry import ModelConfig
+from llm_api.services.llm.registry import ModelConfig, Registry
 
 
 def build_backend(config: ModelConfig, settings: Settings) -> Backend:
@@ -15,3 +15,15 @@ def build_backend(config: ModelConfig, settings: Settings) -> Backend:
     from llm_api.services.llm.backends.openai_upstream import OpenAIUpstreamBackend
 
     return OpenAIUpstreamBackend(config)
+
+
+def build_backends(registry: Registry, settings: Settings) -> dict[str, Backend]:
+    """Every model's backend. Routed models come last: they may share a local model's backend."""
+    backends = {m.id: build_backend(m, settings) for m in registry.models if m.backend != "router"}
+    if any(m.backend == "router" for m in registry.models):
+        from llm_api.services.llm.routing.build import build_router
+
+        for m in registry.models:
+            if m.backend == "router":
+                backends[m.id] = build_router(m, settings, backends)
+    return backends

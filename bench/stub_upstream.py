@@ -1,0 +1,242 @@
+"""A fast OpenAI-compatible stub upstream for routing tests and the gateway benchmark.
+
+It streams `tokens` chunks `interval` seconds apart (0: all at once) and can be told to misbehave:
+answer with an error status (optionally with Retry-After, optionally only for the first K
+requests), hang before the headers, stall or die after K tokens, or refuse prompts longer than a
+limit with `context_length_exceeded`. Tests change `StubUpstream.config` between requests; the
+benchmark runs it as a process:
+
+    python -m bench.stub_upstream --port 9100 --tokens 32 --interval 0
+
+It counts requests, and handler cancellations (the client went away), so tests can prove that a
+timed-out request was really cancelled upstream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+@dataclass
+class StubConfig:
+    tokens: int = 32
+    interval: float = 0.0  # seconds between tokens
+    token: str = "tok "
+    fail_status: int | None = None  # answer with this status...
+    fail_times: int | None = None  # ...for the first K requests only (None: always)
+    retry_after: str | None = None  # Retry-After header on failures
+    hang: bool = False  # accept the request, never send headers
+    delay: float = 0.0  # seconds before the headers (a slow time to first token)
+    stall_after: int | None = None  # stop sending (but keep the connection) after K tokens
+    die_after: int | None = None  # drop the connection after K tokens
+    context_limit: int | None = None  # 400 context_length_exceeded above this many prompt chars
+    usage: bool = True  # send the usage chunk when asked to
+
+
+@dataclass
+class StubStats:
+    requests: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+
+
+class StubUpstream:
+    def __init__(self, config: StubConfig | None = None, *, keep_bodies: bool = True) -> None:
+        self.config = config or StubConfig()
+        self.stats = StubStats()
+        self.keep_bodies = keep_bodies
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._complete)
+        app.router.add_post("/v1/completions", self._complete)
+        app.router.add_get("/v1/models", self._models)
+        return app
+
+    async def start(self, port: int = 0, host: str = "127.0.0.1") -> StubUpstream:
+        # handler_cancellation: a client that goes away cancels the handler, which we count.
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, backlog=4096)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _models(self, request: web.Request) -> web.Response:
+        if self.config.fail_status is not None and self.config.fail_times is None:
+            return web.json_response({"error": {"message": "down"}}, status=503)
+        return web.json_response({"object": "list", "data": [{"id": "stub", "object": "model"}]})
+
+    async def _complete(self, request: web.Request) -> web.StreamResponse:
+        cfg, stats = self.config, self.stats
+        stats.requests += 1
+        body = orjson.loads(await request.read())
+        if self.keep_bodies:
+            stats.bodies.append(body)
+            stats.headers.append(dict(request.headers))
+        try:
+            if cfg.hang:
+                await asyncio.sleep(3600)
+            if cfg.delay:
+                await asyncio.sleep(cfg.delay)
+            if cfg.fail_status is not None and (
+                cfg.fail_times is None or stats.requests <= cfg.fail_times
+            ):
+                stats.failed += 1
+                headers = {"Retry-After": cfg.retry_after} if cfg.retry_after else None
+                err = {"message": f"stub failure {cfg.fail_status}", "type": "server_error"}
+                return web.json_response({"error": err}, status=cfg.fail_status, headers=headers)
+            prompt = orjson.dumps(body.get("messages") or body.get("prompt") or "")
+            if cfg.context_limit is not None and len(prompt) > cfg.context_limit:
+                stats.failed += 1
+                err = {
+                    "message": f"maximum context length is {cfg.context_limit}",
+                    "type": "invalid_request_error",
+                    "code": "context_length_exceeded",
+                }
+                return web.json_response({"error": err}, status=400)
+            if not body.get("stream"):
+                stats.completed += 1
+                return web.json_response(_whole(body, cfg))
+            return await self._stream(request, body, cfg)
+        except asyncio.CancelledError:
+            stats.cancelled += 1
+            raise
+
+    async def _stream(
+        self, request: web.Request, body: dict[str, Any], cfg: StubConfig
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        chat = "messages" in body
+        n = min(cfg.tokens, int(body.get("max_tokens") or cfg.tokens))
+        head = _frame_head(body.get("model", "stub"), chat)
+        text = orjson.dumps(cfg.token)
+        if chat:
+            await resp.write(head + b'"delta":{"role":"assistant","content":""}}]}\n\n')
+            piece = head + b'"delta":{"content":' + text + b"}}]}\n\n"
+        else:
+            piece = head + b'"text":' + text + b"}]}\n\n"
+        for i in range(n):
+            if cfg.die_after is not None and i == cfg.die_after:
+                assert request.transport is not None
+                request.transport.abort()  # an abrupt reset mid-stream
+                return resp
+            if cfg.stall_after is not None and i == cfg.stall_after:
+                await asyncio.sleep(3600)
+            await resp.write(piece)
+            if cfg.interval:
+                await asyncio.sleep(cfg.interval)
+        last = b'"delta":{}' if chat else b'"text":""'
+        await resp.write(head.replace(b"null", b'"length"') + last + b"}]}\n\n")
+        if cfg.usage and (body.get("stream_options") or {}).get("include_usage"):
+            prompt_tokens = len(orjson.dumps(body.get("messages") or body.get("prompt"))) // 4
+            usage = {
+                "id": "stub",
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()),
+                "model": body.get("model", "stub"),
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": n,
+                    "total_tokens": prompt_tokens + n,
+                },
+            }
+            await resp.write(b"data: " + orjson.dumps(usage) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        self.stats.completed += 1
+        return resp
+
+
+def _frame_head(model: str, chat: bool) -> bytes:
+    """A chunk frame up to its choice's content, pre-encoded so each token costs one
+    concatenation (the stub must be much cheaper than what it measures)."""
+    obj = b"chat.completion.chunk" if chat else b"text_completion"
+    created = str(int(time.time())).encode()
+    return (
+        b'data: {"id":"stub","object":"' + obj + b'","created":' + created
+        + b',"model":' + orjson.dumps(model)
+        + b',"choices":[{"index":0,"finish_reason":null,'
+    )  # fmt: skip
+
+
+def _whole(body: dict[str, Any], cfg: StubConfig) -> dict[str, Any]:
+    n = min(cfg.tokens, int(body.get("max_tokens") or cfg.tokens))
+    text = cfg.token * n
+    chat = "messages" in body
+    choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    return {
+        "id": "stub",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": body.get("model", "stub"),
+        "choices": [choice],
+        "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9100)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--interval", type=float, default=0.0, help="seconds between tokens")
+    parser.add_argument("--fail-status", type=int)
+    parser.add_argument("--retry-after")
+    parser.add_argument("--hang", action="store_true")
+    parser.add_argument("--stall-after", type=int)
+    parser.add_argument("--die-after", type=int)
+    args = parser.parse_args()
+    config = StubConfig(
+        tokens=args.tokens,
+        interval=args.interval,
+        fail_status=args.fail_status,
+        retry_after=args.retry_after,
+        hang=args.hang,
+        stall_after=args.stall_after,
+        die_after=args.die_after,
+    )
+
+    async def serve() -> None:
+        stub = await StubUpstream(config, keep_bodies=False).start(args.port, args.host)
+        print(f"stub upstream on {stub.base_url}", flush=True)  # noqa: T201 - CLI output
+        await asyncio.Event().wait()
+
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Routing one model id over several deployments: strategies, retries, circuit breakers."""
