@@ -5,7 +5,17 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from llm_api.api.security import authenticate
-from llm_api.api.v1.endpoints import admin, auth, chat, completions, keys, models, simple, users
+from llm_api.api.v1.endpoints import (
+    admin,
+    auth,
+    chat,
+    completions,
+    dashboard,
+    keys,
+    models,
+    simple,
+    users,
+)
 
 # Deny by default: every /v1 route authenticates unless marked @public (api.security).
 api_router = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)])
@@ -17,3 +27,4 @@ api_router.include_router(auth.router)
 api_router.include_router(keys.router)
 api_router.include_router(users.router)
 api_router.include_router(admin.router)
+api_router.include_router(dashboard.router)

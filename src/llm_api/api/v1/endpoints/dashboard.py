@@ -1,0 +1,34 @@
+"""JSON for the web dashboards that no other route gives: the admin's live server summary.
+Thin: the numbers come from services/dashboard.py."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+
+from llm_api.api.deps import AdminUser, StateDep
+from llm_api.schemas.dashboard import ServerSummary
+from llm_api.services.dashboard import SummaryService
+
+router = APIRouter(tags=["dashboard"])
+
+_SUMMARY_KEY = "dashboard.summary"
+
+
+def get_summary_service(state: StateDep) -> SummaryService:
+    """One SummaryService per app (it keeps the counter samples the rate is taken from)."""
+    service = state.extras.get(_SUMMARY_KEY)
+    if service is None:
+        service = state.extras[_SUMMARY_KEY] = SummaryService(state.llm)
+    assert isinstance(service, SummaryService)
+    return service
+
+
+SummaryDep = Annotated[SummaryService, Depends(get_summary_service)]
+
+
+@router.get("/admin/summary", response_model=ServerSummary)
+async def server_summary(_: AdminUser, state: StateDep, summary: SummaryDep) -> ServerSummary:
+    """Requests running and waiting per model, and completion tokens per second (this worker)."""
+    return summary.summary(draining=state.draining)

@@ -1,0 +1,31 @@
+"""Wire types of the dashboard routes: the admin's live server summary and a user's rate-limit
+standing."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ModelLoad(BaseModel):
+    id: str
+    running: int = Field(description="Requests generating now.")
+    waiting: int = Field(description="Requests queued for a generation slot.")
+    slots: int = Field(description="Requests the model generates at once.")
+    max_waiting: int = Field(description="Queue bound; beyond it requests get 503.")
+
+
+class ServerSummary(BaseModel):
+    """One worker's view (each gunicorn worker has its own gates and metric values)."""
+
+    models: list[ModelLoad]
+    requests_running: int
+    requests_waiting: int
+    tokens_per_second: float = Field(
+        description="Completion tokens per second over the last `window_seconds`, counted from "
+        "the `llm_api:generation_tokens` metric (which counts a request when it ends)."
+    )
+    completion_tokens_total: int = Field(description="Completion tokens since start.")
+    prompt_tokens_total: int = Field(description="Prompt tokens since start.")
+    window_seconds: float
+    uptime_seconds: int
+    draining: bool
