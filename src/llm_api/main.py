@@ -17,17 +17,21 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from llm_api.api.errors import install_error_handlers
 from llm_api.api.v1.endpoints import health
+from llm_api.api.v1.endpoints import metrics as metrics_endpoint
 from llm_api.api.v1.router import api_router
 from llm_api.api.web import install_web_ui
 from llm_api.core.config import Settings
 from llm_api.core.logging import configure_logging
 from llm_api.core.state import AppState
+from llm_api.middleware.access_log import AccessLogMiddleware
 from llm_api.middleware.body_limit import BodyLimitMiddleware
+from llm_api.middleware.drain import DrainMiddleware
 from llm_api.middleware.request_id import RequestIdMiddleware
 from llm_api.services.auth.startup import start_accounts
 from llm_api.services.llm.backends.factory import build_backends
 from llm_api.services.llm.registry import load_registry
 from llm_api.services.llm.service import LLMService
+from llm_api.services.observability import observability
 
 log = structlog.get_logger(__name__)
 
@@ -55,7 +59,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     loader = asyncio.create_task(load_models(), name="load-models")
     try:
-        yield
+        async with observability(state):  # metrics, SIGTERM drain, on_drain hooks at the end
+            yield
     finally:
         state.draining = True
         loader.cancel()
@@ -76,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(metrics_endpoint.router)
     app.include_router(api_router)
     if settings.web_ui:
         install_web_ui(app)
@@ -88,5 +94,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-Request-ID", "Cache-Control"],
         )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(DrainMiddleware)  # 503 while draining; cuts streams at the deadline
+    metrics_endpoint.install_http_metrics(app)
+    app.add_middleware(AccessLogMiddleware)  # one line per request, after its last byte
     app.add_middleware(RequestIdMiddleware)
     return app

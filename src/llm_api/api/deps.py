@@ -13,6 +13,7 @@ from llm_api.api.security import get_admin, get_current_user, get_principal
 from llm_api.core.config import Settings
 from llm_api.core.exceptions import ServiceUnavailableError
 from llm_api.core.state import AppState
+from llm_api.middleware.access_log import CTX_KEY as ACCESS_LOG_CTX_KEY
 from llm_api.services.auth.principal import AuthServices, Principal
 from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.types import RequestContext
@@ -35,13 +36,17 @@ def get_request_context(
     request: Request, principal: Annotated[Principal, Depends(get_principal)]
 ) -> RequestContext:
     client = request.client.host if request.client else None
-    return RequestContext(
+    ctx = RequestContext(
         request_id=uuid.uuid4().hex,
         client_ip=client,
         user_id=principal.user_id,
         key_id=principal.key_id,
         tier=principal.tier,
     )
+    # Kept in the scope state so the access log can read the token counts after the response
+    # (for a stream, after its last frame).
+    request.scope.setdefault("state", {})[ACCESS_LOG_CTX_KEY] = ctx
+    return ctx
 
 
 async def get_db(state: Annotated[AppState, Depends(get_state)]) -> AsyncIterator[AsyncSession]:

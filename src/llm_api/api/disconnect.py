@@ -3,30 +3,37 @@ for nobody. (Streaming responses get this from Starlette's StreamingResponse.)""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
-from typing import TypeVar
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
-import anyio
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
 T = TypeVar("T")
 
 
-async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+async def cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
     """Run `work`, racing it against the ASGI `http.disconnect` message. Polling
-    `request.is_disconnected()` would miss the message; waiting on `receive` cannot."""
-    result: list[T] = []
-    async with anyio.create_task_group() as tg:
+    `request.is_disconnected()` would miss the message; waiting on `receive` cannot.
 
-        async def watch() -> None:
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            tg.cancel_scope.cancel()
+    Plain asyncio tasks rather than an anyio task group: a task group wraps the work's own
+    errors (a 400 `InvalidRequestError`) in an ExceptionGroup, which no handler would match."""
 
-        tg.start_soon(watch)
-        result.append(await work)
-        tg.cancel_scope.cancel()
-    if not result:
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # Cancel whichever is still running and wait for it, so the backend has stopped (and
+        # the model is free) before the request ends, even when we were cancelled ourselves.
+        for t in (task, watcher):
+            t.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+    if task.cancelled():
         raise ClientDisconnect()
-    return result[0]
+    return task.result()

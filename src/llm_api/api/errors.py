@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from llm_api.core.exceptions import (
     APIError,
@@ -36,21 +37,22 @@ def error_response(exc: APIError) -> Response:
     return json_response(exc.to_dict(), exc.status_code, exc.headers)
 
 
+# Pydantic names union branches and validators in `loc` ("str", "list[TextPart]",
+# "constrained-str", "function-after[...]"); they are not part of the request's field path.
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
+def _is_type_tag(part: str) -> bool:
+    return part in _TYPE_TAGS or "[" in part or "-" in part
+
+
 def _param(loc: tuple[Any, ...]) -> str | None:
-    parts = [p for p in loc if p not in ("body", "query", "path", "header")]
+    """A validation error's location as OpenAI writes `param`: `messages[0].content`."""
     out = ""
-    for p in parts:
+    for p in loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc:
         if isinstance(p, int):
             out += f"[{p}]"
-        elif not str(p).startswith(("function-", "tagged-union")) and p not in (
-            "str",
-            "list[TextPart]",
-            "list[str]",
-            "int",
-            "float",
-            "bool",
-            "constrained-str",
-        ):
+        elif not _is_type_tag(str(p)):
             out += f".{p}" if out else str(p)
     return out or None
 
@@ -59,14 +61,17 @@ def validation_to_api_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
     if not errors:
         return InvalidRequestError("Invalid request.")
-    err = errors[0]
-    if err.get("type") == "json_invalid":
+    if any(e.get("type") == "json_invalid" for e in errors):
         return InvalidRequestError("We could not parse the JSON body of your request.")
-    ctx_error = (err.get("ctx") or {}).get("error")
-    if isinstance(ctx_error, APIError):  # raised inside a model validator
-        return ctx_error
+    for e in errors:
+        ctx_error = (e.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, APIError):  # raised inside a model validator
+            return ctx_error
+    # For a union (content: str | list of parts) pydantic reports every branch; the deepest
+    # error is the one that names what is actually wrong (`messages[0].content[0].type`).
+    err = max(errors, key=lambda e: len(_param(tuple(e.get("loc", ()))) or ""))
     param = _param(tuple(err.get("loc", ())))
-    msg = str(err.get("msg", "Invalid value"))
+    msg = str(err.get("msg", "Invalid value")).removeprefix("Value error, ")
     if err.get("type") == "missing":
         msg = f"Missing required parameter: '{param}'."
     else:
@@ -100,6 +105,12 @@ async def _http_error(_: Request, exc: Exception) -> Response:
     return error_response(api)
 
 
+async def _client_gone(_: Request, exc: Exception) -> Response:
+    # Nobody reads this response; answering here keeps a disconnect out of the error log
+    # (an exception reaching Starlette's last-resort handler is logged and re-raised).
+    return Response(status_code=499)
+
+
 async def _unhandled(request: Request, exc: Exception) -> Response:
     log.error("unhandled_error", path=request.url.path, exc_info=exc)
     return error_response(ServerError("The server had an error processing your request."))
@@ -109,4 +120,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _unhandled)

@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_JWT_SECRET = "dev-insecure-change-me"  # noqa: S105 - refused outside development
@@ -109,6 +109,17 @@ class Settings(BaseSettings):
     )
     metrics_public: bool = Field(
         False, description="Serve /metrics without credentials (else an admin credential)."
+    )
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="Bearer token that may read /metrics (for Prometheus) when it is not public.",
+    )
+
+    # --- lifecycle --------------------------------------------------------------------------
+    drain_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="On SIGTERM, seconds in-flight requests may run before they are cut off.",
     )
     web_ui: bool = Field(
         True, description="Serve the web playground and dashboards at / (static, public page)."

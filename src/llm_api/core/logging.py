@@ -8,6 +8,7 @@ import sys
 import structlog
 
 from llm_api.core.config import Settings
+from llm_api.core.redaction import redact_secrets
 
 
 def configure_logging(settings: Settings) -> None:
@@ -32,7 +33,8 @@ def configure_logging(settings: Settings) -> None:
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info if settings.json_logs else (lambda _, __, e: e),
+            structlog.processors.format_exc_info,
+            redact_secrets,  # last before rendering, so exception text is covered too
             renderer,
         ],
     )

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm_api.core.config import Settings
+from llm_api.core.drain import Drainer, DrainHook
 from llm_api.db.engine import Database
 from llm_api.services.auth.principal import AuthServices
 from llm_api.services.llm.service import LLMService
@@ -19,3 +20,10 @@ class AppState:
     db: Database | None = None  # engine + session maker (accounts issue)
     auth: AuthServices | None = None  # passwords, tokens, users, authenticator
     extras: dict[str, Any] = field(default_factory=dict)
+    # Run once on SIGTERM after in-flight requests end (or are cut), before the process exits:
+    # register flushes here (`state.on_drain.append(recorder.flush)`).
+    on_drain: list[DrainHook] = field(default_factory=list)
+    drainer: Drainer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.drainer = Drainer(self, self.settings.drain_timeout, self.on_drain)

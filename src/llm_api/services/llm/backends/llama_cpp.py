@@ -187,6 +187,11 @@ class LlamaCppBackend:
         # A random seed per unseeded request; llama-cpp-python would otherwise derive one from
         # its previous seed, which makes consecutive requests correlated.
         llama.set_seed(params.seed if params.seed is not None else secrets.randbits(32))
+        # Evaluate every prompt from scratch. llama-cpp-python would reuse the KV cache of the
+        # previous request's matching prefix, but evaluating only the remaining suffix changes
+        # the logits numerically, so the same request (same seed, or temperature 0) would give
+        # different texts depending on what ran before it.
+        llama.reset()
         text = TextAssembler(params.stop)
         vocab = llama._model.vocab
         produced, unsent, finish = 0, 0, "length"

@@ -1,0 +1,140 @@
+"""Every Prometheus metric of llm-api, defined in one place.
+
+Names follow vLLM's (`vllm:time_to_first_token_seconds` → `llm_api:time_to_first_token_seconds`),
+so existing dashboards port over. Labels are bounded: `model_name` only ever holds a registry id,
+`limit`/`kind`/`finished_reason` come from short fixed sets; never a user id, key or raw path.
+
+Multiprocess: under gunicorn, PROMETHEUS_MULTIPROC_DIR is set before this module is imported, so
+prometheus_client keeps values in per-process files that /metrics merges (api/.../metrics.py).
+Gauges say how they merge across workers (`multiprocess_mode`).
+
+HTTP metrics (requests, latency by route template) come from prometheus-fastapi-instrumentator,
+installed in main.py under the `llm_api_http_` prefix.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+MODEL = ("model_name",)
+
+# Same spirit as vLLM's buckets: seconds, wide enough for CPU models and slow upstreams.
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
+_ITL_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
+_E2E_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+_QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+# --- per request, updated by services/observability.MetricsObserver (a CompletionRecord each) ---
+
+TIME_TO_FIRST_TOKEN = Histogram(
+    "llm_api:time_to_first_token_seconds",
+    "Time from request arrival (queueing included) to the first output text.",
+    MODEL,
+    buckets=_TTFT_BUCKETS,
+)
+"""Updated by MetricsObserver, once per request that produced text."""
+
+INTER_TOKEN_LATENCY = Histogram(
+    "llm_api:inter_token_latency_seconds",
+    "Mean gap between output tokens of one request (observed once per request).",
+    MODEL,
+    buckets=_ITL_BUCKETS,
+)
+"""Updated by MetricsObserver: (e2e − TTFT) / (completion tokens − 1), once per request with at
+least two tokens. Per request rather than per token, so the token loop stays free of metric work."""
+
+E2E_REQUEST_LATENCY = Histogram(
+    "llm_api:e2e_request_latency_seconds",
+    "Time from request arrival to its last token (or error/cancellation).",
+    MODEL,
+    buckets=_E2E_BUCKETS,
+)
+"""Updated by MetricsObserver."""
+
+REQUEST_QUEUE_TIME = Histogram(
+    "llm_api:request_queue_time_seconds",
+    "Time a request waited in its model's admission queue.",
+    MODEL,
+    buckets=_QUEUE_BUCKETS,
+)
+"""Updated by MetricsObserver."""
+
+PROMPT_TOKENS = Counter(
+    "llm_api:prompt_tokens", "Prompt tokens processed (counted once per request).", MODEL
+)
+"""Updated by MetricsObserver from CompletionRecord.prompt_tokens (the usage the client saw)."""
+
+GENERATION_TOKENS = Counter(
+    "llm_api:generation_tokens", "Completion tokens generated (equals the sum of usage).", MODEL
+)
+"""Updated by MetricsObserver from CompletionRecord.completion_tokens."""
+
+REQUESTS = Counter(
+    "llm_api:requests",
+    "Requests that reached a model, by outcome.",
+    ("model_name", "finished_reason"),
+)
+"""Updated by MetricsObserver. finished_reason ∈ stop, length, cancelled, error."""
+
+UPSTREAM_ERRORS = Counter(
+    "llm_api:upstream_errors",
+    "Failures of upstream (OpenAI-compatible) model servers.",
+    ("model_name", "kind"),
+)
+"""Updated by MetricsObserver for records with status 502 (kind="error") or 504
+(kind="timeout"); backends may add finer kinds (connect, status_5xx) themselves."""
+
+# --- model load, sampled every second by services/observability.sample_forever ----------------
+
+REQUESTS_RUNNING = Gauge(
+    "llm_api:num_requests_running",
+    "Requests generating now (LLMService.gates[model].running).",
+    MODEL,
+    multiprocess_mode="livesum",
+)
+"""Set by the per-worker sampler; workers' values are summed."""
+
+REQUESTS_WAITING = Gauge(
+    "llm_api:num_requests_waiting",
+    "Requests waiting for a generation slot (LLMService.gates[model].waiting).",
+    MODEL,
+    multiprocess_mode="livesum",
+)
+"""Set by the per-worker sampler; workers' values are summed. The HPA's custom metric."""
+
+PROCESS_MEMORY = Gauge(
+    "llm_api:process_resident_memory_bytes",
+    "Resident memory of each API worker process (models included).",
+    multiprocess_mode="liveall",
+)
+"""Set by the per-worker sampler; one series per live worker (pid label in multiprocess mode)."""
+
+# --- updated by other subsystems ----------------------------------------------------------
+
+CACHE_HITS = Counter("llm_api:cache_hits", "Responses served from the response cache.", ("cache",))
+"""Incremented by the response cache on a hit: `CACHE_HITS.labels(cache="response").inc()`."""
+
+CACHE_MISSES = Counter("llm_api:cache_misses", "Cache look-ups that found nothing.", ("cache",))
+"""Incremented by the response cache on a miss: `CACHE_MISSES.labels(cache="response").inc()`."""
+
+RATE_LIMIT_REJECTIONS = Counter(
+    "llm_api:rate_limit_rejections",
+    "Requests refused with 429, by the limit that refused them.",
+    ("limit",),
+)
+"""Incremented by the rate limiter; `limit` is the rule name (rpm, tpm, concurrency, ip, ...),
+never a user or key id."""
+
+USAGE_BUFFER_BACKLOG = Gauge(
+    "llm_api:usage_buffer_backlog",
+    "Usage records buffered but not yet written to the database.",
+    multiprocess_mode="livesum",
+)
+"""Set by the usage recorder after each enqueue and flush: `USAGE_BUFFER_BACKLOG.set(n)`."""
+
+DRAINING = Gauge(
+    "llm_api:draining",
+    "1 while this worker drains after SIGTERM.",
+    multiprocess_mode="livemax",
+)
+"""Set by core/drain.Drainer."""

@@ -1,0 +1,78 @@
+"""One access-log line per request, written when the response has fully ended: for a stream that
+is after its last frame, so the line carries the stream's token counts and duration.
+
+Fields: method, path (the route template, e.g. /v1/chat/completions; the raw path only when no
+route matched), status, duration_ms, request_id (X-Request-ID, middleware/request_id.py), and from
+the request's RequestContext (api/deps.get_request_context keeps it in the scope state):
+generation_id (the id in completion ids and usage rows), user_id, model, prompt_tokens,
+completion_tokens, ttft_ms, cache. Never the body, the query string or a header value.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import structlog
+from prometheus_fastapi_instrumentator.routing import get_route_name
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from llm_api.services.llm.types import RequestContext
+
+CTX_KEY = "llm_api_ctx"  # scope["state"] key under which api/deps stores the RequestContext
+_SKIP = frozenset({"/health", "/ready", "/metrics"})  # probes would drown the log
+
+log = structlog.get_logger("llm_api.access")
+
+
+class AccessLogMiddleware:
+    def __init__(self, app: ASGIApp, skip_probes: bool = True) -> None:
+        self.app = app
+        self.skip = _SKIP if skip_probes else frozenset()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # what the client gets if the app raises before responding
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            if scope["path"] not in self.skip:
+                self._log(scope, status, (time.perf_counter() - start) * 1000)
+
+    @staticmethod
+    def _log(scope: Scope, status: int, duration_ms: float) -> None:
+        state: dict[str, Any] = scope.get("state") or {}
+        # The template with router prefixes (scope["route"].path lacks them under nested routers).
+        template = get_route_name(HTTPConnection(scope), should_include_root_path=False)
+        fields: dict[str, Any] = {
+            "method": scope["method"],
+            "path": template or scope["path"][:256],
+            "status": status,
+            "duration_ms": round(duration_ms, 2),
+            "request_id": state.get("request_id"),
+        }
+        ctx = state.get(CTX_KEY)
+        if isinstance(ctx, RequestContext):
+            fields.update(
+                generation_id=ctx.request_id,
+                user_id=ctx.user_id,
+                model=ctx.model,
+                prompt_tokens=ctx.prompt_tokens,
+                completion_tokens=ctx.completion_tokens,
+                ttft_ms=None if ctx.ttft_ms is None else round(ctx.ttft_ms, 2),
+                cache=ctx.cache,
+            )
+        if state.get("drain_cut"):
+            fields["drain_cut"] = True
+        log.info("request", **fields)

@@ -1,0 +1,89 @@
+"""Feeding the LLM metrics: an observer turning each CompletionRecord into histogram and counter
+updates, and a per-worker sampler for the gauges (queue depth, memory)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from llm_api.core import metrics
+from llm_api.core.state import AppState
+from llm_api.services.llm.service import LLMService
+from llm_api.services.llm.types import CompletionRecord
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+class MetricsObserver:
+    """Registered on `LLMService.observers`; runs once per request, never per token."""
+
+    def __call__(self, record: CompletionRecord) -> None:
+        model = record.model
+        metrics.PROMPT_TOKENS.labels(model).inc(record.prompt_tokens)
+        metrics.GENERATION_TOKENS.labels(model).inc(record.completion_tokens)
+        metrics.E2E_REQUEST_LATENCY.labels(model).observe(record.latency_ms / 1000)
+        metrics.REQUEST_QUEUE_TIME.labels(model).observe(record.queue_ms / 1000)
+        if record.ttft_ms is not None:
+            metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(record.ttft_ms / 1000)
+            if record.completion_tokens > 1:
+                gap = (record.latency_ms - record.ttft_ms) / (record.completion_tokens - 1)
+                metrics.INTER_TOKEN_LATENCY.labels(model).observe(max(gap, 0.0) / 1000)
+        if record.cancelled:
+            outcome = "cancelled"
+        elif record.status >= 400:
+            outcome = "error"
+        else:
+            outcome = record.finish_reason if record.finish_reason in ("stop", "length") else "stop"
+        metrics.REQUESTS.labels(model, outcome).inc()
+        if record.status == 502:
+            metrics.UPSTREAM_ERRORS.labels(model, "error").inc()
+        elif record.status == 504:
+            metrics.UPSTREAM_ERRORS.labels(model, "timeout").inc()
+
+
+def resident_memory_bytes() -> int:
+    """Current RSS from /proc (Linux); peak RSS elsewhere."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def sample(llm: LLMService) -> None:
+    for model_id, gate in llm.gates.items():
+        metrics.REQUESTS_RUNNING.labels(model_id).set(gate.running)
+        metrics.REQUESTS_WAITING.labels(model_id).set(gate.waiting)
+    metrics.PROCESS_MEMORY.set(resident_memory_bytes())
+
+
+async def sample_forever(llm: LLMService, interval: float = 1.0) -> None:
+    """Gauges are sampled rather than updated inline: one cheap loop per worker instead of work
+    on every admission, and in multiprocess mode each worker keeps its own series fresh."""
+    while True:
+        sample(llm)
+        await asyncio.sleep(interval)
+
+
+@asynccontextmanager
+async def observability(state: AppState) -> AsyncIterator[None]:
+    """Lifespan part: metrics observer, gauge sampler, SIGTERM drain handler. On the way out the
+    on_drain hooks run (once), before the rest of the lifespan closes databases and models."""
+    observer = MetricsObserver()
+    state.llm.observers.append(observer)
+    sampler = asyncio.create_task(sample_forever(state.llm), name="metrics-sampler")
+    state.drainer.install()
+    try:
+        yield
+    finally:
+        state.drainer.uninstall()
+        state.draining = True
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
+        await state.drainer.run_hooks()
+        state.llm.observers.remove(observer)
