@@ -85,7 +85,7 @@ class Authenticator:
         if (
             owner is None
             or not owner.is_active
-            or not await self.tokens.session_active(db, claims.session_id)
+            or not await self.tokens.session_active(db, claims.session_id, owner.id)
         ):
             raise AuthenticationError()
         return _from_user(owner, "jwt", session_id=claims.session_id)

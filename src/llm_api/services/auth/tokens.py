@@ -155,8 +155,13 @@ class Tokens:
         if token is not None and token.user_id == user_id:
             await self.revoke_family(db, token.family_id)
 
-    async def session_active(self, db: AsyncSession, session_id: str) -> bool:
+    async def session_active(self, db: AsyncSession, session_id: str, user_id: str) -> bool:
+        """The login `session_id` belongs to `user_id` and is not logged out or revoked."""
         query = select(
-            exists().where(RefreshToken.family_id == session_id, RefreshToken.revoked_at.is_(None))
+            exists().where(
+                RefreshToken.family_id == session_id,
+                RefreshToken.user_id == user_id,
+                RefreshToken.revoked_at.is_(None),
+            )
         )
         return bool((await db.execute(query)).scalar())
