@@ -13,8 +13,10 @@ from pathlib import Path
 
 import openai
 import pytest
+from pydantic import ValidationError
 
 from bench.stub_upstream import StubConfig
+from llm_api.services.llm.registry import Registry
 from tests.conftest import require_service
 from tests.routing_support import (
     chat,
@@ -260,3 +262,36 @@ async def test_breaker_state_is_shared_through_redis(tmp_path: Path) -> None:
             )
     assert a.stats.completed == 2
     assert ttl == -2  # cleared on success; every key it writes carries a TTL
+
+
+@pytest.mark.parametrize(
+    ("models", "message"),
+    [
+        ([{"id": "a", "backend": "router"}], "deployments"),
+        (
+            [
+                {
+                    "id": "a",
+                    "backend": "openai",
+                    "base_url": "http://x",
+                    "deployments": [{"base_url": "http://y"}],
+                }
+            ],
+            "deployments",
+        ),
+        ([routed("a", [{"base_url": "http://x", "model": "b"}])], "exactly one"),
+        ([routed("a", [{"base_url": "file:///etc/passwd"}])], "http"),
+        (
+            [
+                routed("a", [deployment("http://x")], aliases=["b"]),
+                routed("b", [deployment("http://y")]),
+            ],
+            "unique",
+        ),
+        ([routed("a", [deployment("http://x")], fallbacks=["nope"])], "unknown fallback"),
+        ([routed("a", [{"model": "not-local"}])], "not a local model"),
+    ],
+)
+def test_registry_rejects_bad_routing(models: list[dict[str, object]], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Registry.model_validate({"models": models})
