@@ -28,10 +28,12 @@ from llm_api.middleware.body_limit import BodyLimitMiddleware
 from llm_api.middleware.drain import DrainMiddleware
 from llm_api.middleware.request_id import RequestIdMiddleware
 from llm_api.services.auth.startup import start_accounts
+from llm_api.services.cache.service import CachedLLMService, build_cache_store
 from llm_api.services.llm.backends.factory import build_backends
 from llm_api.services.llm.registry import load_registry
 from llm_api.services.llm.service import LLMService
 from llm_api.services.observability import observability
+from llm_api.services.usage.pipeline import UsagePipeline
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +51,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = AppState(settings=settings, llm=llm)
     app.state.llm_api = state
     state.db, state.auth = await start_accounts(settings)
+    responses = state.responses = CachedLLMService(llm, build_cache_store(settings), settings)
+    usage = state.usage = UsagePipeline(settings, responses, state.db.sessions)
+    usage.start(state.on_drain)  # replays what a previous process left unflushed
 
     async def load_models() -> None:
         try:
@@ -66,6 +71,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader.cancel()
         await asyncio.gather(loader, return_exceptions=True)
         await llm.aclose()
+        await usage.aclose()  # after the models: cancelled requests have recorded by now
+        await responses.aclose()
         await state.db.dispose()
 
 

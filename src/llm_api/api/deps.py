@@ -15,6 +15,7 @@ from llm_api.core.exceptions import ServiceUnavailableError
 from llm_api.core.state import AppState
 from llm_api.middleware.access_log import CTX_KEY as ACCESS_LOG_CTX_KEY
 from llm_api.services.auth.principal import AuthServices, Principal
+from llm_api.services.cache.service import CachedLLMService, CachePolicy
 from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.types import RequestContext
 
@@ -30,6 +31,15 @@ def get_settings(state: Annotated[AppState, Depends(get_state)]) -> Settings:
 
 def get_llm_service(state: Annotated[AppState, Depends(get_state)]) -> LLMService:
     return state.llm
+
+
+def get_responses(state: Annotated[AppState, Depends(get_state)]) -> CachedLLMService:
+    assert state.responses is not None, "built in the lifespan"
+    return state.responses
+
+
+def get_cache_policy(request: Request) -> CachePolicy:
+    return CachePolicy.from_header(request.headers.get("cache-control"))
 
 
 def get_request_context(
@@ -75,6 +85,8 @@ def get_auth(state: Annotated[AppState, Depends(get_state)]) -> AuthServices:
 StateDep = Annotated[AppState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 LLMServiceDep = Annotated[LLMService, Depends(get_llm_service)]
+ResponsesDep = Annotated[CachedLLMService, Depends(get_responses)]  # the service behind the cache
+CachePolicyDep = Annotated[CachePolicy, Depends(get_cache_policy)]
 RequestCtx = Annotated[RequestContext, Depends(get_request_context)]
 # scope="function": commit before the response is sent, so a 2xx means the write is durable.
 DbSession = Annotated[AsyncSession, Depends(get_db, scope="function")]

@@ -90,6 +90,36 @@ class Settings(BaseSettings):
         None, description="Redis URL for limits, cache and queues. Unset: in-process memory."
     )
 
+    # --- response cache and usage records ---------------------------------------------------
+    cache_enabled: bool = Field(
+        True, description="Cache deterministic responses (temperature 0 or an explicit seed)."
+    )
+    cache_ttl_seconds: int = Field(3600, ge=1, description="Lifetime of a cached response.")
+    cache_shared: bool = Field(
+        False, description="Share cached responses across users (else one cache per user)."
+    )
+    cache_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Byte bound of the in-process cache (no Redis)."
+    )
+    cache_timeout_ms: float = Field(
+        100.0, gt=0, le=1000, description="Redis cache call timeout; slower means a miss."
+    )
+    usage_flush_interval_seconds: float = Field(
+        1.0, gt=0, description="How often buffered usage records are written to the database."
+    )
+    usage_fsync_interval_seconds: float = Field(
+        0.2, gt=0, description="How often the usage buffer file is fsync'd (batched)."
+    )
+    usage_max_backoff_seconds: float = Field(
+        5.0, gt=0, description="Longest wait between retries while the database is unreachable."
+    )
+    conversation_log: bool = Field(
+        False, description="Store each prompt and response (users can opt out)."
+    )
+    conversation_retention_days: int = Field(
+        30, ge=1, description="Stored conversations older than this are deleted."
+    )
+
     # --- security ---------------------------------------------------------------------------
     auth_enabled: bool = Field(
         True, description="Require credentials. May be false only when binding to loopback."

@@ -9,7 +9,9 @@ from llm_api.core.config import Settings
 from llm_api.core.drain import Drainer, DrainHook
 from llm_api.db.engine import Database
 from llm_api.services.auth.principal import AuthServices
+from llm_api.services.cache.service import CachedLLMService
 from llm_api.services.llm.service import LLMService
+from llm_api.services.usage.pipeline import UsagePipeline
 
 
 @dataclass
@@ -19,6 +21,8 @@ class AppState:
     draining: bool = False
     db: Database | None = None  # engine + session maker (accounts issue)
     auth: AuthServices | None = None  # passwords, tokens, users, authenticator
+    responses: CachedLLMService | None = None  # `llm` behind the response cache
+    usage: UsagePipeline | None = None  # usage records: buffer, recorder, flusher
     extras: dict[str, Any] = field(default_factory=dict)
     # Run once on SIGTERM after in-flight requests end (or are cut), before the process exits:
     # register flushes here (`state.on_drain.append(recorder.flush)`).

@@ -7,9 +7,20 @@ SHA-256 digests (they are long random strings, so a fast hash is enough).
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
-from sqlalchemy import Boolean, DateTime, ForeignKey, Index, MetaData, String
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Date,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Stable constraint names so Alembic can drop them on every database.
@@ -83,3 +94,65 @@ class RefreshToken(Base):
     rotated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 
+
+# --- usage records and the conversation log (issue 5) ------------------------------------------
+# `user_id` is deliberately not a foreign key on these two tables: rows arrive later, from the
+# durable usage buffer, and a user deleted in between must not make a batch of inserts fail
+# forever. Usage rows outlive their user (they are the billing record).
+
+
+class UsageRecord(Base):
+    """One per /v1 request that reached a model or the cache. The request id is the primary
+    key, so replaying the buffer never counts a request twice."""
+
+    __tablename__ = "usage_records"
+    __table_args__ = (
+        Index("ix_usage_records_user_day", "user_id", "day"),
+        Index("ix_usage_records_day", "day"),
+    )
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    day: Mapped[date] = mapped_column(Date)  # UTC day of created_at, for grouping
+    user_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    key_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    batch_id: Mapped[str | None] = mapped_column(String(40), default=None)
+    model: Mapped[str] = mapped_column(String(256))
+    endpoint: Mapped[str] = mapped_column(String(32))
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cache_hit: Mapped[bool] = mapped_column(Boolean, default=False)
+    status: Mapped[int] = mapped_column(Integer)
+    finish_reason: Mapped[str | None] = mapped_column(String(16), default=None)
+    ttft_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    disconnected: Mapped[bool] = mapped_column(Boolean, default=False)
+    stream: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Conversation(Base):
+    """A prompt and its response, kept only when LLM_API_CONVERSATION_LOG is on and the user has
+    not opted out; deleted after LLM_API_CONVERSATION_RETENTION_DAYS."""
+
+    __tablename__ = "conversations"
+    __table_args__ = (Index("ix_conversations_created_at", "created_at"),)
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str | None] = mapped_column(String(32), default=None, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    model: Mapped[str] = mapped_column(String(256))
+    endpoint: Mapped[str] = mapped_column(String(32))
+    request: Mapped[dict] = mapped_column(JSON)
+    response: Mapped[list] = mapped_column(JSON)
+    cache_hit: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class ConversationOptOut(Base):
+    """A user who asked that their conversations not be stored."""
+
+    __tablename__ = "conversation_log_opt_outs"
+
+    user_id: Mapped[str] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

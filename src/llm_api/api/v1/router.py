@@ -14,6 +14,7 @@ from llm_api.api.v1.endpoints import (
     keys,
     models,
     simple,
+    usage,
     users,
 )
 
@@ -28,3 +29,4 @@ api_router.include_router(keys.router)
 api_router.include_router(users.router)
 api_router.include_router(admin.router)
 api_router.include_router(dashboard.router)
+api_router.include_router(usage.router)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
-from llm_api.api.deps import LLMServiceDep, RequestCtx, SettingsDep
+from llm_api.api.deps import CachePolicyDep, RequestCtx, ResponsesDep, SettingsDep
 from llm_api.api.disconnect import cancel_on_disconnect
 from llm_api.api.streaming import sse_response
 from llm_api.schemas.chat import ChatCompletion, ChatCompletionRequest
@@ -17,10 +17,17 @@ router = APIRouter(tags=["chat"])
 async def create_chat_completion(
     body: ChatCompletionRequest,
     request: Request,
-    llm: LLMServiceDep,
+    response: Response,
+    llm: ResponsesDep,
+    policy: CachePolicyDep,
     ctx: RequestCtx,
     settings: SettingsDep,
 ) -> ChatCompletion | StreamingResponse:
     if body.stream:
-        return sse_response(await llm.chat_stream(body, ctx), settings.sse_keepalive_seconds)
-    return await cancel_on_disconnect(request, llm.chat(body, ctx))
+        chunks = await llm.chat_stream(body, ctx, policy)
+        stream = sse_response(chunks, settings.sse_keepalive_seconds)
+        stream.headers["x-cache"] = ctx.cache or "miss"
+        return stream
+    result = await cancel_on_disconnect(request, llm.chat(body, ctx, policy))
+    response.headers["x-cache"] = ctx.cache or "miss"
+    return result

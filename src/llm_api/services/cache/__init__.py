@@ -1,0 +1,1 @@
+"""Response cache: deterministic requests answered from Redis or an in-process LRU."""

@@ -1,0 +1,136 @@
+"""Where cached responses live: Redis with a TTL when configured, else an in-process LRU.
+
+Why not the guide's `functools.lru_cache` around the async Redis call: `lru_cache` memoizes what
+the function returns, and an `async def` returns a coroutine object. The first caller awaits it;
+every later caller with the same arguments gets the same, already-awaited coroutine back and fails
+with "cannot reuse already awaited coroutine". It would also cache misses forever, ignore the
+Redis TTL and grow per process without a byte bound. Here Redis holds the entries (with TTL) and the
+in-process fallback is a TTL+LRU map bounded in bytes.
+
+A failing cache only ever means a miss: every Redis call is bounded by a short timeout (100 ms by
+default), errors are logged and swallowed, and after a failure Redis is skipped for a second so a
+dead server costs nothing per request.
+
+Cancellation (RELIABILITY #29, redis-py CVE-2023-28858/9, the March 2023 ChatGPT leak): a command
+cancelled between send and reply used to leave its reply unread on a pooled connection, where the
+next caller read it as its own. redis-py >= 4.5.4 (we run 8.x) disconnects the connection whenever
+a read is interrupted by any BaseException, cancellation included. As a second guard each entry
+stores the key it was written under, and a read whose entry names another key is a miss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol, cast
+
+import orjson
+import structlog
+from cachetools import TTLCache
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+log = structlog.get_logger(__name__)
+
+KEY_PREFIX = "llm-api:cache:"
+_SKIP_AFTER_FAILURE_S = 1.0
+
+
+class CacheStore(Protocol):
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def set(self, key: str, value: bytes) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+def wrap(key: str, value: bytes) -> bytes:
+    return orjson.dumps({"k": key, "v": orjson.Fragment(value)})
+
+
+def unwrap(key: str, stored: bytes | None) -> bytes | None:
+    """The entry's payload, or None when it is missing, corrupt, or was written under another key
+    (which would mean a reply reached the wrong request)."""
+    if stored is None:
+        return None
+    try:
+        data = orjson.loads(stored)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or data.get("k") != key:
+        log.error("cache_key_mismatch", key=key)
+        return None
+    return orjson.dumps(data.get("v"))
+
+
+class MemoryCacheStore:
+    """cachetools' TTLCache: least-recently-used eviction, per-entry TTL, and `maxsize` counted in
+    bytes through `getsizeof`. One event loop uses it, so it needs no lock."""
+
+    def __init__(self, max_bytes: int, ttl_seconds: float) -> None:
+        self.max_bytes = max_bytes
+        self._entries: TTLCache[str, bytes] = TTLCache(
+            maxsize=max_bytes, ttl=ttl_seconds, getsizeof=lambda v: len(v) + 64
+        )
+
+    async def get(self, key: str) -> bytes | None:
+        return unwrap(key, self._entries.get(key))
+
+    async def set(self, key: str, value: bytes) -> None:
+        stored = wrap(key, value)
+        if len(stored) + 64 > self.max_bytes:
+            return
+        self._entries[key] = stored
+
+    async def aclose(self) -> None:
+        self._entries.clear()
+
+    @property
+    def bytes_used(self) -> int:
+        return int(self._entries.currsize)
+
+
+class RedisCacheStore:
+    def __init__(self, url: str, ttl_seconds: int, timeout_seconds: float) -> None:
+        self.ttl = ttl_seconds
+        self.timeout = timeout_seconds
+        self.redis = Redis.from_url(
+            url,
+            socket_timeout=timeout_seconds,
+            socket_connect_timeout=timeout_seconds,
+            retry=Retry(NoBackoff(), 0),  # a retry would blow the latency budget; a miss is fine
+            client_name="llm-api-cache",
+        )
+        self._skip_until = 0.0
+
+    def _available(self) -> bool:
+        return time.monotonic() >= self._skip_until
+
+    def _failed(self, op: str, exc: BaseException) -> None:
+        self._skip_until = time.monotonic() + _SKIP_AFTER_FAILURE_S
+        log.warning("cache_unavailable", op=op, error=type(exc).__name__)
+
+    async def get(self, key: str) -> bytes | None:
+        if not self._available():
+            return None
+        try:
+            async with asyncio.timeout(self.timeout):
+                stored = cast(bytes | None, await self.redis.get(KEY_PREFIX + key))
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed("get", exc)
+            return None
+        return unwrap(key, stored)
+
+    async def set(self, key: str, value: bytes) -> None:
+        if not self._available():
+            return
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self.redis.set(KEY_PREFIX + key, wrap(key, value), ex=self.ttl)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed("set", exc)
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()

@@ -1,0 +1,1 @@
+"""Usage records and the conversation log, written through a durable local buffer."""
