@@ -18,6 +18,7 @@ import pytest
 from tests.auth.conftest import CANARY_PASSWORD, AuthEnv
 
 SECRET = "test-secret-" + "x" * 40  # tests.conftest.test_settings
+pytestmark = pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
 
 
 async def login(env: AuthEnv, email: str, password: str) -> httpx.Response:

@@ -16,19 +16,20 @@ from sqlalchemy.engine import Connection
 from llm_api.db import migrate
 from llm_api.db.engine import Database
 from llm_api.db.tables import Base
-from tests.conftest import postgres_database, require_service, test_settings
+from tests.conftest import postgres_database, require_service
+from tests.conftest import test_settings as settings_for
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 async def database(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
     if request.param == "sqlite":
-        db = Database.from_settings(test_settings(tmp_path))
+        db = Database.from_settings(settings_for(tmp_path))
         yield db
         await db.dispose()
         return
     require_service("PostgreSQL", "127.0.0.1", 5432)
     async with postgres_database() as url:
-        db = Database.from_settings(test_settings(tmp_path), url)
+        db = Database.from_settings(settings_for(tmp_path), url)
         yield db
         await db.dispose()
 

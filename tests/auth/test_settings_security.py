@@ -15,7 +15,8 @@ from pydantic import ValidationError
 from llm_api.core.config import DEFAULT_JWT_SECRET, Settings
 from llm_api.main import create_app
 from tests.auth.conftest import AuthEnv
-from tests.conftest import MODEL, running_app, test_settings
+from tests.conftest import MODEL, running_app
+from tests.conftest import test_settings as settings_for
 
 
 @pytest.mark.parametrize("secret", [DEFAULT_JWT_SECRET, "short-secret"])
@@ -42,7 +43,7 @@ def test_auth_off_is_refused_on_a_public_address(host: str) -> None:
 
 
 async def test_cors_does_not_reflect_unknown_origins(tmp_path: Path) -> None:
-    settings = test_settings(
+    settings = settings_for(
         tmp_path, cors_origins=["https://app.example"], cors_allow_credentials=True, warmup=False
     )
     async with running_app(settings) as app:
@@ -58,7 +59,7 @@ async def test_cors_does_not_reflect_unknown_origins(tmp_path: Path) -> None:
 async def test_auth_off_serves_loopback_callers_only(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = test_settings(tmp_path, auth_enabled=False, warmup=False)
+    settings = settings_for(tmp_path, auth_enabled=False, warmup=False)
     app = create_app(settings)  # configures logging (replaces root handlers) ...
     logging.getLogger().addHandler(caplog.handler)  # ... so listen after it
     async with LifespanManager(app, startup_timeout=120):
@@ -81,7 +82,7 @@ async def test_auth_off_serves_loopback_callers_only(
 async def test_database_failure_is_503_never_anonymous(tmp_path: Path, env: AuthEnv) -> None:
     if env.kind != "sqlite":
         pytest.skip("one database is enough: the failure is injected by closing the engine")
-    settings = test_settings(tmp_path, warmup=False)
+    settings = settings_for(tmp_path, warmup=False)
     async with running_app(settings) as app:
         state = app.state.llm_api
         from tests.conftest import create_account
