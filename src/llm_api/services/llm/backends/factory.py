@@ -8,6 +8,10 @@ from llm_api.services.llm.registry import ModelConfig, Registry
 
 
 def build_backend(config: ModelConfig, settings: Settings) -> Backend:
+    if config.backend == "llama_cpp" and config.engine == "batched":
+        from llm_api.services.llm.backends.llama_batched import LlamaBatchedBackend
+
+        return LlamaBatchedBackend(config, threads=settings.llama_threads)
     if config.backend == "llama_cpp":
         from llm_api.services.llm.backends.llama_cpp import LlamaCppBackend
 

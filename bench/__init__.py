@@ -1,0 +1,1 @@
+"""Benchmarks: the serving benchmark (`python -m bench`) and helpers."""

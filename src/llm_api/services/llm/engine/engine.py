@@ -1,0 +1,225 @@
+"""The batched engine: one thread per model owns the llama.cpp context and loops
+
+    admit waiting sequences into free slots → build one llama_batch (one decode token per running
+    sequence + prompt chunks of new ones) → llama_decode → sample each sequence with its own
+    sampler chain → detokenize, apply stop sequences / max_tokens / end-of-generation → hand the
+    step's output to the event loop in one call → free the slots of finished sequences.
+
+Hand-written on llama-cpp-python's low-level bindings because its high-level `Llama` decodes one
+sequence at a time. KV memory is fixed at start: `slots` sequences × `ctx_per_slot` tokens, one
+KV stream per sequence (kv_unified off), so a sequence's attention only spans its own tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Any
+
+import llama_cpp
+import structlog
+
+from llm_api.core.exceptions import ServerError
+from llm_api.services.llm.engine.sampling import build_chain
+from llm_api.services.llm.engine.scheduler import Scheduler, Work
+from llm_api.services.llm.engine.sequence import DetokenizeFn, Outbox, Sequence
+from llm_api.services.llm.registry import SamplingDefaults
+from llm_api.services.llm.text_stream import TextAssembler
+from llm_api.services.llm.types import FinishReason, GenerationChunk
+
+log = structlog.get_logger(__name__)
+
+
+class BatchEngine:
+    def __init__(
+        self,
+        *,
+        name: str,
+        ctx: Any,  # llama_context_p, owned by the caller
+        vocab: Any,
+        n_vocab: int,
+        slots: int,
+        ctx_per_slot: int,
+        n_batch: int,
+        defaults: SamplingDefaults,
+        detokenize: DetokenizeFn,
+        prefix_cache: bool = True,
+    ) -> None:
+        self.name = name
+        self._ctx = ctx
+        self._mem = llama_cpp.llama_get_memory(ctx)
+        self._vocab = vocab
+        self._n_vocab = n_vocab
+        self._ctx_per_slot = ctx_per_slot
+        self._n_batch = n_batch
+        self._defaults = defaults
+        self._detokenize = detokenize
+        self._sched = Scheduler(slots, n_batch, prefix_cache=prefix_cache)
+        self._inbox: collections.deque[Sequence] = collections.deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._failed: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name=f"llama-batch-{name}", daemon=True)
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.steps = 0  # decode steps run (for tests and metrics)
+
+    # --- called from the event loop ---------------------------------------------------------
+
+    def start(self) -> None:
+        llama_cpp.llama_memory_clear(self._mem, True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self._failed is None
+
+    @property
+    def running(self) -> int:
+        return len(self._sched.running)
+
+    def submit(self, seq: Sequence) -> None:
+        if not self.alive:
+            raise ServerError(f"The engine of model `{self.name}` is not running.")
+        self._inbox.append(seq)  # deque.append is thread-safe
+        self._wake.set()
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.cancelled = True
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Stop the thread (pending sequences get an error), then free the batch."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        llama_cpp.llama_batch_free(self._batch)
+
+    # --- the engine thread ------------------------------------------------------------------
+
+    def _main(self) -> None:
+        out = Outbox()
+        try:
+            while not self._stopping:
+                if self._sched.idle and not self._inbox:
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                self._step(out)
+                out.flush()
+        except BaseException as exc:  # a llama.cpp failure: fail every sequence, stay down
+            self._failed = exc
+            log.exception("engine_failed", model=self.name)
+        error = ServerError(f"The engine of model `{self.name}` stopped.")
+        while self._inbox:
+            self._sched.waiting.append(self._inbox.popleft())
+        for seq in [*self._sched.running, *self._sched.waiting]:
+            out.put(seq.sink, error)
+            out.put(seq.sink, None)
+            self._free_chain(seq)
+        out.flush()
+
+    def _step(self, out: Outbox) -> None:
+        while self._inbox:
+            self._sched.waiting.append(self._inbox.popleft())
+        for seq in [s for s in self._sched.waiting if s.cancelled]:
+            self._sched.waiting.remove(seq)
+            out.put(seq.sink, None)
+        for seq in [s for s in self._sched.running if s.cancelled]:
+            self._finish(seq, "cancelled", out)
+        for seq, reuse in self._sched.admit():
+            # Drop whatever the slot's previous user left beyond the shared prefix.
+            llama_cpp.llama_memory_seq_rm(self._mem, seq.slot, reuse, -1)
+            seq.tokens = list(seq.prompt)
+            seq.text = TextAssembler(seq.params.stop)
+            seq.chain = build_chain(
+                seq.params,
+                self._defaults,
+                vocab=self._vocab,
+                n_vocab=self._n_vocab,
+                gbnf=seq.gbnf,
+                seed=seq.seed,
+            )
+        work = self._sched.plan()
+        if not work:
+            return
+        outputs = self._fill(work)
+        rc = llama_cpp.llama_decode(self._ctx, self._batch)
+        self.steps += 1
+        if rc != 0:
+            # Cannot happen while slots × ctx_per_slot bound every sequence; if it does, fail
+            # this step's sequences rather than the whole engine.
+            log.error("llama_decode_failed", model=self.name, rc=rc)
+            for w in work:
+                out.put(w.seq.sink, ServerError("Generation failed in llama_decode."))
+                self._finish(w.seq, "error", out, send=False)
+            return
+        for w in work:
+            w.seq.n_past += len(w.tokens)
+        for w, idx in outputs:
+            self._sample(w.seq, idx, out)
+
+    def _fill(self, work: list[Work]) -> list[tuple[Work, int]]:
+        b = self._batch
+        token, pos, n_seq_id, seq_id, logits = b.token, b.pos, b.n_seq_id, b.seq_id, b.logits
+        i = 0
+        outputs: list[tuple[Work, int]] = []
+        for w in work:
+            slot, start = w.seq.slot, w.start
+            for j, t in enumerate(w.tokens):
+                token[i] = t
+                pos[i] = start + j
+                n_seq_id[i] = 1
+                seq_id[i][0] = slot
+                logits[i] = 0
+                i += 1
+            if w.sample:
+                logits[i - 1] = 1
+                outputs.append((w, i - 1))
+        b.n_tokens = i
+        return outputs
+
+    def _sample(self, seq: Sequence, idx: int, out: Outbox) -> None:
+        token = llama_cpp.llama_sampler_sample(seq.chain, self._ctx, idx)
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            self._finish(seq, "stop", out)
+            return
+        seq.produced += 1
+        seq.unsent += 1
+        assert seq.text is not None
+        piece = seq.text.push(self._detokenize(token))
+        if piece:  # text held back (partial stop string, split UTF-8) is counted later
+            out.put(seq.sink, GenerationChunk(text=piece, tokens=seq.unsent))
+            seq.unsent = 0
+        if seq.text.stopped:
+            self._finish(seq, "stop", out)
+        elif seq.produced >= seq.params.max_tokens or len(seq.tokens) + 1 > self._ctx_per_slot:
+            self._finish(seq, "length", out)
+        else:
+            seq.tokens.append(token)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, out: Outbox, send: bool = True) -> None:
+        seq.finish = reason
+        if send:
+            tail = seq.text.flush() if seq.text is not None and reason != "cancelled" else ""
+            out.put(
+                seq.sink,
+                GenerationChunk(
+                    text=tail,
+                    finish_reason=reason,
+                    prompt_tokens=len(seq.prompt),
+                    completion_tokens=seq.produced,
+                ),
+            )
+        self._free_chain(seq)
+        if reason == "error":
+            seq.n_past = 0
+            llama_cpp.llama_memory_seq_rm(self._mem, seq.slot, 0, -1)
+        self._sched.release(seq)
+        out.put(seq.sink, None)
+
+    @staticmethod
+    def _free_chain(seq: Sequence) -> None:
+        if seq.chain is not None:
+            llama_cpp.llama_sampler_free(seq.chain)
+            seq.chain = None
