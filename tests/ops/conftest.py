@@ -5,9 +5,14 @@ servers started here run with auth off on loopback, since they are about signals
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +23,7 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
 from llm_api.main import create_app
-from tests.conftest import Account, create_account, test_settings
+from tests.conftest import Account, create_account, free_port, test_settings
 
 METRICS_TOKEN = "metrics-token-" + "m" * 24
 OPS_ENV = {  # for live servers started by these tests
@@ -119,3 +124,56 @@ def logs(ops: tuple[FastAPI, LogCapture]) -> Iterator[LogCapture]:
     capture.stream.seek(0)
     capture.stream.truncate()
     yield capture
+
+
+class Spawned:
+    """`llm-api serve` (uvicorn) in a subprocess, not waited for: tests watch it start."""
+
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None) -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp / f"server-{self.port}.log"
+        full_env = {
+            **os.environ,
+            "LLM_API_ENVIRONMENT": "test",
+            "LLM_API_JWT_SECRET": "test-secret-" + "x" * 40,
+            "LLM_API_DATA_DIR": str(tmp),
+            "LLM_API_PORT": str(self.port),
+            "LLM_API_RATE_LIMIT_ENABLED": "false",
+            **OPS_ENV,
+            **(env or {}),
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llm_api.cli", "serve"],
+            env=full_env,
+            stdout=self.log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def json_log(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log().splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    out.append(json.loads(line))
+        return out
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.base_url}/ready", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready: {self.log()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
