@@ -29,3 +29,18 @@ class ServerSummary(BaseModel):
     window_seconds: float
     uptime_seconds: int
     draining: bool
+
+
+class LimitStanding(BaseModel):
+    name: str = Field(description="rpm, tpm, tpd or concurrency.")
+    description: str
+    scope: str = Field(description="What the limit counts: the user (all keys) or one key.")
+    limit: int
+    remaining: int | None = Field(description="Left now; null when the store cannot say.")
+    reset_seconds: float | None = Field(description="Until the window is back to full.")
+
+
+class LimitsStanding(BaseModel):
+    tier: str
+    enabled: bool = Field(description="False when the server enforces no rate limits.")
+    limits: list[LimitStanding]

@@ -178,8 +178,11 @@ async function renderUsage(body) {
 
 function duration(seconds) {
   if (seconds === null || seconds === undefined) return "—";
-  if (seconds < 60) return `${Math.ceil(seconds)} s`;
-  return `${Math.floor(seconds / 60)} m ${Math.ceil(seconds % 60)} s`;
+  const s = Math.ceil(seconds);
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return s % 60 ? `${Math.floor(s / 60)} min ${s % 60} s` : `${s / 60} min`;
+  const m = Math.round((s % 3600) / 60);
+  return m ? `${Math.floor(s / 3600)} h ${m} min` : `${Math.floor(s / 3600)} h`;
 }
 
 async function renderLimits(body) {
@@ -224,9 +227,9 @@ export async function show(container) {
       "div",
       { class: "account" },
       h("section", { class: "panel", id: "profile-panel" }, h("h2", {}, "Profile"), who),
+      h("section", { class: "panel", id: "limits" }, h("h2", {}, "Rate limits"), limits),
       keysSection(),
       h("section", { class: "panel", id: "usage" }, h("h2", {}, "Usage"), usage),
-      h("section", { class: "panel", id: "limits" }, h("h2", {}, "Rate limits"), limits),
     ),
   );
   currentUser()

@@ -96,10 +96,10 @@ function usersTable(users) {
   );
 }
 
-function usageByUser(rows) {
+function usageByUser(rows, emails) {
   const totals = new Map();
   for (const row of rows) {
-    const who = row.email || row.user_email || row.user_id || "—";
+    const who = emails.get(row.user_id) || row.user_id || "—";
     const t = totals.get(who) || { requests: 0, prompt: 0, completion: 0 };
     t.requests += row.requests || 0;
     t.prompt += row.prompt_tokens || 0;
@@ -160,21 +160,26 @@ export async function show(container) {
   );
   renderSummary(summary, first);
   timer = setInterval(() => poll(container, summary), POLL_MS);
-  api("/v1/admin/users")
-    .then((body) => mount(users, usersTable(Array.isArray(body) ? body : body.data || [])))
-    .catch((err) => mount(users, notice(`Could not list users: ${err.message}`)));
+  const userList = api("/v1/admin/users?limit=500")
+    .then((body) => (Array.isArray(body) ? body : body.data || []))
+    .catch((err) => {
+      mount(users, notice(`Could not list users: ${err.message}`));
+      return null;
+    });
+  userList.then((list) => list && mount(users, usersTable(list)));
   const end = new Date();
   const start = new Date(end.getTime() - 13 * 86_400_000);
   const day = (d) => d.toISOString().slice(0, 10);
-  api(`/v1/admin/usage?start=${day(start)}&end=${day(end)}`)
-    .then((body) => {
+  Promise.all([api(`/v1/admin/usage?start=${day(start)}&end=${day(end)}`), userList])
+    .then(([body, list]) => {
       const rows = Array.isArray(body) ? body : body.data || [];
+      const emails = new Map((list || []).map((u) => [u.id, u.email]));
       const { categories, series } = usageSeries(rows, 14);
       mount(
         usage,
         stackedBars(categories, series, { title: "Tokens per day per model, all users" }),
         legend(series.map((x) => x.name)),
-        usageByUser(rows),
+        usageByUser(rows, emails),
       );
     })
     .catch((err) => mount(usage, notice(`Could not load usage: ${err.message}`)));

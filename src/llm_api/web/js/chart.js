@@ -60,7 +60,8 @@ export function stackedBars(categories, series, { title = "", width = 640, heigh
       rect.append(s("title", {}, `${category} · ${serie.name}: ${value.toLocaleString("en-US")}`));
       svg.append(rect);
     });
-    if (i % labelEvery === 0) {
+    const last = i === categories.length - 1;
+    if (last || (i % labelEvery === 0 && categories.length - 1 - i >= labelEvery)) {
       svg.append(
         s(
           "text",
@@ -90,7 +91,12 @@ export function legend(names) {
 
 /** A sparkline of recent values (e.g. tokens/s polled every few seconds). */
 export function sparkline(values, { width = 320, height = 60, label = "" } = {}) {
-  const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, class: "spark", role: "img" });
+  const svg = s("svg", {
+    viewBox: `0 0 ${width} ${height}`,
+    class: "spark",
+    role: "img",
+    preserveAspectRatio: "none", // stretch to the panel's width
+  });
   svg.setAttribute("aria-label", label);
   if (values.length < 2) return svg;
   const max = niceMax(Math.max(...values));
