@@ -11,6 +11,7 @@ import inspect
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
 import structlog
@@ -361,13 +362,13 @@ class LLMService:
         ctx: RequestContext,
         endpoint: str,
         n: int,
-    ) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    ) -> AsyncGenerator[tuple[int, GenerationChunk], None]:
         """Start a stream and wait for its first chunk, so that validation, admission and
         upstream errors surface as plain HTTP errors before any byte is sent."""
         chunks = self.run(config, seqs, ctx, endpoint=endpoint, stream=True, n=n)
         first = await anext(chunks, None)
 
-        async def resumed() -> AsyncIterator[tuple[int, GenerationChunk]]:
+        async def resumed() -> AsyncGenerator[tuple[int, GenerationChunk], None]:
             try:
                 if first is not None:
                     yield first
@@ -383,7 +384,7 @@ class LLMService:
         req: ChatCompletionRequest,
         ctx: RequestContext,
         config: ModelConfig,
-        chunks: AsyncIterator[tuple[int, GenerationChunk]],
+        chunks: AsyncGenerator[tuple[int, GenerationChunk], None],
     ) -> AsyncIterator[ChatCompletionChunk]:
         cid, created = f"chatcmpl-{ctx.request_id}", int(time.time())
         usage = _UsageCounter(req.n)
@@ -398,15 +399,18 @@ class LLMService:
             )
 
         started: set[int] = set()
-        async for index, chunk in chunks:
-            if index not in started:
-                started.add(index)
-                yield make(index, ChoiceDelta(role="assistant", content=""))
-            if chunk.text:
-                yield make(index, ChoiceDelta(content=chunk.text))
-            if chunk.finish_reason is not None:
-                usage.add(index, chunk)
-                yield make(index, ChoiceDelta(), _wire_finish(chunk.finish_reason))
+        # aclosing: when the client goes away this generator is closed, and closing must reach
+        # the backend now (stop generating, free the model), not whenever the GC gets to it.
+        async with aclosing(chunks) as source:
+            async for index, chunk in source:
+                if index not in started:
+                    started.add(index)
+                    yield make(index, ChoiceDelta(role="assistant", content=""))
+                if chunk.text:
+                    yield make(index, ChoiceDelta(content=chunk.text))
+                if chunk.finish_reason is not None:
+                    usage.add(index, chunk)
+                    yield make(index, ChoiceDelta(), _wire_finish(chunk.finish_reason))
         if req.stream_options is not None and req.stream_options.include_usage:
             yield ChatCompletionChunk(
                 id=cid, created=created, model=model_id, choices=[], usage=usage.usage()
@@ -440,19 +444,22 @@ class LLMService:
         req: CompletionRequest,
         ctx: RequestContext,
         config: ModelConfig,
-        chunks: AsyncIterator[tuple[int, GenerationChunk]],
+        chunks: AsyncGenerator[tuple[int, GenerationChunk], None],
     ) -> AsyncIterator[Completion]:
         cid, created = f"cmpl-{ctx.request_id}", int(time.time())
         usage = _UsageCounter(req.n)
         model_id = ctx.model or config.id
-        async for index, chunk in chunks:
-            if chunk.finish_reason is not None:
-                usage.add(index, chunk)
-            if chunk.text or chunk.finish_reason is not None:
-                choice = CompletionChoice(
-                    index=index, text=chunk.text, finish_reason=_wire_finish(chunk.finish_reason)
-                )
-                yield Completion(id=cid, created=created, model=model_id, choices=[choice])
+        async with aclosing(chunks) as source:  # see _chat_chunks
+            async for index, chunk in source:
+                if chunk.finish_reason is not None:
+                    usage.add(index, chunk)
+                if chunk.text or chunk.finish_reason is not None:
+                    choice = CompletionChoice(
+                        index=index,
+                        text=chunk.text,
+                        finish_reason=_wire_finish(chunk.finish_reason),
+                    )
+                    yield Completion(id=cid, created=created, model=model_id, choices=[choice])
         if req.stream_options is not None and req.stream_options.include_usage:
             yield Completion(
                 id=cid, created=created, model=model_id, choices=[], usage=usage.usage()
