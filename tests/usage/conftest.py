@@ -20,8 +20,7 @@ import openai
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
-from sqlalchemy import func, select, text
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy import func, select
 
 from llm_api.db.tables import UsageRecord
 from llm_api.main import create_app
@@ -30,7 +29,6 @@ from tests.conftest import MODEL, free_port, require_service, service_up, test_s
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
-PG_ADMIN_URL = f"postgresql+asyncpg://postgres@{PG_HOST}:{PG_PORT}/postgres"
 
 
 def nonce() -> str:
@@ -49,7 +47,7 @@ class Running:
 
     def client(self, key: str = "unused", **headers: str) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(
-            base_url="http://testserver/v1",
+            base_url="http://127.0.0.1/v1",
             api_key=key,
             http_client=self.http,
             max_retries=0,
@@ -93,7 +91,7 @@ async def running_app(tmp: Path, **overrides: Any) -> AsyncIterator[Running]:
             await asyncio.sleep(0.05)
         assert state.llm.ready, "model did not load"
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
             yield Running(app, http)
 
 
@@ -112,25 +110,6 @@ def chat_body(prompt: str, **extra: Any) -> dict[str, Any]:
     }
     body.update(extra)
     return body
-
-
-# --- PostgreSQL -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def pg_url() -> AsyncIterator[str]:
-    """A fresh database on the shared cluster, dropped afterwards."""
-    require_service("PostgreSQL", PG_HOST, PG_PORT)
-    name = f"llmapi_usage_{nonce()}"
-    admin = create_async_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    async with admin.connect() as conn:
-        await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql+asyncpg://postgres@{PG_HOST}:{PG_PORT}/{name}"
-    finally:
-        async with admin.connect() as conn:
-            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        await admin.dispose()
 
 
 # --- Redis --------------------------------------------------------------------------------------
