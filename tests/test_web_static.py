@@ -80,3 +80,30 @@ async def test_web_ui_can_be_turned_off(tmp_path: Path) -> None:
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             assert (await client.get("/")).status_code == 404
             assert (await client.get("/ui/js/app.js")).status_code == 404
+
+
+def test_assets_ship_in_the_wheel(tmp_path: Path) -> None:
+    """pyproject's package-data puts web/** in the wheel, so `pip install llm-api` serves the UI.
+    Built from a copy, so the build leaves nothing in the working tree."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    project = tmp_path / "project"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(root / "src", project / "src", ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, project / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(project), "--no-deps", "--no-build-isolation",
+         "-q", "-w", str(tmp_path / "dist")],
+        check=True,
+        capture_output=True,
+        cwd=project,
+    )  # fmt: skip
+    (wheel,) = (tmp_path / "dist").glob("llm_api-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {"llm_api/web/index.html"} | {f"llm_api/web/{a}" for a in ASSETS}
+    assert expected <= names, expected - names
