@@ -27,7 +27,7 @@ from typing import Protocol, cast
 import orjson
 import structlog
 from cachetools import TTLCache
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
@@ -36,6 +36,7 @@ log = structlog.get_logger(__name__)
 
 KEY_PREFIX = "llm-api:cache:"
 _SKIP_AFTER_FAILURE_S = 1.0
+MAX_CONNECTIONS = 64
 
 
 class CacheStore(Protocol):
@@ -96,13 +97,18 @@ class RedisCacheStore:
     def __init__(self, url: str, ttl_seconds: int, timeout_seconds: float) -> None:
         self.ttl = ttl_seconds
         self.timeout = timeout_seconds
-        self.redis = Redis.from_url(
+        # A blocking pool: a burst beyond `max_connections` waits (within the same timeout) for
+        # a free connection instead of failing at once with MaxConnectionsError.
+        pool = BlockingConnectionPool.from_url(
             url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=timeout_seconds,
             socket_timeout=timeout_seconds,
             socket_connect_timeout=timeout_seconds,
             retry=Retry(NoBackoff(), 0),  # a retry would blow the latency budget; a miss is fine
             client_name="llm-api-cache",
         )
+        self.redis = Redis(connection_pool=pool)
         self._skip_until = 0.0
 
     def _available(self) -> bool:
@@ -134,3 +140,4 @@ class RedisCacheStore:
 
     async def aclose(self) -> None:
         await self.redis.aclose()
+        await self.redis.connection_pool.disconnect()
