@@ -47,6 +47,9 @@ def serve(
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=30,
+        # X-Forwarded-For is handled in the app, trusted only from LLM_API_TRUSTED_PROXIES
+        # (uvicorn's own default would believe any loopback peer).
+        proxy_headers=False,
     )
 
 

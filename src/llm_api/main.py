@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 import structlog
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from llm_api.api.errors import install_error_handlers
 from llm_api.api.v1.endpoints import health
@@ -27,12 +28,14 @@ from llm_api.middleware.access_log import AccessLogMiddleware
 from llm_api.middleware.body_limit import BodyLimitMiddleware
 from llm_api.middleware.drain import DrainMiddleware
 from llm_api.middleware.request_id import RequestIdMiddleware
+from llm_api.middleware.response_headers import ResponseHeadersMiddleware
 from llm_api.services.auth.startup import start_accounts
 from llm_api.services.cache.service import CachedLLMService, build_cache_store
 from llm_api.services.llm.backends.factory import build_backends
 from llm_api.services.llm.registry import load_registry
 from llm_api.services.llm.service import LLMService
 from llm_api.services.observability import observability
+from llm_api.services.rate_limit import start_rate_limiter
 from llm_api.services.usage.pipeline import UsagePipeline
 
 log = structlog.get_logger(__name__)
@@ -54,6 +57,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     responses = state.responses = CachedLLMService(llm, build_cache_store(settings), settings)
     usage = state.usage = UsagePipeline(settings, responses, state.db.sessions)
     usage.start(state.on_drain)  # replays what a previous process left unflushed
+    limiter = state.rate_limiter = await start_rate_limiter(settings, llm)
 
     async def load_models() -> None:
         try:
@@ -71,6 +75,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader.cancel()
         await asyncio.gather(loader, return_exceptions=True)
         await llm.aclose()
+        await limiter.aclose()
         await usage.aclose()  # after the models: cancelled requests have recorded by now
         await responses.aclose()
         await state.db.dispose()
@@ -100,9 +105,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST", "DELETE", "PATCH", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID", "Cache-Control"],
         )
+    app.add_middleware(ResponseHeadersMiddleware)  # x-ratelimit-* on every completion
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(DrainMiddleware)  # 503 while draining; cuts streams at the deadline
     metrics_endpoint.install_http_metrics(app)
     app.add_middleware(AccessLogMiddleware)  # one line per request, after its last byte
     app.add_middleware(RequestIdMiddleware)
+    # Outermost: everything after it (limits, access log) sees the real client address. The
+    # server's own proxy handling is off (cli.py) so X-Forwarded-For is believed only from
+    # LLM_API_TRUSTED_PROXIES, walked right to left.
+    app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
     return app

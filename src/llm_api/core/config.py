@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from llm_api.core.rate_limits import DEFAULT_TIERS, TierLimits, merge_tiers
+
 DEFAULT_JWT_SECRET = "dev-insecure-change-me"  # noqa: S105 - refused outside development
 
 
@@ -155,11 +157,68 @@ class Settings(BaseSettings):
         True, description="Serve the web playground and dashboards at / (static, public page)."
     )
 
+    # --- rate limits (services/rate_limit) -----------------------------------------------------
+    rate_limit_enabled: bool = Field(
+        True, description="Enforce rate limits and token quotas per user, API key and client IP."
+    )
+    rate_limit_tiers: dict[str, TierLimits] = Field(
+        default_factory=lambda: dict(DEFAULT_TIERS),
+        description='Limits per tier as JSON, e.g. {"free": {"requests_per_minute": 30}}; '
+        "fields given replace the built-in ones (free, paid, anonymous, ip), null = unlimited.",
+    )
+    rate_limit_overrides_file: Path | None = Field(
+        None, description="YAML file with per-user and per-key limits (users: {id: {...}})."
+    )
+    rate_limit_login_per_account: str = Field(
+        "10/minute", description="Login attempts per account (per IP: the anonymous tier's RPM)."
+    )
+    rate_limit_key_creation: str = Field(
+        "20/hour", description="API keys created per account, and per client IP."
+    )
+    rate_limit_failure_mode: Literal["local", "open", "closed"] = Field(
+        "local",
+        description="When Redis fails: local = each process enforces its share in memory; "
+        "open = no limits; closed = 503 with Retry-After.",
+    )
+    rate_limit_replicas: int = Field(
+        1,
+        ge=1,
+        description="Replicas sharing Redis; the local fallback enforces limit ÷ "
+        "(replicas × workers) per process.",
+    )
+    rate_limit_redis_timeout_ms: int = Field(
+        100, ge=5, le=100, description="Timeout of each limiter call to Redis."
+    )
+    rate_limit_lease_seconds: int = Field(
+        60, ge=3, description="Concurrency slots of a crashed worker free themselves after this."
+    )
+    rate_limit_key_prefix: str = Field(
+        "llm-api:rl", min_length=1, description="Prefix of the limiter's Redis keys."
+    )
+
     @field_validator("trusted_proxies")
     @classmethod
     def _valid_cidrs(cls, v: list[str]) -> list[str]:
         for cidr in v:
             ipaddress.ip_network(cidr, strict=False)
+        return v
+
+    @field_validator("rate_limit_tiers")
+    @classmethod
+    def _merge_tiers(cls, v: dict[str, TierLimits]) -> dict[str, TierLimits]:
+        return merge_tiers(v)
+
+    @field_validator("rate_limit_overrides_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: object) -> object:
+        return None if v == "" else v
+
+    @field_validator("rate_limit_login_per_account", "rate_limit_key_creation")
+    @classmethod
+    def _valid_rate(cls, v: str) -> str:
+        from limits import parse
+
+        parse(v)  # "10/minute", "20/hour": raises ValueError otherwise
         return v
 
     @model_validator(mode="after")

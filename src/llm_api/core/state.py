@@ -11,6 +11,7 @@ from llm_api.db.engine import Database
 from llm_api.services.auth.principal import AuthServices
 from llm_api.services.cache.service import CachedLLMService
 from llm_api.services.llm.service import LLMService
+from llm_api.services.rate_limit.limiter import RateLimiter
 from llm_api.services.usage.pipeline import UsagePipeline
 
 
@@ -23,6 +24,7 @@ class AppState:
     auth: AuthServices | None = None  # passwords, tokens, users, authenticator
     responses: CachedLLMService | None = None  # `llm` behind the response cache
     usage: UsagePipeline | None = None  # usage records: buffer, recorder, flusher
+    rate_limiter: RateLimiter | None = None  # limits and quotas (services/rate_limit)
     extras: dict[str, Any] = field(default_factory=dict)
     # Run once on SIGTERM after in-flight requests end (or are cut), before the process exits:
     # register flushes here (`state.on_drain.append(recorder.flush)`).

@@ -50,6 +50,9 @@ from llm_api.services.llm.types import (
 )
 
 Observer = Callable[[CompletionRecord], Awaitable[None] | None]
+# Called after tokenization and before the model's gate with the tokens to reserve (prompt +
+# max_tokens); raises to refuse (the rate limiter's 429). Settled through the observers.
+AdmissionHook = Callable[[RequestContext, int], Awaitable[None]]
 log = structlog.get_logger(__name__)
 
 
@@ -68,6 +71,7 @@ class _Run:
     completion_tokens: int = 0
     finish_reason: str | None = None
     prepared: bool = False  # passed validation on some model: the request gets a record
+    limited: bool = False  # passed the admission hooks (rate limits): once per request
 
 
 class LLMService:
@@ -79,6 +83,7 @@ class LLMService:
             m.id: AdmissionGate(m.id, m.concurrency, m.max_queue) for m in registry.models
         }
         self.observers: list[Observer] = []
+        self.admission_hooks: list[AdmissionHook] = []
         self.started_at = int(time.time())
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -300,6 +305,10 @@ class LLMService:
         backend = self._backend(config)
         await self._prepare(backend, seqs)  # errors here are plain 4xx, raised before streaming
         run.prepared = True
+        if not run.limited:  # a fallback model is not charged twice
+            for hook in self.admission_hooks:
+                await hook(ctx, _reservation(seqs))
+            run.limited = True
         done_tokens = 0  # completion tokens of finished sequences (authoritative counts)
         async with self.gates[config.id].slot():
             run.admitted = time.perf_counter()
@@ -529,6 +538,21 @@ def _copy(seq: GenerationRequest, model: str | None = None) -> GenerationRequest
         prompt_tokens=None,
         engine_state={},
     )
+
+
+def _reservation(seqs: list[GenerationRequest]) -> int:
+    """Tokens a request may use: each distinct prompt once (n choices share it) plus every
+    sequence's max_tokens. Upstream prompts are not counted locally: estimated at 1 token per
+    3 characters (settled to the upstream's real usage afterwards)."""
+    prompts: dict[int, int] = {}
+    for seq in seqs:
+        source = seq.messages if seq.messages is not None else seq.prompt
+        if seq.prompt_tokens is not None:
+            prompts[id(source)] = seq.prompt_tokens
+        else:
+            chars = sum(len(m.content) for m in seq.messages or []) + len(seq.prompt or "")
+            prompts[id(source)] = chars // 3 + 1
+    return sum(prompts.values()) + sum(seq.params.max_tokens for seq in seqs)
 
 
 def _falls_back(exc: APIError) -> bool:

@@ -87,6 +87,9 @@ class RequestContext:
     completion_tokens: int = 0
     ttft_ms: float | None = None
     cache: str | None = None
+    # Headers the response must carry whatever its shape (x-ratelimit-*), set by services
+    # before the first byte; middleware/response_headers.py adds them.
+    response_headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

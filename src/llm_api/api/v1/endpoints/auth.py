@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.security import OAuth2PasswordRequestForm
 
 from llm_api.api.deps import AuthDep, CurrentUser, DbSession
+from llm_api.api.rate_limits import limit_route
 from llm_api.api.security import public
 from llm_api.core.exceptions import AuthenticationError
 from llm_api.schemas.accounts import LogoutRequest, LogoutResponse, RefreshRequest, TokenResponse
@@ -31,8 +32,12 @@ def _response(pair: TokenPair) -> TokenResponse:
 @router.post("/token", response_model=TokenResponse)
 @public
 async def login(
-    form: Annotated[OAuth2PasswordRequestForm, Depends()], db: DbSession, auth: AuthDep
+    form: Annotated[OAuth2PasswordRequestForm, Depends()],
+    request: Request,
+    db: DbSession,
+    auth: AuthDep,
 ) -> TokenResponse:
+    await limit_route(request, "login", form.username)  # per IP and per account, before hashing
     user = await auth.users.authenticate(db, form.username, form.password)
     if user is None:
         raise AuthenticationError(BAD_LOGIN, code="invalid_credentials")

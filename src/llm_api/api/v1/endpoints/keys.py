@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from llm_api.api.deps import CurrentUser, DbSession, SettingsDep
+from llm_api.api.rate_limits import limit_route
 from llm_api.core.exceptions import InvalidRequestError, NotFoundError
 from llm_api.db.tables import ApiKey
 from llm_api.schemas.accounts import (
@@ -26,9 +27,14 @@ def key_info(key: ApiKey) -> ApiKeyInfo:
 
 @router.post("", response_model=ApiKeyCreated, status_code=201)
 async def create_key(
-    user: CurrentUser, db: DbSession, settings: SettingsDep, body: ApiKeyCreate | None = None
+    user: CurrentUser,
+    db: DbSession,
+    settings: SettingsDep,
+    request: Request,
+    body: ApiKeyCreate | None = None,
 ) -> ApiKeyCreated:
     assert user.user_id is not None
+    await limit_route(request, "key_creation", user.user_id)  # per account and per client IP
     if await api_keys.count_active(db, user.user_id) >= settings.max_keys_per_user:
         raise InvalidRequestError(
             f"At most {settings.max_keys_per_user} active keys per user; revoke one first."

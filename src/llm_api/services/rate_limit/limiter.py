@@ -1,0 +1,241 @@
+"""The rate limiter: one atomic check per request before it reaches a model, settlement to the
+real token count when it ends (however it ends), and the Redis-failure policy.
+
+Wiring: the lifespan builds it (`build_rate_limiter`), registers `admit_completion` as the
+LLMService's admission hook (called after tokenization, before the model's admission gate) and
+`on_completion` as its first observer. Routes without a model (login, key creation) call
+`check_route`.
+
+Redis failures (`LLM_API_RATE_LIMIT_FAILURE_MODE`):
+- `local` (default): each process enforces its share of every limit (limit ÷ processes) in
+  memory, with a warning in the log, until Redis answers again. Never unlimited.
+- `open`: admit without limits (warning in the log).
+- `closed`: refuse with 503 and Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from dataclasses import dataclass
+
+import structlog
+
+from llm_api.core.config import Settings
+from llm_api.core.exceptions import ServiceUnavailableError
+from llm_api.core.metrics import RATE_LIMIT_REJECTIONS
+from llm_api.services.llm.types import CompletionRecord, RequestContext
+from llm_api.services.rate_limit.headers import rate_limit_headers, rejection
+from llm_api.services.rate_limit.memory_store import MemoryStore
+from llm_api.services.rate_limit.policy import LimitPolicy
+from llm_api.services.rate_limit.redis_store import RedisStore, StoreUnavailable, build_redis
+from llm_api.services.rate_limit.types import Decision, LimitSpec, Settlement, Store
+
+log = structlog.get_logger(__name__)
+
+
+def _count_rejection(spec: LimitSpec) -> None:
+    # A short fixed set of labels (scope_rule: user_rpm, ip_tpm, account_login, ...), never an id.
+    RATE_LIMIT_REJECTIONS.labels(limit=f"{spec.scope}_{spec.name}").inc()
+
+
+@dataclass(slots=True)
+class _Ticket:
+    store: Store
+    admitted_ms: int
+    tokens: list[LimitSpec]
+    leases: list[LimitSpec]
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        policy: LimitPolicy,
+        store: Store,
+        *,
+        failure_mode: str = "local",
+        processes: int = 1,
+        enabled: bool = True,
+    ) -> None:
+        self.policy = policy
+        self.store = store
+        self.failure_mode = failure_mode
+        self.processes = max(1, processes)
+        self.enabled = enabled
+        # The local fallback (a MemoryStore as primary needs none: it cannot fail).
+        self.fallback = MemoryStore() if isinstance(store, RedisStore) else None
+        self._tickets: dict[str, _Ticket] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._renewer: asyncio.Task[None] | None = None
+        self._degraded = False
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._renewer = asyncio.create_task(self._renew_leases(), name="rate-limit-leases")
+
+    async def aclose(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            await asyncio.gather(self._renewer, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2)
+        await self.store.aclose()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted by this process and not yet settled."""
+        return len(self._tickets)
+
+    # --- admission ------------------------------------------------------------------------------
+
+    async def _decide(
+        self, request_id: str, specs: list[LimitSpec]
+    ) -> tuple[Decision | None, Store, list[LimitSpec]]:
+        try:
+            decision = await self.store.admit(request_id, specs)
+        except StoreUnavailable:
+            return self._degrade(request_id, specs)
+        if self._degraded:
+            self._degraded = False
+            log.warning("rate_limit_redis_recovered")
+        return decision, self.store, specs
+
+    def _degrade(
+        self, request_id: str, specs: list[LimitSpec]
+    ) -> tuple[Decision | None, Store, list[LimitSpec]]:
+        if not self._degraded:
+            self._degraded = True
+            log.warning("rate_limit_degraded", mode=self.failure_mode, processes=self.processes)
+        if self.failure_mode == "closed":
+            raise ServiceUnavailableError(
+                "Rate limiting is temporarily unavailable; retry shortly.", retry_after=1
+            )
+        if self.failure_mode == "open" or self.fallback is None:
+            return None, self.store, specs
+        shared = [spec.scaled(self.processes) for spec in specs]
+        return self.fallback.admit_now(request_id, shared), self.fallback, shared
+
+    async def admit_completion(self, ctx: RequestContext, tokens: int) -> None:
+        """Check and take every limit of this request, or raise 429 (or 503 when closed).
+        `tokens` is the reservation: prompt tokens + max_tokens of every choice."""
+        if not self.enabled:
+            return
+        specs = self.policy.for_completion(ctx, tokens)
+        if ctx.batch_id is not None:
+            # Batch lines are paced by the batch worker, not per-minute limits; the owner's
+            # daily token quota still applies.
+            specs = [s for s in specs if s.name == "tpd" and s.scope == "user"]
+        if not specs:
+            return
+        decision, store, specs = await self._decide(ctx.request_id, specs)
+        if decision is None:
+            return
+        headers = rate_limit_headers(specs, decision)
+        if not decision.allowed:
+            spec = specs[decision.rejected or 0]
+            _count_rejection(spec)
+            raise rejection(spec, decision, headers)
+        ctx.response_headers.update(headers)
+        self._tickets[ctx.request_id] = _Ticket(
+            store,
+            decision.now_ms,
+            [s for s in specs if s.metric == "tokens"],
+            [s for s in specs if s.kind == "concurrency"],
+        )
+
+    async def check_route(self, route: str, client_ip: str | None, account: str | None) -> None:
+        """Limits of routes without a model (`login`, `key_creation`): 429 when exceeded."""
+        if not self.enabled:
+            return
+        if account is not None:  # no e-mail addresses in Redis keys
+            account = hashlib.sha256(account.strip().lower().encode()).hexdigest()[:32]
+        specs = self.policy.for_route(route, client_ip, account)
+        if not specs:
+            return
+        decision, _, specs = await self._decide(uuid.uuid4().hex, specs)
+        if decision is not None and not decision.allowed:
+            spec = specs[decision.rejected or 0]
+            _count_rejection(spec)
+            raise rejection(spec, decision, {})
+
+    # --- settlement -----------------------------------------------------------------------------
+
+    def on_completion(self, record: CompletionRecord) -> None:
+        """LLMService observer: settle the reservation to the real usage and free the slot.
+
+        Synchronous on purpose: it runs in the `finally` of a request that may be being
+        cancelled (client gone), where any await would be cancelled too. The Redis call runs as
+        its own task instead."""
+        ticket = self._tickets.pop(record.request_id, None)
+        if ticket is None:
+            return
+        used = record.prompt_tokens + record.completion_tokens
+        if record.status >= 500 and record.completion_tokens == 0:
+            used = 0  # the server failed before generating: do not charge the caller
+        settlements = [Settlement(spec, spec.cost, used) for spec in ticket.tokens]
+        if isinstance(ticket.store, MemoryStore):
+            ticket.store.settle_now(record.request_id, settlements, ticket.leases)
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._settle(record.request_id, ticket, settlements)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _settle(
+        self, request_id: str, ticket: _Ticket, settlements: list[Settlement]
+    ) -> None:
+        try:
+            await ticket.store.settle(request_id, ticket.admitted_ms, settlements, ticket.leases)
+        except StoreUnavailable:
+            # The leases expire by their TTL; the reservation ages out with its window.
+            log.warning("rate_limit_settle_failed", request_id=request_id)
+        except Exception:
+            log.exception("rate_limit_settle_error", request_id=request_id)
+
+    async def _renew_leases(self) -> None:
+        """Keep the concurrency leases of long requests alive (one script call per tick for
+        all of this process's requests); a crashed process stops renewing and its leases lapse."""
+        interval = self.policy.lease_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            by_store: dict[int, tuple[Store, list[tuple[str, LimitSpec]]]] = {}
+            for rid, ticket in list(self._tickets.items()):
+                entry = by_store.setdefault(id(ticket.store), (ticket.store, []))
+                entry[1].extend((rid, spec) for spec in ticket.leases)
+            for store, leases in by_store.values():
+                try:
+                    await store.renew(leases)
+                except StoreUnavailable:
+                    pass
+                except Exception:
+                    log.exception("rate_limit_renew_error")
+
+
+def build_rate_limiter(settings: Settings) -> RateLimiter:
+    """Redis when LLM_API_REDIS_URL is set, else this process's memory."""
+    policy = LimitPolicy.from_settings(settings)
+    store: Store
+    if settings.redis_url:
+        timeout = settings.rate_limit_redis_timeout_ms / 1000
+        store = RedisStore(
+            build_redis(settings.redis_url, timeout), settings.rate_limit_key_prefix, timeout
+        )
+    else:
+        store = MemoryStore()
+        if settings.workers > 1 and settings.rate_limit_enabled:
+            log.warning(
+                "rate_limit_memory_with_workers",
+                workers=settings.workers,
+                detail="without LLM_API_REDIS_URL each worker enforces the limits on its own, "
+                "so clients get up to workers × the limit; set LLM_API_REDIS_URL",
+            )
+    return RateLimiter(
+        policy,
+        store,
+        failure_mode=settings.rate_limit_failure_mode,
+        processes=settings.workers * settings.rate_limit_replicas,
+        enabled=settings.rate_limit_enabled,
+    )

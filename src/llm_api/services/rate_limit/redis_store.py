@@ -1,0 +1,260 @@
+"""The Redis store: ONE Lua script per request checks and takes all of its limits atomically.
+
+Why hand-written Lua and not the `limits` library (which slowapi builds on): `limits` checks one
+limit per call (five limits = five round trips, PERFORMANCE.md: each costs about a whole
+request's CPU), cannot take several limits all-or-nothing (a request refused by its third limit
+would already have spent the first two), and has no reservation that is later settled to the
+real token count. None of the well-kept libraries covers weighted reservations with settlement
+or TTL'd concurrency leases, so this module does, in three short scripts.
+
+Data, per limit (all keys share one hash tag so the scripts also run on Redis Cluster):
+- window limits: a sorted set of entries `<request id>:<cost>` scored by admission time (ms,
+  Redis' own clock, so replicas with skewed clocks agree), and a counter with the sum of the
+  costs in the window. Entries older than the window are trimmed (and subtracted) on access.
+- concurrency limits: a sorted set of request ids scored by lease expiry.
+Every key is written with a PEXPIRE in the same script: no key ever lives without a TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from llm_api.services.rate_limit.types import Decision, LimitSpec, LimitState, Settlement
+
+log = structlog.get_logger(__name__)
+
+_ENTRY_COST = "tonumber(string.match(%s, ':(%%-?%%d+)$'))"
+
+ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rid = ARGV[1]
+local n = (#ARGV - 1) / 4
+local used, waits = {}, {}
+local reject, retry = 0, 0
+for i = 1, n do
+  local a = 2 + (i - 1) * 4
+  local kind, limit = ARGV[a], tonumber(ARGV[a + 1])
+  local period, cost = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local z, tk = KEYS[2 * i - 1], KEYS[2 * i]
+  local u, wait = 0, 0
+  if kind == 'w' then
+    u = tonumber(redis.call('GET', tk) or '0')
+    local expired = redis.call('ZRANGEBYSCORE', z, '-inf', now - period)
+    if #expired > 0 then
+      for _, m in ipairs(expired) do u = u - COST(m) end
+      redis.call('ZREMRANGEBYSCORE', z, '-inf', now - period)
+      if redis.call('ZCARD', z) == 0 then
+        u = 0
+        redis.call('DEL', tk)
+      else
+        if u < 0 then u = 0 end
+        redis.call('SET', tk, u, 'KEEPTTL')
+      end
+    end
+    if u + cost > limit then
+      wait = period
+      if cost <= limit then
+        local need, freed = u + cost - limit, 0
+        local entries = redis.call('ZRANGE', z, 0, -1, 'WITHSCORES')
+        for j = 1, #entries, 2 do
+          freed = freed + COST(entries[j])
+          if freed >= need then
+            wait = tonumber(entries[j + 1]) + period - now
+            break
+          end
+        end
+      end
+    end
+  else
+    redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
+    u = redis.call('ZCARD', z)
+    if u + 1 > limit then wait = 1000 end
+  end
+  used[i] = u
+  if wait > 0 and wait >= retry then
+    reject, retry = i, wait
+  end
+end
+local out = {reject == 0 and 1 or 0, now, reject, retry}
+for i = 1, n do
+  local a = 2 + (i - 1) * 4
+  local kind, limit = ARGV[a], tonumber(ARGV[a + 1])
+  local period, cost = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local z, tk = KEYS[2 * i - 1], KEYS[2 * i]
+  if kind ~= 'w' then cost = 1 end
+  local remaining, reset = limit - used[i], 0
+  if reject == 0 then
+    remaining = remaining - cost
+    if kind == 'w' then
+      if cost > 0 then
+        redis.call('ZADD', z, now, rid .. ':' .. cost)
+        redis.call('INCRBY', tk, cost)
+        redis.call('PEXPIRE', z, period)
+        redis.call('PEXPIRE', tk, period)
+      end
+      reset = period
+    else
+      redis.call('ZADD', z, now + period, rid)
+      redis.call('PEXPIRE', z, period)
+    end
+  elseif kind == 'w' then
+    local newest = redis.call('ZRANGE', z, -1, -1, 'WITHSCORES')
+    if #newest > 0 then reset = tonumber(newest[2]) + period - now end
+  end
+  if remaining < 0 then remaining = 0 end
+  out[#out + 1] = remaining
+  out[#out + 1] = reset
+end
+return out
+""".replace("COST(m)", _ENTRY_COST % "m").replace("COST(entries[j])", _ENTRY_COST % "entries[j]")
+
+SETTLE = """
+local rid, at, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+for i = 1, n do
+  local z, tk = KEYS[2 * i - 1], KEYS[2 * i]
+  local a = 4 + (i - 1) * 3
+  local reserved, used = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local period = tonumber(ARGV[a + 2])
+  if redis.call('ZREM', z, rid .. ':' .. reserved) == 1 then
+    if used > 0 then redis.call('ZADD', z, at, rid .. ':' .. used) end
+    local total = redis.call('INCRBY', tk, used - reserved)
+    if redis.call('ZCARD', z) == 0 then
+      redis.call('DEL', tk)
+    else
+      if total < 0 then redis.call('SET', tk, 0) end
+      redis.call('PEXPIRE', z, period)
+      redis.call('PEXPIRE', tk, period)
+    end
+  end
+end
+for j = 2 * n + 1, #KEYS do redis.call('ZREM', KEYS[j], rid) end
+return 1
+"""
+
+RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 1, #KEYS do
+  local lease = tonumber(ARGV[2 * i])
+  if redis.call('ZADD', KEYS[i], 'XX', 'CH', now + lease, ARGV[2 * i - 1]) == 1 then
+    redis.call('PEXPIRE', KEYS[i], lease)
+  end
+end
+return 1
+"""
+
+
+class StoreUnavailable(Exception):
+    """Redis did not answer in time (or is known to be down); the limiter applies its policy."""
+
+
+def build_redis(url: str, timeout_s: float, max_connections: int = 64) -> Redis:
+    """A client for the limiter: short timeouts, no retries (a retry would multiply the
+    timeout), periodic health checks; the pool reconnects by itself when Redis is back. A
+    blocking pool: a burst of requests queues for one of `max_connections` connections (one
+    script call is ~0.1 ms) instead of opening a connection each."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=timeout_s,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        health_check_interval=15,
+        retry=Retry(NoBackoff(), 0),
+        client_name="llm-api-rate-limit",
+    )
+    return Redis.from_pool(pool)
+
+
+class RedisStore:
+    # After a failure, skip Redis this long instead of paying the timeout on every request.
+    BACKOFF_S = 1.0
+
+    def __init__(self, redis: Redis, prefix: str, timeout_s: float) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.timeout_s = timeout_s
+        self._admit = redis.register_script(ADMIT)
+        self._settle = redis.register_script(SETTLE)
+        self._renew = redis.register_script(RENEW)
+        self._down_until = 0.0
+
+    def _key(self, spec: LimitSpec, suffix: str) -> str:
+        return f"{{{self.prefix}}}:{spec.key}:{suffix}"
+
+    @property
+    def down(self) -> bool:
+        return time.monotonic() < self._down_until
+
+    async def _call(self, script: object, keys: list[str], args: list[str | int]) -> object:
+        if self.down:
+            raise StoreUnavailable("redis marked down")
+        try:
+            async with asyncio.timeout(self.timeout_s * 2):  # connect + command
+                return await script(keys=keys, args=args)  # type: ignore[operator]
+        except (RedisError, OSError, TimeoutError) as exc:
+            if not self.down:
+                log.warning("rate_limit_redis_unavailable", error=type(exc).__name__)
+            self._down_until = time.monotonic() + self.BACKOFF_S
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def admit(self, request_id: str, specs: list[LimitSpec]) -> Decision:
+        keys: list[str] = []
+        args: list[str | int] = [request_id]
+        for spec in specs:
+            keys += [self._key(spec, "z"), self._key(spec, "t")]
+            kind = "w" if spec.kind == "window" else "c"
+            args += [kind, spec.limit, spec.period_ms, spec.cost]
+        raw = await self._call(self._admit, keys, args)
+        assert isinstance(raw, list)
+        out = [int(x) for x in raw]
+        states = [LimitState(out[i], out[i + 1]) for i in range(4, len(out), 2)]
+        return Decision(
+            allowed=out[0] == 1,
+            now_ms=out[1],
+            states=states,
+            rejected=out[2] - 1 if out[2] else None,
+            retry_ms=out[3],
+        )
+
+    async def settle(
+        self,
+        request_id: str,
+        admitted_ms: int,
+        settlements: list[Settlement],
+        leases: list[LimitSpec],
+    ) -> None:
+        keys: list[str] = []
+        args: list[str | int] = [request_id, admitted_ms, len(settlements)]
+        for s in settlements:
+            keys += [self._key(s.spec, "z"), self._key(s.spec, "t")]
+            args += [s.reserved, s.used, s.spec.period_ms]
+        keys += [self._key(spec, "z") for spec in leases]
+        await self._call(self._settle, keys, args)
+
+    async def renew(self, leases: list[tuple[str, LimitSpec]]) -> None:
+        if not leases:
+            return
+        keys = [self._key(spec, "z") for _, spec in leases]
+        args: list[str | int] = []
+        for request_id, spec in leases:
+            args += [request_id, spec.period_ms]
+        await self._call(self._renew, keys, args)
+
+    async def ping(self) -> bool:
+        try:
+            async with asyncio.timeout(self.timeout_s * 2):
+                return bool(await self.redis.ping())  # type: ignore[misc]
+        except (RedisError, OSError, TimeoutError):
+            return False
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()

@@ -1,0 +1,79 @@
+"""What the limiter checks (one `LimitSpec` per limit a request is subject to) and what a store
+answers (`Decision`). Shared by the Redis and the in-memory store so they behave the same."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal, Protocol
+
+Kind = Literal["window", "concurrency"]
+Metric = Literal["requests", "tokens", "concurrency"]
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSpec:
+    """One limit on one subject: e.g. tokens per minute of user u_1.
+
+    `window` limits are sliding logs: at most `limit` units of cost in any `period_ms`.
+    `concurrency` limits are leases: at most `limit` requests hold one, each lease lasting
+    `period_ms` unless renewed (so a crashed worker's slots come back by themselves)."""
+
+    name: str  # the rule, short and fixed: rpm, tpm, tpd, concurrency, login, key_creation
+    label: str  # for people: "tokens per minute (TPM)"
+    scope: str  # key, user, ip, account
+    subject: str
+    kind: Kind
+    metric: Metric
+    limit: int
+    period_ms: int
+    cost: int = 1
+
+    @property
+    def key(self) -> str:
+        return f"{self.scope}:{self.subject}:{self.name}"
+
+    def scaled(self, divisor: int) -> LimitSpec:
+        """This limit shared among `divisor` processes (the local fallback), never below 1."""
+        return replace(self, limit=max(1, -(-self.limit // divisor)))
+
+
+@dataclass(slots=True)
+class LimitState:
+    remaining: int  # after this request, when it was admitted
+    reset_ms: int  # until the window (or the slots) are back to their full limit
+
+
+@dataclass(slots=True)
+class Decision:
+    allowed: bool
+    now_ms: int  # the store's clock at admission (settlement finds the entries by it)
+    states: list[LimitState] = field(default_factory=list)
+    rejected: int | None = None  # index of the limit that refused
+    retry_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """Real usage of a token limit, replacing the reservation made at admission."""
+
+    spec: LimitSpec
+    reserved: int
+    used: int
+
+
+class Store(Protocol):
+    """Checks all of one request's limits and takes them all, or none, atomically."""
+
+    async def admit(self, request_id: str, specs: list[LimitSpec]) -> Decision: ...
+
+    async def settle(
+        self,
+        request_id: str,
+        admitted_ms: int,
+        settlements: list[Settlement],
+        leases: list[LimitSpec],
+    ) -> None: ...
+
+    async def renew(self, leases: list[tuple[str, LimitSpec]]) -> None: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,169 @@
+"""Fixtures for the rate-limit tests: stores on the real Redis (unique key prefix per test,
+deleted after) and in memory, and a way to switch limits on for the shared app."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from llm_api.core.rate_limits import TierLimits
+from llm_api.services.rate_limit.limiter import RateLimiter, build_rate_limiter
+from llm_api.services.rate_limit.memory_store import MemoryStore
+from llm_api.services.rate_limit.redis_store import RedisStore, build_redis
+from llm_api.services.rate_limit.types import Store
+from tests.conftest import free_port, require_service, test_settings
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def unique_prefix() -> str:
+    return f"llm-api-test:{uuid.uuid4().hex[:10]}"
+
+
+async def delete_prefix(prefix: str, url: str = REDIS_URL) -> None:
+    client = Redis.from_url(url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{{{prefix}}}:*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+async def keys_without_ttl(prefix: str, url: str = REDIS_URL) -> list[bytes]:
+    client = Redis.from_url(url)
+    try:
+        return [
+            k
+            async for k in client.scan_iter(match=f"{{{prefix}}}:*", count=1000)
+            if await client.pttl(k) < 0
+        ]
+    finally:
+        await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def redis_store_ctx() -> AsyncIterator[RedisStore]:
+    require_service("Redis", "127.0.0.1", 6379)
+    prefix = unique_prefix()
+    # A roomier timeout than production's 100 ms: the shared 2-core test machine stalls.
+    store = RedisStore(build_redis(REDIS_URL, 0.5), prefix, 0.5)
+    try:
+        yield store
+        assert await keys_without_ttl(prefix) == []  # no key ever lives without a TTL
+    finally:
+        await store.aclose()
+        await delete_prefix(prefix)
+
+
+@pytest.fixture
+async def redis_store() -> AsyncIterator[RedisStore]:
+    async with redis_store_ctx() as store:
+        yield store
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    async with redis_store_ctx() as redis_store:
+        yield redis_store
+
+
+@contextlib.asynccontextmanager
+async def limits_on(
+    app: Any,
+    tmp: Path,
+    backend: str = "memory",
+    tiers: dict[str, dict[str, int | None]] | None = None,
+    minute_ms: int = 600_000,
+    **overrides: Any,
+) -> AsyncIterator[RateLimiter]:
+    """Swap an enabled limiter into the shared app's LLM service for one test. The "minute"
+    windows last `minute_ms` (10 min by default) so that a loaded test machine, where a request
+    may take many seconds, cannot let a window roll over in the middle of a test."""
+    values: dict[str, Any] = {
+        "rate_limit_enabled": True,
+        "rate_limit_tiers": {k: TierLimits(**v) for k, v in (tiers or {}).items()},
+        **overrides,
+    }
+    prefix = values.setdefault("rate_limit_key_prefix", unique_prefix())
+    if backend == "redis":
+        require_service("Redis", "127.0.0.1", 6379)
+        values.setdefault("redis_url", REDIS_URL)
+    limiter = build_rate_limiter(test_settings(tmp, **values))
+    limiter.policy.minute_ms = minute_ms
+    state = app.state.llm_api
+    llm = state.llm
+    old_hooks, old_observers, old_limiter = (
+        list(llm.admission_hooks),
+        list(llm.observers),
+        state.rate_limiter,
+    )
+    llm.admission_hooks[:] = [limiter.admit_completion]
+    llm.observers[:] = [limiter.on_completion] + [
+        o for o in old_observers if getattr(o, "__self__", None) is not old_limiter
+    ]
+    state.rate_limiter = limiter
+    await limiter.start()
+    try:
+        yield limiter
+    finally:
+        llm.admission_hooks[:] = old_hooks
+        llm.observers[:] = old_observers
+        state.rate_limiter = old_limiter
+        await limiter.aclose()
+        if backend == "redis":
+            await delete_prefix(prefix, values["redis_url"])
+
+
+class RedisServer:
+    """A private redis-server on a free port, for outage tests (the shared one on 6379 is never
+    stopped). `stop()` and `start()` use the same command line."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            out = subprocess.run(
+                ["redis-cli", "-p", str(self.port), "ping"], capture_output=True, text=True
+            )
+            if out.stdout.strip() == "PONG":
+                return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            subprocess.run(["redis-cli", "-p", str(self.port), "shutdown", "nosave"], check=False)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
