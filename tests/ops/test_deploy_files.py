@@ -358,3 +358,37 @@ def test_dockerfile_pip_steps_in_a_fresh_venv(tmp_path: Path) -> None:
         text=True,
     )
     assert check.returncode == 0, check.stderr
+
+
+# --- developer tooling ---------------------------------------------------------------------------
+
+OWN_PY = [
+    "gunicorn.conf.py",
+    "src/llm_api/asgi.py",
+    "src/llm_api/core/drain.py",
+    "src/llm_api/core/metrics.py",
+    "src/llm_api/core/redaction.py",
+    "src/llm_api/core/serving.py",
+    "src/llm_api/middleware/access_log.py",
+    "src/llm_api/middleware/drain.py",
+    "src/llm_api/services/observability.py",
+    "src/llm_api/api/v1/endpoints/metrics.py",
+    "tests/ops",
+]
+
+
+def test_pre_commit_config_and_lint_are_green() -> None:
+    result = run(str(BIN / "pre-commit"), "validate-config", ".pre-commit-config.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for cmd in (("ruff", "check"), ("ruff", "format", "--check")):
+        result = run(str(BIN / cmd[0]), *cmd[1:], *OWN_PY)
+        assert result.returncode == 0, result.stdout + result.stderr
+    yaml_files = [
+        "docker/docker-compose.prod.yml",
+        "render.yaml",
+        ".pre-commit-config.yaml",
+        *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "deploy/k8s").glob("*.yaml")),
+    ]
+    config = "{extends: default, rules: {line-length: {max: 160}, document-start: disable}}"
+    result = run(str(BIN / "yamllint"), "-s", "-d", config, *yaml_files)
+    assert result.returncode == 0, result.stdout + result.stderr
