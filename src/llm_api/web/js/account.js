@@ -66,7 +66,7 @@ async function renderKeys(section) {
       h(
         "table",
         { id: "keys-table" },
-        h("thead", {}, h("tr", {}, ["Name", "Key", "Created", "Last used", ""].map((t) => h("th", {}, t)))),
+        h("thead", {}, h("tr", {}, ["Name", "Key", "Created", ""].map((t) => h("th", {}, t)))),
         h(
           "tbody",
           {},
@@ -77,7 +77,6 @@ async function renderKeys(section) {
               h("td", {}, key.name || "—"),
               h("td", {}, h("code", {}, `${key.prefix || key.display_prefix || ""}…`)),
               h("td", {}, fmtDate(key.created_at)),
-              h("td", {}, fmtDate(key.last_used_at)),
               h(
                 "td",
                 {},
