@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -225,7 +226,9 @@ class RoutedBackend:
     async def _check(self, session: aiohttp.ClientSession, dep: Deployment) -> None:
         healthy = False
         with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            async with session.get(f"{dep.config.base_url}/models") as resp:
+            key = os.environ.get(dep.config.api_key_env or "")
+            headers = {"Authorization": f"Bearer {key}"} if key else None
+            async with session.get(f"{dep.config.base_url}/models", headers=headers) as resp:
                 healthy = resp.status < 500
         [state] = await self.breakers.states([dep.name])
         if not healthy:
