@@ -125,11 +125,11 @@ class OpenAIUpstreamBackend:
         async with resp:
             if resp.status >= 400:
                 raise await _map_error(resp)
-            async for chunk in self._read(resp, deadline):
+            async for chunk in self._read(resp, deadline, _estimate_prompt_tokens(request)):
                 yield chunk
 
     async def _read(
-        self, resp: aiohttp.ClientResponse, deadline: float
+        self, resp: aiohttp.ClientResponse, deadline: float, prompt_estimate: int
     ) -> AsyncIterator[GenerationChunk]:
         finish: str | None = None
         prompt_tokens: int | None = None
@@ -176,10 +176,18 @@ class OpenAIUpstreamBackend:
             raise UpstreamError("The upstream closed the stream before finishing.")
         yield GenerationChunk(
             finish_reason="length" if finish == "length" else "stop",
-            prompt_tokens=prompt_tokens if prompt_tokens is not None else 0,
+            prompt_tokens=prompt_tokens if prompt_tokens is not None else prompt_estimate,
             # Counted chunks approximate tokens when an upstream does not report usage.
             completion_tokens=completion_tokens if completion_tokens is not None else pieces,
         )
+
+
+def _estimate_prompt_tokens(request: GenerationRequest) -> int:
+    """For upstreams that report no usage in their stream (llama-cpp-python's server ignores
+    `stream_options`): ~4 characters per token, so usage and token limits never see a free
+    prompt. Upstreams that report usage are taken at their word."""
+    chars = sum(len(m.content) for m in request.messages or []) + len(request.prompt or "")
+    return max(1, -(-chars // 4))
 
 
 def _error_message(obj: Any) -> str:
