@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from llm_api.schemas.dashboard import LimitsStanding, LimitStanding
 from llm_api.services.llm.types import RequestContext
-
-if TYPE_CHECKING:
-    from llm_api.services.rate_limit.limiter import RateLimiter
-    from llm_api.services.rate_limit.types import LimitSpec
+from llm_api.services.rate_limit.limiter import RateLimiter
+from llm_api.services.rate_limit.memory_store import MemoryStore
+from llm_api.services.rate_limit.redis_store import StoreUnavailable
+from llm_api.services.rate_limit.types import LimitSpec
 
 OWN_SCOPES = ("user", "key")  # per-IP caps are shared with others behind the same address
 
@@ -26,9 +25,6 @@ OWN_SCOPES = ("user", "key")  # per-IP caps are shared with others behind the sa
 async def standing(limiter: RateLimiter | None, ctx: RequestContext) -> LimitsStanding:
     if limiter is None:
         return LimitsStanding(tier=ctx.tier, enabled=False, limits=[])
-    from llm_api.services.rate_limit.memory_store import MemoryStore
-    from llm_api.services.rate_limit.redis_store import StoreUnavailable
-
     probe = replace(ctx, client_ip=None)  # the caller's own limits only
     specs = [s for s in limiter.policy.for_completion(probe, 0) if s.scope in OWN_SCOPES]
     if not limiter.enabled:

@@ -39,4 +39,4 @@ async def server_summary(_: AdminUser, state: StateDep, summary: SummaryDep) -> 
 @router.get("/users/me/limits", response_model=LimitsStanding)
 async def my_limits(_: CurrentUser, ctx: RequestCtx, state: StateDep) -> LimitsStanding:
     """The caller's rate limits and what is left of each now (spends nothing)."""
-    return await limits_standing.standing(getattr(state, "rate_limiter", None), ctx)
+    return await limits_standing.standing(state.rate_limiter, ctx)
