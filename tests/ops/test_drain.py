@@ -4,8 +4,10 @@ uvicorn process, and the drain's cut + on_drain hooks in-process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -159,5 +161,14 @@ async def test_sigterm_with_ten_open_streams(tmp_path: Path) -> None:
         # Every stream's access line came before the drain finished (usage hooks run then).
         finished = events.index("drain_finished")
         assert all(records.index(r) < finished for r in chat)
+        # Usage was flushed before exit: one row per stream, cut ones with their partial tokens,
+        # and the same ids and counts as the access log.
+        with contextlib.closing(sqlite3.connect(tmp_path / "llm-api.db")) as db:
+            rows = dict(
+                db.execute("SELECT request_id, completion_tokens FROM usage_records").fetchall()
+            )
+        streamed = {r["generation_id"]: r["completion_tokens"] for r in chat if r["status"] == 200}
+        assert len(streamed) == 10
+        assert rows == streamed
     finally:
         server.stop()
