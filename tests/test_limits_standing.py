@@ -18,8 +18,8 @@ from tests.conftest import (
     create_account,
     require_service,
     running_app,
-    test_settings,
 )
+from tests.conftest import test_settings as make_settings
 
 pytestmark = pytest.mark.model
 FREE = DEFAULT_TIERS["free"]
@@ -36,7 +36,7 @@ async def limited(
         extra["redis_url"] = "redis://127.0.0.1:6379/0"
         extra["rate_limit_key_prefix"] = f"llm-api-test:{uuid.uuid4().hex[:8]}"
     tmp: Path = tmp_path_factory.mktemp(f"limits-{request.param}")
-    async with running_app(test_settings(tmp, **extra)) as application:
+    async with running_app(make_settings(tmp, **extra)) as application:
         yield application
 
 
