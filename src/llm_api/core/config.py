@@ -33,6 +33,9 @@ class Settings(BaseSettings):
         env_prefix="LLM_API_",
         env_file=".env",
         env_file_encoding="utf-8",
+        # `LLM_API_X=` (as .env.example lists unset options) means "the default", not "" (which
+        # an int, bool or path setting would reject or misread: an empty path is ".").
+        env_ignore_empty=True,
         extra="ignore",
     )
 
