@@ -74,6 +74,63 @@ def models(
     Console().print(table)
 
 
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="Batches run at once by this worker.")] = 1,
+) -> None:
+    """Run a Celery worker for batch jobs (needs LLM_API_REDIS_URL)."""
+    from llm_api.worker.tasks import app as celery_app
+
+    celery_app.worker_main(
+        [
+            "worker",
+            "--pool=threads" if concurrency > 1 else "--pool=solo",
+            f"--concurrency={concurrency}",
+            "--loglevel=INFO",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+
+
+batch_app = typer.Typer(no_args_is_help=True, help="Batch jobs through the Batch API.")
+app.add_typer(batch_app, name="batch")
+
+
+@batch_app.command("submit")
+def batch_submit(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL requests.")],
+    model: Annotated[str | None, typer.Option(help="Model for every line.")] = None,
+    endpoint: Annotated[str, typer.Option(help="Endpoint of the lines.")] = "/v1/chat/completions",
+    wait: Annotated[bool, typer.Option(help="Wait for the batch and show progress.")] = False,
+    output: Annotated[Path | None, typer.Option(help="Where to write the results.")] = None,
+    base_url: Annotated[str, typer.Option(envvar="LLM_API_BASE_URL")] = "http://127.0.0.1:8000",
+    api_key: Annotated[str, typer.Option(envvar="LLM_API_KEY", help="An API key.")] = "",
+) -> None:
+    """Upload FILE, create a batch, optionally wait for it and write the output file."""
+    import asyncio
+
+    from llm_api.batch_cli import submit
+
+    if not api_key:
+        raise typer.BadParameter("set --api-key or LLM_API_KEY")
+    out = output or (file.with_suffix(".output.jsonl") if wait else None)
+    batch = asyncio.run(
+        submit(
+            file,
+            base_url=base_url,
+            api_key=api_key,
+            model=model,
+            endpoint=endpoint,
+            wait=wait,
+            output=out,
+        )
+    )
+    typer.echo(f"{batch['id']} {batch['status']}")
+    if wait and batch["status"] != "completed":
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 

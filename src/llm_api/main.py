@@ -30,6 +30,7 @@ from llm_api.middleware.drain import DrainMiddleware
 from llm_api.middleware.request_id import RequestIdMiddleware
 from llm_api.middleware.response_headers import ResponseHeadersMiddleware
 from llm_api.services.auth.startup import start_accounts
+from llm_api.services.batches.queue import start_batches
 from llm_api.services.cache.service import CachedLLMService, build_cache_store
 from llm_api.services.llm.backends.factory import build_backends
 from llm_api.services.llm.registry import load_registry
@@ -58,6 +59,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     usage = state.usage = UsagePipeline(settings, responses, state.db.sessions)
     usage.start(state.on_drain)  # replays what a previous process left unflushed
     limiter = state.rate_limiter = await start_rate_limiter(settings, llm)
+    state.files, state.batch_queue = start_batches(settings, state.db.sessions, llm)
 
     async def load_models() -> None:
         try:
@@ -74,6 +76,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.draining = True
         loader.cancel()
         await asyncio.gather(loader, return_exceptions=True)
+        await state.batch_queue.aclose()
         await llm.aclose()
         await limiter.aclose()
         await usage.aclose()  # after the models: cancelled requests have recorded by now

@@ -15,6 +15,7 @@ from llm_api.core.exceptions import ServiceUnavailableError
 from llm_api.core.state import AppState
 from llm_api.middleware.access_log import CTX_KEY as ACCESS_LOG_CTX_KEY
 from llm_api.services.auth.principal import AuthServices, Principal
+from llm_api.services.batches.service import BatchService
 from llm_api.services.cache.service import CachedLLMService, CachePolicy
 from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.types import RequestContext
@@ -94,3 +95,26 @@ AuthDep = Annotated[AuthServices, Depends(get_auth)]
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 CurrentUser = Annotated[Principal, Depends(get_current_user)]
 AdminUser = Annotated[Principal, Depends(get_admin)]
+
+
+def get_user_id(user: CurrentUser) -> str:
+    assert user.user_id is not None  # get_current_user refuses callers without an account
+    return user.user_id
+
+
+UserId = Annotated[str, Depends(get_user_id)]
+
+
+def get_batch_service(state: StateDep, db: DbSession) -> BatchService:
+    if state.files is None:
+        raise ServiceUnavailableError("Batch jobs are not available yet; retry shortly.")
+    settings = state.settings
+    return BatchService(
+        db,
+        state.files,
+        max_bytes=settings.batch_max_file_bytes,
+        max_lines=settings.batch_max_lines,
+    )
+
+
+BatchServiceDep = Annotated[BatchService, Depends(get_batch_service)]

@@ -125,6 +125,19 @@ class Settings(BaseSettings):
         30, ge=1, description="Stored conversations older than this are deleted."
     )
 
+    # --- batch jobs -------------------------------------------------------------------------
+    batch_max_file_bytes: int = Field(
+        50 * 1024 * 1024, ge=1024, description="Largest batch input file (bytes)."
+    )
+    batch_max_lines: int = Field(50_000, ge=1, description="Most requests in one batch file.")
+    batch_concurrency: int = Field(
+        4, ge=1, le=64, description="Requests of one batch that run at once."
+    )
+    batch_embedded_worker: bool | None = Field(
+        None,
+        description="Run batches inside the API process (default: only when no Redis is set).",
+    )
+
     # --- security ---------------------------------------------------------------------------
     auth_enabled: bool = Field(
         True, description="Require credentials. May be false only when binding to loopback."
@@ -145,6 +158,9 @@ class Settings(BaseSettings):
     metrics_public: bool = Field(
         False, description="Serve /metrics without credentials (else an admin credential)."
     )
+    web_ui: bool = Field(
+        True, description="Serve the web playground and dashboards at / (static, public page)."
+    )
     metrics_token: SecretStr | None = Field(
         None,
         description="Bearer token that may read /metrics (for Prometheus) when it is not public.",
@@ -155,9 +171,6 @@ class Settings(BaseSettings):
         30.0,
         gt=0,
         description="On SIGTERM, seconds in-flight requests may run before they are cut off.",
-    )
-    web_ui: bool = Field(
-        True, description="Serve the web playground and dashboards at / (static, public page)."
     )
 
     # --- rate limits (services/rate_limit) -----------------------------------------------------

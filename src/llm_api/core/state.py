@@ -9,6 +9,8 @@ from llm_api.core.config import Settings
 from llm_api.core.drain import Drainer, DrainHook
 from llm_api.db.engine import Database
 from llm_api.services.auth.principal import AuthServices
+from llm_api.services.batches.queue import BatchQueue
+from llm_api.services.batches.storage import FileStore
 from llm_api.services.cache.service import CachedLLMService
 from llm_api.services.llm.service import LLMService
 from llm_api.services.rate_limit.limiter import RateLimiter
@@ -25,6 +27,8 @@ class AppState:
     responses: CachedLLMService | None = None  # `llm` behind the response cache
     usage: UsagePipeline | None = None  # usage records: buffer, recorder, flusher
     rate_limiter: RateLimiter | None = None  # limits and quotas (services/rate_limit)
+    files: FileStore | None = None  # Files API contents (batch input and output)
+    batch_queue: BatchQueue | None = None  # Celery (Redis) or the embedded dispatcher
     extras: dict[str, Any] = field(default_factory=dict)
     # Run once on SIGTERM after in-flight requests end (or are cut), before the process exits:
     # register flushes here (`state.on_drain.append(recorder.flush)`).

@@ -8,9 +8,11 @@ from llm_api.api.security import authenticate
 from llm_api.api.v1.endpoints import (
     admin,
     auth,
+    batches,
     chat,
     completions,
     dashboard,
+    files,
     keys,
     models,
     simple,
@@ -30,3 +32,5 @@ api_router.include_router(users.router)
 api_router.include_router(admin.router)
 api_router.include_router(dashboard.router)
 api_router.include_router(usage.router)
+api_router.include_router(files.router)
+api_router.include_router(batches.router)

@@ -1,0 +1,50 @@
+"""The Batch API (`client.batches`): create, retrieve, list, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, BackgroundTasks, Query
+
+from llm_api.api.deps import BatchServiceDep, UserId, StateDep
+from llm_api.schemas.batches import BatchList, BatchObject, CreateBatchRequest
+from llm_api.services.batches.service import batch_object
+
+router = APIRouter(tags=["batches"])
+
+
+@router.post("/batches", response_model=BatchObject)
+async def create_batch(
+    body: CreateBatchRequest,
+    user_id: UserId,
+    batches: BatchServiceDep,
+    state: StateDep,
+    background: BackgroundTasks,
+) -> BatchObject:
+    row = await batches.create_batch(user_id, body)
+    # Dispatched after the response, i.e. after the session committed: a worker never sees a
+    # batch that is not in the database yet.
+    if state.batch_queue is not None:
+        background.add_task(state.batch_queue.enqueue, row.id)
+    return batch_object(row, batches.files)
+
+
+@router.get("/batches", response_model=BatchList)
+async def list_batches(
+    user_id: UserId,
+    batches: BatchServiceDep,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> BatchList:
+    rows, has_more = await batches.list_batches(user_id, after, limit)
+    return batches.page(rows, has_more)
+
+
+@router.get("/batches/{batch_id}", response_model=BatchObject)
+async def get_batch(batch_id: str, user_id: UserId, batches: BatchServiceDep) -> BatchObject:
+    return batch_object(await batches.get_batch(user_id, batch_id), batches.files)
+
+
+@router.post("/batches/{batch_id}/cancel", response_model=BatchObject)
+async def cancel_batch(batch_id: str, user_id: UserId, batches: BatchServiceDep) -> BatchObject:
+    return batch_object(await batches.cancel_batch(user_id, batch_id), batches.files)

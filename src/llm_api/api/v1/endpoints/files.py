@@ -1,0 +1,50 @@
+"""The Files API (`client.files`): upload batch input, list, read, download, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi.responses import Response
+
+from llm_api.api.deps import BatchServiceDep, UserId
+from llm_api.schemas.batches import FileDeleted, FileList, FileObject
+from llm_api.services.batches.service import file_object
+
+router = APIRouter(tags=["files"])
+
+
+@router.post("/files", response_model=FileObject)
+async def upload_file(
+    user_id: UserId,
+    batches: BatchServiceDep,
+    file: Annotated[UploadFile, File()],
+    purpose: Annotated[str, Form()],
+) -> FileObject:
+    data = await file.read(batches.max_bytes + 1)
+    row = await batches.upload(user_id, file.filename or "input.jsonl", purpose, data)
+    return file_object(row)
+
+
+@router.get("/files", response_model=FileList)
+async def list_files(
+    user_id: UserId, batches: BatchServiceDep, purpose: Annotated[str | None, Query()] = None
+) -> FileList:
+    return FileList(data=[file_object(r) for r in await batches.list_files(user_id, purpose)])
+
+
+@router.get("/files/{file_id}", response_model=FileObject)
+async def get_file(file_id: str, user_id: UserId, batches: BatchServiceDep) -> FileObject:
+    return file_object(await batches.get_file(user_id, file_id))
+
+
+@router.get("/files/{file_id}/content")
+async def file_content(file_id: str, user_id: UserId, batches: BatchServiceDep) -> Response:
+    data = await batches.file_content(user_id, file_id)
+    return Response(data, media_type="application/jsonl")
+
+
+@router.delete("/files/{file_id}", response_model=FileDeleted)
+async def delete_file(file_id: str, user_id: UserId, batches: BatchServiceDep) -> FileDeleted:
+    await batches.delete_file(user_id, file_id)
+    return FileDeleted(id=file_id)

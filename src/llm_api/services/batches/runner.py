@@ -1,0 +1,360 @@
+"""Runs one batch: the body of the Celery task, and of the embedded dispatcher.
+
+Exactly-once output without distributed transactions:
+- A lease row (`batches.lease_owner/lease_until`, renewed by a heartbeat) lets one worker run a
+  batch at a time; a killed worker's lease expires and another worker (or the same one after a
+  restart) takes over.
+- The output and error files are the record of what is done. On resume the runner reads them
+  (cutting a torn last line), skips every custom_id already there, and runs the rest, so each
+  custom_id appears exactly once.
+- Each line's start is counted in `batch_attempts` before it runs; a line that keeps killing its
+  worker is failed into the error file at the attempt limit and the batch goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import structlog
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from llm_api.core.exceptions import APIError, InvalidRequestError, ServerError
+from llm_api.db.tables import Batch, BatchAttempt, StoredFile, User
+from llm_api.schemas.chat import ChatCompletionRequest
+from llm_api.schemas.completions import CompletionRequest
+from llm_api.services.batches.input_file import BatchLine, iter_lines
+from llm_api.services.batches.storage import FileStore, LineAppender, new_file_id
+from llm_api.services.llm.service import LLMService, new_request_id
+from llm_api.services.llm.types import RequestContext
+
+log = structlog.get_logger(__name__)
+
+LEASE_SECONDS = 30
+ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
+_MAX_ATTEMPTS = APIError("Maximum attempts exceeded for this request.", code="max_attempts")
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class BatchRunnerConfig:
+    concurrency: int = 4
+    max_attempts: int = 3  # per line, across worker crashes and retryable errors
+    retry_base_seconds: float = 0.5
+
+
+class BatchRunner:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        llm: LLMService,
+        files: FileStore,
+        config: BatchRunnerConfig | None = None,
+    ) -> None:
+        self.sessions = sessions
+        self.llm = llm
+        self.files = files
+        self.config = config or BatchRunnerConfig()
+        self.owner = worker_id()
+
+    # --- lease ----------------------------------------------------------------------------------
+
+    async def _acquire(self, batch_id: str) -> bool:
+        now = _now()
+        async with self.sessions.begin() as s:
+            result = await s.execute(
+                update(Batch)
+                .where(
+                    Batch.id == batch_id,
+                    Batch.status.in_(ACTIVE),
+                    (Batch.lease_until.is_(None))
+                    | (Batch.lease_until < now)
+                    | (Batch.lease_owner == self.owner),
+                )
+                .values(lease_owner=self.owner, lease_until=now + timedelta(seconds=LEASE_SECONDS))
+            )
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def _heartbeat(self, batch_id: str, lost: asyncio.Event) -> None:
+        while True:
+            await asyncio.sleep(LEASE_SECONDS / 3)
+            async with self.sessions.begin() as s:
+                result = await s.execute(
+                    update(Batch)
+                    .where(Batch.id == batch_id, Batch.lease_owner == self.owner)
+                    .values(lease_until=_now() + timedelta(seconds=LEASE_SECONDS))
+                )
+            if not result.rowcount:  # type: ignore[attr-defined]
+                lost.set()
+                return
+
+    async def _release(self, batch_id: str) -> None:
+        # An expired lease (not a cleared one) marks an unfinished batch as ready to resume.
+        async with self.sessions.begin() as s:
+            await s.execute(
+                update(Batch)
+                .where(Batch.id == batch_id, Batch.lease_owner == self.owner)
+                .values(lease_owner=None, lease_until=_now())
+            )
+
+    # --- running --------------------------------------------------------------------------------
+
+    async def run(self, batch_id: str) -> str | None:
+        """Run (or resume) a batch. Returns its final status, or None when another worker holds
+        it or it is already finished."""
+        if not await self._acquire(batch_id):
+            return None
+        lost = asyncio.Event()
+        heartbeat = asyncio.create_task(self._heartbeat(batch_id, lost))
+        try:
+            return await self._run(batch_id, lost)
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            await self._release(batch_id)
+
+    async def _run(self, batch_id: str, lost: asyncio.Event) -> str:
+        async with self.sessions.begin() as s:
+            batch = await s.get(Batch, batch_id)
+            assert batch is not None
+            if batch.status == "validating":
+                batch.status, batch.in_progress_at = "in_progress", _now()
+            for attr, purpose in (
+                ("output_file_id", "batch_output"),
+                ("error_file_id", "batch_error"),
+            ):
+                if getattr(batch, attr) is None:
+                    fid = new_file_id()
+                    setattr(batch, attr, fid)
+                    s.add(
+                        StoredFile(
+                            id=fid,
+                            user_id=batch.user_id,
+                            filename=f"{batch_id}_{purpose.split('_')[1]}.jsonl",
+                            purpose=purpose,
+                            bytes=0,
+                        )
+                    )
+            user_id, endpoint = batch.user_id, batch.endpoint
+            owner = await s.get(User, user_id)
+            tier = owner.tier if owner is not None else "free"
+            input_id, out_id, err_id = (
+                batch.input_file_id,
+                batch.output_file_id,
+                batch.error_file_id,
+            )
+            status = batch.status
+        assert out_id is not None and err_id is not None
+        out_path, err_path = self.files.path(out_id), self.files.path(err_id)
+        done_ok = _custom_ids(LineAppender.recover(out_path))
+        done_err = _custom_ids(LineAppender.recover(err_path))
+        lines = iter_lines(self.files.read(input_id))
+        pending = [
+            ln for ln in lines if ln.custom_id not in done_ok and ln.custom_id not in done_err
+        ]
+        await self._set_counts(batch_id, len(lines), len(done_ok), len(done_err))
+        if status != "cancelling" and pending:
+            out, err = LineAppender(out_path), LineAppender(err_path)
+            try:
+                owner_ctx = RequestContext(
+                    request_id="", user_id=user_id, tier=tier, batch_id=batch_id
+                )
+                await self._run_lines(owner_ctx, endpoint, pending, out, err, lost)
+            finally:
+                out.close()
+                err.close()
+        return await self._finalize(batch_id, out_id, err_id, lost)
+
+    async def _run_lines(
+        self,
+        owner: RequestContext,
+        endpoint: str,
+        pending: list[BatchLine],
+        out: LineAppender,
+        err: LineAppender,
+        lost: asyncio.Event,
+    ) -> None:
+        batch_id = owner.batch_id
+        assert batch_id is not None
+        queue: asyncio.Queue[BatchLine] = asyncio.Queue()
+        for line in pending:
+            queue.put_nowait(line)
+        stop = asyncio.Event()
+        counts = {"completed": 0, "failed": 0}
+
+        async def watch_cancel() -> None:
+            while not stop.is_set():
+                await asyncio.sleep(1.0)
+                async with self.sessions() as s:
+                    status = await s.scalar(select(Batch.status).where(Batch.id == batch_id))
+                if status in ("cancelling", "cancelled") or lost.is_set():
+                    stop.set()
+
+        async def flush_counts() -> None:
+            while True:
+                await asyncio.sleep(0.5)
+                await self._add_counts(batch_id, counts)
+
+        async def worker() -> None:
+            while not stop.is_set():
+                try:
+                    line = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                record, ok = await self._run_line(owner, endpoint, line, stop)
+                if record is None:  # cancelled before it finished: not written, not counted
+                    return
+                (out if ok else err).append(record)
+                counts["completed" if ok else "failed"] += 1
+
+        watcher = asyncio.create_task(watch_cancel())
+        flusher = asyncio.create_task(flush_counts())
+        try:
+            await asyncio.gather(*(worker() for _ in range(self.config.concurrency)))
+        finally:
+            stop.set()
+            for task in (watcher, flusher):
+                task.cancel()
+            await asyncio.gather(watcher, flusher, return_exceptions=True)
+            await self._add_counts(batch_id, counts)
+
+    async def _run_line(
+        self, owner: RequestContext, endpoint: str, line: BatchLine, stop: asyncio.Event
+    ) -> tuple[bytes | None, bool]:
+        """Run one line with bounded retries. Returns (result line, succeeded), or (None, _)
+        when the batch was cancelled first. Client errors (4xx) fail at once; overload, server
+        and unexpected errors are retried with backoff until the attempt limit."""
+        batch_id = owner.batch_id
+        assert batch_id is not None
+        attempt = await self._bump_attempt(batch_id, line.custom_id)
+        while True:
+            if attempt > self.config.max_attempts:
+                return _error_line(line, "", _MAX_ATTEMPTS), False
+            if stop.is_set():
+                return None, False
+            ctx = replace(owner, request_id=new_request_id())
+            try:
+                body = await self._call(endpoint, line.body, ctx)
+                return _result_line(line, ctx.request_id, body), True
+            except APIError as exc:
+                error = exc
+                if exc.status_code < 500 and exc.status_code != 429:
+                    return _error_line(line, ctx.request_id, exc), False
+            except Exception as exc:  # a bug or a poison line: bounded retries, then error file
+                log.warning("batch_line_failed", batch_id=batch_id, line=line.line, exc_info=exc)
+                error = ServerError("Internal error while processing this request.")
+            if attempt >= self.config.max_attempts:
+                return _error_line(line, ctx.request_id, error), False
+            backoff = self.config.retry_base_seconds * 2 ** (attempt - 1)
+            await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+            attempt = await self._bump_attempt(batch_id, line.custom_id)
+
+    async def _call(
+        self, endpoint: str, body: dict[str, Any], ctx: RequestContext
+    ) -> dict[str, Any]:
+        if endpoint == "/v1/chat/completions":
+            chat = await self.llm.chat(ChatCompletionRequest.model_validate(body), ctx)
+            return chat.model_dump(mode="json")
+        if endpoint == "/v1/completions":
+            comp = await self.llm.completion(CompletionRequest.model_validate(body), ctx)
+            return comp.model_dump(mode="json")
+        raise InvalidRequestError(f"Unsupported endpoint {endpoint}")
+
+    async def _bump_attempt(self, batch_id: str, custom_id: str) -> int:
+        async with self.sessions.begin() as s:
+            row = await s.get(BatchAttempt, (batch_id, custom_id))
+            if row is None:
+                row = BatchAttempt(batch_id=batch_id, custom_id=custom_id, attempts=0)
+                s.add(row)
+            row.attempts += 1
+            return row.attempts
+
+    async def _set_counts(self, batch_id: str, total: int, ok: int, failed: int) -> None:
+        async with self.sessions.begin() as s:
+            await s.execute(
+                update(Batch)
+                .where(Batch.id == batch_id)
+                .values(total=total, completed=ok, failed=failed)
+            )
+
+    async def _add_counts(self, batch_id: str, counts: dict[str, int]) -> None:
+        if not counts["completed"] and not counts["failed"]:
+            return
+        ok, failed = counts["completed"], counts["failed"]
+        counts["completed"] = counts["failed"] = 0
+        async with self.sessions.begin() as s:
+            await s.execute(
+                update(Batch)
+                .where(Batch.id == batch_id)
+                .values(completed=Batch.completed + ok, failed=Batch.failed + failed)
+            )
+
+    async def _finalize(self, batch_id: str, out_id: str, err_id: str, lost: asyncio.Event) -> str:
+        if lost.is_set():
+            return "in_progress"  # another worker owns it now
+        async with self.sessions.begin() as s:
+            batch = await s.get(Batch, batch_id)
+            assert batch is not None
+            now = _now()
+            for fid in (out_id, err_id):
+                stored = await s.get(StoredFile, fid)
+                if stored is not None:
+                    stored.bytes = self.files.size(fid)
+            done = batch.completed + batch.failed
+            if batch.status in ("cancelling", "cancelled"):
+                batch.status, batch.cancelled_at = "cancelled", batch.cancelled_at or now
+            elif done >= batch.total:
+                batch.finalizing_at = batch.finalizing_at or now
+                batch.status, batch.completed_at = "completed", now
+            return batch.status
+
+
+def _custom_ids(lines: list[bytes]) -> set[str]:
+    ids: set[str] = set()
+    for raw in lines:
+        try:
+            ids.add(orjson.loads(raw)["custom_id"])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            continue
+    return ids
+
+
+def _result_line(line: BatchLine, request_id: str, body: dict[str, Any]) -> bytes:
+    return orjson.dumps(
+        {
+            "id": f"batch_req_{request_id}",
+            "custom_id": line.custom_id,
+            "response": {"status_code": 200, "request_id": request_id, "body": body},
+            "error": None,
+        }
+    )
+
+
+def _error_line(line: BatchLine, request_id: str, exc: APIError) -> bytes:
+    return orjson.dumps(
+        {
+            "id": f"batch_req_{request_id or time.time_ns()}",
+            "custom_id": line.custom_id,
+            "response": {
+                "status_code": exc.status_code,
+                "request_id": request_id,
+                "body": exc.to_dict(),
+            },
+            "error": {"code": exc.code or exc.type, "message": exc.message},
+        }
+    )

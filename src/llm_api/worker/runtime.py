@@ -1,0 +1,61 @@
+"""What a batch worker process holds: one event loop on a background thread, the model
+service, the database and the runner. Built once per process on first use.
+
+The loop runs forever on its own thread so the reaper keeps working between tasks; Celery's
+(synchronous) task bodies hand coroutines to it and wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from llm_api.core.config import Settings
+from llm_api.db.engine import build_engine, build_sessionmaker
+from llm_api.services.batches.runner import BatchRunner, BatchRunnerConfig
+from llm_api.services.batches.storage import FileStore
+
+T = TypeVar("T")
+
+
+class WorkerRuntime:
+    def __init__(self, settings: Settings) -> None:
+        from llm_api.main import build_llm_service
+
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="batch-loop", daemon=True
+        )
+        self._thread.start()
+        self.engine = build_engine(settings)
+        self.sessions = build_sessionmaker(self.engine)
+        self.llm = build_llm_service(settings)
+        self.run(self.llm.start())
+        self.runner = BatchRunner(
+            self.sessions,
+            self.llm,
+            FileStore(settings.data_dir / "files"),
+            BatchRunnerConfig(concurrency=settings.batch_concurrency),
+        )
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.submit(coro).result()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+
+_runtime: WorkerRuntime | None = None
+_lock = threading.Lock()
+
+
+def get_runtime() -> WorkerRuntime:
+    global _runtime  # one per worker process, created lazily after fork
+    with _lock:
+        if _runtime is None:
+            _runtime = WorkerRuntime(Settings())
+        return _runtime

@@ -1,0 +1,37 @@
+"""Celery tasks. `celery -A llm_api.worker.tasks worker` (or `llm-api worker`) runs them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from celery.signals import worker_ready
+
+from llm_api.core.config import Settings
+from llm_api.services.batches.dispatcher import dispatch_forever
+from llm_api.worker.celery_app import make_celery
+from llm_api.worker.runtime import get_runtime
+
+log = structlog.get_logger(__name__)
+
+app = make_celery(Settings())
+RUN_BATCH = "llm_api.run_batch"
+
+
+@app.task(name=RUN_BATCH)  # type: ignore[untyped-decorator]
+def run_batch(batch_id: str) -> str | None:
+    """Run or resume one batch; a no-op when another worker holds it or it has finished."""
+    runtime = get_runtime()
+    status = runtime.run(runtime.runner.run(batch_id))
+    log.info("batch_task_done", batch_id=batch_id, status=status)
+    return status
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator]
+def _start_reaper(**_: Any) -> None:
+    runtime = get_runtime()  # loads the model before the first task arrives
+
+    async def enqueue(batch_id: str) -> None:
+        run_batch.delay(batch_id)
+
+    runtime.submit(dispatch_forever(runtime.sessions, enqueue, interval=10.0, stranded_only=True))
