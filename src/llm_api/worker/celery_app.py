@@ -11,6 +11,8 @@ from celery import Celery
 
 from llm_api.core.config import Settings
 
+RUN_BATCH = "llm_api.run_batch"  # the task name the API sends and workers consume
+
 
 def make_celery(settings: Settings) -> Celery:
     if not settings.redis_url:

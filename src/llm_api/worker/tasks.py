@@ -9,13 +9,12 @@ from celery.signals import worker_ready
 
 from llm_api.core.config import Settings
 from llm_api.services.batches.dispatcher import dispatch_forever
-from llm_api.worker.celery_app import make_celery
+from llm_api.worker.celery_app import RUN_BATCH, make_celery
 from llm_api.worker.runtime import get_runtime
 
 log = structlog.get_logger(__name__)
 
 app = make_celery(Settings())
-RUN_BATCH = "llm_api.run_batch"
 
 
 @app.task(name=RUN_BATCH)  # type: ignore[untyped-decorator]

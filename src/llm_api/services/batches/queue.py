@@ -33,7 +33,7 @@ class CeleryBatchQueue:
         self._app = configure(Celery("llm_api", broker=broker_url))
 
     async def enqueue(self, batch_id: str) -> None:
-        from llm_api.worker.tasks import RUN_BATCH
+        from llm_api.worker.celery_app import RUN_BATCH
 
         try:
             await asyncio.to_thread(self._app.send_task, RUN_BATCH, args=[batch_id])

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Query
 
-from llm_api.api.deps import BatchServiceDep, UserId, StateDep
+from llm_api.api.deps import BatchServiceDep, StateDep, UserId
 from llm_api.schemas.batches import BatchList, BatchObject, CreateBatchRequest
 from llm_api.services.batches.service import batch_object
 
