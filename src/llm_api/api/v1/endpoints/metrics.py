@@ -7,14 +7,17 @@ Under gunicorn (PROMETHEUS_MULTIPROC_DIR set) the values of all workers are merg
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
+from collections.abc import Callable
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_fastapi_instrumentator import Instrumentator
+from prometheus_fastapi_instrumentator import metrics as http_metrics
 
 from llm_api.api.deps import StateDep
 from llm_api.api.security import authenticate, bearer_credential
@@ -52,6 +55,16 @@ async def metrics(request: Request, state: StateDep) -> Response:
     return Response(generate_latest(_registry()), media_type=CONTENT_TYPE_LATEST)
 
 
+@functools.cache
+def _http_instrumentation() -> Callable[[http_metrics.Info], None]:
+    """The instrumentator's default metrics, created once per process: Prometheus collectors are
+    process-global, and a second create_app() (tests) would otherwise get none at all."""
+    # llm_api_http_requests_total, llm_api_http_request_duration_seconds, ...
+    instrumentation = http_metrics.default(metric_namespace="llm_api")
+    assert instrumentation is not None
+    return instrumentation
+
+
 def install_http_metrics(app: FastAPI) -> None:
     """The guide's prometheus-fastapi-instrumentator (pure ASGI middleware): request counts,
     sizes and latency by route template. Unmatched paths are not recorded at all, so random
@@ -60,4 +73,4 @@ def install_http_metrics(app: FastAPI) -> None:
         should_group_status_codes=True,
         should_ignore_untemplated=True,
         excluded_handlers=["^/metrics$"],
-    ).instrument(app, metric_namespace="llm_api")  # llm_api_http_requests_total, ...
+    ).add(_http_instrumentation()).instrument(app)
