@@ -8,6 +8,10 @@ from collections.abc import AsyncIterator
 import openai
 import pytest
 
+from llm_api.core import metrics
+from llm_api.schemas.chat import ChatCompletionRequest
+from llm_api.services.cache.service import CachePolicy
+from llm_api.services.llm.types import RequestContext
 from tests.conftest import MODEL
 from tests.usage.conftest import SHORT, Running, chat_body, nonce, running_app
 
@@ -208,3 +212,32 @@ async def test_cache_needs_credentials_like_everything_else(env: Running) -> Non
         await env.client("sk-wrong").chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=0
         )
+
+
+async def test_cancelled_stream_is_not_cached(env: Running) -> None:
+    """A stream the client abandons is never stored (its text is incomplete)."""
+    user_id, _ = await env.user()
+    responses = env.state.responses
+    body = chat_body(f"Write a long story about a cat {nonce()}", max_tokens=64, stop=None)
+    request = ChatCompletionRequest.model_validate({**body, "stream": True})
+    ctx = RequestContext(request_id=nonce(), user_id=user_id)
+    chunks = await responses.chat_stream(request, ctx, CachePolicy())
+    assert ctx.cache == "miss"
+    seen = [await anext(chunks) for _ in range(3)]  # role chunk and some content
+    assert seen[1].choices[0].delta.content
+    await chunks.aclose()  # what Starlette does when the client disconnects
+    again = RequestContext(request_id=nonce(), user_id=user_id)
+    replay = await responses.chat_stream(request, again, CachePolicy(write=False))
+    assert again.cache == "miss"
+    await replay.aclose()
+
+
+async def test_hits_and_misses_are_counted_in_metrics(env: Running) -> None:
+    _, key = await env.user()
+    hits = metrics.CACHE_HITS.labels(cache="response")
+    misses = metrics.CACHE_MISSES.labels(cache="response")
+    before = hits._value.get(), misses._value.get()
+    body = chat_body(f"Say one {nonce()}")
+    await post(env, key, body)
+    await post(env, key, body)
+    assert (hits._value.get() - before[0], misses._value.get() - before[1]) == (1, 1)

@@ -22,6 +22,7 @@ from typing import TypeVar
 import structlog
 from pydantic import BaseModel, ValidationError
 
+from llm_api.core import metrics
 from llm_api.core.config import Settings
 from llm_api.schemas.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 from llm_api.schemas.common import SamplingFields
@@ -128,12 +129,14 @@ class CachedLLMService:
         started = time.perf_counter()
         raw = await self.store.get(plan.key)
         if raw is None:
+            metrics.CACHE_MISSES.labels(cache="response").inc()
             return None
         try:
             entry = CachedResponse.model_validate_json(raw)
         except ValidationError:
             log.warning("cache_entry_invalid", key=plan.key)
             return None
+        metrics.CACHE_HITS.labels(cache="response").inc()
         ctx.cache, ctx.model = "hit", plan.config.id
         ctx.prompt_tokens, ctx.completion_tokens = entry.prompt_tokens, entry.completion_tokens
         elapsed = (time.perf_counter() - started) * 1000

@@ -51,7 +51,7 @@ class DurableBuffer:
 
     # --- writing (on the event loop, one syscall per record) ----------------------------------
 
-    def _open_segment(self) -> None:
+    def _create_segment(self) -> tuple[int, Path]:
         self._seq += 1
         path = self.dir / f"{self._prefix}-{self._seq:06d}{OPEN_SUFFIX}"
         # Created and locked under a name scanners ignore, then renamed (the lock stays with the
@@ -60,7 +60,17 @@ class DurableBuffer:
         fd = os.open(creating, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.rename(creating, path)
-        self._fd, self._path, self._written = fd, path, 0
+        return fd, path
+
+    def _open_segment(self) -> None:
+        self._fd, self._path = self._create_segment()
+        self._written = 0
+
+    @staticmethod
+    def _close_segment(fd: int, path: Path) -> None:
+        os.fsync(fd)
+        os.rename(path, path.with_suffix(CLOSED_SUFFIX))
+        os.close(fd)  # closing drops the flock, after the rename
 
     def append(self, record: dict[str, Any]) -> None:
         """One `write` of one whole line: the kernel appends it atomically, so a kill leaves
@@ -88,11 +98,13 @@ class DurableBuffer:
         async with self._lock:
             if self._written == 0 or self._path is None:
                 return
+            # File-system calls run in a thread: under I/O pressure a rename or fsync can take
+            # 100+ ms, which must not stall the event loop. Records appended meanwhile go to
+            # the old segment, which is closed only after the swap below.
+            new_fd, new_path = await asyncio.to_thread(self._create_segment)
             fd, path = self._fd, self._path
-            self._open_segment()
-            await asyncio.to_thread(os.fsync, fd)
-            os.rename(path, path.with_suffix(CLOSED_SUFFIX))
-            os.close(fd)  # closing drops the flock, after the rename
+            self._fd, self._path, self._written = new_fd, new_path, 0
+            await asyncio.to_thread(self._close_segment, fd, path)
 
     async def close(self) -> None:
         await self.rotate()

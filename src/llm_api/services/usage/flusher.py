@@ -22,6 +22,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from llm_api.core.config import Settings
+from llm_api.core.metrics import USAGE_BUFFER_BACKLOG
 from llm_api.services.usage.buffer import DurableBuffer
 from llm_api.services.usage.repository import delete_conversations_before, insert_records
 
@@ -91,17 +92,20 @@ class UsageFlusher:
         async with self._flush_lock:
             try:
                 await self.buffer.rotate()
-                for segment in self.buffer.closed_segments():
-                    records = self.buffer.read_segment(segment)
+                # File-system work in threads: it must never stall the event loop.
+                segments = await asyncio.to_thread(self.buffer.closed_segments)
+                for segment in segments:
+                    records = await asyncio.to_thread(self.buffer.read_segment, segment)
                     if records:
                         async with self.sessions.begin() as session:
                             await insert_records(session, records)
-                    self.buffer.remove(segment)
+                    await asyncio.to_thread(self.buffer.remove, segment)
                     self.flushed += len(records)
             except Exception as exc:  # the DB is down or slow: keep the files, retry later
                 self.failures += 1
                 log.warning("usage_flush_failed", error=type(exc).__name__, failures=self.failures)
                 return False
+            USAGE_BUFFER_BACKLOG.set(self.buffer.pending_in_current)
             if self.failures:
                 log.info("usage_flush_recovered", after_failures=self.failures)
             self.failures = 0

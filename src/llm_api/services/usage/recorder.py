@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from llm_api.core.metrics import USAGE_BUFFER_BACKLOG
 from llm_api.schemas.chat import ChatCompletionRequest
 from llm_api.schemas.completions import CompletionRequest
 from llm_api.services.cache.service import ResponseEvent
@@ -50,6 +51,7 @@ class UsageRecorder:
                 "stream": rec.stream,
             }
         )
+        USAGE_BUFFER_BACKLOG.inc()
 
     def on_response(self, event: ResponseEvent) -> None:
         """The guide's `log_conversation`, made durable. Opt-outs are applied by the flusher, so
