@@ -1,4 +1,7 @@
-"""Dependencies, named as types so route signatures read like sentences."""
+"""Dependencies, named as types so route signatures read like sentences.
+
+Dependencies are `async def` even when they do not await: FastAPI runs a plain `def`
+dependency in the thread pool, a hop that costs more than the work itself on every request."""
 
 from __future__ import annotations
 
@@ -21,29 +24,29 @@ from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.types import RequestContext
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     state: AppState = request.app.state.llm_api
     return state
 
 
-def get_settings(state: Annotated[AppState, Depends(get_state)]) -> Settings:
+async def get_settings(state: Annotated[AppState, Depends(get_state)]) -> Settings:
     return state.settings
 
 
-def get_llm_service(state: Annotated[AppState, Depends(get_state)]) -> LLMService:
+async def get_llm_service(state: Annotated[AppState, Depends(get_state)]) -> LLMService:
     return state.llm
 
 
-def get_responses(state: Annotated[AppState, Depends(get_state)]) -> CachedLLMService:
+async def get_responses(state: Annotated[AppState, Depends(get_state)]) -> CachedLLMService:
     assert state.responses is not None, "built in the lifespan"
     return state.responses
 
 
-def get_cache_policy(request: Request) -> CachePolicy:
+async def get_cache_policy(request: Request) -> CachePolicy:
     return CachePolicy.from_header(request.headers.get("cache-control"))
 
 
-def get_request_context(
+async def get_request_context(
     request: Request, principal: Annotated[Principal, Depends(get_principal)]
 ) -> RequestContext:
     client = request.client.host if request.client else None
@@ -77,7 +80,7 @@ async def get_db(state: Annotated[AppState, Depends(get_state)]) -> AsyncIterato
         await session.commit()
 
 
-def get_auth(state: Annotated[AppState, Depends(get_state)]) -> AuthServices:
+async def get_auth(state: Annotated[AppState, Depends(get_state)]) -> AuthServices:
     if state.auth is None:
         raise ServiceUnavailableError("Accounts are not available yet; retry shortly.")
     return state.auth
@@ -97,7 +100,7 @@ CurrentUser = Annotated[Principal, Depends(get_current_user)]
 AdminUser = Annotated[Principal, Depends(get_admin)]
 
 
-def get_user_id(user: CurrentUser) -> str:
+async def get_user_id(user: CurrentUser) -> str:
     assert user.user_id is not None  # get_current_user refuses callers without an account
     return user.user_id
 
@@ -105,7 +108,7 @@ def get_user_id(user: CurrentUser) -> str:
 UserId = Annotated[str, Depends(get_user_id)]
 
 
-def get_batch_service(state: StateDep, db: DbSession) -> BatchService:
+async def get_batch_service(state: StateDep, db: DbSession) -> BatchService:
     if state.files is None:
         raise ServiceUnavailableError("Batch jobs are not available yet; retry shortly.")
     settings = state.settings

@@ -84,13 +84,13 @@ async def authenticate(request: Request) -> Principal | None:
         ) from exc
 
 
-def get_principal(principal: Annotated[Principal | None, Depends(authenticate)]) -> Principal:
+async def get_principal(principal: Annotated[Principal | None, Depends(authenticate)]) -> Principal:
     if principal is None:  # only on a public route that asked for a principal anyway
         raise AuthenticationError()
     return principal
 
 
-def get_current_user(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+async def get_current_user(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
     """A signed-in user (account routes need an account; the auth-disabled anonymous caller
     has none)."""
     if principal.user_id is None:
@@ -98,7 +98,7 @@ def get_current_user(principal: Annotated[Principal, Depends(get_principal)]) ->
     return principal
 
 
-def get_admin(principal: Annotated[Principal, Depends(get_current_user)]) -> Principal:
+async def get_admin(principal: Annotated[Principal, Depends(get_current_user)]) -> Principal:
     if not principal.is_admin:
         raise PermissionDeniedError("This route is for administrators.")
     return principal

@@ -18,7 +18,7 @@ router = APIRouter(tags=["dashboard"])
 _SUMMARY_KEY = "dashboard.summary"
 
 
-def get_summary_service(state: StateDep) -> SummaryService:
+async def get_summary_service(state: StateDep) -> SummaryService:
     """One SummaryService per app (it keeps the counter samples the rate is taken from)."""
     service = state.extras.get(_SUMMARY_KEY)
     if service is None:
