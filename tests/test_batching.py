@@ -1,0 +1,309 @@
+"""Continuous batching of the local model (issue 8), functional (not timed): many streams at once,
+per-request parameters inside one batch, greedy output unchanged by concurrency, equality with
+the one-at-a-time engine, slots freed on disconnect, and requests beyond the KV budget queueing.
+
+Two apps: the session `app` (the built-in SmolLM2 entry: batched, 16 slots) and a small one here
+whose model has 2 slots, so that "full" is easy to reach."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import yaml
+
+from llm_api.schemas.chat import ChatCompletionRequest
+from llm_api.services.llm.backends.llama_batched import LlamaBatchedBackend
+from llm_api.services.llm.backends.llama_cpp import LlamaCppBackend
+from llm_api.services.llm.registry import builtin_registry
+from llm_api.services.llm.types import GenerationRequest, Message, RequestContext, SamplingParams
+from tests.conftest import MODEL, create_account, running_app
+from tests.conftest import test_settings as make_settings
+
+pytestmark = pytest.mark.model
+
+SMALL = "smollm2-2-slots"
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "List three facts about the Moon.",
+    "Explain what a compiler does.",
+    "Describe a sunrise in the mountains.",
+]
+
+
+def _engine(app: Any, model: str = MODEL) -> Any:
+    backend = app.state.llm_api.llm.backends[model]
+    assert isinstance(backend, LlamaBatchedBackend), (
+        "the built-in model must use the batched engine"
+    )
+    return backend.engine
+
+
+@pytest.fixture(scope="module")
+async def small_app(session_tmp: Path) -> AsyncIterator[Any]:
+    tmp = session_tmp / "batching"
+    tmp.mkdir(parents=True, exist_ok=True)
+    entry = builtin_registry().models[0].model_dump(exclude_none=True)
+    entry.pop("concurrency")
+    # n_batch 64: a prompt of a few hundred tokens needs several steps of prefill.
+    entry.update(id=SMALL, slots=2, context_length=1024, max_queue=16, n_batch=64)
+    registry = tmp / "models.yaml"
+    registry.write_text(yaml.safe_dump({"models": [entry]}))
+    async with running_app(make_settings(tmp, models_file=registry)) as application:
+        yield application
+
+
+@pytest.fixture(scope="module")
+async def small_client(small_app: Any) -> AsyncIterator[openai.AsyncOpenAI]:
+    import httpx
+
+    account = await create_account(small_app)
+    transport = httpx.ASGITransport(app=small_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        yield openai.AsyncOpenAI(
+            base_url="http://testserver/v1",
+            api_key=account.api_key,
+            http_client=http,
+            max_retries=0,
+        )
+
+
+async def _stream(client: openai.AsyncOpenAI, model: str = MODEL, **kw: Any) -> dict[str, Any]:
+    """One streamed chat completion: its text, finish_reason and usage."""
+    content = kw.pop("content", PROMPTS[0])
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": content}],
+        stream=True,
+        stream_options={"include_usage": True},
+        **kw,
+    )
+    text, finish, usage = [], None, None
+    async for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    return {"text": "".join(text), "finish": finish, "usage": usage}
+
+
+async def test_sixteen_concurrent_streams_complete_with_correct_usage(
+    client: openai.AsyncOpenAI, app: Any
+) -> None:
+    engine = _engine(app)
+    solo = await _stream(client, content=PROMPTS[1], max_tokens=12, temperature=0)
+    steps_before = engine.steps
+    results = await asyncio.gather(
+        *(
+            _stream(client, content=PROMPTS[i % 4], max_tokens=12, temperature=0.8, seed=i)
+            for i in range(16)
+        )
+    )
+    steps = engine.steps - steps_before
+    total = 0
+    for i, r in enumerate(results):
+        assert r["finish"] in ("stop", "length")
+        u = r["usage"]
+        assert u is not None and u.total_tokens == u.prompt_tokens + u.completion_tokens
+        assert 1 <= u.completion_tokens <= 12
+        if r["finish"] == "length":
+            assert u.completion_tokens == 12
+        if i % 4 == 1:  # same prompt as `solo`: same prompt token count
+            assert u.prompt_tokens == solo["usage"].prompt_tokens
+        total += u.completion_tokens
+    # Batched: far fewer decode steps than tokens (one at a time would need one step per token).
+    assert steps < total / 2, (steps, total)
+
+
+async def test_per_request_parameters_hold_inside_one_batch(client: openai.AsyncOpenAI) -> None:
+    """max_tokens, stop and json_schema are per sequence, while others share the batch."""
+    # A stop string that the greedy continuation of PROMPTS[2] is known to contain.
+    free = await _stream(client, content=PROMPTS[2], max_tokens=40, temperature=0)
+    words = free["text"].split()
+    assert len(words) > 8, free
+    stop = " " + words[6]
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+    }
+    short, stopped, unstopped, structured, *others = await asyncio.gather(
+        _stream(client, content=PROMPTS[0], max_tokens=5, temperature=0.7),
+        _stream(client, content=PROMPTS[2], max_tokens=40, temperature=0, stop=[stop]),
+        _stream(client, content=PROMPTS[2], max_tokens=40, temperature=0),
+        _stream(
+            client,
+            content="Give a person's name and age as JSON.",
+            max_tokens=60,
+            temperature=0.7,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "person", "schema": schema},
+            },
+        ),
+        *(_stream(client, content=p, max_tokens=40, temperature=0.7) for p in PROMPTS),
+    )
+    assert short["finish"] == "length" and short["usage"].completion_tokens == 5
+    assert stopped["finish"] == "stop"
+    assert stop not in stopped["text"]
+    assert stopped["usage"].completion_tokens < 40
+    assert stop in unstopped["text"], "the stop string only ends its own stream"
+    assert unstopped["text"].startswith(stopped["text"])
+    data = json.loads(structured["text"])
+    assert isinstance(data["name"], str) and isinstance(data["age"], int)
+    for r in others:
+        assert r["finish"] in ("stop", "length") and r["usage"].completion_tokens >= 1
+
+
+async def test_greedy_output_identical_with_and_without_concurrency(
+    client: openai.AsyncOpenAI,
+) -> None:
+    solo = [await _stream(client, content=p, max_tokens=24, temperature=0) for p in PROMPTS]
+    together = await asyncio.gather(
+        *(_stream(client, content=p, max_tokens=24, temperature=0) for p in PROMPTS * 2)
+    )
+    for i, r in enumerate(together):
+        assert r["text"] == solo[i % 4]["text"], i
+
+
+def _request(temperature: float, seed: int | None, content: str) -> GenerationRequest:
+    return GenerationRequest(
+        request_id="eq",
+        model=MODEL,
+        params=SamplingParams(max_tokens=48, temperature=temperature, top_p=0.95, seed=seed),
+        messages=[Message("user", content)],
+    )
+
+
+async def _collect(backend: Any, req: GenerationRequest) -> tuple[str, str | None, int | None]:
+    await backend.prepare(req)
+    parts, finish, n = [], None, None
+    async for chunk in backend.generate(req):
+        parts.append(chunk.text)
+        if chunk.finish_reason is not None:
+            finish, n = chunk.finish_reason, chunk.completion_tokens
+    return "".join(parts), finish, n
+
+
+async def test_one_sequence_matches_the_unbatched_engine(app: Any) -> None:
+    """Alone in the batch, a sequence decodes exactly as llama-cpp-python's Llama.generate does
+    (same sampler chain, same seed), greedy and seeded."""
+    batched = app.state.llm_api.llm.backends[MODEL]
+    config = builtin_registry().models[0].model_copy(update={"engine": "simple"})
+    simple = LlamaCppBackend(config, threads=batched._threads)
+    await simple.start(warmup=False)
+    try:
+        for temperature, seed, content in (
+            (0.0, None, PROMPTS[0]),
+            (0.8, 42, PROMPTS[1]),
+            (1.2, 7, PROMPTS[3]),
+        ):
+            expected = await _collect(simple, _request(temperature, seed, content))
+            got = await _collect(batched, _request(temperature, seed, content))
+            assert got == expected, (temperature, seed)
+    finally:
+        await simple.aclose()
+
+
+async def test_disconnect_frees_its_slot(small_app: Any) -> None:
+    """Closing a stream after a few chunks (what Starlette does when the client goes away)
+    frees the engine slot and the admission slot; the next requests run at once."""
+    service = small_app.state.llm_api.llm
+    engine, gate = _engine(small_app, SMALL), service.gates[SMALL]
+    req = ChatCompletionRequest.model_validate(
+        {
+            "model": SMALL,
+            "messages": [{"role": "user", "content": PROMPTS[3]}],
+            "max_tokens": 500,
+            "temperature": 0.8,
+            "stream": True,
+        }
+    )
+    streams = [await service.chat_stream(req, RequestContext(request_id=f"d{i}")) for i in (0, 1)]
+    for stream in streams:
+        for _ in range(3):
+            await anext(stream)
+    assert engine.running == 2 and gate.running == 2
+    for stream in streams:
+        await stream.aclose()  # type: ignore[attr-defined]
+    for _ in range(100):  # the engine frees the slots at its next step
+        if engine.running == 0 and gate.running == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert engine.running == 0 and gate.running == 0
+    short = req.model_copy(update={"max_tokens": 4, "stream": False})
+    done = await asyncio.wait_for(
+        asyncio.gather(*(service.chat(short, RequestContext(request_id=f"n{i}")) for i in (0, 1))),
+        timeout=60,
+    )
+    assert all(c.usage.completion_tokens == 4 for c in done)
+
+
+async def test_requests_beyond_the_kv_budget_wait_instead_of_failing(
+    small_app: Any, small_client: openai.AsyncOpenAI
+) -> None:
+    """2 slots × 1024 tokens of KV: 6 requests at once run 2 at a time, the rest queue."""
+    engine, gate = _engine(small_app, SMALL), small_app.state.llm_api.llm.gates[SMALL]
+    most_running, most_waiting = 0, 0
+    stop = asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal most_running, most_waiting
+        while not stop.is_set():
+            most_running = max(most_running, engine.running)
+            most_waiting = max(most_waiting, gate.waiting)
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        results = await asyncio.gather(
+            *(
+                _stream(small_client, SMALL, content=PROMPTS[i % 4], max_tokens=16, temperature=0)
+                for i in range(6)
+            )
+        )
+    finally:
+        stop.set()
+        await watcher
+    assert all(r["finish"] in ("stop", "length") for r in results)
+    assert most_running == 2
+    assert most_waiting >= 1
+    assert gate.running == 0 and engine.running == 0
+
+
+async def test_long_prompt_prefill_does_not_freeze_a_running_stream(small_app: Any) -> None:
+    """Prefill is chunked (n_batch 64 per step here) and interleaved with decoding: while a
+    ~600-token prompt is evaluated, the running stream keeps receiving tokens."""
+    backend = small_app.state.llm_api.llm.backends[SMALL]
+    running = _request(0.8, 1, PROMPTS[0])
+    running.params.max_tokens = 300
+    long_prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 60)
+    late = _request(0.0, None, long_prompt + " Summarise this.")
+    late.params.max_tokens = 2
+    await backend.prepare(late)
+    assert late.prompt_tokens is not None and late.prompt_tokens > 500
+    seen: list[str] = []
+    at_first_token: list[int] = []
+
+    async def consume_running() -> None:
+        async for chunk in backend.generate(running):
+            seen.append(chunk.text)
+            if at_first_token:
+                break
+
+    async def start_late() -> None:
+        while len(seen) < 2:
+            await asyncio.sleep(0.01)
+        async for _chunk in backend.generate(late):
+            if not at_first_token:
+                at_first_token.append(len(seen))
+
+    await asyncio.wait_for(asyncio.gather(consume_running(), start_late()), timeout=120)
+    during_prefill = at_first_token[0] - 2
+    assert during_prefill >= 5, f"only {during_prefill} tokens while a 600-token prompt ran"
