@@ -15,8 +15,10 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from llm_api.services.cache.service import build_cache_store
+from llm_api.schemas.chat import ChatCompletionRequest
+from llm_api.services.cache.service import CachePolicy, build_cache_store
 from llm_api.services.cache.store import KEY_PREFIX, MemoryCacheStore, RedisCacheStore
+from llm_api.services.llm.types import RequestContext
 from tests.conftest import MODEL
 from tests.conftest import test_settings as make_settings
 from tests.usage.conftest import (
@@ -60,13 +62,14 @@ def test_redis_is_used_when_configured(tmp_path: Path) -> None:
 async def test_hits_come_from_redis_with_a_ttl(env: Running, shared_redis_url: str) -> None:
     store = RedisCacheStore(shared_redis_url, ttl_seconds=120, timeout_seconds=0.1)
     use_store(env, store)
-    _, alice = await env.user()
+    alice_id, alice = await env.user()
     _, bob = await env.user()
     body = chat_body(f"Say hi {nonce()}")
     assert (await post(env, alice, body))[0] == "miss"
-    keys = [k async for k in store.redis.scan_iter(match=f"{KEY_PREFIX}*", count=1000)]
-    ttls = [await store.redis.ttl(k) for k in keys]
-    assert keys and all(-1 != t <= 120 for t in ttls)  # every entry expires
+    request = ChatCompletionRequest.model_validate(body)
+    ctx = RequestContext(request_id=nonce(), user_id=alice_id)
+    plan = env.state.responses._plan("chat", request, ctx, CachePolicy())
+    assert 0 < await store.redis.ttl(KEY_PREFIX + plan.key) <= 120  # the entry expires
     state, hit = await post(env, alice, body)
     assert state == "hit"
     assert (await post(env, bob, body))[0] == "miss"  # tenant isolation on Redis too
