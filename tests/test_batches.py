@@ -98,6 +98,25 @@ async def test_fifty_line_batch_end_to_end(client: openai.AsyncOpenAI, app: Any)
     assert first["error"] is None
     listed = await client.batches.list(limit=100)
     assert batch.id in [b.id for b in listed.data]
+    # Every line went through the LLM service: one usage record each, carrying the batch id,
+    # with the same token counts as the output bodies.
+    state = app.state.llm_api
+    await state.usage.flush()
+    from sqlalchemy import func, select
+
+    from llm_api.db.tables import UsageRecord
+
+    async with state.db.sessions() as s:
+        count, tokens = (
+            await s.execute(
+                select(func.count(), func.sum(UsageRecord.completion_tokens)).where(
+                    UsageRecord.batch_id == batch.id
+                )
+            )
+        ).one()
+    bodies = [json.loads(line)["response"]["body"] for line in content.splitlines()]
+    assert count == 50
+    assert tokens == sum(b["usage"]["completion_tokens"] for b in bodies)
 
 
 async def test_malformed_lines_rejected_at_upload_with_line_numbers(

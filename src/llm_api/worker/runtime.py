@@ -17,6 +17,9 @@ from llm_api.core.config import Settings
 from llm_api.db.engine import build_engine, build_sessionmaker
 from llm_api.services.batches.runner import BatchRunner, BatchRunnerConfig
 from llm_api.services.batches.storage import FileStore
+from llm_api.services.cache.service import CachedLLMService
+from llm_api.services.rate_limit import RateLimiter, start_rate_limiter
+from llm_api.services.usage.pipeline import UsagePipeline
 
 T = TypeVar("T")
 
@@ -34,6 +37,9 @@ class WorkerRuntime:
         self.engine = build_engine(settings)
         self.sessions = build_sessionmaker(self.engine)
         self.llm = build_llm_service(settings)
+        # The same observers as the API process: usage records (with batch_id) through the
+        # durable buffer, and the rate limiter for the owner's daily token quota.
+        self.usage, self.limiter = self.run(self._observers())
         self.run(self.llm.start())
         self.runner = BatchRunner(
             self.sessions,
@@ -41,6 +47,18 @@ class WorkerRuntime:
             FileStore(settings.data_dir / "files"),
             BatchRunnerConfig(concurrency=settings.batch_concurrency),
         )
+
+    async def _observers(self) -> tuple[UsagePipeline, RateLimiter]:
+        usage = UsagePipeline(
+            self.settings, CachedLLMService(self.llm, None, self.settings), self.sessions
+        )
+        usage.start([])  # needs the running loop: its flusher tasks live on it
+        return usage, await start_rate_limiter(self.settings, self.llm)
+
+    def shutdown(self) -> None:
+        """Flush usage records before the process exits (warm shutdown)."""
+        self.run(self.usage.aclose())
+        self.run(self.limiter.aclose())
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.submit(coro).result()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutting_down
 
 from llm_api.core.config import Settings
 from llm_api.services.batches.dispatcher import dispatch_forever
@@ -34,3 +34,8 @@ def _start_reaper(**_: Any) -> None:
         run_batch.delay(batch_id)
 
     runtime.submit(dispatch_forever(runtime.sessions, enqueue, interval=10.0, stranded_only=True))
+
+
+@worker_shutting_down.connect  # type: ignore[untyped-decorator]
+def _flush_usage(**_: Any) -> None:
+    get_runtime().shutdown()
