@@ -23,6 +23,7 @@ import time
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
@@ -175,8 +176,11 @@ def build_redis(url: str, timeout_s: float, max_connections: int = 64) -> Redis:
 
 
 class RedisStore:
-    # After a failure, skip Redis this long instead of paying the timeout on every request.
+    # After FAILURES_TO_TRIP timeouts in a row (or one refused connection), skip Redis for
+    # BACKOFF_S instead of paying the timeout on every request; then try again. A single slow
+    # reply (an event loop stalled by a burst) does not trip it.
     BACKOFF_S = 1.0
+    FAILURES_TO_TRIP = 3
 
     def __init__(self, redis: Redis, prefix: str, timeout_s: float) -> None:
         self.redis = redis
@@ -186,6 +190,7 @@ class RedisStore:
         self._settle = redis.register_script(SETTLE)
         self._renew = redis.register_script(RENEW)
         self._down_until = 0.0
+        self._failures = 0
 
     def _key(self, spec: LimitSpec, suffix: str) -> str:
         return f"{{{self.prefix}}}:{spec.key}:{suffix}"
@@ -199,12 +204,20 @@ class RedisStore:
             raise StoreUnavailable("redis marked down")
         try:
             async with asyncio.timeout(self.timeout_s * 2):  # connect + command
-                return await script(keys=keys, args=args)  # type: ignore[operator]
+                result = await script(keys=keys, args=args)  # type: ignore[operator]
         except (RedisError, OSError, TimeoutError) as exc:
-            if not self.down:
-                log.warning("rate_limit_redis_unavailable", error=type(exc).__name__)
-            self._down_until = time.monotonic() + self.BACKOFF_S
+            self._failures += 1
+            refused = isinstance(exc, (RedisConnectionError, OSError)) and not isinstance(
+                exc,
+                TimeoutError,  # the builtin one is an OSError too
+            )
+            if refused or self._failures >= self.FAILURES_TO_TRIP:
+                if not self.down:
+                    log.warning("rate_limit_redis_unavailable", error=type(exc).__name__)
+                self._down_until = time.monotonic() + self.BACKOFF_S
             raise StoreUnavailable(str(exc)) from exc
+        self._failures = 0
+        return result
 
     async def admit(self, request_id: str, specs: list[LimitSpec]) -> Decision:
         keys: list[str] = []
