@@ -12,44 +12,95 @@ Cancellation: under uvicorn (ASGI spec 2.3) Starlette's StreamingResponse races 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import orjson
 import structlog
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
+from starlette.types import Send
 
 from llm_api.core.exceptions import APIError, ServerError
 
 log = structlog.get_logger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_KEEPALIVE = object()
 _END = object()
+# At most this many items wait between the source and the socket, and join into one write.
+_BATCH = 64
 
 
-async def _with_keepalive(items: AsyncIterator[Any], interval: float) -> AsyncIterator[Any]:
-    """Yield items; yield _KEEPALIVE whenever `interval` passes without one. The pending
-    `anext` is kept across timeouts (never cancelled), so no item is lost."""
-    pending: asyncio.Future[Any] | None = None
+class _Failed:
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+
+async def _batches(
+    items: AsyncIterator[Any], interval: float
+) -> AsyncGenerator[tuple[list[Any], bool], None]:
+    """Yield `(batch, last)`: every item the source produced since the previous batch, or an
+    empty batch (a keep-alive) when `interval` passes without any; `last` once it has ended.
+
+    Why a queue and one task per stream: the keep-alive needs the next item to be awaited
+    without cancelling it on a timeout (cancelling would tear down the generator chain), which
+    used to cost a task per item (`asyncio.wait` on `ensure_future(anext(...))`). Here one
+    pump task drives the source for the whole stream; a timeout cancels only our `get`, never
+    the source, so no item is lost. And the queue shows what is ready *now*: items that arrived
+    together (an upstream that sends several chunks per TCP read) leave in one write instead of
+    one socket write each — no buffering, nothing waits for a later item. The bound keeps
+    backpressure: a slow client stops the pump, and so the upstream read, after `_BATCH` items.
+    """
+    queue: asyncio.Queue[Any] = asyncio.Queue(_BATCH)
+
+    async def pump() -> None:
+        try:
+            async for item in items:
+                await queue.put(item)
+        except Exception as exc:  # handed over and raised in the consumer, in order
+            await queue.put(_Failed(exc))
+            return
+        finally:
+            await items.aclose()  # type: ignore[attr-defined]
+        await queue.put(_END)
+
+    task = asyncio.get_running_loop().create_task(pump())
     try:
         while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(items, _END))
-            done, _ = await asyncio.wait((pending,), timeout=interval)
-            if not done:
-                yield _KEEPALIVE
-                continue
-            item, pending = pending.result(), None
-            if item is _END:
+            if queue.empty():
+                try:
+                    async with asyncio.timeout(interval):
+                        first = await queue.get()
+                except TimeoutError:
+                    yield [], False
+                    continue
+            else:
+                first = queue.get_nowait()
+            batch = [first]
+            while len(batch) < _BATCH and not queue.empty():
+                batch.append(queue.get_nowait())
+            tail = batch[-1]
+            if tail is _END:
+                yield batch[:-1], True
                 return
-            yield item
+            if isinstance(tail, _Failed):
+                if len(batch) > 1:
+                    yield batch[:-1], False
+                raise tail.exc
+            yield batch, False
     finally:
-        if pending is not None:
-            pending.cancel()
-            await asyncio.gather(pending, return_exceptions=True)
-        await items.aclose()  # type: ignore[attr-defined]
+        if not task.done():
+            # Client gone or drain cut: cancellation reaches the backend (stops generating).
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+class FinalFrame(bytes):
+    """The last bytes of a stream: `StreamResponse` sends them with the end of the body (one
+    write, not two). Plain bytes to anything else."""
 
 
 def error_payload(exc: BaseException) -> dict[str, Any]:
@@ -61,35 +112,61 @@ def error_payload(exc: BaseException) -> dict[str, Any]:
 
 async def sse_frames(chunks: AsyncIterator[BaseModel], keepalive: float) -> AsyncIterator[bytes]:
     try:
-        async for chunk in _with_keepalive(chunks, keepalive):
-            if chunk is _KEEPALIVE:
-                yield b": keep-alive\n\n"
-            else:
-                yield b"data: " + chunk.model_dump_json().encode() + b"\n\n"
+        async with aclosing(_batches(chunks, keepalive)) as batches:
+            async for batch, last in batches:
+                if not batch and not last:
+                    yield b": keep-alive\n\n"
+                    continue
+                frames = b"".join(
+                    [b"data: " + c.model_dump_json().encode() + b"\n\n" for c in batch]
+                )
+                if last:
+                    yield FinalFrame(frames + b"data: [DONE]\n\n")
+                    return
+                yield frames
     except Exception as exc:  # after the first byte, errors travel in-band
         yield b"data: " + orjson.dumps(error_payload(exc)) + b"\n\n"
-    yield b"data: [DONE]\n\n"
+    yield FinalFrame(b"data: [DONE]\n\n")
 
 
 async def ndjson_lines(chunks: AsyncIterator[BaseModel], keepalive: float) -> AsyncIterator[bytes]:
     try:
-        async for chunk in _with_keepalive(chunks, keepalive):
-            if chunk is _KEEPALIVE:
-                yield b"\n"  # blank lines are skipped by NDJSON readers
-            else:
-                yield chunk.model_dump_json().encode() + b"\n"
+        async with aclosing(_batches(chunks, keepalive)) as batches:
+            async for batch, last in batches:
+                if not batch and not last:
+                    yield b"\n"  # blank lines are skipped by NDJSON readers
+                elif batch:
+                    lines = b"".join([c.model_dump_json().encode() + b"\n" for c in batch])
+                    yield FinalFrame(lines) if last else lines
     except Exception as exc:
-        yield orjson.dumps(error_payload(exc)) + b"\n"
+        yield FinalFrame(orjson.dumps(error_payload(exc)) + b"\n")
+
+
+class StreamResponse(StreamingResponse):
+    """Starlette's StreamingResponse, except that a `FinalFrame` goes out together with the end
+    of the body: one `send` (one socket write) fewer per stream."""
+
+    async def stream_response(self, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        async for chunk in self.body_iterator:
+            assert isinstance(chunk, bytes)
+            if isinstance(chunk, FinalFrame):
+                await send({"type": "http.response.body", "body": bytes(chunk), "more_body": False})
+                return
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def sse_response(chunks: AsyncIterator[BaseModel], keepalive: float) -> StreamingResponse:
-    return StreamingResponse(
+    return StreamResponse(
         sse_frames(chunks, keepalive), media_type="text/event-stream", headers=SSE_HEADERS
     )
 
 
 def ndjson_response(chunks: AsyncIterator[BaseModel], keepalive: float) -> StreamingResponse:
-    return StreamingResponse(
+    return StreamResponse(
         ndjson_lines(chunks, keepalive),
         media_type="application/x-ndjson",
         headers={"Cache-Control": "no-cache"},
