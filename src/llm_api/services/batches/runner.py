@@ -198,12 +198,16 @@ class BatchRunner:
         counts = {"completed": 0, "failed": 0}
 
         async def watch_cancel() -> None:
+            """Cancel stops the lines in flight too (their generations end at once; nothing
+            partial is written), so a cancel takes effect within about a second."""
             while not stop.is_set():
                 await asyncio.sleep(1.0)
                 async with self.sessions() as s:
                     status = await s.scalar(select(Batch.status).where(Batch.id == batch_id))
                 if status in ("cancelling", "cancelled") or lost.is_set():
                     stop.set()
+                    for task in workers:
+                        task.cancel()
 
         async def flush_counts() -> None:
             while True:
@@ -222,10 +226,14 @@ class BatchRunner:
                 (out if ok else err).append(record)
                 counts["completed" if ok else "failed"] += 1
 
+        workers = [asyncio.create_task(worker()) for _ in range(self.config.concurrency)]
         watcher = asyncio.create_task(watch_cancel())
         flusher = asyncio.create_task(flush_counts())
         try:
-            await asyncio.gather(*(worker() for _ in range(self.config.concurrency)))
+            results = await asyncio.gather(*workers, return_exceptions=True)
+            for result in results:  # a worker cancelled by watch_cancel is expected
+                if isinstance(result, Exception):
+                    raise result
         finally:
             stop.set()
             for task in (watcher, flusher):
