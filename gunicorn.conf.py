@@ -53,7 +53,9 @@ keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", 5))
 accesslog = None  # llm-api writes its own access log (middleware/access_log.py)
 errorlog = "-"
 loglevel = _settings.log_level.lower()
-forwarded_allow_ips = ",".join(_settings.trusted_proxies) or "127.0.0.1,::1"
+# The server itself believes no X-Forwarded-For: the app's ProxyHeadersMiddleware does that,
+# only for LLM_API_TRUSTED_PROXIES (walked right to left). Gunicorn's default would trust loopback.
+forwarded_allow_ips = ""
 if os.path.isdir("/dev/shm"):  # noqa: S108 - gunicorn's documented choice in containers
     worker_tmp_dir = "/dev/shm"  # noqa: S108 - heartbeat file off the (possibly slow) container disk
 
