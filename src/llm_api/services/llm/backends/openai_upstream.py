@@ -31,6 +31,7 @@ from llm_api.services.llm.types import GenerationChunk, GenerationRequest
 
 log = structlog.get_logger(__name__)
 _URL = re.compile(r"(https?|wss?)://\S+")
+MAX_LINE_BYTES = 4 * 1024 * 1024  # one SSE line (one chunk) larger than this is refused
 
 
 class OpenAIUpstreamBackend:
@@ -136,42 +137,55 @@ class OpenAIUpstreamBackend:
         completion_tokens: int | None = None
         pieces = 0
         loop = asyncio.get_running_loop()
-        while True:
+        # Read whatever bytes have arrived and split them into lines here, rather than one
+        # `readline()` (and one timeout context) per line: an upstream that sends many chunks
+        # per TCP read costs one await per read, not per chunk. The idle deadline moves on
+        # whenever a complete line arrives, as it did per line.
+        tail = b""
+        done = False
+        while not done:
             try:
                 async with asyncio.timeout_at(deadline):
-                    line = await resp.content.readline()
+                    data = await resp.content.readany()
             except TimeoutError:
                 raise UpstreamTimeoutError(
                     "The upstream model server stopped sending tokens."
                 ) from None
             except aiohttp.ClientError:
                 raise UpstreamError("The upstream connection failed mid-response.") from None
-            if not line:
-                break  # EOF
-            deadline = loop.time() + self.config.idle_timeout
-            line = line.strip()
-            if not line.startswith(b"data:"):
-                continue  # blank separators, comments, `event:` lines
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                break
-            try:
-                obj = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                raise UpstreamError("The upstream sent a malformed chunk.") from None
-            if "error" in obj:
-                raise UpstreamError(_clean(_error_message(obj)))
-            usage = obj.get("usage")
-            if usage:
-                prompt_tokens = usage.get("prompt_tokens")
-                completion_tokens = usage.get("completion_tokens")
-            for choice in obj.get("choices") or ():
-                text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
-                if text:
-                    pieces += 1
-                    yield GenerationChunk(text=text, tokens=1)
-                if choice.get("finish_reason"):
-                    finish = choice["finish_reason"]
+            if data:
+                *lines, tail = (tail + data).split(b"\n")
+                if lines:
+                    deadline = loop.time() + self.config.idle_timeout
+                elif len(tail) > MAX_LINE_BYTES:
+                    raise UpstreamError("The upstream sent an oversized chunk.")
+            else:  # EOF: a last line without its newline still counts
+                lines, tail, done = [tail], b"", True
+            for raw in lines:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue  # blank separators, comments, `event:` lines
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    done = True
+                    break
+                try:
+                    obj = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    raise UpstreamError("The upstream sent a malformed chunk.") from None
+                if "error" in obj:
+                    raise UpstreamError(_clean(_error_message(obj)))
+                usage = obj.get("usage")
+                if usage:
+                    prompt_tokens = usage.get("prompt_tokens")
+                    completion_tokens = usage.get("completion_tokens")
+                for choice in obj.get("choices") or ():
+                    text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+                    if text:
+                        pieces += 1
+                        yield GenerationChunk(text=text, tokens=1)
+                    if choice.get("finish_reason"):
+                        finish = choice["finish_reason"]
         if finish is None:
             raise UpstreamError("The upstream closed the stream before finishing.")
         yield GenerationChunk(
