@@ -210,6 +210,13 @@ class CachedLLMService:
             except Exception:  # a hook must never fail the response it observes
                 log.exception("response_hook_failed")
 
+    def _needs_text(self, plan: _Plan, policy: CachePolicy) -> bool:
+        """Whether a miss must remember the streamed text: to store it, or for a response hook
+        (the conversation log). Otherwise the stream passes through untouched: a request that
+        cannot be cached (temperature > 0, no seed) costs no per-chunk work here."""
+        storable = plan.key is not None and policy.write and self.store is not None
+        return storable or bool(self.response_hooks)
+
     async def _tee(
         self,
         chunks: AsyncIterator[C],
@@ -259,6 +266,8 @@ class CachedLLMService:
             self._emit(plan, ctx, req, [c.text for c in hit.choices], cache_hit=True)
             return hit.chat_chunks(ctx.request_id, include_usage)
         chunks = await self.llm.chat_stream(req, ctx)
+        if not self._needs_text(plan, policy):
+            return chunks
         return self._tee(chunks, _chat_pieces, plan, policy, ctx, req)
 
     # --- completions ----------------------------------------------------------------------------
@@ -286,6 +295,8 @@ class CachedLLMService:
             self._emit(plan, ctx, req, [c.text for c in hit.choices], cache_hit=True)
             return hit.completion_chunks(ctx.request_id, include_usage)
         chunks = await self.llm.completion_stream(req, ctx)
+        if not self._needs_text(plan, policy):
+            return chunks
         return self._tee(chunks, _completion_pieces, plan, policy, ctx, req)
 
 

@@ -27,7 +27,10 @@ class UsagePipeline:
         self.recorder = UsageRecorder(self.buffer, conversation_log=settings.conversation_log)
         self.flusher = UsageFlusher(self.buffer, sessions, settings)
         responses.llm.observers.append(self.recorder.on_completion)
-        responses.response_hooks.append(self.recorder.on_response)
+        if settings.conversation_log:
+            # Only then: with no response hook and no cache key the cache layer passes streams
+            # through untouched (no per-chunk tee).
+            responses.response_hooks.append(self.recorder.on_response)
 
     def start(self, on_drain: list[DrainHook]) -> None:
         """Start the loops; the first flush runs at once and replays whatever a previous
