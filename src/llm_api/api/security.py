@@ -74,6 +74,9 @@ async def authenticate(request: Request) -> Principal | None:
         raise AuthenticationError()
     if state.db is None or state.auth is None:
         raise ServiceUnavailableError("Authentication is not available yet; retry shortly.")
+    cached = state.auth.authenticator.cached(credential)
+    if cached is not None:  # a recently verified API key: no database session at all
+        return cached
     try:
         async with state.db.sessions() as db:
             return await state.auth.authenticator.authenticate(db, credential)

@@ -149,6 +149,14 @@ class Settings(BaseSettings):
     jwt_audience: str = Field("llm-api", description="JWT `aud` claim.")
     max_keys_per_user: int = Field(100, ge=1, description="Most active API keys per user.")
     access_token_minutes: int = Field(15, ge=1, description="Access-token lifetime.")
+    api_key_cache_seconds: float = Field(
+        5.0,
+        ge=0,
+        le=60,
+        description="Seconds a verified API key is trusted without a database read (per "
+        "process; 0 = read on every request). Revocation, deactivation and tier changes apply "
+        "at once on the process that made them, within this many seconds on the others.",
+    )
     refresh_token_days: int = Field(14, ge=1, description="Refresh-token lifetime.")
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins.")
     cors_allow_credentials: bool = Field(False, description="Allow credentials in CORS.")

@@ -110,7 +110,7 @@ async def find_active(db: AsyncSession, raw: str) -> tuple[ApiKey, User] | None:
     row = (await db.execute(query)).first()
     if row is None:
         return None
-    key, user = row.tuple()
+    key, user = row  # (Row.tuple() is deprecated: a warning per call)
     if not matches(key.key_hash, raw) or not user.is_active:
         return None
     return key, user

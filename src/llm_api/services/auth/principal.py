@@ -1,8 +1,9 @@
 """Who is calling: turn a bearer credential (API key or JWT access token) into a `Principal`.
 
 Every failure is the same 401 with the same message, whatever was wrong, so probing learns
-nothing. The user row is read on every request, so deactivation, tier changes and logout take
-effect at once.
+nothing. The user row is read on every request (for an API key: unless it was verified less
+than LLM_API_API_KEY_CACHE_SECONDS ago, see key_cache.py), so deactivation, tier changes and
+logout take effect at once on this process.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from llm_api.core.config import Settings
 from llm_api.core.exceptions import AuthenticationError
 from llm_api.db.tables import User
 from llm_api.services.auth import api_keys
+from llm_api.services.auth.key_cache import ApiKeyCache
 from llm_api.services.auth.passwords import Passwords
 from llm_api.services.auth.tokens import Tokens
 from llm_api.services.users import Users
@@ -61,8 +64,22 @@ def _from_user(
 
 
 class Authenticator:
-    def __init__(self, tokens: Tokens) -> None:
+    def __init__(self, tokens: Tokens, api_key_cache_seconds: float = 0.0) -> None:
         self.tokens = tokens
+        self.keys: ApiKeyCache[Principal] = ApiKeyCache(api_key_cache_seconds)  # see key_cache
+
+    def cached(self, credential: str) -> Principal | None:
+        """The principal of an API key verified less than the cache TTL ago (no database)."""
+        if not self.keys.enabled or not credential.startswith(api_keys.KEY_PREFIX):
+            return None
+        return self.keys.get(api_keys.digest(credential))
+
+    def forget(self, db: AsyncSession) -> None:
+        """Call when a key is revoked or a user's status, tier or role changes: forget every
+        cached key now, and again when `db` commits (a request may read the old row until
+        then)."""
+        self.keys.clear()
+        event.listen(db.sync_session, "after_commit", lambda _: self.keys.clear(), once=True)
 
     async def authenticate(self, db: AsyncSession, credential: str) -> Principal:
         if (
@@ -73,11 +90,14 @@ class Authenticator:
         ):
             raise AuthenticationError()
         if credential.startswith(api_keys.KEY_PREFIX):
+            generation = self.keys.generation
             found = await api_keys.find_active(db, credential)
             if found is None:
-                raise AuthenticationError()
+                raise AuthenticationError()  # failures are never cached
             key, user = found
-            return _from_user(user, "api_key", key_id=key.id)
+            principal = _from_user(user, "api_key", key_id=key.id)
+            self.keys.put(key.key_hash, principal, generation)
+            return principal
         if credential.count(".") != 2:
             raise AuthenticationError()
         claims = self.tokens.decode_access(credential)
@@ -104,4 +124,5 @@ class AuthServices:
 def build_auth(settings: Settings) -> AuthServices:
     passwords = Passwords()
     tokens = Tokens(settings)
-    return AuthServices(passwords, tokens, Users(passwords), Authenticator(tokens))
+    authenticator = Authenticator(tokens, settings.api_key_cache_seconds)
+    return AuthServices(passwords, tokens, Users(passwords), authenticator)

@@ -55,7 +55,9 @@ async def get_user(user_id: str, db: DbSession) -> UserInfo:
 
 
 @router.patch("/users/{user_id}", response_model=UserInfo)
-async def update_user(user_id: str, body: AdminUserUpdate, admin: Admin, db: DbSession) -> UserInfo:
+async def update_user(
+    user_id: str, body: AdminUserUpdate, admin: Admin, db: DbSession, auth: AuthDep
+) -> UserInfo:
     user = await _user(db, user_id)
     if user.id == admin.user_id and (body.is_active is False or body.role == "user"):
         raise InvalidRequestError("Administrators cannot deactivate or demote themselves.")
@@ -66,11 +68,13 @@ async def update_user(user_id: str, body: AdminUserUpdate, admin: Admin, db: DbS
     if body.is_active is not None:
         user.is_active = body.is_active
     await db.flush()
+    auth.authenticator.forget(db)  # cached API keys carry the old tier, role and status
     return user_info(user)
 
 
 @router.delete("/keys/{key_id}", response_model=DeletedApiKey)
-async def revoke_any_key(key_id: str, db: DbSession) -> DeletedApiKey:
+async def revoke_any_key(key_id: str, db: DbSession, auth: AuthDep) -> DeletedApiKey:
     if not await api_keys.revoke_key(db, key_id, None):
         raise NotFoundError("No such API key.", param="key_id")
+    auth.authenticator.forget(db)
     return DeletedApiKey(id=key_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from llm_api.api.deps import CurrentUser, DbSession, SettingsDep
+from llm_api.api.deps import AuthDep, CurrentUser, DbSession, SettingsDep
 from llm_api.api.rate_limits import limit_route
 from llm_api.core.exceptions import InvalidRequestError, NotFoundError
 from llm_api.db.tables import ApiKey
@@ -50,7 +50,8 @@ async def list_keys(user: CurrentUser, db: DbSession) -> ApiKeyList:
 
 
 @router.delete("/{key_id}", response_model=DeletedApiKey)
-async def revoke_key(key_id: str, user: CurrentUser, db: DbSession) -> DeletedApiKey:
+async def revoke_key(key_id: str, user: CurrentUser, db: DbSession, auth: AuthDep) -> DeletedApiKey:
     if not await api_keys.revoke_key(db, key_id, user.user_id):
         raise NotFoundError("No such API key.", param="key_id")
+    auth.authenticator.forget(db)  # no cached verification of the key outlives the commit
     return DeletedApiKey(id=key_id)
