@@ -52,10 +52,15 @@ class Workload:
     api_key: str | None = None  # sent as a Bearer token when set
     timeout: float = 600.0
 
+    same_prompt: bool = False  # else each request's message starts with its own number
+
     def body(self, seed: int) -> dict[str, Any]:
+        # A distinct start per request, as distinct users' messages: no server can answer from
+        # a cached copy of the whole prompt (llama-server and llama-cpp-python cache prefixes).
+        content = self.prompt if self.same_prompt else f"Request {seed}. {self.prompt}"
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": [{"role": "user", "content": self.prompt}],
+            "messages": [{"role": "user", "content": content}],
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "seed": seed,
@@ -110,7 +115,9 @@ async def one_request(session: aiohttp.ClientSession, w: Workload, seed: int) ->
 
 
 def _session(concurrency: int, timeout: float) -> aiohttp.ClientSession:
-    conn = aiohttp.TCPConnector(limit=max(concurrency, 1) + 8, force_close=False)
+    # A fresh connection per request: llama-server closes kept-alive connections on its own
+    # schedule, and a POST on a connection it just closed fails ("Can not write request body").
+    conn = aiohttp.TCPConnector(limit=max(concurrency, 1) + 8, force_close=True)
     return aiohttp.ClientSession(
         connector=conn, timeout=aiohttp.ClientTimeout(total=timeout), raise_for_status=False
     )

@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (llama-server)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument(
+        "--same-prompt", action="store_true", help="identical prompts (else numbered per request)"
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2, help="requests before measuring")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -144,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         temperature=args.temperature,
         ignore_eos=args.ignore_eos,
         api_key=args.api_key,
+        same_prompt=args.same_prompt,
     )
     meta: dict[str, Any] = {
         "started": started,
@@ -157,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
             f"closed loop at {args.concurrency} streams"
             + (f"; Poisson at {args.rate} req/s × {args.num_requests}" if args.rate else "")
             + f"; max_tokens {args.max_tokens}, temperature {args.temperature}, "
-            f"ignore_eos {'on' if args.ignore_eos else 'off'}; N = max(C × "
+            f"ignore_eos {'on' if args.ignore_eos else 'off'}; "
+            f"{'identical prompts' if args.same_prompt else 'prompts numbered per request'}; "
+            f"N = max(C × "
             f"{args.requests_per_stream}, {args.min_requests}) requests per level; "
             f"{args.warmup} warm-up requests; {args.repeats} repeats"
         ),
