@@ -9,7 +9,7 @@ subprocess (aiohttp, closed loop), so `time.process_time()` here is the server's
 usage flusher's database writes included). Settings: auth ON with an API key of a paid user,
 rate limits ON (memory store; limits raised so none refuses), response cache ON (memory store;
 the requests carry temperature 0.7, so every one is a miss), usage records ON, access log at
-INFO to /dev/null. `--profile` adds a cProfile of the measured requests (top functions by own
+INFO as JSON lines to /dev/null. `--profile` adds a cProfile of the measured requests (top functions by own
 time); its overhead inflates the figures, so the µs/request line is measured without it.
 """
 
@@ -114,6 +114,7 @@ async def serve(args: argparse.Namespace, tmp: Path, stub_port: int) -> None:
         cache_enabled=True,
         warmup=False,
         log_level="INFO",
+        log_json=True,  # as in production
     )
     app = create_app(settings)
     # The access log (INFO) is formatted and written, to nowhere: its cost counts.

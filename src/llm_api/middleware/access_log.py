@@ -30,6 +30,9 @@ class AccessLogMiddleware:
     def __init__(self, app: ASGIApp, skip_probes: bool = True) -> None:
         self.app = app
         self.skip = _SKIP if skip_probes else frozenset()
+        # Route object → its template: finding the template walks every route with regexes
+        # (tens of µs per request); it depends only on the route matched, so once per route.
+        self._templates: dict[int, tuple[Any, str | None]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -50,11 +53,20 @@ class AccessLogMiddleware:
             if scope["path"] not in self.skip:
                 self._log(scope, status, (time.perf_counter() - start) * 1000)
 
-    @staticmethod
-    def _log(scope: Scope, status: int, duration_ms: float) -> None:
-        state: dict[str, Any] = scope.get("state") or {}
+    def _template(self, scope: Scope) -> str | None:
         # The template with router prefixes (scope["route"].path lacks them under nested routers).
-        template = get_route_name(HTTPConnection(scope), should_include_root_path=False)
+        route = scope.get("route")
+        if route is None:
+            return get_route_name(HTTPConnection(scope), should_include_root_path=False)
+        known = self._templates.get(id(route))  # by id: routes define __eq__, not __hash__
+        if known is None or known[0] is not route:
+            known = (route, get_route_name(HTTPConnection(scope), should_include_root_path=False))
+            self._templates[id(route)] = known
+        return known[1]
+
+    def _log(self, scope: Scope, status: int, duration_ms: float) -> None:
+        state: dict[str, Any] = scope.get("state") or {}
+        template = self._template(scope)
         fields: dict[str, Any] = {
             "method": scope["method"],
             "path": template or scope["path"][:256],
