@@ -9,8 +9,8 @@ subprocess (aiohttp, closed loop), so `time.process_time()` here is the server's
 usage flusher's database writes included). Settings: auth ON with an API key of a paid user,
 rate limits ON (memory store; limits raised so none refuses), response cache ON (memory store;
 the requests carry temperature 0.7, so every one is a miss), usage records ON, access log at
-INFO as JSON lines to /dev/null. `--profile` adds a cProfile of the measured requests (top functions by own
-time); its overhead inflates the figures, so the µs/request line is measured without it.
+INFO as JSON lines to /dev/null. `--profile` adds a cProfile of the measured requests (top
+functions by own time); its overhead inflates the figures, so the µs/request line is measured without it.
 """
 
 from __future__ import annotations
