@@ -10,7 +10,8 @@ usage flusher's database writes included). Settings: auth ON with an API key of 
 rate limits ON (memory store; limits raised so none refuses), response cache ON (memory store;
 the requests carry temperature 0.7, so every one is a miss), usage records ON, access log at
 INFO as JSON lines to /dev/null. `--profile` adds a cProfile of the measured requests (top
-functions by own time); its overhead inflates the figures, so the µs/request line is measured without it.
+functions by own time); its overhead inflates the figures, so the µs/request line is
+measured without it.
 """
 
 from __future__ import annotations
