@@ -123,17 +123,23 @@ def _session(concurrency: int, timeout: float) -> aiohttp.ClientSession:
     )
 
 
-async def closed_loop(w: Workload, concurrency: int, num_requests: int) -> list[RequestResult]:
-    """`concurrency` workers, each sending its next request as soon as the last one ends."""
+async def closed_loop(
+    w: Workload, concurrency: int, num_requests: int, stagger: float = 0.0
+) -> list[RequestResult]:
+    """`concurrency` workers, each sending its next request as soon as the last one ends.
+    With `stagger`, worker k starts k × stagger / concurrency seconds late: equal-length streams
+    that all start together also end together, so every later request arrives in the same burst
+    (all prompts prefilled at once); staggering gives the steady arrivals of independent users."""
     results: list[RequestResult] = []
     counter = iter(range(num_requests))
 
-    async def worker(session: aiohttp.ClientSession) -> None:
+    async def worker(session: aiohttp.ClientSession, k: int) -> None:
+        await asyncio.sleep(k * stagger / concurrency)
         for i in counter:  # shared iterator: the workers take turns drawing request numbers
             results.append(await one_request(session, w, seed=1000 + i))
 
     async with _session(concurrency, w.timeout) as session:
-        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        await asyncio.gather(*(worker(session, k) for k in range(concurrency)))
     return results
 
 

@@ -47,6 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests-per-stream", type=int, default=3, help="closed loop: N = C × this")
     p.add_argument("--min-requests", type=int, default=8, help="closed loop: at least this many")
     p.add_argument("--num-requests", type=int, default=32, help="Poisson: requests per rate")
+    p.add_argument(
+        "--stagger",
+        type=float,
+        default=0.0,
+        help="closed loop: spread the streams' first requests over this many seconds",
+    )
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (llama-server)")
@@ -112,7 +118,7 @@ def run_levels(
         cpu0 = _cpu_seconds()
         if mode == "closed":
             n = max(int(level) * args.requests_per_stream, args.min_requests)
-            results = asyncio.run(loadgen.closed_loop(w, int(level), n))
+            results = asyncio.run(loadgen.closed_loop(w, int(level), n, args.stagger))
         else:
             results = asyncio.run(loadgen.poisson(w, level, args.num_requests, rng_seed=repeat))
         s = summarise(name, mode, level, repeat, results)
@@ -165,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{'identical prompts' if args.same_prompt else 'prompts numbered per request'}; "
             f"N = max(C × "
             f"{args.requests_per_stream}, {args.min_requests}) requests per level; "
-            f"{args.warmup} warm-up requests; {args.repeats} repeats"
+            f"{args.warmup} warm-up requests; {args.repeats} repeats; "
+            f"stream starts staggered over {args.stagger:g} s"
         ),
         "prompt": args.prompt,
         "servers": {},

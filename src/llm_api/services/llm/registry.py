@@ -68,6 +68,11 @@ class ModelConfig(BaseModel):
         description="Batched engine: sequences decoded together. KV memory is slots × "
         "context_length tokens (~22.5 KiB per token for SmolLM2-135M); `concurrency` follows.",
     )
+    flash_attn: bool = Field(
+        True,
+        description="llama.cpp flash attention (both engines). On this CPU it makes a decode "
+        "step of 16 sequences ~20% faster; llama-server enables it by default too.",
+    )
     prefix_cache: bool = Field(
         False,
         description="Batched engine: reuse a freed slot's KV cache for a shared prompt prefix. "

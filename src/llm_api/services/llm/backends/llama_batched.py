@@ -74,7 +74,11 @@ class LlamaBatchedBackend:
         params.kv_unified = False  # one KV stream per sequence: attention spans only its own
         params.n_threads = self._threads
         params.n_threads_batch = self._threads
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if cfg.flash_attn
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
         return params
 
     def _load(self) -> None:

@@ -69,6 +69,7 @@ class LlamaCppBackend:
             n_batch=self.config.n_batch,
             n_threads=self._threads,
             n_threads_batch=self._threads,
+            flash_attn=self.config.flash_attn,
             verbose=False,
         )
         meta = self._llama.metadata
