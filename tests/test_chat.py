@@ -32,8 +32,13 @@ NO_CACHE = {"Cache-Control": "no-cache, no-store"}
 @pytest.fixture(scope="module")
 def reference() -> Iterator[Llama]:
     """A second, independent copy of the same GGUF (n_ctx small: only used for short checks)."""
+    config = builtin_registry().models[0]
     llama = Llama(
-        str(builtin_registry().models[0].gguf_path()), n_ctx=512, n_threads=2, verbose=False
+        str(config.gguf_path()),
+        n_ctx=512,
+        n_threads=2,
+        flash_attn=config.flash_attn,  # same kernels as the server, so greedy text matches
+        verbose=False,
     )
     yield llama
     llama.close()

@@ -24,7 +24,7 @@ from tests.ops.conftest import METRICS_TOKEN, OPS_ENV
 pytestmark = pytest.mark.model
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = DEFAULT_MODEL_ID
-WORKER_TIMEOUT = 2  # seconds; gunicorn's heartbeat timeout, shortened to prove streams survive it
+WORKER_TIMEOUT = 1  # seconds; gunicorn's heartbeat timeout, shortened to prove streams survive it
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -110,7 +110,7 @@ def test_two_workers_merge_metrics_and_drain(tmp_path: Path) -> None:
                 json={
                     "model": MODEL,
                     "messages": [{"role": "user", "content": "Count from 1 to 500."}],
-                    "max_tokens": 400,
+                    "max_tokens": 1000,
                     "temperature": 0,
                     "stream": True,
                     "stream_options": {"include_usage": True},

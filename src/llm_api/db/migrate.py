@@ -26,6 +26,10 @@ def alembic_config() -> Config:
 
 
 def _run(connection: Connection, action: Literal["upgrade", "downgrade"], revision: str) -> None:
+    if connection.dialect.name == "postgresql":
+        # Several workers or replicas may start at once: one migrates, the others wait here
+        # (the lock is released with this transaction) and then find nothing left to do.
+        connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7349113)")
     cfg = alembic_config()
     cfg.attributes["connection"] = connection
     if action == "upgrade":

@@ -3,6 +3,10 @@ what they must do (migrate PostgreSQL, create the first user, notice that auth i
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
+from typing import IO
+
 import structlog
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -24,7 +28,12 @@ FIRST_USER_HINT = (
 async def start_accounts(settings: Settings) -> tuple[Database, AuthServices]:
     db = Database.from_settings(settings)
     if db.is_sqlite or settings.db_auto_migrate:
-        await migrate.upgrade(db.engine)
+        lock = await asyncio.to_thread(_sqlite_migration_lock, db) if db.is_sqlite else None
+        try:
+            await migrate.upgrade(db.engine)
+        finally:
+            if lock is not None:
+                lock.close()
     if not settings.auth_enabled:
         log.warning(
             "AUTHENTICATION IS DISABLED (LLM_API_AUTH_ENABLED=false): every loopback caller "
@@ -49,3 +58,14 @@ async def start_accounts(settings: Settings) -> tuple[Database, AuthServices]:
         # Keep serving /health; authenticated routes answer 503 until the database is back.
         log.error("database_unreachable", error=type(exc).__name__)
     return db, build_auth(settings)
+
+
+def _sqlite_migration_lock(db: Database) -> IO[str] | None:
+    """Gunicorn workers start together and each upgrades the embedded SQLite file: an exclusive
+    lock file beside the database lets one migrate while the others wait."""
+    path = db.engine.url.database
+    if not path or path == ":memory:":
+        return None
+    handle = open(f"{path}.migrate.lock", "w")  # noqa: SIM115 - held until closed by the caller
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
