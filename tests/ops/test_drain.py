@@ -68,7 +68,7 @@ async def test_ready_only_after_models_warm_up(tmp_path: Path) -> None:
 
 
 async def test_drain_cuts_inflight_stream_then_runs_hooks(tmp_path: Path) -> None:
-    app = ops_app(tmp_path, drain_timeout=1.0)
+    app = ops_app(tmp_path, drain_timeout=0.2)
     async with LifespanManager(app, startup_timeout=120, shutdown_timeout=60):
         await wait_ready(app)
         user = await create_account(app)
