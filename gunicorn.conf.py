@@ -13,6 +13,7 @@ import os
 import tempfile
 from typing import Any
 
+from llm_api.core import worker_readiness
 from llm_api.core.config import Settings
 from llm_api.core.serving import plan
 from llm_api.services.llm.registry import load_registry
@@ -61,13 +62,20 @@ if os.path.isdir("/dev/shm"):  # noqa: S108 - gunicorn's documented choice in co
 
 
 def on_starting(server: Any) -> None:
-    """A fresh start must not merge stale values of a previous run's workers."""
+    """A fresh start must not merge stale values or readiness of a previous run's workers."""
     for path in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
         os.remove(path)
+    worker_readiness.clear(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """Tell the worker how many workers /ready must wait for (core/worker_readiness.py)."""
+    os.environ[worker_readiness.WORKERS_ENV] = str(server.num_workers)
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """Drop the dead worker's live gauges (requests running/waiting, memory)."""
+    """Drop the dead worker's live gauges (requests running/waiting, memory) and readiness."""
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+    worker_readiness.clear(os.environ["PROMETHEUS_MULTIPROC_DIR"], worker.pid)

@@ -21,6 +21,7 @@ from llm_api.api.v1.endpoints import health
 from llm_api.api.v1.endpoints import metrics as metrics_endpoint
 from llm_api.api.v1.router import api_router
 from llm_api.api.web import install_web_ui
+from llm_api.core import worker_readiness
 from llm_api.core.config import Settings
 from llm_api.core.logging import configure_logging
 from llm_api.core.state import AppState
@@ -64,6 +65,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     async def load_models() -> None:
         try:
             await llm.start()
+            worker_readiness.mark_ready()
             log.info("models_ready", models=[m.id for m in llm.registry.models])
         except Exception:
             log.exception("model_load_failed")

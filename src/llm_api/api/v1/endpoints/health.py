@@ -9,6 +9,7 @@ from fastapi.responses import Response
 
 from llm_api.api.deps import StateDep
 from llm_api.api.errors import json_response
+from llm_api.core import worker_readiness
 
 router = APIRouter(tags=["health"])
 
@@ -26,5 +27,7 @@ async def ready(state: StateDep) -> Response:
     if state.draining:
         return json_response({"status": "draining"}, 503, {"Retry-After": "5"})
     if not state.llm.ready:
+        return json_response({"status": "loading"}, 503, {"Retry-After": "5"})
+    if not worker_readiness.all_workers_ready():  # under gunicorn: every worker, not just this one
         return json_response({"status": "loading"}, 503, {"Retry-After": "5"})
     return json_response({"status": "ready"})
