@@ -7,6 +7,16 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip --disable-pip-version-check
 
+# llama.cpp is compiled for this machine's CPU (-march=native), minus its AMX kernels: on hosts
+# whose CPU reports AMX but whose hypervisor does not really provide it, they segfault in
+# ggml_backend_amx_mul_mat on the first decode (seen on this project's CI machines), and they
+# gain nothing for a 135M model. bench/ builds llama-server with the same flags. Override for
+# other builds (e.g. CMAKE_ARGS="-DGGML_CUDA=on"). pip caches the built wheel by its source, not
+# by these flags: after changing them, `$(PIP) cache remove llama_cpp_python` once.
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+CMAKE_ARGS ?= -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
+export CMAKE_ARGS
+
 .PHONY: serve test lint typecheck fmt lock bench install install-dev clean
 
 $(BIN)/python:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -58,6 +59,8 @@ def ensure_llama_server(cache: Path = CACHE_DIR) -> Path:
         "-DLLAMA_BUILD_EXAMPLES=OFF",
         "-DLLAMA_BUILD_UI=OFF",
         "-DLLAMA_USE_PREBUILT_UI=OFF",
+        # The same CPU flags our llama-cpp-python wheel was built with (the Makefile exports them).
+        *shlex.split(os.environ.get("CMAKE_ARGS", "")),
     ]
     nice = ["nice", "-n", "19"]
     subprocess.run(
