@@ -1,5 +1,6 @@
 """The LLM service: turns validated wire requests into engine requests, admits them through each
-model's gate, runs the backend, and shapes its output as OpenAI chunks or whole responses.
+model's gate, runs the backend (retries and fallbacks included), and hands its output to
+shaping.py, which makes OpenAI chunks or whole responses of it.
 
 Streaming and non-streaming are two consumers of the same chunk iterator.
 """
@@ -11,7 +12,6 @@ import inspect
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
 import structlog
@@ -26,17 +26,10 @@ from llm_api.core.exceptions import (
     RateLimitError,
     ServiceUnavailableError,
 )
-from llm_api.schemas.chat import (
-    AssistantMessage,
-    ChatChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChoiceDelta,
-    ChunkChoice,
-)
-from llm_api.schemas.common import SamplingFields, Usage
-from llm_api.schemas.completions import Completion, CompletionChoice, CompletionRequest
+from llm_api.schemas.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+from llm_api.schemas.common import SamplingFields
+from llm_api.schemas.completions import Completion, CompletionRequest
+from llm_api.services.llm import shaping
 from llm_api.services.llm.admission import AdmissionGate
 from llm_api.services.llm.backends.base import Backend
 from llm_api.services.llm.registry import ModelConfig, Registry
@@ -362,7 +355,8 @@ class LLMService:
     ) -> AsyncIterator[ChatCompletionChunk]:
         config, seqs = self.chat_requests(req, ctx)
         chunks = await self._started(config, seqs, ctx, "chat", req.n)
-        return self._chat_chunks(req, ctx, config, chunks)
+        # The model that answered (after any fallback) names the response.
+        return shaping.chat_chunks(req, ctx, ctx.model or config.id, chunks)
 
     async def _started(
         self,
@@ -388,145 +382,24 @@ class LLMService:
 
         return resumed()
 
-    async def _chat_chunks(
-        self,
-        req: ChatCompletionRequest,
-        ctx: RequestContext,
-        config: ModelConfig,
-        chunks: AsyncGenerator[tuple[int, GenerationChunk], None],
-    ) -> AsyncIterator[ChatCompletionChunk]:
-        cid, created = f"chatcmpl-{ctx.request_id}", int(time.time())
-        usage = _UsageCounter(req.n)
-        model_id = ctx.model or config.id  # the model that answered (after any fallback)
-
-        def make(index: int, delta: ChoiceDelta, finish: str | None = None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(
-                id=cid,
-                created=created,
-                model=model_id,
-                choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish)],
-            )
-
-        started: set[int] = set()
-        # aclosing: when the client goes away this generator is closed, and closing must reach
-        # the backend now (stop generating, free the model), not whenever the GC gets to it.
-        async with aclosing(chunks) as source:
-            async for index, chunk in source:
-                if index not in started:
-                    started.add(index)
-                    yield make(index, ChoiceDelta(role="assistant", content=""))
-                if chunk.text:
-                    yield make(index, ChoiceDelta(content=chunk.text))
-                if chunk.finish_reason is not None:
-                    usage.add(index, chunk)
-                    yield make(index, ChoiceDelta(), _wire_finish(chunk.finish_reason))
-        if req.stream_options is not None and req.stream_options.include_usage:
-            yield ChatCompletionChunk(
-                id=cid, created=created, model=model_id, choices=[], usage=usage.usage()
-            )
-
     async def chat(self, req: ChatCompletionRequest, ctx: RequestContext) -> ChatCompletion:
         config, seqs = self.chat_requests(req, ctx)
-        texts, finish, usage = await self._collect(config, seqs, ctx, "chat", req.n)
-        return ChatCompletion(
-            id=f"chatcmpl-{ctx.request_id}",
-            created=int(time.time()),
-            model=ctx.model or config.id,
-            choices=[
-                ChatChoice(
-                    index=i, message=AssistantMessage(content=texts[i]), finish_reason=finish[i]
-                )
-                for i in range(len(seqs))
-            ],
-            usage=usage,
-        )
+        chunks = self.run(config, seqs, ctx, endpoint="chat", stream=False, n=req.n)
+        texts, finish, usage = await shaping.collect(chunks, len(seqs), req.n)
+        return shaping.chat_response(ctx, ctx.model or config.id, texts, finish, usage)
 
     async def completion_stream(
         self, req: CompletionRequest, ctx: RequestContext
     ) -> AsyncIterator[Completion]:
         config, seqs = self.completion_requests(req, ctx)
         chunks = await self._started(config, seqs, ctx, "completions", req.n)
-        return self._completion_chunks(req, ctx, config, chunks)
-
-    async def _completion_chunks(
-        self,
-        req: CompletionRequest,
-        ctx: RequestContext,
-        config: ModelConfig,
-        chunks: AsyncGenerator[tuple[int, GenerationChunk], None],
-    ) -> AsyncIterator[Completion]:
-        cid, created = f"cmpl-{ctx.request_id}", int(time.time())
-        usage = _UsageCounter(req.n)
-        model_id = ctx.model or config.id
-        async with aclosing(chunks) as source:  # see _chat_chunks
-            async for index, chunk in source:
-                if chunk.finish_reason is not None:
-                    usage.add(index, chunk)
-                if chunk.text or chunk.finish_reason is not None:
-                    choice = CompletionChoice(
-                        index=index,
-                        text=chunk.text,
-                        finish_reason=_wire_finish(chunk.finish_reason),
-                    )
-                    yield Completion(id=cid, created=created, model=model_id, choices=[choice])
-        if req.stream_options is not None and req.stream_options.include_usage:
-            yield Completion(
-                id=cid, created=created, model=model_id, choices=[], usage=usage.usage()
-            )
+        return shaping.completion_chunks(req, ctx, ctx.model or config.id, chunks)
 
     async def completion(self, req: CompletionRequest, ctx: RequestContext) -> Completion:
         config, seqs = self.completion_requests(req, ctx)
-        texts, finish, usage = await self._collect(config, seqs, ctx, "completions", req.n)
-        return Completion(
-            id=f"cmpl-{ctx.request_id}",
-            created=int(time.time()),
-            model=ctx.model or config.id,
-            choices=[
-                CompletionChoice(index=i, text=texts[i], finish_reason=finish[i])
-                for i in range(len(seqs))
-            ],
-            usage=usage,
-        )
-
-    async def _collect(
-        self,
-        config: ModelConfig,
-        seqs: list[GenerationRequest],
-        ctx: RequestContext,
-        endpoint: str,
-        n: int,
-    ) -> tuple[list[str], list[str | None], Usage]:
-        parts: list[list[str]] = [[] for _ in seqs]
-        finish: list[str | None] = [None for _ in seqs]
-        usage = _UsageCounter(n)
-        async for index, chunk in self.run(config, seqs, ctx, endpoint=endpoint, stream=False, n=n):
-            parts[index].append(chunk.text)
-            if chunk.finish_reason is not None:
-                finish[index] = _wire_finish(chunk.finish_reason)
-                usage.add(index, chunk)
-        return ["".join(p) for p in parts], finish, usage.usage()
-
-
-class _UsageCounter:
-    """Sums token counts over choices. A prompt shared by n choices counts once, as OpenAI
-    does: sequences are ordered prompt-major, so only every n-th one adds its prompt."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.prompt = 0
-        self.completion = 0
-
-    def add(self, index: int, chunk: GenerationChunk) -> None:
-        if index % self.n == 0:
-            self.prompt += chunk.prompt_tokens or 0
-        self.completion += chunk.completion_tokens or 0
-
-    def usage(self) -> Usage:
-        return Usage(
-            prompt_tokens=self.prompt,
-            completion_tokens=self.completion,
-            total_tokens=self.prompt + self.completion,
-        )
+        chunks = self.run(config, seqs, ctx, endpoint="completions", stream=False, n=req.n)
+        texts, finish, usage = await shaping.collect(chunks, len(seqs), req.n)
+        return shaping.completion_response(ctx, ctx.model or config.id, texts, finish, usage)
 
 
 def _copy(seq: GenerationRequest, model: str | None = None) -> GenerationRequest:
@@ -563,8 +436,3 @@ def _falls_back(exc: APIError) -> bool:
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
-
-
-def _wire_finish(reason: str | None) -> str | None:
-    # "cancelled"/"error" never reach a client as a finish_reason; such streams end otherwise.
-    return reason if reason in (None, "stop", "length") else "stop"
