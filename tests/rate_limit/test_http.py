@@ -66,9 +66,9 @@ async def test_headers_on_200_and_429(
             retry_after = int(r.headers["retry-after"])
             assert 1 <= retry_after <= 600  # limits_on's "minute" is 10 min
             assert retry_after * 1000 >= int(r.headers["retry-after-ms"])
-        # The refused requests never reached the model: no tokens generated for them.
-        refused = records[generated:]
-        assert all(rec.status == 429 and rec.completion_tokens == 0 for rec in refused)
+        # The refused requests never reached the model, so nothing records them (no usage row
+        # per refusal for a client hammering the limit).
+        assert records[generated:] == []
 
 
 async def test_sdk_sees_rate_limit_error(app: Any, tmp_path: Path) -> None:
@@ -283,3 +283,27 @@ async def test_concurrency_cap_and_counter_back_to_zero(
         # Once settled, the slots are usable again (errors after admission: test_live.py).
         assert (await post(http, acct)).status_code == 200
         await eventually(none_in_flight)
+
+
+async def test_cache_hits_count_against_the_limits(
+    app: Any, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """A cached answer is still a request: it takes from RPM (and shows it in the headers), and
+    once the limit is spent a request that would hit the cache gets 429 like any other."""
+    records: list[CompletionRecord] = []
+    async with limits_on(app, tmp_path, tiers={"free": {"requests_per_minute": 2}}):
+        app.state.llm_api.llm.observers.append(records.append)
+        acct = await create_account(app)
+        messages = [{"role": "user", "content": f"Say hi. ({tmp_path.name})"}]
+        # Enough room to finish with "stop": truncated answers are never cached.
+        kw: dict[str, Any] = {"messages": messages, "temperature": 0, "max_tokens": 200}
+        first = await post(http, acct, **kw)
+        second = await post(http, acct, **kw)
+        assert first.json()["choices"][0]["finish_reason"] == "stop"
+        assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")
+        assert second.json()["choices"] == first.json()["choices"]
+        assert second.headers["x-ratelimit-remaining-requests"] == "0"
+        assert [r.cache_hit for r in records] == [False, True]
+        third = await post(http, acct, stream=True, **kw)
+        assert third.status_code == 429, third.text
+        assert len(records) == 2  # the refused hit is not recorded either

@@ -136,6 +136,10 @@ class CachedLLMService:
         except ValidationError:
             log.warning("cache_entry_invalid", key=plan.key)
             return None
+        # A hit is still a request: it counts against the caller's limits like any other (RPM,
+        # concurrency, and the tokens it delivers), so a cached prompt cannot be hammered freely.
+        for hook in self.llm.admission_hooks:
+            await hook(ctx, entry.prompt_tokens + entry.completion_tokens)
         metrics.CACHE_HITS.labels(cache="response").inc()
         ctx.cache, ctx.model = "hit", plan.config.id
         ctx.prompt_tokens, ctx.completion_tokens = entry.prompt_tokens, entry.completion_tokens

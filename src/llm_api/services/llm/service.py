@@ -288,7 +288,10 @@ class LLMService:
         finally:
             run.prompt_tokens = sum(s.prompt_tokens or 0 for s in seqs[::n])
             ctx.prompt_tokens, ctx.completion_tokens = run.prompt_tokens, run.completion_tokens
-            if run.prepared:  # validation errors (plain 4xx before any model ran) get none
+            # Only admitted requests are recorded: validation errors (plain 4xx) and requests
+            # the rate limiter refused reached no model, and a client hammering 429s must not
+            # turn into a database write per refusal.
+            if run.prepared and run.limited:
                 await self._notify(run, status, cancelled)
 
     async def _attempt(
