@@ -28,7 +28,7 @@ if _plan.llama_threads is not None:
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="llm-api-prom-"))
 
 wsgi_app = "llm_api.asgi:app"
-worker_class = "uvicorn_worker.UvicornWorker"
+worker_class = "llm_api.gunicorn_worker.Worker"  # uvicorn's, with a bounded request head
 workers = _plan.workers
 # PORT: what PaaS platforms (Render, Railway, Heroku) tell the app to listen on.
 _port = os.environ.get("PORT")

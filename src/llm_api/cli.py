@@ -32,6 +32,7 @@ def serve(
     import uvicorn
 
     from llm_api.core.config import Settings, is_loopback_host
+    from llm_api.http_server import HeadLimitedProtocol
 
     if config is not None:
         os.environ["LLM_API_MODELS_FILE"] = str(config)
@@ -50,6 +51,7 @@ def serve(
         # X-Forwarded-For is handled in the app, trusted only from LLM_API_TRUSTED_PROXIES
         # (uvicorn's own default would believe any loopback peer).
         proxy_headers=False,
+        http=HeadLimitedProtocol,  # 431 for oversized request heads (http_server.py)
     )
 
 

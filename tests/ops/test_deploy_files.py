@@ -244,8 +244,11 @@ def test_gunicorn_conf_values(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     monkeypatch.setenv("LLM_API_LLAMA_THREADS", "1")
     conf = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
-    assert conf["worker_class"] == "uvicorn_worker.UvicornWorker"
-    __import__("uvicorn_worker")  # the class gunicorn will load exists
+    assert conf["worker_class"] == "llm_api.gunicorn_worker.Worker"
+    from llm_api.gunicorn_worker import Worker  # the class gunicorn will load exists
+    from llm_api.http_server import HeadLimitedProtocol
+
+    assert Worker.CONFIG_KWARGS["http"] is HeadLimitedProtocol
     assert conf["wsgi_app"] == "llm_api.asgi:app"
     assert conf["workers"] == 1  # the built-in registry is one local model
     assert conf["graceful_timeout"] >= 40 + 15

@@ -20,6 +20,7 @@ import pytest
 from llm_api.services.llm.registry import DEFAULT_MODEL_ID
 from tests.conftest import free_port
 from tests.ops.conftest import METRICS_TOKEN, OPS_ENV
+from tests.test_request_head_limits import assert_431, exchange, request
 
 pytestmark = pytest.mark.model
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,6 +83,9 @@ def test_two_workers_merge_metrics_and_drain(tmp_path: Path) -> None:
             except httpx.HTTPError:
                 streak = 0
             time.sleep(0.1)
+
+        # gunicorn's workers serve with llm-api's protocol too: an oversized head gets 431.
+        assert_431(*exchange(port, request(headers=[("X-Big", "a" * 1_000_000)])))
 
         def chat(i: int) -> tuple[int, int]:
             with httpx.Client(timeout=120) as c:
