@@ -65,6 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--slots", type=int, default=16, help="parallel sequences (ours, llama-server)")
     p.add_argument("--ctx", type=int, default=2048, help="context per slot")
+    p.add_argument(
+        "--prefix-cache",
+        action="store_true",
+        help="ours: reuse a freed slot's KV for a shared prompt prefix (llama-server does)",
+    )
     p.add_argument("--gguf", type=Path, help="model file (default: the built-in SmolLM2 GGUF)")
     p.add_argument(
         "--lcp-python", help="python with llama-cpp-python[server] (default: this interpreter)"
@@ -204,7 +209,12 @@ def _managed(
         if name == "llm-api":
             specs.append(
                 servers.ours(
-                    gguf, threads=args.threads, slots=args.slots, ctx=args.ctx, workdir=out
+                    gguf,
+                    threads=args.threads,
+                    slots=args.slots,
+                    ctx=args.ctx,
+                    workdir=out,
+                    prefix_cache=args.prefix_cache,
                 )
             )
         elif name == "llama-server":

@@ -85,7 +85,9 @@ class Running:
         self._log.close()
 
 
-def ours(gguf: Path, *, threads: int, slots: int, ctx: int, workdir: Path) -> ServerSpec:
+def ours(
+    gguf: Path, *, threads: int, slots: int, ctx: int, workdir: Path, prefix_cache: bool = False
+) -> ServerSpec:
     port = free_port()
     registry = workdir / "bench-models.yaml"
     registry.write_text(
@@ -97,6 +99,7 @@ def ours(gguf: Path, *, threads: int, slots: int, ctx: int, workdir: Path) -> Se
         f"    slots: {slots}\n"
         f"    context_length: {ctx}\n"
         f"    max_queue: {max(64, slots * 8)}\n"
+        + ("    prefix_cache: true\n" if prefix_cache else "")
     )
     env = {
         "LLM_API_ENVIRONMENT": "development",
