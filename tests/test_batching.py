@@ -307,3 +307,22 @@ async def test_long_prompt_prefill_does_not_freeze_a_running_stream(small_app: A
     await asyncio.wait_for(asyncio.gather(consume_running(), start_late()), timeout=120)
     during_prefill = at_first_token[0] - 2
     assert during_prefill >= 5, f"only {during_prefill} tokens while a 600-token prompt ran"
+
+
+async def test_n_choices_decode_together(client: openai.AsyncOpenAI, app: Any) -> None:
+    """n choices of one request share decode steps instead of running one after another."""
+    engine = _engine(app)
+    steps_before = engine.steps
+    reply = await client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Count from 1 to 50, separated by commas."}],
+        max_tokens=16,
+        temperature=0,
+        n=4,
+        extra_headers={"Cache-Control": "no-cache, no-store"},
+    )
+    steps = engine.steps - steps_before
+    assert reply.usage is not None and reply.usage.completion_tokens == 4 * 16
+    assert len({c.message.content for c in reply.choices}) == 1  # greedy: the same text four times
+    # One after another would need at least 4 × 16 steps; together, 16 plus a few for prefill.
+    assert steps <= 16 + 6, steps

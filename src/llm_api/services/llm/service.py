@@ -12,6 +12,7 @@ import inspect
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
 import structlog
@@ -305,26 +306,22 @@ class LLMService:
             for hook in self.admission_hooks:
                 await hook(ctx, _reservation(seqs))
             run.limited = True
-        done_tokens = 0  # completion tokens of finished sequences (authoritative counts)
+        tokens = [0] * len(seqs)  # per choice; authoritative once its finish chunk arrives
         async with self.gates[config.id].slot():
             run.admitted = time.perf_counter()
-            for index, seq in enumerate(seqs):
-                seq_tokens = 0
-                async for chunk in backend.generate(seq):
-                    if chunk.text and run.first_token is None:
-                        run.first_token = time.perf_counter()
-                        ctx.ttft_ms = (run.first_token - run.started) * 1000
-                    seq_tokens += chunk.tokens
-                    if chunk.finish_reason is not None:
-                        run.finish_reason = chunk.finish_reason
-                        if chunk.completion_tokens is not None:
-                            seq_tokens = chunk.completion_tokens
-                        if chunk.prompt_tokens is not None:
-                            seq.prompt_tokens = chunk.prompt_tokens
-                        done_tokens += seq_tokens
-                        seq_tokens = 0
-                    run.completion_tokens = done_tokens + seq_tokens
-                    yield index, chunk
+            async for index, chunk in _choices(backend, seqs):
+                if chunk.text and run.first_token is None:
+                    run.first_token = time.perf_counter()
+                    ctx.ttft_ms = (run.first_token - run.started) * 1000
+                tokens[index] += chunk.tokens
+                if chunk.finish_reason is not None:
+                    run.finish_reason = chunk.finish_reason
+                    if chunk.completion_tokens is not None:
+                        tokens[index] = chunk.completion_tokens
+                    if chunk.prompt_tokens is not None:
+                        seqs[index].prompt_tokens = chunk.prompt_tokens
+                run.completion_tokens = sum(tokens)
+                yield index, chunk
 
     async def _notify(self, run: _Run, status: int, cancelled: bool) -> None:
         now = time.perf_counter()
@@ -403,6 +400,48 @@ class LLMService:
         chunks = self.run(config, seqs, ctx, endpoint="completions", stream=False, n=req.n)
         texts, finish, usage = await shaping.collect(chunks, len(seqs), req.n)
         return shaping.completion_response(ctx, ctx.model or config.id, texts, finish, usage)
+
+
+async def _choices(
+    backend: Backend, seqs: list[GenerationRequest]
+) -> AsyncGenerator[tuple[int, GenerationChunk], None]:
+    """Every choice of one request at once, chunks tagged with the choice index in arrival
+    order: the batched engine decodes n choices in the same steps (n× faster than one after
+    another), and upstream choices run as concurrent requests. A failing choice fails the
+    request and cancels the others; so does the consumer going away."""
+    if len(seqs) == 1:
+        async with aclosing(backend.generate(seqs[0])) as chunks:
+            async for chunk in chunks:
+                yield 0, chunk
+        return
+    # Unbounded, but bounded in practice: at most max_tokens chunks per choice.
+    queue: asyncio.Queue[tuple[int, GenerationChunk | None] | BaseException] = asyncio.Queue()
+
+    async def pump(index: int, seq: GenerationRequest) -> None:
+        try:
+            async with aclosing(backend.generate(seq)) as chunks:
+                async for chunk in chunks:
+                    queue.put_nowait((index, chunk))
+            queue.put_nowait((index, None))
+        except Exception as exc:  # re-raised in the consumer, in order
+            queue.put_nowait(exc)
+
+    tasks = [asyncio.create_task(pump(i, seq)) for i, seq in enumerate(seqs)]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            index, piece = item
+            if piece is None:
+                running -= 1
+            else:
+                yield index, piece
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _copy(seq: GenerationRequest, model: str | None = None) -> GenerationRequest:

@@ -3,7 +3,7 @@ upstreams). The service talks only to this."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Protocol
 
 from llm_api.services.llm.registry import ModelConfig
@@ -30,7 +30,7 @@ class Backend(Protocol):
         window, compile grammars. Raises APIError subclasses."""
         ...
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         """Yield output pieces; the last has finish_reason and token counts. Closing the
         iterator early cancels generation."""
         ...

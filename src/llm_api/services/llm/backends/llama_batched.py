@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from functools import cache
 from typing import Any
 
@@ -184,12 +184,12 @@ class LlamaBatchedBackend:
             await asyncio.to_thread(check_grammar, self._model.vocab, gbnf)
             request.engine_state["gbnf"] = gbnf
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         if not self.ready:
             raise ServiceUnavailableError(f"Model `{self.config.id}` is loading; retry shortly.")
         return self._generate(request)
 
-    async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def _generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         if "tokens" not in request.engine_state:
             await self.prepare(request)
         engine = self._engine

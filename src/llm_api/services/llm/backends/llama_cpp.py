@@ -12,7 +12,7 @@ import asyncio
 import os
 import secrets
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -139,7 +139,7 @@ class LlamaCppBackend:
             build_grammar(gbnf)
             request.engine_state["gbnf"] = gbnf
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         if "tokens" not in request.engine_state:
             await self.prepare(request)
         loop = asyncio.get_running_loop()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -108,7 +108,7 @@ class OpenAIUpstreamBackend:
         body["prompt"] = request.prompt or ""
         return "completions", body
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         if self._session is None:
             raise UpstreamError("Upstream is not connected.")
         path, body = self._body(request)

@@ -13,7 +13,7 @@ import contextlib
 import os
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 
 import aiohttp
 import structlog
@@ -114,7 +114,7 @@ class RoutedBackend:
         cap = min(self.policy.backoff_max, self.policy.backoff_base * 2.0 ** (attempt - 1))
         return cap / 2 + random.uniform(0, cap / 2)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         tried: set[str] = set()
         last: APIError | None = None
         for attempt in range(self.policy.retries + 1):
