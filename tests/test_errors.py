@@ -214,3 +214,25 @@ async def test_bad_json_schema_is_400_fast(client: openai.AsyncOpenAI) -> None:
     # ...and the server still answers.
     reply = await client.chat.completions.create(model=MODEL, messages=HI, max_tokens=1)  # type: ignore[arg-type]
     assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+async def test_openapi_documents_the_errors_we_send(http: httpx.AsyncClient) -> None:
+    """/openapi.json promises what the server does: 400 with the OpenAI error object where
+    FastAPI would have said 422, and that object for every other error status."""
+    spec = (await http.get("/openapi.json")).json()
+    schemas = spec["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas and "ValidationError" not in schemas
+    assert schemas["ErrorResponse"]["required"] == ["error"]
+    assert set(schemas["ErrorBody"]["properties"]) == {"message", "type", "param", "code"}
+    ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            assert "422" not in responses, (method, path)
+            assert responses["default"]["content"]["application/json"]["schema"] == ref
+    chat = spec["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert chat["400"]["content"]["application/json"]["schema"] == ref
+    # And the server does send that 400 for a body FastAPI would have answered with 422.
+    r = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": "nope"})
+    assert r.status_code == 400
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}

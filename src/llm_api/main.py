@@ -17,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from llm_api.api.errors import install_error_handlers
+from llm_api.api.openapi import install_openapi
 from llm_api.api.v1.endpoints import health
 from llm_api.api.v1.endpoints import metrics as metrics_endpoint
 from llm_api.api.v1.router import api_router
@@ -97,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(health.router)
     app.include_router(metrics_endpoint.router)
     app.include_router(api_router)
