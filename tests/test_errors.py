@@ -236,3 +236,16 @@ async def test_openapi_documents_the_errors_we_send(http: httpx.AsyncClient) -> 
     r = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": "nope"})
     assert r.status_code == 400
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_max_tokens_beyond_32_bits_is_400(http: httpx.AsyncClient) -> None:
+    """Bounded in the schema, for every model: an upstream request once failed to serialise
+    max_tokens=10**20 and answered 500 (found by tests/test_schemathesis.py)."""
+    for path, body in (
+        ("/v1/chat/completions", {"messages": HI, "max_tokens": 10**20}),
+        ("/v1/chat/completions", {"messages": HI, "max_completion_tokens": 2**31}),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 10**20}),
+    ):
+        r = await http.post(path, json={"model": MODEL, **body})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] in ("max_tokens", "max_completion_tokens")

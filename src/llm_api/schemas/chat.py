@@ -14,6 +14,7 @@ from pydantic import (
 )
 
 from llm_api.schemas.common import (
+    MAX_TOKENS,
     ResponseFormat,
     SamplingFields,
     StrictModel,
@@ -45,7 +46,7 @@ class ChatMessage(StrictModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     response_format: ResponseFormat | None = None
 
     @field_validator("messages")

@@ -15,6 +15,8 @@ FORBIDDEN_FIELDS = frozenset(
     {"api_base", "base_url", "api_key", "api_version", "callback_url", "webhook_url", "proxy"}
 )
 MAX_JSON_DEPTH = 64
+# Beyond any model's context window, and within the 32-bit integers every upstream parses.
+MAX_TOKENS = 2**31 - 1
 UNSUPPORTED_FIELDS = (
     "logprobs",
     "top_logprobs",
@@ -97,7 +99,7 @@ class SamplingFields(OpenAIRequest):
     """Sampling parameters common to chat and text completions."""
 
     model: Annotated[str, StringConstraints(min_length=1, max_length=256)]
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     stop: StopStr | list[StopStr] | None = None

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from llm_api.schemas.common import OpenAIRequest, SamplingFields, Usage
+from llm_api.schemas.common import MAX_TOKENS, OpenAIRequest, SamplingFields, Usage
 
 
 class CompletionRequest(SamplingFields):
@@ -38,7 +38,7 @@ class GenerateRequest(OpenAIRequest):
     """The guide's simple API. `model` defaults to the registry's default model."""
 
     prompt: Annotated[str, Field(min_length=1)]
-    max_tokens: int = Field(256, ge=1)
+    max_tokens: int = Field(256, ge=1, le=MAX_TOKENS)
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     model: str | None = None
 

@@ -17,7 +17,10 @@ MAX_DAYS = 366
 def date_range(start: date | None, end: date | None) -> tuple[date, date]:
     """Inclusive UTC days; defaults to the last 30 days. Reversed or over-long ranges are 400s."""
     end = end or datetime.now(UTC).date()
-    start = start or end - timedelta(days=DEFAULT_DAYS - 1)
+    if start is None:
+        if end - date.min < timedelta(days=DEFAULT_DAYS - 1):  # before year 1: no such dates
+            raise InvalidRequestError("`end` is too early.", param="end")
+        start = end - timedelta(days=DEFAULT_DAYS - 1)
     if start > end:
         raise InvalidRequestError("`start` must not be after `end`.", param="start")
     if (end - start).days >= MAX_DAYS:

@@ -31,7 +31,7 @@ async def list_users(
     db: DbSession,
     auth: AuthDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,  # SQL OFFSET is a 64-bit int
 ) -> UserList:
     return UserList(data=[user_info(u) for u in await auth.users.list(db, limit, offset)])
 
