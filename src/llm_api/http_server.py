@@ -76,7 +76,7 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         if self._too_large:
             return
         super().data_received(data)
-        if self._in_head and not self._too_large and self.transport is not None:
+        if self._in_head and not self._too_large:
             # One header still arriving (httptools buffers it until it ends): every byte of
             # this read was head, so the total bounds the buffering.
             self._pending += len(data)

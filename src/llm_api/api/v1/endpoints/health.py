@@ -26,8 +26,7 @@ async def ready(state: StateDep) -> Response:
     is not draining; load balancers send traffic only then."""
     if state.draining:
         return json_response({"status": "draining"}, 503, {"Retry-After": "5"})
-    if not state.llm.ready:
-        return json_response({"status": "loading"}, 503, {"Retry-After": "5"})
-    if not worker_readiness.all_workers_ready():  # under gunicorn: every worker, not just this one
+    # Under gunicorn: every worker's models, not just this one's (core/worker_readiness.py).
+    if not state.llm.ready or not worker_readiness.all_workers_ready():
         return json_response({"status": "loading"}, 503, {"Retry-After": "5"})
     return json_response({"status": "ready"})
