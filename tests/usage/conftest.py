@@ -32,7 +32,11 @@ REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 
 
 def nonce() -> str:
-    """Makes each test's prompts unique, so entries on the shared Redis never collide."""
+    """A unique id for prompts and request ids that must not meet another test's or run's.
+    Tests that expect a cache hit use fixed prompts instead: the cache key holds the tenant
+    (a fresh user per test), and a fixed prompt has one greedy answer that ends on a stop
+    sequence every run, where a random hex nonce sometimes sent the model into a loop that
+    ran out of tokens (a truncated answer is never cached, so the hit became a miss)."""
     return uuid.uuid4().hex[:12]
 
 
@@ -98,13 +102,16 @@ async def running_app(tmp: Path, **overrides: Any) -> AsyncIterator[Running]:
 # The model stops at the first space or newline: answers are a word or two, end with
 # finish_reason "stop" (so they are cacheable) and cost a few decode steps.
 SHORT = [" ", "\n"]
+# Room to end on a SHORT stop sequence: a truncated (`length`) answer is never cached, and a
+# 16-token budget was sometimes spent on an echoed nonce, turning an expected hit into a miss.
+ROOM = 64
 
 
 def chat_body(prompt: str, **extra: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": MODEL,
         "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": 16,
+        "max_tokens": ROOM,
         "temperature": 0,
         "stop": SHORT,
     }

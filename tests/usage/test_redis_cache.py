@@ -22,6 +22,7 @@ from llm_api.services.llm.types import RequestContext
 from tests.conftest import MODEL
 from tests.conftest import test_settings as make_settings
 from tests.usage.conftest import (
+    ROOM,
     SHORT,
     RedisServer,
     Running,
@@ -44,9 +45,11 @@ def use_store(env: Running, store: RedisCacheStore | MemoryCacheStore) -> None:
     env.state.responses.store = store
 
 
-async def post(env: Running, key: str, body: dict) -> tuple[str, dict]:
+async def post(env: Running, key: str, body: dict, **headers: str) -> tuple[str, dict]:
     resp = await env.http.post(
-        "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+        "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {key}", **headers},
     )
     assert resp.status_code == 200, resp.text
     return resp.headers["x-cache"], resp.json()
@@ -64,7 +67,7 @@ async def test_hits_come_from_redis_with_a_ttl(env: Running, shared_redis_url: s
     use_store(env, store)
     alice_id, alice = await env.user()
     _, bob = await env.user()
-    body = chat_body(f"Say hi {nonce()}")
+    body = chat_body("Say hi.")
     assert (await post(env, alice, body))[0] == "miss"
     request = ChatCompletionRequest.model_validate(body)
     ctx = RequestContext(request_id=nonce(), user_id=alice_id)
@@ -78,7 +81,7 @@ async def test_hits_come_from_redis_with_a_ttl(env: Running, shared_redis_url: s
     stream = await client.chat.completions.create(
         model=MODEL,
         messages=body["messages"],
-        max_tokens=16,
+        max_tokens=ROOM,
         temperature=0,
         stop=SHORT,
         stream=True,
@@ -93,8 +96,10 @@ async def test_shared_scope_serves_other_tenants(tmp_path: Path, shared_redis_ur
         use_store(env, RedisCacheStore(shared_redis_url, 120, 0.1))
         _, alice = await env.user()
         _, bob = await env.user()
-        body = chat_body(f"Say ok {nonce()}")
-        assert (await post(env, alice, body))[0] == "miss"
+        body = chat_body("Say ok.")
+        # no-cache: alice's answer is fresh (an entry left by an earlier run is not read) and
+        # written; bob, another tenant, is then served alice's entry.
+        assert (await post(env, alice, body, **{"Cache-Control": "no-cache"}))[0] == "miss"
         assert (await post(env, bob, body))[0] == "hit"
 
 
@@ -104,7 +109,7 @@ async def test_redis_down_means_misses_only(env: Running, tmp_path: Path) -> Non
     store = RedisCacheStore(server.url, 120, 0.1)
     use_store(env, store)
     _, key = await env.user()
-    body = chat_body(f"Say go {nonce()}")
+    body = chat_body("Say go.")
     try:
         assert (await post(env, key, body))[0] == "miss"
         assert (await post(env, key, body))[0] == "hit"

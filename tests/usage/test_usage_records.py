@@ -18,6 +18,7 @@ from tests.conftest import MODEL, postgres_database, require_service
 from tests.usage.conftest import (
     PG_HOST,
     PG_PORT,
+    ROOM,
     SHORT,
     Running,
     chat_body,
@@ -56,19 +57,20 @@ async def test_usage_totals_equal_the_sum_of_the_responses(env: Running) -> None
     for i in range(4):  # two distinct prompts, each asked twice: misses then cache hits
         reply = await client.chat.completions.create(
             model=MODEL,
-            messages=[{"role": "user", "content": f"Say a word about {topic} {i % 2}"}],
-            max_tokens=16,
+            messages=[{"role": "user", "content": f"Say a word about the number {i % 2}."}],
+            max_tokens=ROOM,
             temperature=0,
             stop=SHORT,
         )
         assert reply.usage is not None
+        assert reply.choices[0].finish_reason == "stop"  # a truncated answer is never cached
         expected["prompt"] += reply.usage.prompt_tokens
         expected["completion"] += reply.usage.completion_tokens
         ids.add(reply.id.removeprefix("chatcmpl-"))
     stream = await client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": f"Name an animal {topic}"}],
-        max_tokens=16,
+        max_tokens=ROOM,
         temperature=0.8,
         stream=True,
         stream_options={"include_usage": True},
