@@ -184,6 +184,14 @@ async def test_wrong_method_is_openai_405(http: httpx.AsyncClient) -> None:
     r = await http.get("/v1/chat/completions")
     assert r.status_code == 405
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert r.headers["allow"] == "POST"
+    # One path served by two routes (list and create): Allow names both (RFC 9110 15.5.6).
+    r = await http.put("/v1/keys")
+    assert r.status_code == 405
+    assert r.headers["allow"] == "GET, POST"
+    r = await http.post("/v1/files/file-x")
+    assert r.status_code == 405
+    assert r.headers["allow"] == "GET, DELETE"
 
 
 async def test_bad_completion_prompt(client: openai.AsyncOpenAI) -> None:

@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match, Mount
 
 from llm_api.core.exceptions import (
     APIError,
@@ -89,7 +90,26 @@ async def _validation_error(_: Request, exc: Exception) -> Response:
     return error_response(validation_to_api_error(exc))
 
 
-async def _http_error(_: Request, exc: Exception) -> Response:
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path. Starlette's 405 names only the methods of
+    the first route that matched the path, but `/v1/keys` (GET, POST) is two routes, and
+    RFC 9110 wants `Allow` to list them all. FastAPI nests included routers, so ask each
+    top-level route whether it would take the request with another method."""
+    allowed = []
+    for method in _METHODS:
+        probe = {**request.scope, "method": method}
+        if any(
+            not isinstance(route, Mount) and route.matches(probe)[0] == Match.FULL
+            for route in request.app.router.routes
+        ):
+            allowed.append(method)
+    return ", ".join(allowed)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     api: APIError
     if exc.status_code == 404:
@@ -102,6 +122,8 @@ async def _http_error(_: Request, exc: Exception) -> Response:
         api.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
         api.code = None
     api.headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        api.headers["Allow"] = _allowed_methods(request) or api.headers.get("Allow", "")
     return error_response(api)
 
 
