@@ -24,7 +24,7 @@ from asgi_lifespan import LifespanManager
 from llm_api.core.config import Settings
 from llm_api.main import create_app
 from llm_api.services.auth import api_keys
-from llm_api.services.llm.registry import DEFAULT_MODEL_ID
+from llm_api.services.llm.registry import DEFAULT_MODEL_ID, builtin_registry
 
 MODEL = DEFAULT_MODEL_ID
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -297,3 +297,39 @@ def live_server(session_tmp: Path) -> Iterator[LiveServer]:
     server = start_live_server(session_tmp / "live")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """llama-cpp-python's own OpenAI-compatible server (`python -m llama_cpp.server`) on the
+    built-in GGUF, on loopback: a real upstream for the `openai` backend and the router. Yields
+    its /v1 base URL."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("llama-server") / "server.log"
+    gguf = builtin_registry().models[0].gguf_path()
+    args = ["--model", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
+    args += ["--n_ctx", "2048", "--n_threads", "2", "--verbose", "false"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", *args],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"llama_cpp.server exited: {log.read_text()[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base}/models", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.3)
+        else:
+            pytest.fail("llama_cpp.server did not start")
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -3,63 +3,14 @@ GGUF, on loopback, next to a failing stub replica."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from bench.stub_upstream import StubConfig
-from llm_api.services.llm.registry import builtin_registry
-from tests.conftest import free_port
 from tests.routing_support import chat, deployment, routed, routed_app, stream_text, stubs
 
 pytestmark = pytest.mark.model
-
-
-@pytest.fixture(scope="module")
-def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    gguf = builtin_registry().models[0].gguf_path()
-    port = free_port()
-    log = tmp_path_factory.mktemp("llama-server") / "server.log"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            str(gguf),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--n_ctx",
-            "2048",
-            "--n_threads",
-            "2",
-        ],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()[-2000:]
-            try:
-                if httpx.get(f"{base}/models", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            pytest.fail(f"llama_cpp.server did not start: {log.read_text()[-2000:]}")
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 async def test_failover_from_a_failing_replica_to_llama_server(

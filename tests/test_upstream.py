@@ -4,12 +4,9 @@ server on the same GGUF, and tiny aiohttp servers that hang, stall mid-stream or
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -17,7 +14,6 @@ import openai
 import pytest
 from aiohttp import web
 
-from llm_api.services.llm.registry import builtin_registry
 from tests.conftest import free_port
 from tests.core_apps import registry_app
 
@@ -26,54 +22,6 @@ pytestmark = pytest.mark.model
 KEY_ENV = "LLM_API_TEST_UPSTREAM_KEY"
 KEY = "sk-upstream-secret-7f3a9c"
 HI = [{"role": "user", "content": "Name three colours."}]
-
-
-@pytest.fixture(scope="module")
-def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`python -m llama_cpp.server` on the built-in GGUF; yields its /v1 base URL."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("llama-server") / "server.log"
-    gguf = builtin_registry().models[0].gguf_path()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            str(gguf),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--n_ctx",
-            "2048",
-            "--n_threads",
-            "2",
-            "--verbose",
-            "false",
-        ],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"llama_cpp.server exited: {log.read_text()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/models", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.3)
-        else:
-            pytest.fail("llama_cpp.server did not start")
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 class Stub:

@@ -7,7 +7,7 @@ from collections.abc import AsyncGenerator
 from typing import Protocol
 
 from llm_api.services.llm.registry import ModelConfig
-from llm_api.services.llm.types import GenerationChunk, GenerationRequest
+from llm_api.services.llm.types import GenerationChunk, GenerationRequest, Message, SamplingParams
 
 
 class Backend(Protocol):
@@ -34,3 +34,14 @@ class Backend(Protocol):
         """Yield output pieces; the last has finish_reason and token counts. Closing the
         iterator early cancels generation."""
         ...
+
+
+def warmup_request(model_id: str) -> GenerationRequest:
+    """The short greedy generation a local backend runs at start, before `/ready` turns 200:
+    it pages the weights in and builds llama.cpp's compute graphs."""
+    return GenerationRequest(
+        request_id="warmup",
+        model=model_id,
+        params=SamplingParams(max_tokens=2, temperature=0.0, top_p=1.0),
+        messages=[Message("user", "Hi")],
+    )

@@ -20,6 +20,7 @@ from llama_cpp import _internals  # the model/context wrappers `Llama` itself is
 from llama_cpp._logger import set_verbose
 
 from llm_api.core.exceptions import InvalidRequestError, ServiceUnavailableError
+from llm_api.services.llm.backends.base import warmup_request
 from llm_api.services.llm.chat_template import (
     ChatTemplate,
     TemplateRenderError,
@@ -31,7 +32,7 @@ from llm_api.services.llm.engine.sampling import check_grammar, request_seed
 from llm_api.services.llm.engine.sequence import Sequence, Sink
 from llm_api.services.llm.grammar import gbnf_for_schema
 from llm_api.services.llm.registry import ModelConfig
-from llm_api.services.llm.types import GenerationChunk, GenerationRequest, Message, SamplingParams
+from llm_api.services.llm.types import GenerationChunk, GenerationRequest
 
 log = structlog.get_logger(__name__)
 
@@ -133,12 +134,7 @@ class LlamaBatchedBackend:
         return bytes(self._model.detokenize([token], special=special)).decode("utf-8", "replace")
 
     async def warmup(self) -> None:
-        req = GenerationRequest(
-            request_id="warmup",
-            model=self.config.id,
-            params=SamplingParams(max_tokens=2, temperature=0.0, top_p=1.0),
-            messages=[Message("user", "Hi")],
-        )
+        req = warmup_request(self.config.id)
         await self.prepare(req)
         async for _ in self._generate(req):
             pass

@@ -20,6 +20,7 @@ import anyio
 import structlog
 
 from llm_api.core.exceptions import InvalidRequestError
+from llm_api.services.llm.backends.base import warmup_request
 from llm_api.services.llm.chat_template import (
     ChatTemplate,
     TemplateRenderError,
@@ -86,14 +87,7 @@ class LlamaCppBackend:
         return bytes(self._llama.detokenize([token], special=True)).decode("utf-8", "replace")
 
     async def warmup(self) -> None:
-        from llm_api.services.llm.types import Message, SamplingParams
-
-        req = GenerationRequest(
-            request_id="warmup",
-            model=self.config.id,
-            params=SamplingParams(max_tokens=2, temperature=0.0, top_p=1.0),
-            messages=[Message("user", "Hi")],
-        )
+        req = warmup_request(self.config.id)
         self._ready = True  # generate() below needs it; reset on failure
         try:
             await self.prepare(req)
