@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from bench.stub_upstream import StubConfig
 from llm_api.services.llm.registry import Registry
-from tests.conftest import require_service
+from tests.conftest import free_port, require_service
 from tests.routing_support import (
     chat,
     closed_port,
@@ -240,12 +240,15 @@ async def test_breaker_state_is_shared_through_redis(tmp_path: Path) -> None:
     require_service("Redis", "127.0.0.1", 6379)
     model_id = f"m-{uuid.uuid4().hex[:8]}"  # fresh keys in the shared Redis
     async with stubs(StubConfig(tokens=1, fail_status=500)) as (a,):
-        policy = {"retries": 0, "breaker_failures": 2, "breaker_cooldown": 0.6}
+        # Margins for a loaded CI machine: a breaker call slower than the timeout (100 ms by
+        # default) falls back to local state, and the shared open state must outlive the
+        # requests between the two workers.
+        policy = {"retries": 0, "breaker_failures": 2, "breaker_cooldown": 2.0}
         models = [routed(model_id, [deployment(a, name="a")], routing=policy)]
-        redis_url = "redis://127.0.0.1:6379/0"
+        shared = {"redis_url": "redis://127.0.0.1:6379/0", "breaker_redis_timeout_ms": 5000}
         async with (
-            routed_app(tmp_path / "w1", models, redis_url=redis_url) as w1,
-            routed_app(tmp_path / "w2", models, redis_url=redis_url) as w2,
+            routed_app(tmp_path / "w1", models, **shared) as w1,
+            routed_app(tmp_path / "w2", models, **shared) as w2,
         ):
             for _ in range(2):
                 with pytest.raises(openai.InternalServerError):
@@ -254,7 +257,7 @@ async def test_breaker_state_is_shared_through_redis(tmp_path: Path) -> None:
                 await chat(w2, model_id)
             assert exc.value.status_code == 503 and a.stats.requests == 2
             a.config.fail_status = None
-            await asyncio.sleep(0.65)
+            await asyncio.sleep(2.05)
             await chat(w2, model_id)  # the half-open probe, from the other worker
             await chat(w1, model_id)  # closed for everyone
             ttl = await w1.app.state.llm_api.llm.backends[model_id].breakers.redis.pttl(
@@ -262,6 +265,24 @@ async def test_breaker_state_is_shared_through_redis(tmp_path: Path) -> None:
             )
     assert a.stats.completed == 2
     assert ttl == -2  # cleared on success; every key it writes carries a TTL
+
+
+async def test_breaker_works_locally_while_redis_is_down(tmp_path: Path) -> None:
+    """Redis unreachable (nothing listens on its port): each breaker call fails fast and the
+    process keeps its own breaker state, so the dead replica is still cut off."""
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
+    async with stubs(StubConfig(tokens=1, fail_status=500)) as (a,):
+        policy = {"retries": 0, "breaker_failures": 2, "breaker_cooldown": 60}
+        models = [routed("m", [deployment(a, name="a")], routing=policy)]
+        async with routed_app(tmp_path, models, redis_url=dead_redis) as w:
+            for _ in range(2):
+                with pytest.raises(openai.InternalServerError) as exc:
+                    await chat(w, "m")
+                assert exc.value.status_code == 502
+            with pytest.raises(openai.InternalServerError) as exc:
+                await chat(w, "m")
+    assert exc.value.status_code == 503
+    assert a.stats.requests == 2
 
 
 @pytest.mark.parametrize(

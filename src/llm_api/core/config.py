@@ -94,6 +94,13 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None, description="Redis URL for limits, cache and queues. Unset: in-process memory."
     )
+    breaker_redis_timeout_ms: int = Field(
+        100,
+        ge=5,
+        le=5000,
+        description="Timeout of each circuit-breaker call to Redis; slower falls back to this "
+        "process's own breaker state.",
+    )
 
     # --- response cache and usage records ---------------------------------------------------
     cache_enabled: bool = Field(

@@ -56,10 +56,12 @@ def _breakers(config: ModelConfig, settings: Settings) -> Breakers:
     policy = config.routing
     if not settings.redis_url:
         return MemoryBreakers(policy.breaker_failures, policy.breaker_cooldown)
+    # A slow Redis must not hold requests: past the timeout, fall back to memory instead.
+    timeout = settings.breaker_redis_timeout_ms / 1000
     redis = Redis.from_url(
         settings.redis_url,
-        socket_timeout=0.1,  # a slow Redis must not hold requests: fall back to memory instead
-        socket_connect_timeout=0.1,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
         client_name="llm-api-breakers",
     )
     probe_ttl = max(d.first_token_timeout for d in config.deployments) + 5.0
