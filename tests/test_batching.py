@@ -17,6 +17,7 @@ import openai
 import pytest
 import yaml
 
+from llm_api.core import metrics
 from llm_api.schemas.chat import ChatCompletionRequest
 from llm_api.services.llm.backends.llama_batched import LlamaBatchedBackend
 from llm_api.services.llm.backends.llama_cpp import LlamaCppBackend
@@ -209,6 +210,53 @@ async def test_one_sequence_matches_the_unbatched_engine(app: Any) -> None:
             assert got == expected, (temperature, seed)
     finally:
         await simple.aclose()
+
+
+SYSTEM = " ".join(["You answer questions for a public library; be polite, precise and brief."] * 6)
+
+
+def _with_system(content: str) -> GenerationRequest:
+    return GenerationRequest(
+        request_id="prefix",
+        model=MODEL,
+        params=SamplingParams(max_tokens=24, temperature=0.0, top_p=1.0),
+        messages=[Message("system", SYSTEM), Message("user", content)],
+    )
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+async def test_shared_system_prompt_is_evaluated_once(prefix_cache: bool, app: Any) -> None:
+    """With `prefix_cache` on, a request that shares a long system prompt with the one before
+    it takes that prefix from the freed slot's KV cache instead of evaluating it again (and
+    the Prometheus counters say so); off (the default), every prompt is evaluated whole."""
+    threads = app.state.llm_api.llm.backends[MODEL]._threads
+    update = {"id": f"prefix-{prefix_cache}", "slots": 2, "prefix_cache": prefix_cache}
+    config = builtin_registry().models[0].model_copy(update=update)
+    backend = LlamaBatchedBackend(config, threads=threads)
+    await backend.start(warmup=False)
+    engine = backend.engine
+    assert engine is not None
+    hits = metrics.PREFIX_CACHE_HITS.labels(config.id)
+    try:
+        first_req = _with_system("Where are the atlases?")
+        first = await _collect(backend, first_req)
+        assert engine.prompt_tokens_reused == 0  # nothing cached yet
+        second_req = _with_system("When do you open on Sundays?")
+        second = await _collect(backend, second_req)
+        reused = engine.prompt_tokens_reused
+        assert first[1] in ("stop", "length") and second[1] in ("stop", "length")
+        assert second[0].strip()  # it still answers
+        a, b = first_req.engine_state["tokens"], second_req.engine_state["tokens"]
+        shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+        assert shared >= 90  # the template's header and the system prompt
+        if prefix_cache:
+            assert reused == shared  # exactly the common prefix, the user turn evaluated anew
+        else:
+            assert reused == 0
+        assert engine.prompt_tokens == len(a) + len(b)  # both prompts admitted and counted
+        assert hits._value.get() == reused
+    finally:
+        await backend.aclose()
 
 
 async def test_disconnect_frees_its_slot(small_app: Any) -> None:

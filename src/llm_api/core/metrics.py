@@ -76,6 +76,20 @@ REQUESTS = Counter(
 )
 """Updated by MetricsObserver. finished_reason ∈ stop, length, cancelled, error."""
 
+PREFIX_CACHE_QUERIES = Counter(
+    "llm_api:prefix_cache_queries",
+    "Prompt tokens admitted by the batched engine (looked up in its slots' KV caches).",
+    MODEL,
+)
+PREFIX_CACHE_HITS = Counter(
+    "llm_api:prefix_cache_hits",
+    "Prompt tokens reused from a slot's KV cache instead of evaluated again (0 while the "
+    "model's prefix_cache is off).",
+    MODEL,
+)
+"""Incremented by the batched engine at admission; hits ÷ queries is the prefix-cache hit rate
+(vLLM's metrics of the same names)."""
+
 UPSTREAM_ERRORS = Counter(
     "llm_api:upstream_errors",
     "Failures of upstream (OpenAI-compatible) model servers.",

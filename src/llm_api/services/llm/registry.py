@@ -77,7 +77,8 @@ class ModelConfig(BaseModel):
         False,
         description="Batched engine: reuse a freed slot's KV cache for a shared prompt prefix. "
         "Faster for a common system prompt, but evaluating only the suffix changes the logits "
-        "slightly, so the same seeded request may then differ with what ran before it.",
+        "slightly, so the same seeded request may then differ with what ran before it. "
+        "`llm_api:prefix_cache_hits` counts the prompt tokens reused.",
     )
 
     # openai (any OpenAI-compatible upstream)

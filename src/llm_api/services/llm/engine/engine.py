@@ -19,6 +19,7 @@ from typing import Any
 import llama_cpp
 import structlog
 
+from llm_api.core import metrics
 from llm_api.core.exceptions import ServerError
 from llm_api.services.llm.engine.sampling import build_chain
 from llm_api.services.llm.engine.scheduler import Scheduler, Work
@@ -62,6 +63,10 @@ class BatchEngine:
         self._thread = threading.Thread(target=self._main, name=f"llama-batch-{name}", daemon=True)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.steps = 0  # decode steps run (for tests and metrics)
+        self.prompt_tokens = 0  # prompt tokens admitted
+        self.prompt_tokens_reused = 0  # of those, taken from a slot's KV cache (prefix_cache)
+        self._queries = metrics.PREFIX_CACHE_QUERIES.labels(name)
+        self._hits = metrics.PREFIX_CACHE_HITS.labels(name)
 
     # --- called from the event loop ---------------------------------------------------------
 
@@ -130,6 +135,10 @@ class BatchEngine:
         for seq, reuse in self._sched.admit():
             # Drop whatever the slot's previous user left beyond the shared prefix.
             llama_cpp.llama_memory_seq_rm(self._mem, seq.slot, reuse, -1)
+            self.prompt_tokens += len(seq.prompt)
+            self.prompt_tokens_reused += reuse
+            self._queries.inc(len(seq.prompt))
+            self._hits.inc(reuse)
             seq.tokens = list(seq.prompt)
             seq.text = TextAssembler(seq.params.stop)
             seq.chain = build_chain(
