@@ -75,9 +75,11 @@ class ModelConfig(BaseModel):
     )
     prefix_cache: bool = Field(
         False,
-        description="Batched engine: reuse a freed slot's KV cache for a shared prompt prefix. "
-        "Faster for a common system prompt, but evaluating only the suffix changes the logits "
-        "slightly, so the same seeded request may then differ with what ran before it. "
+        description="Batched engine: reuse a freed slot's KV cache for a shared prompt prefix "
+        "(a common system prompt, earlier turns of a conversation), so only the rest of the "
+        "prompt is evaluated. Off by default: the cached KV is exact, but llama.cpp picks "
+        "kernels by how many tokens it evaluates at once, so the last prompt token's logits, "
+        "and with them a greedy or seeded answer, can differ from a cold run's. "
         "`llm_api:prefix_cache_hits` counts the prompt tokens reused.",
     )
 
