@@ -7,9 +7,11 @@ official openai SDK."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -173,6 +175,20 @@ async def test_bad_request_does_not_fall_back(tmp_path: Path) -> None:
     assert (a.stats.requests, b.stats.requests) == (1, 0)
 
 
+async def until(condition: Any, timeout: float = 10.0) -> None:
+    """Wait for a condition (a plain or async predicate) instead of a fixed sleep, so a loaded
+    CI machine only makes the test slower, never wrong."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
 async def test_breaker_opens_half_opens_and_closes(tmp_path: Path) -> None:
     async with stubs(StubConfig(tokens=2, fail_status=500)) as (a,):
         policy = {"retries": 0, "breaker_failures": 2, "breaker_cooldown": 0.5}
@@ -200,7 +216,7 @@ async def test_breaker_opens_half_opens_and_closes(tmp_path: Path) -> None:
             a.config.fail_status, a.config.interval, a.config.tokens = None, 0.1, 3
             await asyncio.sleep(0.55)
             probe = asyncio.create_task(chat(r, "m"))
-            await asyncio.sleep(0.05)
+            await until(lambda: a.stats.requests == 4)  # the probe reached the replica
             with pytest.raises(openai.InternalServerError) as exc:
                 await chat(r, "m")
             assert exc.value.status_code == 503
@@ -227,7 +243,12 @@ async def test_active_health_check_opens_the_breaker(tmp_path: Path) -> None:
         policy = {"breaker_failures": 1, "breaker_cooldown": 60, "health_check_interval": 0.1}
         model = routed("m", [deployment(bad), deployment(good)], routing=policy)
         async with routed_app(tmp_path, [model]) as r:
-            await asyncio.sleep(0.3)
+            router = r.app.state.llm_api.llm.backends["m"]
+
+            async def bad_is_open() -> bool:
+                return "open" in await router.breakers.states(router._names)
+
+            await until(bad_is_open)  # a health check ran (every 0.1 s) and found it down
             for _ in range(10):
                 await chat(r, "m")
     assert bad.stats.requests == 0  # the health check found it down before any request
