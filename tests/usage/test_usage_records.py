@@ -210,11 +210,14 @@ async def test_overloaded_request_is_recorded_with_its_status(env: Running) -> N
     saved = gate.slots, gate.max_waiting
     gate.slots, gate.max_waiting = 1, 0
     try:
-        long_body = chat_body(f"Write a poem {nonce()}", max_tokens=48, stop=None)
+        long_body = chat_body(f"Write a poem {nonce()}", max_tokens=200, stop=None)
         first = asyncio.create_task(
             env.http.post("/v1/chat/completions", json=long_body, headers=auth(key))
         )
-        await asyncio.sleep(0.3)
+        deadline = asyncio.get_running_loop().time() + 30
+        while gate.running == 0:  # until the first holds the only slot
+            assert asyncio.get_running_loop().time() < deadline, "first request never admitted"
+            await asyncio.sleep(0.01)
         second = await env.http.post(
             "/v1/chat/completions", json=chat_body(f"Hi {nonce()}"), headers=auth(key)
         )

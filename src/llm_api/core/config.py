@@ -218,7 +218,12 @@ class Settings(BaseSettings):
         "(replicas × workers) per process.",
     )
     rate_limit_redis_timeout_ms: int = Field(
-        100, ge=5, le=100, description="Timeout of each limiter call to Redis."
+        100,
+        ge=5,
+        le=1000,
+        description="Timeout of each limiter call to Redis; a slower call counts as Redis "
+        "being down. Raise it where CPU-bound work (an in-process model on few cores) can stall "
+        "the event loop past 100 ms.",
     )
     rate_limit_lease_seconds: int = Field(
         60, ge=3, description="Concurrency slots of a crashed worker free themselves after this."
