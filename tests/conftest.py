@@ -4,7 +4,9 @@ uvicorn server on loopback when they need real sockets (disconnects, signals).""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import os
 import socket
 import subprocess
@@ -297,6 +299,20 @@ def live_server(session_tmp: Path) -> Iterator[LiveServer]:
     server = start_live_server(session_tmp / "live")
     yield server
     server.stop()
+
+
+async def eventually(condition: Any, timeout: float = 15.0) -> None:
+    """Wait until a condition (a plain or async predicate) holds, instead of a fixed sleep, so
+    a loaded CI machine only makes a test slower, never wrong."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return
+        assert time.monotonic() < deadline, "condition never held"
+        await asyncio.sleep(0.01)
 
 
 @pytest.fixture(scope="module")

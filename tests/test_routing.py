@@ -7,11 +7,9 @@ official openai SDK."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import openai
 import pytest
@@ -19,7 +17,7 @@ from pydantic import ValidationError
 
 from bench.stub_upstream import StubConfig
 from llm_api.services.llm.registry import Registry
-from tests.conftest import free_port, require_service
+from tests.conftest import eventually, free_port, require_service
 from tests.routing_support import (
     chat,
     closed_port,
@@ -175,20 +173,6 @@ async def test_bad_request_does_not_fall_back(tmp_path: Path) -> None:
     assert (a.stats.requests, b.stats.requests) == (1, 0)
 
 
-async def until(condition: Any, timeout: float = 10.0) -> None:
-    """Wait for a condition (a plain or async predicate) instead of a fixed sleep, so a loaded
-    CI machine only makes the test slower, never wrong."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.005)
-
-
 async def test_breaker_opens_half_opens_and_closes(tmp_path: Path) -> None:
     async with stubs(StubConfig(tokens=2, fail_status=500)) as (a,):
         policy = {"retries": 0, "breaker_failures": 2, "breaker_cooldown": 0.5}
@@ -216,7 +200,7 @@ async def test_breaker_opens_half_opens_and_closes(tmp_path: Path) -> None:
             a.config.fail_status, a.config.interval, a.config.tokens = None, 0.1, 3
             await asyncio.sleep(0.55)
             probe = asyncio.create_task(chat(r, "m"))
-            await until(lambda: a.stats.requests == 4)  # the probe reached the replica
+            await eventually(lambda: a.stats.requests == 4)  # the probe reached the replica
             with pytest.raises(openai.InternalServerError) as exc:
                 await chat(r, "m")
             assert exc.value.status_code == 503
@@ -248,7 +232,7 @@ async def test_active_health_check_opens_the_breaker(tmp_path: Path) -> None:
             async def bad_is_open() -> bool:
                 return "open" in await router.breakers.states(router._names)
 
-            await until(bad_is_open)  # a health check ran (every 0.1 s) and found it down
+            await eventually(bad_is_open)  # a health check ran (every 0.1 s) and found it down
             for _ in range(10):
                 await chat(r, "m")
     assert bad.stats.requests == 0  # the health check found it down before any request

@@ -14,7 +14,7 @@ import pytest
 
 from llm_api.services.llm.types import CompletionRecord
 from llm_api.services.rate_limit.memory_store import MemoryStore
-from tests.conftest import MODEL, Account, create_account
+from tests.conftest import MODEL, Account, create_account, eventually
 from tests.rate_limit.conftest import RedisServer, limits_on
 
 CHAT = "/v1/chat/completions"
@@ -240,14 +240,6 @@ async def leases_held(limiter: Any, user_id: str) -> int:
     redis = store.redis
     t = await redis.time()
     return int(await redis.zcount(f"{{{store.prefix}}}:{key}:z", t[0] * 1000, "+inf"))
-
-
-async def eventually(check: Any, timeout: float = 15) -> None:
-    for _ in range(int(timeout * 10)):
-        if await check():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError("condition never held")
 
 
 @pytest.mark.parametrize("backend", ["memory", "redis"])
