@@ -66,9 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slots", type=int, default=16, help="parallel sequences (ours, llama-server)")
     p.add_argument("--ctx", type=int, default=2048, help="context per slot")
     p.add_argument(
-        "--prefix-cache",
-        action="store_true",
-        help="ours: reuse a freed slot's KV for a shared prompt prefix (llama-server does)",
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        help="ours: evaluate every prompt whole (default: reuse a freed slot's KV for a shared "
+        "prompt prefix, as llama-server does)",
     )
     p.add_argument("--gguf", type=Path, help="model file (default: the built-in SmolLM2 GGUF)")
     p.add_argument(

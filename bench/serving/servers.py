@@ -86,7 +86,7 @@ class Running:
 
 
 def ours(
-    gguf: Path, *, threads: int, slots: int, ctx: int, workdir: Path, prefix_cache: bool = False
+    gguf: Path, *, threads: int, slots: int, ctx: int, workdir: Path, prefix_cache: bool = True
 ) -> ServerSpec:
     port = free_port()
     registry = workdir / "bench-models.yaml"
@@ -99,7 +99,7 @@ def ours(
         f"    slots: {slots}\n"
         f"    context_length: {ctx}\n"
         f"    max_queue: {max(64, slots * 8)}\n"
-        + ("    prefix_cache: true\n" if prefix_cache else "")
+        + ("" if prefix_cache else "    prefix_cache: false\n")
     )
     env = {
         "LLM_API_ENVIRONMENT": "development",
@@ -119,7 +119,8 @@ def ours(
         port=port,
         env=env,
         ready_path="/ready",
-        flags=f"engine=batched slots={slots} ctx/slot={ctx} threads={threads}",
+        flags=f"engine=batched slots={slots} ctx/slot={ctx} threads={threads} "
+        f"prefix_cache={str(prefix_cache).lower()}",
     )
 
 

@@ -55,7 +55,13 @@ class ModelConfig(BaseModel):
     gguf: str | None = Field(
         None, description="Path to a .gguf file, or package:<dist>/<path inside the wheel>."
     )
-    n_batch: int = Field(512, ge=16, description="Prompt tokens evaluated per decode step.")
+    n_batch: int = Field(
+        512,
+        ge=64,
+        multiple_of=64,
+        description="Tokens evaluated per decode step (decode tokens plus prompt chunks); "
+        "a multiple of the engines' 64-token micro-batch.",
+    )
     engine: Literal["batched", "simple"] = Field(
         "batched",
         description="batched: continuous batching of up to `slots` sequences in one engine "
@@ -74,13 +80,12 @@ class ModelConfig(BaseModel):
         "step of 16 sequences ~20% faster; llama-server enables it by default too.",
     )
     prefix_cache: bool = Field(
-        False,
+        True,
         description="Batched engine: reuse a freed slot's KV cache for a shared prompt prefix "
-        "(a common system prompt, earlier turns of a conversation), so only the rest of the "
-        "prompt is evaluated. Off by default: the cached KV is exact, but llama.cpp picks "
-        "kernels by how many tokens it evaluates at once, so the last prompt token's logits, "
-        "and with them a greedy or seeded answer, can differ from a cold run's. "
-        "`llm_api:prefix_cache_hits` counts the prompt tokens reused.",
+        "(a common system prompt, the chat template's header), so only the rest of the prompt "
+        "is evaluated. Reuse stops where it could change a logit (llama.cpp picks kernels by "
+        "micro-batch shape; see engine/exact_reuse.py), so a request gives the same output as "
+        "a cold run. `llm_api:prefix_cache_hits` counts the prompt tokens reused.",
     )
 
     # openai (any OpenAI-compatible upstream)

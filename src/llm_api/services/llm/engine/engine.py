@@ -1,8 +1,9 @@
 """The batched engine: one thread per model owns the llama.cpp context and loops
 
-    admit waiting sequences into free slots → build one llama_batch (one decode token per running
-    sequence + prompt chunks of new ones) → llama_decode → sample each sequence with its own
-    sampler chain → detokenize, apply stop sequences / max_tokens / end-of-generation → hand the
+    admit waiting sequences into free slots → one llama_decode of one token per running
+    sequence, then one per prompt chunk of new ones (alone in its call, so its micro-batches
+    are those of a cold run, see `exact_reuse`) → sample each sequence with its own sampler
+    chain → detokenize, apply stop sequences / max_tokens / end-of-generation → hand the
     step's output to the event loop in one call → free the slots of finished sequences.
 
 Hand-written on llama-cpp-python's low-level bindings because its high-level `Llama` decodes one
@@ -21,6 +22,7 @@ import structlog
 
 from llm_api.core import metrics
 from llm_api.core.exceptions import ServerError
+from llm_api.services.llm.engine.exact_reuse import decode_kernel, prefill_kernels
 from llm_api.services.llm.engine.sampling import build_chain
 from llm_api.services.llm.engine.scheduler import Scheduler, Work
 from llm_api.services.llm.engine.sequence import DetokenizeFn, Outbox, Sequence
@@ -149,22 +151,31 @@ class BatchEngine:
                 gbnf=seq.gbnf,
                 seed=seq.seed,
             )
-        work = self._sched.plan()
-        if not work:
-            return
+        decodes, prefills = self._sched.plan()
+        if decodes:
+            self._run(decodes, out)
+        for w in prefills:  # alone in its call: the same micro-batches as a cold run
+            if w.seq.finish is None:  # not failed by an earlier call of this step
+                self._run([w], out)
+
+    def _run(self, work: list[Work], out: Outbox) -> None:
+        """One llama_decode over `work`, then sample the sequences that want a token."""
         outputs = self._fill(work)
         rc = llama_cpp.llama_decode(self._ctx, self._batch)
         self.steps += 1
         if rc != 0:
             # Cannot happen while slots × ctx_per_slot bound every sequence; if it does, fail
-            # this step's sequences rather than the whole engine.
+            # these sequences rather than the whole engine.
             log.error("llama_decode_failed", model=self.name, rc=rc)
             for w in work:
                 out.put(w.seq.sink, ServerError("Generation failed in llama_decode."))
                 self._finish(w.seq, "error", out, send=False)
             return
         for w in work:
-            w.seq.n_past += len(w.tokens)
+            seq, end = w.seq, w.start + len(w.tokens)
+            prefill = seq.n_past < len(seq.prompt)
+            seq.kernels += prefill_kernels(w.start, end) if prefill else decode_kernel(w.start)
+            seq.n_past = end
         for w, idx in outputs:
             self._sample(w.seq, idx, out)
 

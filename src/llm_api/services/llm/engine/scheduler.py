@@ -1,13 +1,16 @@
 """Which sequences run in the next engine step, and which slot (llama.cpp seq id) each uses.
 
 Pure bookkeeping, no llama.cpp calls, so the policy is easy to read:
-- admission is FIFO into free slots; a freed slot remembers the tokens still in its KV cache,
-  and a new sequence takes the free slot whose cache shares the longest prefix with its prompt
-  (a shared system prompt is then not evaluated again);
+- admission is FIFO into free slots; a freed slot remembers the tokens still in its KV cache
+  (and which kernel computed each, see `exact_reuse`), and with `prefix_cache` a new sequence
+  takes the free slot that lets it reuse the longest prefix of its prompt (a shared system
+  prompt is then not evaluated again) without changing its output;
 - each step decodes one token for every running sequence, then spends what is left of the
   per-step token budget on prompt chunks of sequences still prefilling, oldest first, so a long
-  prompt is spread over several steps instead of freezing the running streams;
-- slots are handed out lowest id first and a step's tokens are ordered by slot: with one KV
+  prompt is spread over several steps instead of freezing the running streams. A chunk ends on
+  a 64-token boundary of the prompt (or at its end), so prompts are evaluated in the same
+  micro-batches whatever was reused or run alongside;
+- slots are handed out lowest id first and decode tokens are ordered by slot: with one KV
   stream per sequence, llama.cpp splits a batch into one micro-batch per run of consecutive
   sequence ids (`split_equal(sequential=true)`), so gaps between running ids cost extra passes.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass
 
+from llm_api.services.llm.engine.exact_reuse import UBATCH, next_boundary, reusable_prefix
 from llm_api.services.llm.engine.sequence import Sequence
 
 
@@ -31,14 +35,6 @@ class Work:
     sample: bool
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 class Scheduler:
     def __init__(self, slots: int, budget: int, *, prefix_cache: bool = True) -> None:
         self.budget = budget
@@ -46,7 +42,8 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self._free: list[int] = list(range(slots))
-        self._cached: dict[int, list[int]] = {}  # free slot -> tokens still in its KV cache
+        # free slot -> (tokens still in its KV cache, the kernel that computed each)
+        self._cached: dict[int, tuple[list[int], bytes]] = {}
 
     @property
     def idle(self) -> bool:
@@ -60,8 +57,8 @@ class Scheduler:
             seq = self.waiting.popleft()
             slot, reuse = self._pick_slot(seq.prompt)
             self._free.remove(slot)
-            self._cached.pop(slot, None)
-            seq.slot, seq.n_past = slot, reuse
+            _, kernels = self._cached.pop(slot, ([], b""))
+            seq.slot, seq.n_past, seq.kernels = slot, reuse, bytearray(kernels[:reuse])
             self.running.append(seq)
             admitted.append((seq, reuse))
         return admitted
@@ -70,30 +67,35 @@ class Scheduler:
         best, best_len = min(self._free), 0
         if self.prefix_cache:
             for slot in self._free:
-                n = common_prefix(self._cached.get(slot, []), prompt)
+                tokens, kernels = self._cached.get(slot, ([], b""))
+                n = reusable_prefix(tokens, kernels, prompt)
                 if n > best_len:
                     best, best_len = slot, n
-        # At least the last prompt token must be evaluated: its logits give the first token.
-        return best, min(best_len, len(prompt) - 1)
+        return best, best_len
 
     def release(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self._cached[seq.slot] = seq.tokens[: seq.n_past]
+        self._cached[seq.slot] = (seq.tokens[: seq.n_past], bytes(seq.kernels[: seq.n_past]))
         self._free.append(seq.slot)
 
-    def plan(self) -> list[Work]:
-        work: list[Work] = []
+    def plan(self) -> tuple[list[Work], list[Work]]:
+        """This step's decode tokens (one llama_decode) and prompt chunks (one llama_decode
+        each: alone in their call, a chunk's micro-batches are the same as a cold run's)."""
+        running = sorted(self.running, key=lambda s: s.slot)
+        decodes = [Work(s, [s.tokens[-1]], s.n_past, True) for s in running if not s.prefilling]
+        prefills: list[Work] = []
+        left = self.budget - len(decodes)
         for seq in self.running:
-            if not seq.prefilling:
-                work.append(Work(seq, [seq.tokens[-1]], seq.n_past, True))
-        left = self.budget - len(work)
-        for seq in self.running:
-            if left <= 0:
-                break
-            if seq.prefilling:
-                chunk = seq.prompt[seq.n_past : seq.n_past + left]
-                done = seq.n_past + len(chunk) == len(seq.prompt)
-                work.append(Work(seq, chunk, seq.n_past, done))
-                left -= len(chunk)
-        work.sort(key=lambda w: w.seq.slot)
-        return work
+            pos, n = seq.n_past, len(seq.prompt)
+            while left > 0 and pos < n:
+                if pos % UBATCH:  # a reused prefix ended inside a block: finish that block
+                    end = next_boundary(pos)
+                elif n - pos <= left:
+                    end = n
+                else:  # whole blocks; at least one, which may overrun the budget a little
+                    end = pos + max(UBATCH, left // UBATCH * UBATCH)
+                end = min(end, n)
+                prefills.append(Work(seq, seq.prompt[pos:end], pos, end == n))
+                left -= end - pos
+                pos = end
+        return decodes, prefills

@@ -47,6 +47,7 @@ class Sequence:
     slot: int = -1
     tokens: list[int] = field(default_factory=list)  # prompt + sampled tokens
     n_past: int = 0  # how many of `tokens` are in this slot's KV cache
+    kernels: bytearray = field(default_factory=bytearray)  # per cached token, see exact_reuse
     produced: int = 0  # completion tokens (EOG not counted)
     unsent: int = 0  # produced tokens whose text is still held back
     chain: Any = None  # llama_sampler chain
