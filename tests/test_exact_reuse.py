@@ -9,6 +9,8 @@ from llm_api.services.llm.engine.exact_reuse import (
     prefill_kernels,
     reusable_prefix,
 )
+from llm_api.services.llm.engine.scheduler import Scheduler
+from llm_api.services.llm.engine.sequence import Sequence
 
 
 def test_cold_kernels_follow_the_micro_batch_shape() -> None:
@@ -57,3 +59,29 @@ def test_generated_tokens_are_reused_only_where_a_prompt_would_compute_them_alik
     assert reusable_prefix(turn + answer, kernels, follow_up) == 50
     longer = turn + answer + [9] * 30  # 80 tokens: a cold run tiles the first 64
     assert reusable_prefix(turn + answer, kernels, longer) == 0
+
+
+def _running(scheduler: Scheduler, prompt: list[int], reused: int) -> Sequence:
+    seq = Sequence(prompt=prompt, params=None, gbnf=None, seed=0, sink=None)  # type: ignore[arg-type]
+    scheduler.waiting.append(seq)
+    scheduler.admit()
+    seq.n_past = reused  # as if `reused` tokens came from the slot's cache
+    return seq
+
+
+def test_prompt_chunks_end_on_block_boundaries() -> None:
+    """After a reuse that ends inside a block, the first chunk finishes that block; later
+    chunks are whole blocks (or the prompt's end) within the step's budget."""
+    scheduler = Scheduler(slots=2, budget=160)
+    seq = _running(scheduler, list(range(300)), reused=100)
+    decodes, prefills = scheduler.plan()
+    assert decodes == []
+    assert [(w.start, w.start + len(w.tokens), w.sample) for w in prefills] == [
+        (100, 128, False),  # finish the block the reused prefix ended in
+        (128, 256, False),  # then whole blocks: 160 - 28 leaves room for two
+    ]
+    seq.n_past = 256
+    _, prefills = scheduler.plan()
+    assert [(w.start, w.start + len(w.tokens), w.sample) for w in prefills] == [
+        (256, 300, True)  # the rest fits the budget: to the prompt's end, first token sampled
+    ]

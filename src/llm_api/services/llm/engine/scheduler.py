@@ -92,8 +92,11 @@ class Scheduler:
                     end = next_boundary(pos)
                 elif n - pos <= left:
                     end = n
-                else:  # whole blocks; at least one, which may overrun the budget a little
+                elif left >= UBATCH or pos == seq.n_past:
+                    # Whole blocks; at least one per step, which may overrun the budget a little.
                     end = pos + max(UBATCH, left // UBATCH * UBATCH)
+                else:
+                    break
                 end = min(end, n)
                 prefills.append(Work(seq, seq.prompt[pos:end], pos, end == n))
                 left -= end - pos
