@@ -261,10 +261,10 @@ async def test_shared_system_prompt_is_evaluated_once(prefix_cache: bool, app: A
         shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
         assert shared >= 90  # the template's header and the system prompt
         if prefix_cache:
-            # At most the common prefix (the user turn is evaluated anew), at least its whole
-            # 64-token blocks (reuse only backs off inside the block where the prompts part).
-            assert shared // 64 * 64 <= reused <= shared
-            assert reused >= 64
+            # The common prefix, except that at least 64 rows are evaluated: a cold run computes
+            # this prompt (over 64 tokens) with llama.cpp's tiled kernel, which takes 64 rows.
+            assert len(b) > 64
+            assert reused == min(shared, len(b) - 64) > 0
         else:
             assert reused == 0
         assert engine.prompt_tokens == len(a) + len(b)  # both prompts admitted and counted
@@ -276,7 +276,7 @@ async def test_shared_system_prompt_is_evaluated_once(prefix_cache: bool, app: A
 @pytest.mark.parametrize(
     "system",
     [LIBRARY, SYSTEM, " ".join([LIBRARY] * 20)],
-    ids=["one-block", "two-blocks", "five-blocks"],
+    ids=["36-tokens", "111-tokens", "321-tokens"],
 )
 async def test_a_reused_prefix_gives_the_cold_output(system: str, app: Any) -> None:
     """The answer to a prompt whose prefix comes from the KV cache is the one a cold run

@@ -58,9 +58,8 @@ class ModelConfig(BaseModel):
     n_batch: int = Field(
         512,
         ge=64,
-        multiple_of=64,
-        description="Tokens evaluated per decode step (decode tokens plus prompt chunks); "
-        "a multiple of the engines' 64-token micro-batch.",
+        description="Tokens evaluated per engine step (decode tokens plus prompt chunks), "
+        "and llama.cpp's micro-batch size.",
     )
     engine: Literal["batched", "simple"] = Field(
         "batched",

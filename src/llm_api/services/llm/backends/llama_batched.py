@@ -28,7 +28,6 @@ from llm_api.services.llm.chat_template import (
     tokenize_pieces,
 )
 from llm_api.services.llm.engine.engine import BatchEngine
-from llm_api.services.llm.engine.exact_reuse import UBATCH
 from llm_api.services.llm.engine.sampling import check_grammar, request_seed
 from llm_api.services.llm.engine.sequence import Sequence, Sink
 from llm_api.services.llm.grammar import gbnf_for_schema
@@ -71,7 +70,7 @@ class LlamaBatchedBackend:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = cfg.slots * cfg.context_length
         params.n_batch = cfg.n_batch
-        params.n_ubatch = UBATCH  # aligned 64-token micro-batches: see exact_reuse
+        params.n_ubatch = cfg.n_batch  # one micro-batch per prompt chunk: see exact_reuse
         params.n_seq_max = cfg.slots
         params.kv_unified = False  # one KV stream per sequence: attention spans only its own
         params.n_threads = self._threads

@@ -27,7 +27,6 @@ from llm_api.services.llm.chat_template import (
     template_from_metadata,
     tokenize_pieces,
 )
-from llm_api.services.llm.engine.exact_reuse import UBATCH
 from llm_api.services.llm.grammar import build_grammar, gbnf_for_schema
 from llm_api.services.llm.registry import ModelConfig
 from llm_api.services.llm.text_stream import TextAssembler
@@ -69,7 +68,7 @@ class LlamaCppBackend:
             model_path=str(path),
             n_ctx=self.config.context_length,
             n_batch=self.config.n_batch,
-            n_ubatch=UBATCH,  # the batched engine's micro-batches, so both compute alike
+            n_ubatch=self.config.n_batch,  # as the batched engine (see engine/exact_reuse.py)
             n_threads=self._threads,
             n_threads_batch=self._threads,
             flash_attn=self.config.flash_attn,

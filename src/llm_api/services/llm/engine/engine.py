@@ -1,10 +1,11 @@
 """The batched engine: one thread per model owns the llama.cpp context and loops
 
     admit waiting sequences into free slots → one llama_decode of one token per running
-    sequence, then one per prompt chunk of new ones (alone in its call, so its micro-batches
-    are those of a cold run, see `exact_reuse`) → sample each sequence with its own sampler
-    chain → detokenize, apply stop sequences / max_tokens / end-of-generation → hand the
-    step's output to the event loop in one call → free the slots of finished sequences.
+    sequence, then one per prompt chunk of new ones (alone in its call, so llama.cpp computes
+    it with the kernels a cold run would use, see `exact_reuse`) → sample each sequence with
+    its own sampler chain → detokenize, apply stop sequences / max_tokens / end-of-generation
+    → hand the step's output to the event loop in one call → free the slots of finished
+    sequences.
 
 Hand-written on llama-cpp-python's low-level bindings because its high-level `Llama` decodes one
 sequence at a time. KV memory is fixed at start: `slots` sequences × `ctx_per_slot` tokens, one
@@ -22,7 +23,7 @@ import structlog
 
 from llm_api.core import metrics
 from llm_api.core.exceptions import ServerError
-from llm_api.services.llm.engine.exact_reuse import decode_kernel, prefill_kernels
+from llm_api.services.llm.engine.exact_reuse import chunk_kernels, decode_kernel
 from llm_api.services.llm.engine.sampling import build_chain
 from llm_api.services.llm.engine.scheduler import Scheduler, Work
 from llm_api.services.llm.engine.sequence import DetokenizeFn, Outbox, Sequence
@@ -154,7 +155,7 @@ class BatchEngine:
         decodes, prefills = self._sched.plan()
         if decodes:
             self._run(decodes, out)
-        for w in prefills:  # alone in its call: the same micro-batches as a cold run
+        for w in prefills:  # alone in its call: one micro-batch of known shape
             if w.seq.finish is None:  # not failed by an earlier call of this step
                 self._run([w], out)
 
@@ -174,7 +175,7 @@ class BatchEngine:
         for w in work:
             seq, end = w.seq, w.start + len(w.tokens)
             prefill = seq.n_past < len(seq.prompt)
-            seq.kernels += prefill_kernels(w.start, end) if prefill else decode_kernel(w.start)
+            seq.kernels += chunk_kernels(w.start, end) if prefill else decode_kernel(w.start)
             seq.n_past = end
         for w, idx in outputs:
             self._sample(w.seq, idx, out)

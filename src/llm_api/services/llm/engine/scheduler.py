@@ -7,9 +7,9 @@ Pure bookkeeping, no llama.cpp calls, so the policy is easy to read:
   prompt is then not evaluated again) without changing its output;
 - each step decodes one token for every running sequence, then spends what is left of the
   per-step token budget on prompt chunks of sequences still prefilling, oldest first, so a long
-  prompt is spread over several steps instead of freezing the running streams. A chunk ends on
-  a 64-token boundary of the prompt (or at its end), so prompts are evaluated in the same
-  micro-batches whatever was reused or run alongside;
+  prompt is spread over several steps instead of freezing the running streams. Chunks are cut
+  so that llama.cpp computes each token with the same kernel as a cold run would
+  (`exact_reuse.next_chunk`);
 - slots are handed out lowest id first and decode tokens are ordered by slot: with one KV
   stream per sequence, llama.cpp splits a batch into one micro-batch per run of consecutive
   sequence ids (`split_equal(sequential=true)`), so gaps between running ids cost extra passes.
@@ -20,7 +20,7 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass
 
-from llm_api.services.llm.engine.exact_reuse import UBATCH, next_boundary, reusable_prefix
+from llm_api.services.llm.engine.exact_reuse import next_chunk, reusable_prefix
 from llm_api.services.llm.engine.sequence import Sequence
 
 
@@ -68,7 +68,7 @@ class Scheduler:
         if self.prefix_cache:
             for slot in self._free:
                 tokens, kernels = self._cached.get(slot, ([], b""))
-                n = reusable_prefix(tokens, kernels, prompt)
+                n = reusable_prefix(tokens, kernels, prompt, self.budget)
                 if n > best_len:
                     best, best_len = slot, n
         return best, best_len
@@ -88,16 +88,9 @@ class Scheduler:
         for seq in self.running:
             pos, n = seq.n_past, len(seq.prompt)
             while left > 0 and pos < n:
-                if pos % UBATCH:  # a reused prefix ended inside a block: finish that block
-                    end = next_boundary(pos)
-                elif n - pos <= left:
-                    end = n
-                elif left >= UBATCH or pos == seq.n_past:
-                    # Whole blocks; at least one per step, which may overrun the budget a little.
-                    end = pos + max(UBATCH, left // UBATCH * UBATCH)
-                else:
-                    break
-                end = min(end, n)
+                end = next_chunk(pos, n, left, self.budget)
+                if end - pos > left and pos != seq.n_past:
+                    break  # only a sequence's first chunk of a step may overrun the budget
                 prefills.append(Work(seq, seq.prompt[pos:end], pos, end == n))
                 left -= end - pos
                 pos = end
