@@ -7,6 +7,7 @@ against version. Built under `nice -n 19` because the machine is shared.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import logging
 import os
@@ -18,6 +19,8 @@ from pathlib import Path
 
 log = logging.getLogger("bench")
 
+_NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+DEFAULT_CMAKE_ARGS = f"-DCMAKE_C_FLAGS='{_NO_AMX}' -DCMAKE_CXX_FLAGS='{_NO_AMX}'"  # = Makefile's
 CACHE_DIR = Path(os.environ.get("LLM_API_BENCH_CACHE", "~/.cache/llm-api-bench")).expanduser()
 
 
@@ -44,7 +47,12 @@ def _sources(cache: Path, version: str) -> Path:
 def ensure_llama_server(cache: Path = CACHE_DIR) -> Path:
     """Return the path to a built llama-server binary, building it the first time (minutes)."""
     version = llama_cpp_python_version()
-    build = cache / f"build-{version}"
+    # The same CPU flags our llama-cpp-python wheel was built with: the Makefile exports them;
+    # run without make, the Makefile's default (a build with AMX kernels dies with SIGILL on
+    # hosts whose CPU reports AMX that the hypervisor does not provide). One build per flag set.
+    cpu_flags = shlex.split(os.environ.get("CMAKE_ARGS", DEFAULT_CMAKE_ARGS))
+    tag = hashlib.sha256(" ".join(cpu_flags).encode()).hexdigest()[:8]
+    build = cache / f"build-{version}-{tag}"
     binary = build / "bin" / "llama-server"
     if binary.is_file():
         return binary
@@ -59,8 +67,7 @@ def ensure_llama_server(cache: Path = CACHE_DIR) -> Path:
         "-DLLAMA_BUILD_EXAMPLES=OFF",
         "-DLLAMA_BUILD_UI=OFF",
         "-DLLAMA_USE_PREBUILT_UI=OFF",
-        # The same CPU flags our llama-cpp-python wheel was built with (the Makefile exports them).
-        *shlex.split(os.environ.get("CMAKE_ARGS", "")),
+        *cpu_flags,
     ]
     nice = ["nice", "-n", "19"]
     subprocess.run(

@@ -80,7 +80,7 @@ class Scheduler:
 
     def plan(self) -> tuple[list[Work], list[Work]]:
         """This step's decode tokens (one llama_decode) and prompt chunks (one llama_decode
-        each: alone in their call, a chunk's micro-batches are the same as a cold run's)."""
+        each: alone in its call, a chunk is one micro-batch of known shape)."""
         running = sorted(self.running, key=lambda s: s.slot)
         decodes = [Work(s, [s.tokens[-1]], s.n_past, True) for s in running if not s.prefilling]
         prefills: list[Work] = []
