@@ -61,11 +61,13 @@ def test_generated_tokens_are_reused_only_where_a_prompt_would_compute_them_alik
     assert reusable_prefix(turn + answer, kernels, longer, B) == 0
 
 
-def _running(scheduler: Scheduler, prompt: list[int], reused: int) -> Sequence:
+def _running(scheduler: Scheduler, prompt: list[int], reused: int | None = None) -> Sequence:
+    """Admit `prompt`; `reused` overrides the prefix the scheduler chose to take from cache."""
     seq = Sequence(prompt=prompt, params=None, gbnf=None, seed=0, sink=None)  # type: ignore[arg-type]
     scheduler.waiting.append(seq)
     scheduler.admit()
-    seq.n_past = reused  # as if `reused` tokens came from the slot's cache
+    if reused is not None:
+        seq.n_past = reused
     return seq
 
 
@@ -81,3 +83,33 @@ def test_prompt_chunks_keep_the_cold_kernels_within_the_budget() -> None:
     seq.n_past = 236
     _, prefills = scheduler.plan()
     assert [(w.start, w.start + len(w.tokens), w.sample) for w in prefills] == [(236, 300, True)]
+
+
+def _evaluated(scheduler: Scheduler, prompt: list[int]) -> Sequence:
+    """Admit `prompt` and mark it fully evaluated (a cold run), ready to be released."""
+    seq = _running(scheduler, prompt, reused=0)
+    seq.tokens, seq.n_past = list(prompt), len(prompt)
+    seq.kernels = bytearray(cold_kernels(len(prompt), scheduler.budget))
+    return seq
+
+
+def test_a_new_sequence_takes_the_lowest_free_slot_unless_another_saves_much_more() -> None:
+    """Running sequences on consecutive slot ids decode in one micro-batch; a scattered set
+    costs one per run of ids, so reuse only pulls a sequence away from the lowest free slot
+    when it saves at least SCATTER_WORTH prompt tokens."""
+    scheduler = Scheduler(slots=4, budget=B)
+    header = list(range(25))
+    system = list(range(1000, 1400))
+    first = _evaluated(scheduler, header + [1] * 20)  # slot 0
+    second = _evaluated(scheduler, header + [2] * 20)  # slot 1
+    third = _evaluated(scheduler, system + [3] * 20)  # slot 2
+    assert (first.slot, second.slot, third.slot) == (0, 1, 2)
+    scheduler.release(third)
+    scheduler.release(second)
+    # Slot 1 shares the 25-token header, slot 2 nothing: the lowest free slot, with its reuse.
+    fourth = _running(scheduler, header + [4] * 20)
+    assert (fourth.slot, fourth.n_past) == (1, 25)
+    scheduler.release(first)
+    # Slot 0 reuses 25 tokens, slot 2 shares 400 of the system prompt: worth leaving slot 0.
+    fifth = _running(scheduler, system + [5] * 100)
+    assert fifth.slot == 2 and fifth.n_past == 400

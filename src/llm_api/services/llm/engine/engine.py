@@ -65,7 +65,7 @@ class BatchEngine:
         self._failed: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name=f"llama-batch-{name}", daemon=True)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-        self.steps = 0  # decode steps run (for tests and metrics)
+        self.steps = 0  # engine steps that evaluated tokens (for tests)
         self.prompt_tokens = 0  # prompt tokens admitted
         self.prompt_tokens_reused = 0  # of those, taken from a slot's KV cache (prefix_cache)
         self._queries = metrics.PREFIX_CACHE_QUERIES.labels(name)
@@ -153,6 +153,8 @@ class BatchEngine:
                 seed=seq.seed,
             )
         decodes, prefills = self._sched.plan()
+        if decodes or prefills:
+            self.steps += 1
         if decodes:
             self._run(decodes, out)
         for w in prefills:  # alone in its call: one micro-batch of known shape
@@ -163,7 +165,6 @@ class BatchEngine:
         """One llama_decode over `work`, then sample the sequences that want a token."""
         outputs = self._fill(work)
         rc = llama_cpp.llama_decode(self._ctx, self._batch)
-        self.steps += 1
         if rc != 0:
             # Cannot happen while slots × ctx_per_slot bound every sequence; if it does, fail
             # these sequences rather than the whole engine.
