@@ -7,6 +7,7 @@ from llm_api.services.llm.engine.exact_reuse import (
     chunk_kernels,
     cold_kernels,
     decode_kernel,
+    planned_kernels,
     reusable_prefix,
 )
 from llm_api.services.llm.engine.scheduler import Scheduler
@@ -113,3 +114,11 @@ def test_a_new_sequence_takes_the_lowest_free_slot_unless_another_saves_much_mor
     # Slot 0 reuses 25 tokens, slot 2 shares 400 of the system prompt: worth leaving slot 0.
     fifth = _running(scheduler, system + [5] * 100)
     assert fifth.slot == 2 and fifth.n_past == 400
+
+
+def test_the_batched_engine_alone_chunks_a_prompt_like_a_cold_run() -> None:
+    """Without reuse, `next_chunk` with a full budget reproduces the cold run's micro-batches
+    (and so its kernels) for every prompt length."""
+    for n_batch in (64, 100, 512):
+        for n in range(1, 1100):
+            assert planned_kernels(0, n, n_batch) == cold_kernels(n, n_batch), (n_batch, n)

@@ -24,6 +24,8 @@ changes an answer (tests/test_batching.py checks them against the one-at-a-time 
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 MIN_TILED = 64  # GGML_FA_TILE_Q: from this many rows of one sequence, the tiled kernel
 _SPLIT_KV_FROM = 256  # first position whose KV view (padded to 256) reaches 512 cells
 
@@ -84,6 +86,7 @@ def planned_kernels(start: int, n: int, n_batch: int) -> bytes:
     return bytes(out)
 
 
+@lru_cache(maxsize=64)  # admission asks once per free slot for the same prompt length
 def cold_kernels(n: int, n_batch: int) -> bytes:
     """What a cold evaluation of an n-token prompt does: micro-batches of n_batch from 0."""
     out = bytearray()

@@ -71,10 +71,11 @@ class Scheduler:
         lowest = min(self._free)
         if not self.prefix_cache:
             return lowest, 0
-        reuse = {}
+        reuse = dict.fromkeys(self._free, 0)
         for slot in self._free:
-            tokens, kernels = self._cached.get(slot, ([], b""))
-            reuse[slot] = reusable_prefix(tokens, kernels, prompt, self.budget)
+            if slot in self._cached:
+                tokens, kernels = self._cached[slot]
+                reuse[slot] = reusable_prefix(tokens, kernels, prompt, self.budget)
         best = max(sorted(self._free), key=reuse.__getitem__)  # ties: the lowest id
         # The lowest free slot never adds a run of consecutive running ids; another may, and
         # each run costs llama.cpp one more micro-batch in every decode step for as long as
