@@ -230,6 +230,10 @@ def _with_system(
     )
 
 
+def _tokens(backend: LlamaBatchedBackend, content: str, system: str) -> list[int]:
+    return backend.tokenize_request(_with_system(content, system))
+
+
 async def _prefix_backend(app: Any, name: str, prefix_cache: bool) -> LlamaBatchedBackend:
     threads = app.state.llm_api.llm.backends[MODEL]._threads
     update = {"id": name, "slots": 2, "prefix_cache": prefix_cache}
@@ -298,6 +302,67 @@ async def test_a_reused_prefix_gives_the_cold_output(system: str, app: Any) -> N
             cold = _with_system("When do you open on Sundays?", system, temperature, seed)
             assert got == await _collect(simple, cold), (temperature, seed)
     finally:
+        await simple.aclose()
+        await backend.aclose()
+
+
+@pytest.mark.parametrize(
+    ("temperature", "seed"), [(0.0, None), (0.8, 42)], ids=["greedy", "seeded"]
+)
+@pytest.mark.parametrize(
+    "system",
+    [LIBRARY, SYSTEM, " ".join([LIBRARY] * 20)],
+    ids=["36-tokens", "111-tokens", "321-tokens"],
+)
+async def test_a_prefix_copied_from_another_slot_gives_the_cold_output(
+    system: str, temperature: float, seed: int | None, app: Any
+) -> None:
+    """A new sequence takes the lowest free slot; when another slot holds a longer usable
+    prefix, its KV stream is copied over first, and the answer is still the cold run's.
+    (Alone in the engine: past position 256 a lone sequence decodes with another kernel than
+    two together, so only a lone request is comparable with the one-at-a-time engine.)"""
+    threads = app.state.llm_api.llm.backends[MODEL]._threads
+    config = builtin_registry().models[0].model_copy(update={"id": "prefix-copy", "slots": 3})
+    backend = LlamaBatchedBackend(config, threads=threads)
+    await backend.start(warmup=False)
+    engine = backend.engine
+    assert engine is not None
+    simple_config = builtin_registry().models[0].model_copy(update={"engine": "simple"})
+    simple = LlamaCppBackend(simple_config, threads=threads)
+    await simple.start(warmup=False)
+    busy: list[asyncio.Task[Any]] = []
+    try:
+        # Slots 0 and 1 busy with unrelated streams while the system prompt lands in slot 2.
+        long = [_request(0.0, None, "Tell me a long story about a dragon.") for _ in (0, 1)]
+        for req in long:
+            req.params.max_tokens = 2000
+        busy = [asyncio.create_task(_collect(backend, req)) for req in long]
+        for _ in range(250):
+            if engine.running == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert engine.running == 2
+        primer = _with_system("Where are the atlases?", system)
+        await _collect(backend, primer)
+        for task in busy:
+            task.cancel()
+        await asyncio.gather(*busy, return_exceptions=True)
+        # The request lands on freed slot 0, whose cache shares only the template's first
+        # tokens with it; slot 2 holds the system prompt.
+        before, copies = engine.prompt_tokens_reused, engine.kv_copies
+        got = await _collect(backend, _with_system("When do you open?", system, temperature, seed))
+        assert engine.kv_copies - copies == 1
+        # The shared prefix, less the 64 rows a cold run tiles (prompts over 64 tokens).
+        a, b = primer.engine_state["tokens"], _tokens(backend, "When do you open?", system)
+        shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+        expected = min(shared, len(b) - 64) if len(b) > 64 else shared
+        assert expected > 0 and engine.prompt_tokens_reused - before == expected
+        cold = _with_system("When do you open?", system, temperature, seed)
+        assert got == await _collect(simple, cold)
+    finally:
+        for task in busy:
+            task.cancel()
+        await asyncio.gather(*busy, return_exceptions=True)
         await simple.aclose()
         await backend.aclose()
 

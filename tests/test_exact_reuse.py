@@ -10,7 +10,7 @@ from llm_api.services.llm.engine.exact_reuse import (
     planned_kernels,
     reusable_prefix,
 )
-from llm_api.services.llm.engine.scheduler import Scheduler
+from llm_api.services.llm.engine.scheduler import Admission, Scheduler, copy_worth
 from llm_api.services.llm.engine.sequence import Sequence
 
 B = 512  # n_batch: the micro-batch of a cold run
@@ -94,11 +94,17 @@ def _evaluated(scheduler: Scheduler, prompt: list[int]) -> Sequence:
     return seq
 
 
-def test_a_new_sequence_takes_the_lowest_free_slot_unless_another_saves_much_more() -> None:
-    """Running sequences on consecutive slot ids decode in one micro-batch; a scattered set
-    costs one per run of ids, so reuse only pulls a sequence away from the lowest free slot
-    when it saves at least SCATTER_WORTH prompt tokens."""
-    scheduler = Scheduler(slots=4, budget=B)
+def _admit(scheduler: Scheduler, prompt: list[int]) -> Admission:
+    scheduler.waiting.append(Sequence(prompt=prompt, params=None, gbnf=None, seed=0, sink=None))  # type: ignore[arg-type]
+    (admission,) = scheduler.admit()
+    return admission
+
+
+def test_a_new_sequence_takes_the_lowest_free_slot_and_copies_a_longer_prefix() -> None:
+    """Running sequences on consecutive slot ids decode in one micro-batch (a scattered set
+    costs one per run of ids), so a new sequence always takes the lowest free slot; when
+    another slot, free or running, holds a longer reusable prefix, its KV stream is copied."""
+    scheduler = Scheduler(slots=4, budget=B, copy_worth=4)
     header = list(range(25))
     system = list(range(1000, 1400))
     first = _evaluated(scheduler, header + [1] * 20)  # slot 0
@@ -107,13 +113,30 @@ def test_a_new_sequence_takes_the_lowest_free_slot_unless_another_saves_much_mor
     assert (first.slot, second.slot, third.slot) == (0, 1, 2)
     scheduler.release(third)
     scheduler.release(second)
-    # Slot 1 shares the 25-token header, slot 2 nothing: the lowest free slot, with its reuse.
-    fourth = _running(scheduler, header + [4] * 20)
-    assert (fourth.slot, fourth.n_past) == (1, 25)
+    # Slot 1 shares the 25-token header, as running slot 0 does: its own cache, no copy.
+    fourth = _admit(scheduler, header + [4] * 20)
+    assert (fourth.seq.slot, fourth.reuse, fourth.donor) == (1, 25, None)
     scheduler.release(first)
-    # Slot 0 reuses 25 tokens, slot 2 shares 400 of the system prompt: worth leaving slot 0.
-    fifth = _running(scheduler, system + [5] * 100)
-    assert fifth.slot == 2 and fifth.n_past == 400
+    # Slot 0 has only the header; free slot 2 holds 400 tokens of the system prompt: copied.
+    fifth = _admit(scheduler, system + [5] * 100)
+    assert (fifth.seq.slot, fifth.reuse, fifth.donor) == (0, 400, 2)
+    assert bytes(fifth.seq.kernels) == cold_kernels(420, B)[:400]
+    # Slot 3 never ran: the running fifth sequence (slot 0) is the donor.
+    sixth = _admit(scheduler, system + [6] * 100)
+    assert (sixth.seq.slot, sixth.reuse) == (2, 400)  # its own leftovers, no copy
+    seventh = _admit(scheduler, system + [7] * 100)
+    assert (seventh.seq.slot, seventh.reuse, seventh.donor) == (3, 400, 0)
+
+
+def test_a_copy_must_save_copy_worth_tokens() -> None:
+    scheduler = Scheduler(slots=2, budget=B, copy_worth=26)
+    header = list(range(25))
+    first = _admit(scheduler, header + [1] * 20)
+    first.seq.n_past = 45
+    first.seq.kernels = bytearray(cold_kernels(45, B))
+    second = _admit(scheduler, header + [2] * 20)  # 25 tokens to gain, 26 needed
+    assert (second.seq.slot, second.reuse, second.donor) == (1, 0, None)
+    assert copy_worth(2048) == 4 and copy_worth(8192) == 16
 
 
 def test_the_batched_engine_alone_chunks_a_prompt_like_a_cold_run() -> None:

@@ -1,11 +1,11 @@
 """The batched engine: one thread per model owns the llama.cpp context and loops
 
-    admit waiting sequences into free slots → one llama_decode of one token per running
-    sequence, then one per prompt chunk of new ones (alone in its call, so llama.cpp computes
-    it with the kernels a cold run would use, see `exact_reuse`) → sample each sequence with
-    its own sampler chain → detokenize, apply stop sequences / max_tokens / end-of-generation
-    → hand the step's output to the event loop in one call → free the slots of finished
-    sequences.
+    admit waiting sequences into free slots (copying another slot's KV stream when it holds a
+    longer reusable prefix) → one llama_decode of one token per running sequence, then one per
+    prompt chunk of new ones (alone in its call, so llama.cpp computes it with the kernels a
+    cold run would use, see `exact_reuse`); after each call, sample each sequence with its own
+    sampler chain → detokenize, apply stop sequences / max_tokens / end-of-generation → hand
+    that call's output to the event loop in one call → free the slots of finished sequences.
 
 Hand-written on llama-cpp-python's low-level bindings because its high-level `Llama` decodes one
 sequence at a time. KV memory is fixed at start: `slots` sequences × `ctx_per_slot` tokens, one
@@ -25,7 +25,7 @@ from llm_api.core import metrics
 from llm_api.core.exceptions import ServerError
 from llm_api.services.llm.engine.exact_reuse import chunk_kernels, decode_kernel
 from llm_api.services.llm.engine.sampling import build_chain
-from llm_api.services.llm.engine.scheduler import Scheduler, Work
+from llm_api.services.llm.engine.scheduler import Scheduler, Work, copy_worth
 from llm_api.services.llm.engine.sequence import DetokenizeFn, Outbox, Sequence
 from llm_api.services.llm.registry import SamplingDefaults
 from llm_api.services.llm.text_stream import TextAssembler
@@ -58,7 +58,9 @@ class BatchEngine:
         self._n_batch = n_batch
         self._defaults = defaults
         self._detokenize = detokenize
-        self._sched = Scheduler(slots, n_batch, prefix_cache=prefix_cache)
+        self._sched = Scheduler(
+            slots, n_batch, prefix_cache=prefix_cache, copy_worth=copy_worth(ctx_per_slot)
+        )
         self._inbox: collections.deque[Sequence] = collections.deque()
         self._wake = threading.Event()
         self._stopping = False
@@ -68,6 +70,7 @@ class BatchEngine:
         self.steps = 0  # engine steps that evaluated tokens (for tests)
         self.prompt_tokens = 0  # prompt tokens admitted
         self.prompt_tokens_reused = 0  # of those, taken from a slot's KV cache (prefix_cache)
+        self.kv_copies = 0  # KV streams copied from another slot to reuse its prefix
         self._queries = metrics.PREFIX_CACHE_QUERIES.labels(name)
         self._hits = metrics.PREFIX_CACHE_HITS.labels(name)
 
@@ -135,14 +138,19 @@ class BatchEngine:
             out.put(seq.sink, None)
         for seq in [s for s in self._sched.running if s.cancelled]:
             self._finish(seq, "cancelled", out)
-        for seq, reuse in self._sched.admit():
-            # Drop whatever the slot's previous user left beyond the shared prefix.
+        for adm in self._sched.admit():
+            seq, reuse = adm.seq, adm.reuse
+            if adm.donor is not None:
+                # llama.cpp copies the whole stream before the next llama_decode evaluates
+                # anything, in call order, so the donor may be running or reused this step.
+                llama_cpp.llama_memory_seq_cp(self._mem, adm.donor, seq.slot, -1, -1)
+                self.kv_copies += 1
+            # Drop whatever the slot's previous user (or the donor) has beyond the prefix.
             llama_cpp.llama_memory_seq_rm(self._mem, seq.slot, reuse, -1)
             self.prompt_tokens += len(seq.prompt)
             self.prompt_tokens_reused += reuse
             self._queries.inc(len(seq.prompt))
             self._hits.inc(reuse)
-            seq.tokens = list(seq.prompt)
             seq.text = TextAssembler(seq.params.stop)
             seq.chain = build_chain(
                 seq.params,
@@ -155,11 +163,16 @@ class BatchEngine:
         decodes, prefills = self._sched.plan()
         if decodes or prefills:
             self.steps += 1
+        # Output leaves after each call, not at the end of the step: running streams get
+        # their token before the step's prompt chunks are evaluated, and a new sequence its
+        # first token as soon as its prompt is done.
         if decodes:
             self._run(decodes, out)
+            out.flush()
         for w in prefills:  # alone in its call: one micro-batch of known shape
             if w.seq.finish is None:  # not failed by an earlier call of this step
                 self._run([w], out)
+                out.flush()
 
     def _run(self, work: list[Work], out: Outbox) -> None:
         """One llama_decode over `work`, then sample the sequences that want a token."""
