@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-prefix-cache",
         dest="prefix_cache",
         action="store_false",
-        help="ours: evaluate every prompt whole (default: reuse a freed slot's KV for a shared "
+        help="ours: evaluate every prompt whole (default: reuse a slot's KV for a shared "
         "prompt prefix, as llama-server does)",
     )
     p.add_argument("--gguf", type=Path, help="model file (default: the built-in SmolLM2 GGUF)")

@@ -80,11 +80,12 @@ class ModelConfig(BaseModel):
     )
     prefix_cache: bool = Field(
         True,
-        description="Batched engine: reuse a freed slot's KV cache for a shared prompt prefix "
-        "(a common system prompt, the chat template's header), so only the rest of the prompt "
-        "is evaluated. Reuse stops where it could change a logit (llama.cpp picks kernels by "
-        "micro-batch shape; see engine/exact_reuse.py), so a request gives the same output as "
-        "a cold run. `llm_api:prefix_cache_hits` counts the prompt tokens reused.",
+        description="Batched engine: reuse KV cache for a shared prompt prefix (a common "
+        "system prompt, the chat template's header), from the request's slot or copied from "
+        "another slot, free or running, so only the rest of the prompt is evaluated. Reuse "
+        "stops where it could change a logit (llama.cpp picks kernels by micro-batch shape; "
+        "see engine/exact_reuse.py), so a request gives the same output as a cold run. "
+        "`llm_api:prefix_cache_hits` counts the prompt tokens reused.",
     )
 
     # openai (any OpenAI-compatible upstream)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass
 
-from llm_api.services.llm.engine.exact_reuse import next_chunk, reusable_prefix
+from llm_api.services.llm.engine.exact_reuse import cold_kernels, next_chunk, reusable_prefix
 from llm_api.services.llm.engine.sequence import Sequence
 
 
@@ -99,6 +99,13 @@ class Scheduler:
         """The slot (free or running) whose cache would let `prompt` reuse at least
         `copy_worth` more tokens than its own slot does, and how many."""
         best: tuple[int | None, int, bytes] = (None, own + self.copy_worth - 1, b"")
+        # The most any cache could give: stop at the first donor that gives it (with a common
+        # system prompt in every slot, the first one does).
+        ceiling = reusable_prefix(
+            prompt, cold_kernels(len(prompt), self.budget), prompt, self.budget
+        )
+        if ceiling <= best[1]:
+            return None, own, b""
         sources = [(slot, tokens, kernels) for slot, (tokens, kernels) in self._cached.items()]
         sources += [(s.slot, s.tokens[: s.n_past], bytes(s.kernels)) for s in self.running]
         for slot, tokens, kernels in sources:
@@ -106,6 +113,8 @@ class Scheduler:
                 reuse = reusable_prefix(tokens, kernels, prompt, self.budget)
                 if reuse > best[1]:
                     best = (slot, reuse, kernels)
+                    if reuse == ceiling:
+                        break
         return best if best[0] is not None else (None, own, b"")
 
     def release(self, seq: Sequence) -> None:
