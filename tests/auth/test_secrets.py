@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import text
 
 from llm_api.db.tables import Base
+from llm_api.services.auth.tokens import REFRESH_PREFIX
 from tests.auth.conftest import CANARY_PASSWORD, AuthEnv
 from tests.conftest import MODEL, start_live_server
 
@@ -77,7 +78,8 @@ async def test_canaries_never_reach_logs_bodies_or_the_database(
             dump.extend(repr(tuple(row)) for row in rows)
     dumped = "\n".join(dump)
     assert env.user.email in dumped  # proves the dump saw the accounts
-    for secret in [CANARY_PASSWORD, key, key[16:], refresh, refresh.split("-")[-1]]:
+    # The random part alone too (token_urlsafe may itself contain "-", so not split("-")).
+    for secret in [CANARY_PASSWORD, key, key[16:], refresh, refresh.removeprefix(REFRESH_PREFIX)]:
         assert secret not in dumped
 
 
