@@ -192,13 +192,19 @@ async def _collect(backend: Any, req: GenerationRequest) -> tuple[str, str | Non
     return "".join(parts), finish, n
 
 
+async def _simple_backend(threads: int) -> LlamaCppBackend:
+    """The one-at-a-time engine on the same model: a cold run of every prompt."""
+    config = builtin_registry().models[0].model_copy(update={"engine": "simple"})
+    simple = LlamaCppBackend(config, threads=threads)
+    await simple.start(warmup=False)
+    return simple
+
+
 async def test_one_sequence_matches_the_unbatched_engine(app: Any) -> None:
     """Alone in the batch, a sequence decodes exactly as llama-cpp-python's Llama.generate does
     (same sampler chain, same seed), greedy and seeded."""
     batched = app.state.llm_api.llm.backends[MODEL]
-    config = builtin_registry().models[0].model_copy(update={"engine": "simple"})
-    simple = LlamaCppBackend(config, threads=batched._threads)
-    await simple.start(warmup=False)
+    simple = await _simple_backend(batched._threads)
     try:
         for temperature, seed, content in (
             (0.0, None, PROMPTS[0]),
@@ -230,8 +236,10 @@ def _with_system(
     )
 
 
-def _tokens(backend: LlamaBatchedBackend, content: str, system: str) -> list[int]:
-    return backend.tokenize_request(_with_system(content, system))
+def _shared(first: GenerationRequest, second: GenerationRequest) -> int:
+    """Leading prompt tokens two prepared requests have in common."""
+    a, b = first.engine_state["tokens"], second.engine_state["tokens"]
+    return next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
 
 
 async def _prefix_backend(app: Any, name: str, prefix_cache: bool) -> LlamaBatchedBackend:
@@ -262,7 +270,7 @@ async def test_shared_system_prompt_is_evaluated_once(prefix_cache: bool, app: A
         assert first[1] in ("stop", "length") and second[1] in ("stop", "length")
         assert second[0].strip()  # it still answers
         a, b = first_req.engine_state["tokens"], second_req.engine_state["tokens"]
-        shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+        shared = _shared(first_req, second_req)
         assert shared >= 90  # the template's header and the system prompt
         if prefix_cache:
             # The common prefix, except that at least 64 rows are evaluated: a cold run computes
@@ -289,9 +297,7 @@ async def test_a_reused_prefix_gives_the_cold_output(system: str, app: Any) -> N
     backend = await _prefix_backend(app, "prefix-exact", True)
     engine = backend.engine
     assert engine is not None
-    config = builtin_registry().models[0].model_copy(update={"engine": "simple"})
-    simple = LlamaCppBackend(config, threads=backend._threads)
-    await simple.start(warmup=False)
+    simple = await _simple_backend(backend._threads)
     try:
         await _collect(backend, _with_system("Where are the atlases?", system))
         for temperature, seed in ((0.0, None), (0.8, 42)):
@@ -327,9 +333,7 @@ async def test_a_prefix_copied_from_another_slot_gives_the_cold_output(
     await backend.start(warmup=False)
     engine = backend.engine
     assert engine is not None
-    simple_config = builtin_registry().models[0].model_copy(update={"engine": "simple"})
-    simple = LlamaCppBackend(simple_config, threads=threads)
-    await simple.start(warmup=False)
+    simple = await _simple_backend(threads)
     busy: list[asyncio.Task[Any]] = []
     try:
         # Slots 0 and 1 busy with unrelated streams while the system prompt lands in slot 2.
@@ -350,12 +354,12 @@ async def test_a_prefix_copied_from_another_slot_gives_the_cold_output(
         # The request lands on freed slot 0, whose cache shares only the template's first
         # tokens with it; slot 2 holds the system prompt.
         before, copies = engine.prompt_tokens_reused, engine.kv_copies
-        got = await _collect(backend, _with_system("When do you open?", system, temperature, seed))
+        req = _with_system("When do you open?", system, temperature, seed)
+        got = await _collect(backend, req)
         assert engine.kv_copies - copies == 1
         # The shared prefix, less the 64 rows a cold run tiles (prompts over 64 tokens).
-        a, b = primer.engine_state["tokens"], _tokens(backend, "When do you open?", system)
-        shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
-        expected = min(shared, len(b) - 64) if len(b) > 64 else shared
+        shared, n = _shared(primer, req), len(req.engine_state["tokens"])
+        expected = min(shared, n - 64) if n > 64 else shared
         assert expected > 0 and engine.prompt_tokens_reused - before == expected
         cold = _with_system("When do you open?", system, temperature, seed)
         assert got == await _collect(simple, cold)

@@ -9,6 +9,7 @@ from llm_api.services.llm.engine.exact_reuse import (
     decode_kernel,
     planned_kernels,
     reusable_prefix,
+    reuse_ceiling,
 )
 from llm_api.services.llm.engine.scheduler import Admission, Scheduler, copy_worth
 from llm_api.services.llm.engine.sequence import Sequence
@@ -145,3 +146,13 @@ def test_the_batched_engine_alone_chunks_a_prompt_like_a_cold_run() -> None:
     for n_batch in (64, 100, 512):
         for n in range(1, 1100):
             assert planned_kernels(0, n, n_batch) == cold_kernels(n, n_batch), (n_batch, n)
+
+
+def test_the_reuse_ceiling_is_what_a_perfect_cache_gives() -> None:
+    """`reuse_ceiling` (how far the donor scan may stop early) equals the reuse from a cache
+    holding the whole prompt, computed the way a cold run does."""
+    for n_batch in (64, 100, 512):
+        for n in range(1, 700, 7):
+            prompt = list(range(n))
+            perfect = reusable_prefix(prompt, cold_kernels(n, n_batch), prompt, n_batch)
+            assert reuse_ceiling(n, n_batch) == perfect, (n, n_batch)

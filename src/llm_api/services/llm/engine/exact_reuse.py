@@ -95,17 +95,33 @@ def cold_kernels(n: int, n_batch: int) -> bytes:
     return bytes(out)
 
 
-def reusable_prefix(cached: list[int], kernels: bytes, prompt: list[int], n_batch: int) -> int:
-    """How many leading tokens of `prompt` can be taken from a KV cache holding `cached`
-    (computed by `kernels`) so that the evaluation reproduces a cold one bit for bit."""
+def reusable_prefix(
+    cached: list[int], kernels: bytes | bytearray, prompt: list[int], n_batch: int
+) -> int:
+    """How many leading tokens of `prompt` can be taken from a KV cache holding the first
+    `len(kernels)` tokens of `cached` (computed by `kernels`) so that the evaluation
+    reproduces a cold one bit for bit. (`cached` may run on: a sequence's sampled tokens
+    not yet in its KV cache.)"""
     n = len(prompt)
     cold = cold_kernels(n, n_batch)
-    limit = min(len(cached), n - 1)  # the last prompt token is always evaluated: its logits
+    # The last prompt token is always evaluated: its logits are needed.
+    limit = min(len(kernels), n - 1)
     p = 0
     while p < limit and cached[p] == prompt[p] and kernels[p] == cold[p]:
         p += 1
-    # Back off until the rest, evaluated from p, takes the cold run's kernels (at p = 0 it
-    # is the cold run).
+    return _back_off(p, n, n_batch)
+
+
+@lru_cache(maxsize=64)
+def reuse_ceiling(n: int, n_batch: int) -> int:
+    """The most `reusable_prefix` can give an n-token prompt, whatever the cache holds."""
+    return _back_off(n - 1, n, n_batch)
+
+
+def _back_off(p: int, n: int, n_batch: int) -> int:
+    """Back off from p until the rest, evaluated from there, takes the cold run's kernels (at
+    p = 0 it is the cold run)."""
+    cold = cold_kernels(n, n_batch)
     while p > 0 and planned_kernels(p, n, n_batch) != cold[p:]:
         p -= 1
     return p

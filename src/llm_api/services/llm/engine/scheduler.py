@@ -23,7 +23,7 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass
 
-from llm_api.services.llm.engine.exact_reuse import cold_kernels, next_chunk, reusable_prefix
+from llm_api.services.llm.engine.exact_reuse import next_chunk, reusable_prefix, reuse_ceiling
 from llm_api.services.llm.engine.sequence import Sequence
 
 
@@ -83,7 +83,7 @@ class Scheduler:
             self._free.remove(slot)
             own = self._cached.pop(slot, ([], b""))
             adm = Admission(seq, 0)
-            kernels = own[1]
+            kernels: bytes | bytearray = own[1]
             if self.prefix_cache:
                 adm.reuse = reusable_prefix(*own, seq.prompt, self.budget) if own[0] else 0
                 donor, reuse, donor_kernels = self._best_donor(seq.prompt, adm.reuse)
@@ -95,21 +95,22 @@ class Scheduler:
             admitted.append(adm)
         return admitted
 
-    def _best_donor(self, prompt: list[int], own: int) -> tuple[int | None, int, bytes]:
+    def _best_donor(self, prompt: list[int], own: int) -> tuple[int | None, int, bytes | bytearray]:
         """The slot (free or running) whose cache would let `prompt` reuse at least
         `copy_worth` more tokens than its own slot does, and how many."""
-        best: tuple[int | None, int, bytes] = (None, own + self.copy_worth - 1, b"")
-        # The most any cache could give: stop at the first donor that gives it (with a common
-        # system prompt in every slot, the first one does).
-        ceiling = reusable_prefix(
-            prompt, cold_kernels(len(prompt), self.budget), prompt, self.budget
-        )
+        best: tuple[int | None, int, bytes | bytearray] = (None, own + self.copy_worth - 1, b"")
+        # Stop at the first donor that gives the most any cache could (with a common system
+        # prompt in every slot, the first one does).
+        ceiling = reuse_ceiling(len(prompt), self.budget)
         if ceiling <= best[1]:
             return None, own, b""
-        sources = [(slot, tokens, kernels) for slot, (tokens, kernels) in self._cached.items()]
-        sources += [(s.slot, s.tokens[: s.n_past], bytes(s.kernels)) for s in self.running]
+        # A running sequence's KV cache holds its first n_past tokens, one kernel each.
+        sources: list[tuple[int, list[int], bytes | bytearray]] = [
+            (slot, tokens, kernels) for slot, (tokens, kernels) in self._cached.items()
+        ]
+        sources += [(s.slot, s.tokens, s.kernels) for s in self.running]
         for slot, tokens, kernels in sources:
-            if len(tokens) > best[1]:
+            if len(kernels) > best[1]:
                 reuse = reusable_prefix(tokens, kernels, prompt, self.budget)
                 if reuse > best[1]:
                     best = (slot, reuse, kernels)
