@@ -77,7 +77,9 @@ async def test_idle_timeout_mid_stream_is_an_sse_error_and_a_record(tmp_path: Pa
             frames = await _sse(r, "m")
             await _settle(lambda: a.stats.cancelled == 1)
     texts = [f["choices"][0]["delta"].get("content") for f in frames[:-2]]
-    assert texts == ["", "tok ", "tok ", "tok "]
+    # The role frame, then the 3 tokens sent before the stall (in one delta or several,
+    # depending on how the upstream's writes arrive).
+    assert texts[0] == "" and "".join(texts[1:]) == "tok " * 3
     error = frames[-2]["error"]
     assert error["code"] == "upstream_timeout" and error["type"] == "server_error"
     assert frames[-1] == "[DONE]"

@@ -37,9 +37,8 @@ async def test_tokens_reach_the_client_while_the_upstream_is_quiet(tmp_path: Pat
                 async for chunk in stream:
                     if chunk.choices and chunk.choices[0].delta.content:
                         texts.append(chunk.choices[0].delta.content)
-                    if len(texts) == 3:
+                    if "".join(texts) == "tok " * 3:  # in one delta or several
                         break
-            assert texts == ["tok "] * 3
             assert stub.stats.completed == 0  # the upstream is still stalled, mid-stream
             await stream.close()
             await client.close()

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 from aiohttp import web
 
@@ -60,6 +61,20 @@ class Stub:
         self._hit(request)
         return web.json_response({"error": {"message": "bad key"}}, status=401)
 
+    async def junk(self, request: web.Request) -> web.StreamResponse:
+        """A word, then the line the request's last message names, then a proper end."""
+        self._hit(request)
+        line = (await request.json())["messages"][-1]["content"].encode()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(
+            b'data: {"choices":[{"index":0,"delta":{"content":"Hello"},"finish_reason":null}]}\n\n'
+            + b"data: " + line + b"\n\n"
+            + b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+            + b"data: [DONE]\n\n"
+        )  # fmt: skip
+        return resp
+
     def _hit(self, request: web.Request) -> None:
         name = request.path.split("/")[1]
         self.hits[name] = self.hits.get(name, 0) + 1
@@ -70,7 +85,7 @@ class Stub:
 async def stub() -> AsyncIterator[Stub]:
     s = Stub()
     app = web.Application()
-    for name in ("hang", "stall", "fail", "deny"):
+    for name in ("hang", "stall", "fail", "deny", "junk"):
         app.router.add_post(f"/{name}/v1/chat/completions", getattr(s, name))
         app.router.add_post(f"/{name}/v1/completions", getattr(s, name))
     runner = web.AppRunner(app, shutdown_timeout=0.5)
@@ -111,6 +126,7 @@ async def upstream_api(
             "base_url": f"{stub_url}/deny/v1",
             "api_key_env": KEY_ENV,
         },
+        {"id": "junk", "backend": "openai", "base_url": f"{stub_url}/junk/v1", **fast},
         {
             "id": "closed",
             "backend": "openai",
@@ -209,6 +225,45 @@ async def test_upstream_stall_raw_sse_frames(upstream_api: Any) -> None:
         frames = [line async for line in r.aiter_lines() if line.startswith("data: ")]
     assert frames[-1] == "data: [DONE]"
     assert '"upstream_timeout"' in frames[-2]
+
+
+@pytest.mark.parametrize(
+    ("line", "ok"),
+    [
+        # Not a JSON object: the stream cannot be trusted further.
+        ("5", False),
+        ('"text"', False),
+        ("[1, 2]", False),
+        ("{not json", False),
+        # An object whose fields have the wrong types: nothing usable in it, skipped.
+        ('{"choices": 3}', True),
+        ('{"choices": [7, null]}', True),
+        ('{"choices": [{"delta": "x", "text": 5}]}', True),
+        ('{"usage": {"prompt_tokens": "many", "completion_tokens": -1}, "choices": []}', True),
+    ],
+)
+async def test_a_hostile_upstream_chunk_is_never_a_500(
+    upstream_api: Any, line: str, ok: bool
+) -> None:
+    """Whatever an upstream sends mid-stream, the client gets what came before it and either a
+    normal end or an `upstream_error` frame; never our own 500 (`internal_error`)."""
+    http, _ = upstream_api
+    body = {"model": "junk", "messages": [{"role": "user", "content": line}], "stream": True}
+    async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        frames = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+    assert frames[-1] == "data: [DONE]"
+    assert "internal_error" not in "".join(frames)
+    events = [orjson.loads(f[6:]) for f in frames[:-1]]
+    text = "".join(
+        e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices")
+    )
+    assert text == "Hello"
+    if ok:
+        assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    else:
+        assert events[-1]["error"]["code"] == "upstream_error"
+        assert "malformed" in events[-1]["error"]["message"]
 
 
 async def test_upstream_500_is_502_without_leaks(upstream_api: Any, stub: Stub) -> None:

@@ -2,8 +2,13 @@
 
 One pooled aiohttp session per upstream (aiohttp sustains several times httpx's request rate on
 this hardware, see PERFORMANCE.md). We always ask the upstream to stream, with usage, and pass
-each chunk on as it arrives; a non-streaming client request simply collects the same stream.
+its output on as it arrives; a non-streaming client request simply collects the same stream.
 Errors are mapped to our taxonomy; messages never carry the upstream URL or key.
+
+Text that arrives in one TCP read leaves as one chunk (vLLM's `--stream-interval` does the
+same at the source): a gateway that has fallen behind catches up with one delta instead of
+paying the whole per-chunk path (service layers, chunk model, framing) once per token. Nothing
+waits for later bytes, so this adds no latency; the token count travels with the chunk.
 """
 
 from __future__ import annotations
@@ -161,6 +166,7 @@ class OpenAIUpstreamBackend:
                     raise UpstreamError("The upstream sent an oversized chunk.")
             else:  # EOF: a last line without its newline still counts
                 lines, tail, done = [tail], b"", True
+            texts: list[str] = []  # this read's text pieces, sent on as one chunk
             for raw in lines:
                 line = raw.strip()
                 if not line.startswith(b"data:"):
@@ -172,20 +178,31 @@ class OpenAIUpstreamBackend:
                 try:
                     obj = orjson.loads(payload)
                 except orjson.JSONDecodeError:
-                    raise UpstreamError("The upstream sent a malformed chunk.") from None
+                    obj = None
+                if not isinstance(obj, dict):
+                    obj = {"error": "The upstream sent a malformed chunk."}
                 if "error" in obj:
+                    if texts:  # what came before the error still reaches the client
+                        yield GenerationChunk(text="".join(texts), tokens=len(texts))
                     raise UpstreamError(_clean(_error_message(obj)))
                 usage = obj.get("usage")
-                if usage:
-                    prompt_tokens = usage.get("prompt_tokens")
-                    completion_tokens = usage.get("completion_tokens")
-                for choice in obj.get("choices") or ():
-                    text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
-                    if text:
-                        pieces += 1
-                        yield GenerationChunk(text=text, tokens=1)
+                if isinstance(usage, dict):
+                    prompt_tokens = _count(usage.get("prompt_tokens"), prompt_tokens)
+                    completion_tokens = _count(usage.get("completion_tokens"), completion_tokens)
+                choices = obj.get("choices")
+                for choice in choices if isinstance(choices, list) else ():
+                    if not isinstance(choice, dict):
+                        continue
+                    delta = choice.get("delta")
+                    text = delta.get("content") if isinstance(delta, dict) else None
+                    text = text or choice.get("text")
+                    if text and isinstance(text, str):
+                        texts.append(text)
                     if choice.get("finish_reason"):
-                        finish = choice["finish_reason"]
+                        finish = str(choice["finish_reason"])
+            if texts:
+                pieces += len(texts)
+                yield GenerationChunk(text="".join(texts), tokens=len(texts))
         if finish is None:
             raise UpstreamError("The upstream closed the stream before finishing.")
         yield GenerationChunk(
@@ -194,6 +211,12 @@ class OpenAIUpstreamBackend:
             # Counted chunks approximate tokens when an upstream does not report usage.
             completion_tokens=completion_tokens if completion_tokens is not None else pieces,
         )
+
+
+def _count(value: Any, default: int | None) -> int | None:
+    """A token count from an upstream's usage, if it is one (a hostile upstream's junk is not)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return value if ok else default
 
 
 def _estimate_prompt_tokens(request: GenerationRequest) -> int:
