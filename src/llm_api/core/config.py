@@ -180,6 +180,12 @@ class Settings(BaseSettings):
         None,
         description="Bearer token that may read /metrics (for Prometheus) when it is not public.",
     )
+    otel_telemetry: bool = Field(
+        False,
+        description="FastAPI's native OpenTelemetry spans and metrics, for deployments that "
+        "configure an OpenTelemetry SDK (off: FastAPI would look up the global providers on "
+        "every request; /metrics serves Prometheus either way).",
+    )
 
     # --- lifecycle --------------------------------------------------------------------------
     drain_timeout: float = Field(
