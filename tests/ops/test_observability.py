@@ -172,6 +172,9 @@ async def test_llm_metrics_follow_known_traffic(
             completion_tokens += chunk.usage.completion_tokens
             prompt_tokens += chunk.usage.prompt_tokens
     await ops_http.get("/v1/definitely-not-a-route-" + "x" * 20)
+    user = {"Authorization": f"Bearer {ops_user.api_key}"}
+    for file_id in ("file-a", "file-b", "file-a"):  # one template, however many paths
+        assert (await ops_http.get(f"/v1/files/{file_id}", headers=user)).status_code == 404
     after = (await ops_http.get("/metrics", headers=AUTH)).text
 
     def delta(name: str, **labels: str) -> float:
@@ -190,6 +193,9 @@ async def test_llm_metrics_follow_known_traffic(
     assert sample_value(after, "llm_api:process_resident_memory_bytes") > 50e6
     handler = {"handler": "/v1/chat/completions", "method": "POST", "status": "2xx"}
     assert delta("llm_api_http_requests_total", **handler) == 4
+    files = {"handler": "/v1/files/{file_id}", "method": "GET", "status": "4xx"}
+    assert delta("llm_api_http_requests_total", **files) == 3
+    assert "file-a" not in after
     # Bounded labels: unmatched paths make no series; no ids of any kind.
     assert "definitely-not-a-route" not in after
     # No label carries a user (route templates such as /v1/admin/users/{user_id} are fine).
