@@ -101,5 +101,5 @@ def install_http_metrics(app: FastAPI) -> None:
         excluded_handlers=["^/metrics$"],
     ).add(_http_instrumentation()).instrument(app)
     for entry in app.user_middleware:  # the same middleware and options, with the cache
-        if entry.cls is PrometheusInstrumentatorMiddleware:
-            entry.cls = _RouteCachingMiddleware
+        if getattr(entry, "cls", None) is PrometheusInstrumentatorMiddleware:
+            entry.cls = _RouteCachingMiddleware  # type: ignore[assignment]
