@@ -8,11 +8,14 @@ import json
 from collections.abc import AsyncIterator
 
 import httpx
+import orjson
 import pytest
 
 from llm_api.api.streaming import ndjson_lines, sse_frames
 from llm_api.core.exceptions import UpstreamTimeoutError
 from llm_api.schemas.chat import ChatCompletionChunk, ChoiceDelta, ChunkChoice
+from llm_api.schemas.completions import Completion, CompletionChoice
+from llm_api.services.llm.shaping import TextFrames
 from tests.conftest import MODEL
 
 NO_CACHE = {"Cache-Control": "no-cache, no-store"}
@@ -28,7 +31,7 @@ def chunk(content: str) -> ChatCompletionChunk:
     )
 
 
-async def items(*chunks: ChatCompletionChunk, fail: Exception | None = None) -> AsyncIterator:
+async def items(*chunks: object, fail: Exception | None = None) -> AsyncIterator:
     for c in chunks:
         yield c
     if fail is not None:
@@ -56,6 +59,46 @@ async def test_sse_frames_keep_model_output_inside_json() -> None:
         assert "\n" not in ev and "\r" not in ev and ev.startswith("data: ")
     first = json.loads(evs[0].removeprefix("data: "))
     assert first["choices"][0]["delta"]["content"] == HOSTILE
+
+
+TEXTS = [HOSTILE, "ok", 'q"uote\\ back', "\u2028\u2029 \x00\x1f\x7f", "héllo 猫 🐈", " ", "text-"]
+
+
+@pytest.mark.parametrize("index", [0, 3])
+def test_a_text_frame_is_the_json_of_its_model(index: int) -> None:
+    """The per-token fast path splices text into a template: the result must be what the chunk
+    model itself serialises, for any text and choice index (chat and completions)."""
+    chat = TextFrames(
+        lambda i, t: ChatCompletionChunk(
+            id="chatcmpl-1",
+            created=5,
+            model="m",
+            choices=[ChunkChoice(index=i, delta=ChoiceDelta(content=t))],
+        )
+    )
+    legacy = TextFrames(
+        lambda i, t: Completion(
+            id="cmpl-1",
+            created=5,
+            model="m",
+            choices=[CompletionChoice(index=i, text=t, finish_reason=None)],
+        )
+    )
+    for text in TEXTS:
+        for frames in (chat, legacy):
+            frame = frames(index, text)
+            model = frames._build(index, text)  # noqa: SLF001 - the reference
+            assert orjson.loads(frame.json) == orjson.loads(model.model_dump_json())
+            assert (frame.index, frame.text) == (index, text)
+
+
+async def test_text_frames_and_models_share_a_stream() -> None:
+    frames = TextFrames(lambda i, t: chunk(t))
+    raw = await collect(sse_frames(items(chunk("a"), frames(0, HOSTILE), chunk("b")), 10))
+    evs = events(raw)
+    assert len(evs) == 4 and evs[-1] == "data: [DONE]"
+    bodies = [json.loads(e.removeprefix("data: ")) for e in evs[:3]]
+    assert [b["choices"][0]["delta"]["content"] for b in bodies] == ["a", HOSTILE, "b"]
 
 
 async def test_sse_error_after_start_is_an_error_frame_then_done() -> None:

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 from llm_api.core.exceptions import APIError, ServerError
+from llm_api.services.llm.shaping import TextFrame
 
 log = structlog.get_logger(__name__)
 
@@ -110,16 +111,20 @@ def error_payload(exc: BaseException) -> dict[str, Any]:
     return ServerError("The server had an error while generating the response.").to_dict()
 
 
-async def sse_frames(chunks: AsyncIterator[BaseModel], keepalive: float) -> AsyncIterator[bytes]:
+def _json(chunk: BaseModel | TextFrame) -> bytes:
+    return chunk.json if isinstance(chunk, TextFrame) else chunk.model_dump_json().encode()
+
+
+async def sse_frames(
+    chunks: AsyncIterator[BaseModel | TextFrame], keepalive: float
+) -> AsyncIterator[bytes]:
     try:
         async with aclosing(_batches(chunks, keepalive)) as batches:
             async for batch, last in batches:
                 if not batch and not last:
                     yield b": keep-alive\n\n"
                     continue
-                frames = b"".join(
-                    [b"data: " + c.model_dump_json().encode() + b"\n\n" for c in batch]
-                )
+                frames = b"".join([b"data: " + _json(c) + b"\n\n" for c in batch])
                 if last:
                     yield FinalFrame(frames + b"data: [DONE]\n\n")
                     return
@@ -129,14 +134,16 @@ async def sse_frames(chunks: AsyncIterator[BaseModel], keepalive: float) -> Asyn
     yield FinalFrame(b"data: [DONE]\n\n")
 
 
-async def ndjson_lines(chunks: AsyncIterator[BaseModel], keepalive: float) -> AsyncIterator[bytes]:
+async def ndjson_lines(
+    chunks: AsyncIterator[BaseModel | TextFrame], keepalive: float
+) -> AsyncIterator[bytes]:
     try:
         async with aclosing(_batches(chunks, keepalive)) as batches:
             async for batch, last in batches:
                 if not batch and not last:
                     yield b"\n"  # blank lines are skipped by NDJSON readers
                 elif batch:
-                    lines = b"".join([c.model_dump_json().encode() + b"\n" for c in batch])
+                    lines = b"".join([_json(c) + b"\n" for c in batch])
                     yield FinalFrame(lines) if last else lines
     except Exception as exc:
         yield FinalFrame(orjson.dumps(error_payload(exc)) + b"\n")
@@ -188,13 +195,17 @@ class StreamResponse(StreamingResponse):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def sse_response(chunks: AsyncIterator[BaseModel], keepalive: float) -> StreamingResponse:
+def sse_response(
+    chunks: AsyncIterator[BaseModel | TextFrame], keepalive: float
+) -> StreamingResponse:
     return StreamResponse(
         sse_frames(chunks, keepalive), media_type="text/event-stream", headers=SSE_HEADERS
     )
 
 
-def ndjson_response(chunks: AsyncIterator[BaseModel], keepalive: float) -> StreamingResponse:
+def ndjson_response(
+    chunks: AsyncIterator[BaseModel | TextFrame], keepalive: float
+) -> StreamingResponse:
     return StreamResponse(
         ndjson_lines(chunks, keepalive),
         media_type="application/x-ndjson",

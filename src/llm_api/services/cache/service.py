@@ -32,11 +32,12 @@ from llm_api.services.cache.keys import cache_key, model_version
 from llm_api.services.cache.store import CacheStore
 from llm_api.services.llm.registry import ModelConfig
 from llm_api.services.llm.service import LLMService
+from llm_api.services.llm.shaping import TextFrame
 from llm_api.services.llm.types import CompletionRecord, RequestContext
 
 log = structlog.get_logger(__name__)
 
-C = TypeVar("C", bound=BaseModel)
+C = TypeVar("C", bound=BaseModel | TextFrame)
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,7 +263,7 @@ class CachedLLMService:
 
     async def chat_stream(
         self, req: ChatCompletionRequest, ctx: RequestContext, policy: CachePolicy
-    ) -> AsyncIterator[ChatCompletionChunk]:
+    ) -> AsyncIterator[ChatCompletionChunk | TextFrame]:
         plan = self._plan("chat", req, ctx, policy)
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         hit = await self._lookup(plan, policy, ctx, stream=True)
@@ -291,7 +292,7 @@ class CachedLLMService:
 
     async def completion_stream(
         self, req: CompletionRequest, ctx: RequestContext, policy: CachePolicy
-    ) -> AsyncIterator[Completion]:
+    ) -> AsyncIterator[Completion | TextFrame]:
         plan = self._plan("completions", req, ctx, policy)
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         hit = await self._lookup(plan, policy, ctx, stream=True)
@@ -304,11 +305,15 @@ class CachedLLMService:
         return self._tee(chunks, _completion_pieces, plan, policy, ctx, req)
 
 
-def _chat_pieces(chunk: ChatCompletionChunk) -> Iterable[tuple[int, str, str | None]]:
+def _chat_pieces(chunk: ChatCompletionChunk | TextFrame) -> Iterable[tuple[int, str, str | None]]:
+    if isinstance(chunk, TextFrame):
+        return ((chunk.index, chunk.text, None),)
     return ((c.index, c.delta.content or "", c.finish_reason) for c in chunk.choices)
 
 
-def _completion_pieces(chunk: Completion) -> Iterable[tuple[int, str, str | None]]:
+def _completion_pieces(chunk: Completion | TextFrame) -> Iterable[tuple[int, str, str | None]]:
+    if isinstance(chunk, TextFrame):
+        return ((chunk.index, chunk.text, None),)
     return ((c.index, c.text, c.finish_reason) for c in chunk.choices)
 
 

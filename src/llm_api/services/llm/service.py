@@ -352,7 +352,7 @@ class LLMService:
 
     async def chat_stream(
         self, req: ChatCompletionRequest, ctx: RequestContext
-    ) -> AsyncIterator[ChatCompletionChunk]:
+    ) -> AsyncIterator[ChatCompletionChunk | shaping.TextFrame]:
         config, seqs = self.chat_requests(req, ctx)
         chunks = await self._started(config, seqs, ctx, "chat", req.n)
         # The model that answered (after any fallback) names the response.
@@ -390,7 +390,7 @@ class LLMService:
 
     async def completion_stream(
         self, req: CompletionRequest, ctx: RequestContext
-    ) -> AsyncIterator[Completion]:
+    ) -> AsyncIterator[Completion | shaping.TextFrame]:
         config, seqs = self.completion_requests(req, ctx)
         chunks = await self._started(config, seqs, ctx, "completions", req.n)
         return shaping.completion_chunks(req, ctx, ctx.model or config.id, chunks)

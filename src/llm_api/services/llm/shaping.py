@@ -8,8 +8,12 @@ this module only decides *what the client sees*.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
+
+import orjson
+from pydantic import BaseModel
 
 from llm_api.schemas.chat import (
     AssistantMessage,
@@ -25,6 +29,45 @@ from llm_api.schemas.completions import Completion, CompletionChoice, Completion
 from llm_api.services.llm.types import GenerationChunk, RequestContext
 
 Chunks = AsyncGenerator[tuple[int, GenerationChunk], None]
+
+
+class TextFrame:
+    """A streamed chunk that only adds text to one choice, already serialised as JSON.
+
+    The hot path of every stream (one per token from a local model): building the pydantic
+    chunk and dumping it cost more of the event loop than anything else per token, while only
+    the text differs from one such chunk to the next. `TextFrames` splices the text into the
+    JSON of a chunk the model itself serialised, so the wire shape stays the model's."""
+
+    __slots__ = ("index", "json", "text")
+
+    def __init__(self, index: int, text: str, json: bytes) -> None:
+        self.index = index
+        self.text = text
+        self.json = json
+
+
+# Stands for the text while a template is made; per process, so no id or model name holds it.
+_MARK = f"text-{uuid.uuid4().hex}"
+_MARK_JSON = orjson.dumps(_MARK)
+
+
+class TextFrames:
+    """Makes one stream's `TextFrame`s: `build(index, text)` gives the full chunk model, which
+    is serialised once per choice with a marker for the text and split around it."""
+
+    def __init__(self, build: Callable[[int, str], BaseModel]) -> None:
+        self._build = build
+        self._parts: dict[int, tuple[bytes, bytes]] = {}
+
+    def __call__(self, index: int, text: str) -> TextFrame:
+        parts = self._parts.get(index)
+        if parts is None:
+            raw = self._build(index, _MARK).model_dump_json().encode()
+            head, found, tail = raw.rpartition(_MARK_JSON)  # the text is the last string field
+            assert found, "the chunk model must serialise its text as a JSON string"
+            parts = self._parts[index] = (head, tail)
+        return TextFrame(index, text, parts[0] + orjson.dumps(text) + parts[1])
 
 
 class UsageCounter:
@@ -56,7 +99,7 @@ def wire_finish(reason: str | None) -> str | None:
 
 async def chat_chunks(
     req: ChatCompletionRequest, ctx: RequestContext, model_id: str, chunks: Chunks
-) -> AsyncIterator[ChatCompletionChunk]:
+) -> AsyncIterator[ChatCompletionChunk | TextFrame]:
     cid, created = f"chatcmpl-{ctx.request_id}", int(time.time())
     usage = UsageCounter(req.n)
 
@@ -68,6 +111,7 @@ async def chat_chunks(
             choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish)],
         )
 
+    text_frame = TextFrames(lambda index, text: make(index, ChoiceDelta(content=text)))
     started: set[int] = set()
     # aclosing: when the client goes away this generator is closed, and closing must reach
     # the backend now (stop generating, free the model), not whenever the GC gets to it.
@@ -77,7 +121,7 @@ async def chat_chunks(
                 started.add(index)
                 yield make(index, ChoiceDelta(role="assistant", content=""))
             if chunk.text:
-                yield make(index, ChoiceDelta(content=chunk.text))
+                yield text_frame(index, chunk.text)
             if chunk.finish_reason is not None:
                 usage.add(index, chunk)
                 yield make(index, ChoiceDelta(), wire_finish(chunk.finish_reason))
@@ -89,13 +133,24 @@ async def chat_chunks(
 
 async def completion_chunks(
     req: CompletionRequest, ctx: RequestContext, model_id: str, chunks: Chunks
-) -> AsyncIterator[Completion]:
+) -> AsyncIterator[Completion | TextFrame]:
     cid, created = f"cmpl-{ctx.request_id}", int(time.time())
     usage = UsageCounter(req.n)
+    text_frame = TextFrames(
+        lambda index, text: Completion(
+            id=cid,
+            created=created,
+            model=model_id,
+            choices=[CompletionChoice(index=index, text=text, finish_reason=None)],
+        )
+    )
     async with aclosing(chunks) as source:  # see chat_chunks
         async for index, chunk in source:
             if chunk.finish_reason is not None:
                 usage.add(index, chunk)
+            elif chunk.text:
+                yield text_frame(index, chunk.text)
+                continue
             if chunk.text or chunk.finish_reason is not None:
                 choice = CompletionChoice(
                     index=index,

@@ -14,6 +14,7 @@ from llm_api.api.disconnect import cancel_on_disconnect
 from llm_api.api.streaming import ndjson_response
 from llm_api.schemas.completions import CompletionRequest, GenerateRequest, GenerateResponse
 from llm_api.services.llm.service import LLMService
+from llm_api.services.llm.shaping import TextFrame
 
 router = APIRouter(tags=["simple"])
 
@@ -59,6 +60,9 @@ async def stream(
 
     async def tokens() -> AsyncIterator[TokenLine]:
         async for chunk in chunks:
+            if isinstance(chunk, TextFrame):
+                yield TokenLine(token=chunk.text)
+                continue
             for choice in chunk.choices:
                 if choice.text:
                     yield TokenLine(token=choice.text)
