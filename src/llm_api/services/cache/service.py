@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import structlog
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from llm_api.core import metrics
 from llm_api.core.config import Settings
@@ -30,6 +30,7 @@ from llm_api.schemas.completions import Completion, CompletionRequest
 from llm_api.services.cache.entry import CachedChoice, CachedResponse
 from llm_api.services.cache.keys import cache_key, model_version
 from llm_api.services.cache.store import CacheStore
+from llm_api.services.llm import shaping
 from llm_api.services.llm.registry import ModelConfig
 from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.shaping import TextFrame
@@ -37,7 +38,7 @@ from llm_api.services.llm.types import CompletionRecord, RequestContext
 
 log = structlog.get_logger(__name__)
 
-C = TypeVar("C", bound=BaseModel | TextFrame)
+C = TypeVar("C", bound=ChatCompletionChunk | Completion | TextFrame)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +226,6 @@ class CachedLLMService:
     async def _tee(
         self,
         chunks: AsyncIterator[C],
-        pieces: Callable[[C], Iterable[tuple[int, str, str | None]]],
         plan: _Plan,
         policy: CachePolicy,
         ctx: RequestContext,
@@ -237,7 +237,7 @@ class CachedLLMService:
         finishes: list[str | None] = [None] * plan.choices
         try:
             async for chunk in chunks:
-                for index, text, finish in pieces(chunk):
+                for index, text, finish in shaping.pieces(chunk):
                     outputs[index].append(text)
                     if finish is not None:
                         finishes[index] = finish
@@ -273,7 +273,7 @@ class CachedLLMService:
         chunks = await self.llm.chat_stream(req, ctx)
         if not self._needs_text(plan, policy):
             return chunks
-        return self._tee(chunks, _chat_pieces, plan, policy, ctx, req)
+        return self._tee(chunks, plan, policy, ctx, req)
 
     # --- completions ----------------------------------------------------------------------------
 
@@ -302,19 +302,7 @@ class CachedLLMService:
         chunks = await self.llm.completion_stream(req, ctx)
         if not self._needs_text(plan, policy):
             return chunks
-        return self._tee(chunks, _completion_pieces, plan, policy, ctx, req)
-
-
-def _chat_pieces(chunk: ChatCompletionChunk | TextFrame) -> Iterable[tuple[int, str, str | None]]:
-    if isinstance(chunk, TextFrame):
-        return ((chunk.index, chunk.text, None),)
-    return ((c.index, c.delta.content or "", c.finish_reason) for c in chunk.choices)
-
-
-def _completion_pieces(chunk: Completion | TextFrame) -> Iterable[tuple[int, str, str | None]]:
-    if isinstance(chunk, TextFrame):
-        return ((chunk.index, chunk.text, None),)
-    return ((c.index, c.text, c.finish_reason) for c in chunk.choices)
+        return self._tee(chunks, plan, policy, ctx, req)
 
 
 def build_cache_store(settings: Settings) -> CacheStore | None:

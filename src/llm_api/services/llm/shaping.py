@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 
 import orjson
@@ -68,6 +68,18 @@ class TextFrames:
             assert found, "the chunk model must serialise its text as a JSON string"
             parts = self._parts[index] = (head, tail)
         return TextFrame(index, text, parts[0] + orjson.dumps(text) + parts[1])
+
+
+def pieces(
+    chunk: ChatCompletionChunk | Completion | TextFrame,
+) -> Iterable[tuple[int, str, str | None]]:
+    """(choice index, text, finish reason) of each choice a streamed chunk carries, whatever
+    its form: for readers of a stream that are not the client (the cache tee, /v1/stream)."""
+    if isinstance(chunk, TextFrame):
+        return ((chunk.index, chunk.text, None),)
+    if isinstance(chunk, ChatCompletionChunk):
+        return ((c.index, c.delta.content or "", c.finish_reason) for c in chunk.choices)
+    return ((c.index, c.text, c.finish_reason) for c in chunk.choices)
 
 
 class UsageCounter:

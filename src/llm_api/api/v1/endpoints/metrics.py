@@ -13,6 +13,7 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
+from cachetools import LRUCache
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
@@ -71,23 +72,19 @@ def _http_instrumentation() -> Callable[[http_metrics.Info], None]:
 class _RouteCachingMiddleware(PrometheusInstrumentatorMiddleware):
     """The instrumentator's middleware, remembering each request's route template: finding it
     matches the path against every route's regex (~2% of a proxied stream's CPU), and the
-    answer depends only on the root path, method and path."""
-
-    _MAX = 4096  # distinct paths remembered; random URLs just empty it now and then
+    answer depends only on the root path, method and path. LRU-bounded, so random URLs cannot
+    grow it."""
 
     def __init__(self, app: ASGIApp, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
-        self._handlers: dict[tuple[str, str, str], tuple[str, bool]] = {}
+        self._handlers: LRUCache[tuple[str, str, str], tuple[str, bool]] = LRUCache(4096)
 
     def _get_handler(self, request: Request) -> tuple[str, bool]:
         scope = request.scope
         key = (scope.get("root_path", ""), scope["method"], scope["path"])
         found = self._handlers.get(key)
         if found is None:
-            found = super()._get_handler(request)
-            if len(self._handlers) >= self._MAX:
-                self._handlers.clear()
-            self._handlers[key] = found
+            found = self._handlers[key] = super()._get_handler(request)
         return found
 
 

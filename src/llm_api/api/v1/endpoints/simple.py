@@ -14,7 +14,7 @@ from llm_api.api.disconnect import cancel_on_disconnect
 from llm_api.api.streaming import ndjson_response
 from llm_api.schemas.completions import CompletionRequest, GenerateRequest, GenerateResponse
 from llm_api.services.llm.service import LLMService
-from llm_api.services.llm.shaping import TextFrame
+from llm_api.services.llm.shaping import pieces
 
 router = APIRouter(tags=["simple"])
 
@@ -60,11 +60,8 @@ async def stream(
 
     async def tokens() -> AsyncIterator[TokenLine]:
         async for chunk in chunks:
-            if isinstance(chunk, TextFrame):
-                yield TokenLine(token=chunk.text)
-                continue
-            for choice in chunk.choices:
-                if choice.text:
-                    yield TokenLine(token=choice.text)
+            for _, text, _ in pieces(chunk):
+                if text:
+                    yield TokenLine(token=text)
 
     return ndjson_response(tokens(), settings.sse_keepalive_seconds)
