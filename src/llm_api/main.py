@@ -24,6 +24,7 @@ from llm_api.api.v1.router import api_router
 from llm_api.api.web import install_web_ui
 from llm_api.core import worker_readiness
 from llm_api.core.config import Settings
+from llm_api.core.gc_tuning import release_heap, settle_heap
 from llm_api.core.logging import configure_logging
 from llm_api.core.state import AppState
 from llm_api.middleware.access_log import AccessLogMiddleware
@@ -67,10 +68,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             await llm.start()
             worker_readiness.mark_ready()
+            settle_heap()  # again: the models' objects are long-lived too
             log.info("models_ready", models=[m.id for m in llm.registry.models])
         except Exception:
             log.exception("model_load_failed")
 
+    settle_heap()  # what exists now lives as long as the process (core/gc_tuning.py)
     loader = asyncio.create_task(load_models(), name="load-models")
     try:
         async with observability(state):  # metrics, SIGTERM drain, on_drain hooks at the end
@@ -85,6 +88,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await usage.aclose()  # after the models: cancelled requests have recorded by now
         await responses.aclose()
         await state.db.dispose()
+        release_heap()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
