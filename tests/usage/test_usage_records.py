@@ -48,6 +48,31 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+async def test_a_generated_request_id_finds_the_usage_record(env: Running) -> None:
+    """X-Request-ID that the server generated is the completion id and the usage record's id, so
+    a user quoting it can be found; a client's own X-Request-ID is echoed but never becomes a
+    record's id (records are idempotent by id: a reused one would drop the second record)."""
+    user_id, key = await env.user()
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 2}
+    plain = await env.http.post("/v1/chat/completions", json=body, headers=auth(key))
+    assert plain.status_code == 200, plain.text
+    generated = plain.headers["x-request-id"]
+    assert plain.json()["id"] == f"chatcmpl-{generated}"
+
+    mine = {**auth(key), "X-Request-ID": "client-chosen-id-0001"}
+    echoed = []
+    for _ in range(2):  # the same client id twice: two requests, two records
+        resp = await env.http.post("/v1/chat/completions", json=body, headers=mine)
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["x-request-id"] == "client-chosen-id-0001"
+        echoed.append(resp.json()["id"].removeprefix("chatcmpl-"))
+    assert len(set(echoed)) == 2 and "client-chosen-id-0001" not in echoed
+
+    await env.flush()
+    records = await env.records(user_id=user_id)
+    assert sorted(r.request_id for r in records) == sorted([generated, *echoed])
+
+
 async def test_usage_totals_equal_the_sum_of_the_responses(env: Running) -> None:
     user_id, key = await env.user()
     client = env.client(key)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -17,6 +18,7 @@ from llm_api.core.config import Settings
 from llm_api.core.exceptions import ServiceUnavailableError
 from llm_api.core.state import AppState
 from llm_api.middleware.access_log import CTX_KEY as ACCESS_LOG_CTX_KEY
+from llm_api.middleware.request_id import GENERATED_KEY as GENERATED_REQUEST_ID_KEY
 from llm_api.services.auth.principal import AuthServices, Principal
 from llm_api.services.batches.service import BatchService
 from llm_api.services.cache.service import CachedLLMService, CachePolicy
@@ -37,21 +39,19 @@ async def get_llm_service(state: Annotated[AppState, Depends(get_state)]) -> LLM
     return state.llm
 
 
-async def get_responses(state: Annotated[AppState, Depends(get_state)]) -> CachedLLMService:
-    assert state.responses is not None, "built in the lifespan"
-    return state.responses
-
-
-async def get_cache_policy(request: Request) -> CachePolicy:
-    return CachePolicy.from_header(request.headers.get("cache-control"))
-
-
 async def get_request_context(
     request: Request, principal: Annotated[Principal, Depends(get_principal)]
 ) -> RequestContext:
+    return _request_context(request, principal)
+
+
+def _request_context(request: Request, principal: Principal) -> RequestContext:
     client = request.client.host if request.client else None
+    scope_state = request.scope.setdefault("state", {})
     ctx = RequestContext(
-        request_id=uuid.uuid4().hex,
+        # The X-Request-ID we generated, if we did (middleware/request_id.py says why never the
+        # client's own).
+        request_id=scope_state.get(GENERATED_REQUEST_ID_KEY) or uuid.uuid4().hex,
         client_ip=client,
         user_id=principal.user_id,
         key_id=principal.key_id,
@@ -59,8 +59,34 @@ async def get_request_context(
     )
     # Kept in the scope state so the access log can read the token counts after the response
     # (for a stream, after its last frame).
-    request.scope.setdefault("state", {})[ACCESS_LOG_CTX_KEY] = ctx
+    scope_state[ACCESS_LOG_CTX_KEY] = ctx
     return ctx
+
+
+@dataclass(frozen=True, slots=True)
+class Inference:
+    """What a completion route needs: the service behind the cache, the request's context, its
+    cache policy and the stream keep-alive interval."""
+
+    responses: CachedLLMService
+    ctx: RequestContext
+    cache_policy: CachePolicy
+    keepalive: float
+
+
+async def get_inference(
+    request: Request, principal: Annotated[Principal, Depends(get_principal)]
+) -> Inference:
+    """One dependency for the hot routes instead of four: FastAPI solves each dependency with
+    its own bookkeeping, and on a proxied stream the four cost ~8% of the server's CPU."""
+    state: AppState = request.app.state.llm_api
+    assert state.responses is not None, "built in the lifespan"
+    return Inference(
+        responses=state.responses,
+        ctx=_request_context(request, principal),
+        cache_policy=CachePolicy.from_header(request.headers.get("cache-control")),
+        keepalive=state.settings.sse_keepalive_seconds,
+    )
 
 
 async def get_db(state: Annotated[AppState, Depends(get_state)]) -> AsyncIterator[AsyncSession]:
@@ -89,9 +115,8 @@ async def get_auth(state: Annotated[AppState, Depends(get_state)]) -> AuthServic
 StateDep = Annotated[AppState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 LLMServiceDep = Annotated[LLMService, Depends(get_llm_service)]
-ResponsesDep = Annotated[CachedLLMService, Depends(get_responses)]  # the service behind the cache
-CachePolicyDep = Annotated[CachePolicy, Depends(get_cache_policy)]
 RequestCtx = Annotated[RequestContext, Depends(get_request_context)]
+InferenceDep = Annotated[Inference, Depends(get_inference)]
 # scope="function": commit before the response is sent, so a 2xx means the write is durable.
 DbSession = Annotated[AsyncSession, Depends(get_db, scope="function")]
 AuthDep = Annotated[AuthServices, Depends(get_auth)]

@@ -1,5 +1,9 @@
 """X-Request-ID: accepted from the client when well-formed, generated otherwise, stored in the
-scope for handlers and logs, and echoed on the response."""
+scope for handlers and logs, and echoed on the response.
+
+A generated id is also the request's generation id (completion id, usage record; see
+api/deps.py), so a user quoting the header can be found in the usage records. A client's own id
+never is: usage records are idempotent by that id, and a reused one would drop the record."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _VALID = re.compile(rb"^[A-Za-z0-9._:-]{8,128}$")
+GENERATED_KEY = "request_id_generated"  # scope["state"] key: the id, when we made it
 
 
 class RequestIdMiddleware:
@@ -22,8 +27,12 @@ class RequestIdMiddleware:
         rid = next(
             (v for k, v in scope["headers"] if k == b"x-request-id" and _VALID.match(v)), None
         )
-        request_id = rid.decode() if rid else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        if rid:
+            request_id = rid.decode()
+        else:
+            request_id = state[GENERATED_KEY] = uuid.uuid4().hex
+        state["request_id"] = request_id
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

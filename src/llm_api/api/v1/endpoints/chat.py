@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
-from llm_api.api.deps import CachePolicyDep, RequestCtx, ResponsesDep, SettingsDep
+from llm_api.api.deps import InferenceDep
 from llm_api.api.disconnect import cancel_on_disconnect
 from llm_api.api.streaming import sse_response
 from llm_api.schemas.chat import ChatCompletion, ChatCompletionRequest
@@ -18,14 +18,12 @@ async def create_chat_completion(
     body: ChatCompletionRequest,
     request: Request,
     response: Response,
-    llm: ResponsesDep,
-    policy: CachePolicyDep,
-    ctx: RequestCtx,
-    settings: SettingsDep,
+    call: InferenceDep,
 ) -> ChatCompletion | StreamingResponse:
+    llm, ctx, policy = call.responses, call.ctx, call.cache_policy
     if body.stream:
         chunks = await llm.chat_stream(body, ctx, policy)
-        stream = sse_response(chunks, settings.sse_keepalive_seconds)
+        stream = sse_response(chunks, call.keepalive)
         stream.headers["x-cache"] = ctx.cache or "miss"
         return stream
     result = await cancel_on_disconnect(request, llm.chat(body, ctx, policy))
