@@ -10,6 +10,7 @@ completion_tokens, ttft_ms, cache. Never the body, the query string or a header 
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -24,6 +25,7 @@ CTX_KEY = "llm_api_ctx"  # scope["state"] key under which api/deps stores the Re
 _SKIP = frozenset({"/health", "/ready", "/metrics"})  # probes would drown the log
 
 log = structlog.get_logger("llm_api.access")
+_enabled = logging.getLogger("llm_api.access").isEnabledFor
 
 
 class AccessLogMiddleware:
@@ -65,6 +67,8 @@ class AccessLogMiddleware:
         return known[1]
 
     def _log(self, scope: Scope, status: int, duration_ms: float) -> None:
+        if not _enabled(logging.INFO):  # below the level: do not build a line to drop
+            return
         state: dict[str, Any] = scope.get("state") or {}
         template = self._template(scope)
         fields: dict[str, Any] = {
