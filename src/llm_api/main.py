@@ -67,8 +67,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     async def load_models() -> None:
         try:
             await llm.start()
+            # Again, for the models' objects, and before /ready lets traffic in: the
+            # collection pauses the event loop once.
+            settle_heap()
             worker_readiness.mark_ready()
-            settle_heap()  # again: the models' objects are long-lived too
             log.info("models_ready", models=[m.id for m in llm.registry.models])
         except Exception:
             log.exception("model_load_failed")
