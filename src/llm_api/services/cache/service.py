@@ -33,12 +33,11 @@ from llm_api.services.cache.store import CacheStore
 from llm_api.services.llm import shaping
 from llm_api.services.llm.registry import ModelConfig
 from llm_api.services.llm.service import LLMService
-from llm_api.services.llm.shaping import TextFrame
 from llm_api.services.llm.types import CompletionRecord, RequestContext
 
 log = structlog.get_logger(__name__)
 
-C = TypeVar("C", bound=ChatCompletionChunk | Completion | TextFrame)
+C = TypeVar("C", bound=ChatCompletionChunk | Completion | shaping.TextFrame)
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,7 +262,7 @@ class CachedLLMService:
 
     async def chat_stream(
         self, req: ChatCompletionRequest, ctx: RequestContext, policy: CachePolicy
-    ) -> AsyncIterator[ChatCompletionChunk | TextFrame]:
+    ) -> AsyncIterator[ChatCompletionChunk | shaping.TextFrame]:
         plan = self._plan("chat", req, ctx, policy)
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         hit = await self._lookup(plan, policy, ctx, stream=True)
@@ -292,7 +291,7 @@ class CachedLLMService:
 
     async def completion_stream(
         self, req: CompletionRequest, ctx: RequestContext, policy: CachePolicy
-    ) -> AsyncIterator[Completion | TextFrame]:
+    ) -> AsyncIterator[Completion | shaping.TextFrame]:
         plan = self._plan("completions", req, ctx, policy)
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         hit = await self._lookup(plan, policy, ctx, stream=True)

@@ -167,6 +167,7 @@ class OpenAIUpstreamBackend:
             else:  # EOF: a last line without its newline still counts
                 lines, tail, done = [tail], b"", True
             texts: list[str] = []  # this read's text pieces, sent on as one chunk
+            error: str | None = None  # raised after the text before it has been sent
             for raw in lines:
                 line = raw.strip()
                 if not line.startswith(b"data:"):
@@ -182,9 +183,8 @@ class OpenAIUpstreamBackend:
                 if not isinstance(obj, dict):
                     obj = {"error": "The upstream sent a malformed chunk."}
                 if "error" in obj:
-                    if texts:  # what came before the error still reaches the client
-                        yield GenerationChunk(text="".join(texts), tokens=len(texts))
-                    raise UpstreamError(_clean(_error_message(obj)))
+                    error = _clean(_error_message(obj))
+                    break
                 usage = obj.get("usage")
                 if isinstance(usage, dict):
                     prompt_tokens = _count(usage.get("prompt_tokens"), prompt_tokens)
@@ -203,6 +203,8 @@ class OpenAIUpstreamBackend:
             if texts:
                 pieces += len(texts)
                 yield GenerationChunk(text="".join(texts), tokens=len(texts))
+            if error is not None:
+                raise UpstreamError(error)
         if finish is None:
             raise UpstreamError("The upstream closed the stream before finishing.")
         yield GenerationChunk(
