@@ -126,8 +126,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ResponseHeadersMiddleware)  # x-ratelimit-* on every completion
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(DrainMiddleware)  # 503 while draining; cuts streams at the deadline
-    metrics_endpoint.install_http_metrics(app)
-    app.add_middleware(AccessLogMiddleware)  # one line per request, after its last byte
+    # One log line and the HTTP metrics per request, after its last byte.
+    app.add_middleware(AccessLogMiddleware)
     app.add_middleware(RequestIdMiddleware)
     # Outermost: everything after it (limits, access log) sees the real client address. The
     # server's own proxy handling is off (cli.py) so X-Forwarded-For is believed only from

@@ -8,13 +8,14 @@ Multiprocess: under gunicorn, PROMETHEUS_MULTIPROC_DIR is set before this module
 prometheus_client keeps values in per-process files that /metrics merges (api/.../metrics.py).
 Gauges say how they merge across workers (`multiprocess_mode`).
 
-HTTP metrics (requests, latency by route template) come from prometheus-fastapi-instrumentator,
-installed in main.py under the `llm_api_http_` prefix.
+HTTP metrics (requests, sizes, latency by route template) are the five of
+prometheus-fastapi-instrumentator's default set, under the `llm_api_http_` prefix, recorded by
+middleware/access_log.py (`observe_http`).
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Summary
 
 MODEL = ("model_name",)
 
@@ -152,3 +153,69 @@ DRAINING = Gauge(
     multiprocess_mode="livemax",
 )
 """Set by core/drain.Drainer."""
+
+# --- HTTP, per request: middleware/access_log.py calls observe_http ------------------------------
+# The names, labels and buckets of prometheus-fastapi-instrumentator's `metrics.default()`, so
+# dashboards written for it (deploy/grafana) keep working. Recorded by our access-log middleware
+# instead of the instrumentator's: its per-request Info object, Request, regexes and `.labels()`
+# lookups were ~7% of a proxied stream's CPU (bench/RESULTS.md); here a request costs one dict
+# lookup and five observations.
+
+HTTP_REQUESTS = Counter(
+    "llm_api_http_requests",
+    "Total number of requests by method, status and handler.",
+    ("method", "status", "handler"),
+)
+HTTP_REQUEST_SIZE = Summary(
+    "llm_api_http_request_size_bytes",
+    "Content length of incoming requests by handler. Only value of header is respected. "
+    "Otherwise ignored. No percentile calculated. ",
+    ("handler",),
+)
+HTTP_RESPONSE_SIZE = Summary(
+    "llm_api_http_response_size_bytes",
+    "Content length of outgoing responses by handler. Only value of header is respected. "
+    "Otherwise ignored. No percentile calculated. ",
+    ("handler",),
+)
+HTTP_LATENCY_HIGHR = Histogram(
+    "llm_api_http_request_duration_highr_seconds",
+    "Latency with many buckets but no API specific labels. Made for more accurate percentile "
+    "calculations. ",
+    buckets=(0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5)
+    + (7.5, 10, 30, 60),
+)
+HTTP_LATENCY = Histogram(
+    "llm_api_http_request_duration_seconds",
+    "Latency with only few buckets by handler. Made to be only used if aggregation by handler "
+    "is important. ",
+    ("method", "handler"),
+    buckets=(0.1, 0.5, 1),
+)
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# (method, status group, handler) → its metric children. Bounded: handlers are route templates
+# (unmatched paths are not recorded), methods a fixed set, status groups 1xx..5xx.
+_http_children: dict[tuple[str, int, str], tuple[Counter, Summary, Summary, Histogram]] = {}
+
+
+def observe_http(
+    method: str, handler: str, status: int, seconds: float, request_size: int, response_size: int
+) -> None:
+    """One finished request on a matched route (`handler` is its template)."""
+    method = method if method in _METHODS else "OTHER"
+    key = (method, status // 100, handler)
+    children = _http_children.get(key)
+    if children is None:
+        children = _http_children[key] = (
+            HTTP_REQUESTS.labels(method, f"{status // 100}xx", handler),
+            HTTP_REQUEST_SIZE.labels(handler),
+            HTTP_RESPONSE_SIZE.labels(handler),
+            HTTP_LATENCY.labels(method, handler),
+        )
+    requests, request_size_metric, response_size_metric, latency = children
+    requests.inc()
+    request_size_metric.observe(request_size)
+    response_size_metric.observe(response_size)
+    latency.observe(seconds)
+    HTTP_LATENCY_HIGHR.observe(seconds)

@@ -1,5 +1,7 @@
-"""One access-log line per request, written when the response has fully ended: for a stream that
-is after its last frame, so the line carries the stream's token counts and duration.
+"""One access-log line and the HTTP metrics (core/metrics.observe_http) per request, written when
+the response has fully ended: for a stream that is after its last frame, so the line carries the
+stream's token counts and duration. One middleware for both: they need the same status, duration
+and route template, and every middleware that wraps `send` costs each frame a call.
 
 Fields: method, path (the route template, e.g. /v1/chat/completions; the raw path only when no
 route matched), status, duration_ms, request_id (X-Request-ID, middleware/request_id.py), and from
@@ -19,10 +21,12 @@ from prometheus_fastapi_instrumentator.routing import get_route_name
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from llm_api.core.metrics import observe_http
 from llm_api.services.llm.types import RequestContext
 
 CTX_KEY = "llm_api_ctx"  # scope["state"] key under which api/deps stores the RequestContext
 _SKIP = frozenset({"/health", "/ready", "/metrics"})  # probes would drown the log
+_UNMEASURED = "/metrics"  # scrapes do not count themselves
 
 log = structlog.get_logger("llm_api.access")
 _enabled = logging.getLogger("llm_api.access").isEnabledFor
@@ -42,18 +46,31 @@ class AccessLogMiddleware:
             return
         start = time.perf_counter()
         status = 500  # what the client gets if the app raises before responding
+        response_size = 0  # its content-length header; 0 for streams, as the instrumentator
 
         async def send_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, response_size
             if message["type"] == "http.response.start":
                 status = message["status"]
+                response_size = _content_length(message.get("headers", ()))
             await send(message)
 
         try:
             await self.app(scope, receive, send_status)
         finally:
+            seconds = time.perf_counter() - start
+            template = self._template(scope)
+            if template is not None and scope["path"] != _UNMEASURED:
+                observe_http(
+                    scope["method"],
+                    template,
+                    status,
+                    seconds,
+                    _content_length(scope["headers"]),
+                    response_size,
+                )
             if scope["path"] not in self.skip:
-                self._log(scope, status, (time.perf_counter() - start) * 1000)
+                self._log(scope, template, status, seconds * 1000)
 
     def _template(self, scope: Scope) -> str | None:
         # The template with router prefixes (scope["route"].path lacks them under nested routers).
@@ -66,11 +83,10 @@ class AccessLogMiddleware:
             self._templates[id(route)] = known
         return known[1]
 
-    def _log(self, scope: Scope, status: int, duration_ms: float) -> None:
+    def _log(self, scope: Scope, template: str | None, status: int, duration_ms: float) -> None:
         if not _enabled(logging.INFO):  # below the level: do not build a line to drop
             return
         state: dict[str, Any] = scope.get("state") or {}
-        template = self._template(scope)
         fields: dict[str, Any] = {
             "method": scope["method"],
             "path": template or scope["path"][:256],
@@ -92,3 +108,13 @@ class AccessLogMiddleware:
         if state.get("drain_cut"):
             fields["drain_cut"] = True
         log.info("request", **fields)
+
+
+def _content_length(headers: Any) -> int:
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
