@@ -7,7 +7,7 @@ misconfigured server never comes up half-working.
 from __future__ import annotations
 
 import ipaddress
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +19,7 @@ from llm_api.core.rate_limits import DEFAULT_TIERS, TierLimits, merge_tiers
 DEFAULT_JWT_SECRET = "dev-insecure-change-me"  # noqa: S105 - refused outside development
 
 
+@lru_cache(maxsize=4096)  # asked for every request when auth is off; ip_address() is µs each
 def is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
