@@ -33,7 +33,7 @@ from llm_api.services.cache.store import CacheStore
 from llm_api.services.llm import shaping
 from llm_api.services.llm.registry import ModelConfig
 from llm_api.services.llm.service import LLMService
-from llm_api.services.llm.types import CompletionRecord, RequestContext
+from llm_api.services.llm.types import CompletionRecord, GenerationRequest, RequestContext
 
 log = structlog.get_logger(__name__)
 
@@ -75,8 +75,12 @@ ResponseHook = Callable[[ResponseEvent], None]
 class _Plan:
     endpoint: str
     config: ModelConfig
-    choices: int
+    seqs: list[GenerationRequest]  # built once here; LLMService runs these on a miss
     key: str | None
+
+    @property
+    def choices(self) -> int:
+        return len(self.seqs)
 
 
 class CachedLLMService:
@@ -112,7 +116,7 @@ class CachedLLMService:
                 tenant="*" if self.shared else f"user:{ctx.user_id}",
                 body=req.model_dump(mode="json", by_alias=True),
             )
-        return _Plan(endpoint=endpoint, config=config, choices=len(seqs), key=key)
+        return _Plan(endpoint=endpoint, config=config, seqs=seqs, key=key)
 
     def _version(self, config: ModelConfig) -> str:
         if config.id not in self._versions:
@@ -255,7 +259,7 @@ class CachedLLMService:
         if hit is not None:
             self._emit(plan, ctx, req, [c.text for c in hit.choices], cache_hit=True)
             return hit.chat(ctx.request_id)
-        resp = await self.llm.chat(req, ctx)
+        resp = await self.llm.chat(req, ctx, (plan.config, plan.seqs))
         outputs = [c.message.content or "" for c in resp.choices]
         await self._finish(plan, policy, ctx, req, outputs, [c.finish_reason for c in resp.choices])
         return resp
@@ -269,7 +273,7 @@ class CachedLLMService:
         if hit is not None:
             self._emit(plan, ctx, req, [c.text for c in hit.choices], cache_hit=True)
             return hit.chat_chunks(ctx.request_id, include_usage)
-        chunks = await self.llm.chat_stream(req, ctx)
+        chunks = await self.llm.chat_stream(req, ctx, (plan.config, plan.seqs))
         if not self._needs_text(plan, policy):
             return chunks
         return self._tee(chunks, plan, policy, ctx, req)
@@ -284,7 +288,7 @@ class CachedLLMService:
         if hit is not None:
             self._emit(plan, ctx, req, [c.text for c in hit.choices], cache_hit=True)
             return hit.completion(ctx.request_id)
-        resp = await self.llm.completion(req, ctx)
+        resp = await self.llm.completion(req, ctx, (plan.config, plan.seqs))
         outputs = [c.text for c in resp.choices]
         await self._finish(plan, policy, ctx, req, outputs, [c.finish_reason for c in resp.choices])
         return resp
@@ -298,7 +302,7 @@ class CachedLLMService:
         if hit is not None:
             self._emit(plan, ctx, req, [c.text for c in hit.choices], cache_hit=True)
             return hit.completion_chunks(ctx.request_id, include_usage)
-        chunks = await self.llm.completion_stream(req, ctx)
+        chunks = await self.llm.completion_stream(req, ctx, (plan.config, plan.seqs))
         if not self._needs_text(plan, policy):
             return chunks
         return self._tee(chunks, plan, policy, ctx, req)

@@ -44,6 +44,9 @@ from llm_api.services.llm.types import (
 )
 
 Observer = Callable[[CompletionRecord], Awaitable[None] | None]
+# A request already turned into engine requests (chat_requests / completion_requests), so a
+# caller that validated first (the cache layer) does not build them twice.
+Planned = tuple[ModelConfig, list[GenerationRequest]]
 # Called after tokenization and before the model's gate with the tokens to reserve (prompt +
 # max_tokens); raises to refuse (the rate limiter's 429). Settled through the observers.
 AdmissionHook = Callable[[RequestContext, int], Awaitable[None]]
@@ -351,9 +354,9 @@ class LLMService:
     # --- OpenAI shapes --------------------------------------------------------------------------
 
     async def chat_stream(
-        self, req: ChatCompletionRequest, ctx: RequestContext
+        self, req: ChatCompletionRequest, ctx: RequestContext, planned: Planned | None = None
     ) -> AsyncIterator[ChatCompletionChunk | shaping.TextFrame]:
-        config, seqs = self.chat_requests(req, ctx)
+        config, seqs = planned or self.chat_requests(req, ctx)
         chunks = await self._started(config, seqs, ctx, "chat", req.n)
         # The model that answered (after any fallback) names the response.
         return shaping.chat_chunks(req, ctx, ctx.model or config.id, chunks)
@@ -382,21 +385,25 @@ class LLMService:
 
         return resumed()
 
-    async def chat(self, req: ChatCompletionRequest, ctx: RequestContext) -> ChatCompletion:
-        config, seqs = self.chat_requests(req, ctx)
+    async def chat(
+        self, req: ChatCompletionRequest, ctx: RequestContext, planned: Planned | None = None
+    ) -> ChatCompletion:
+        config, seqs = planned or self.chat_requests(req, ctx)
         chunks = self.run(config, seqs, ctx, endpoint="chat", stream=False, n=req.n)
         texts, finish, usage = await shaping.collect(chunks, len(seqs), req.n)
         return shaping.chat_response(ctx, ctx.model or config.id, texts, finish, usage)
 
     async def completion_stream(
-        self, req: CompletionRequest, ctx: RequestContext
+        self, req: CompletionRequest, ctx: RequestContext, planned: Planned | None = None
     ) -> AsyncIterator[Completion | shaping.TextFrame]:
-        config, seqs = self.completion_requests(req, ctx)
+        config, seqs = planned or self.completion_requests(req, ctx)
         chunks = await self._started(config, seqs, ctx, "completions", req.n)
         return shaping.completion_chunks(req, ctx, ctx.model or config.id, chunks)
 
-    async def completion(self, req: CompletionRequest, ctx: RequestContext) -> Completion:
-        config, seqs = self.completion_requests(req, ctx)
+    async def completion(
+        self, req: CompletionRequest, ctx: RequestContext, planned: Planned | None = None
+    ) -> Completion:
+        config, seqs = planned or self.completion_requests(req, ctx)
         chunks = self.run(config, seqs, ctx, endpoint="completions", stream=False, n=req.n)
         texts, finish, usage = await shaping.collect(chunks, len(seqs), req.n)
         return shaping.completion_response(ctx, ctx.model or config.id, texts, finish, usage)

@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import orjson
 import structlog
+import yarl
 
 from llm_api.core.exceptions import (
     APIError,
@@ -45,6 +46,11 @@ class OpenAIUpstreamBackend:
             raise ValueError(f"model {config.id}: base_url is required for the openai backend")
         self.config = config
         self._base_url = config.base_url
+        # Absolute URLs made once: a relative one is parsed and joined to the base per request.
+        self._urls = {
+            path: yarl.URL(f"{config.base_url.rstrip('/')}/{path}")
+            for path in ("chat/completions", "completions")
+        }
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -68,7 +74,6 @@ class OpenAIUpstreamBackend:
             timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=self.config.connect_timeout, connect=None
             ),
-            json_serialize=lambda o: orjson.dumps(o).decode(),
             trust_env=False,  # never route through a proxy picked up from the environment
         )
 
@@ -121,7 +126,7 @@ class OpenAIUpstreamBackend:
         deadline = asyncio.get_running_loop().time() + self.config.first_token_timeout
         try:
             async with asyncio.timeout_at(deadline):
-                resp = await self._session.post(path, json=body)
+                resp = await self._session.post(self._urls[path], data=orjson.dumps(body))
         except TimeoutError:
             raise UpstreamTimeoutError(
                 "The upstream model server did not answer in time."
@@ -168,14 +173,13 @@ class OpenAIUpstreamBackend:
                 lines, tail, done = [tail], b"", True
             texts: list[str] = []  # this read's text pieces, sent on as one chunk
             error: str | None = None  # raised after the text before it has been sent
-            for raw in lines:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue  # blank separators, comments, `event:` lines
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    done = True
-                    break
+            # SSE fields start at the line's start; blank separators, comments and `event:`
+            # lines are skipped. One pass over the read's lines, then one parse per payload.
+            payloads = [line[5:].strip() for line in lines if line.startswith(b"data:")]
+            if b"[DONE]" in payloads:
+                payloads = payloads[: payloads.index(b"[DONE]")]
+                done = True
+            for payload in payloads:
                 try:
                     obj = orjson.loads(payload)
                 except orjson.JSONDecodeError:
