@@ -160,6 +160,11 @@ async def test_date_range_is_validated(env: Running) -> None:
     _, key = await env.user()
     bad = await env.http.get("/v1/usage?start=2026-13-01", headers=auth(key))
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "start"
+    # Days only: a number is not read as a Unix time (end=0 was 1970-01-01, an empty 200).
+    for query in ("end=0", "start=1700000000", "end=2026-02-01T00:00:00", "start=20260201"):
+        lax = await env.http.get(f"/v1/usage?{query}", headers=auth(key))
+        assert lax.status_code == 400, (query, lax.text)
+        assert lax.json()["error"]["param"] == query.split("=")[0]
     reversed_ = await env.http.get("/v1/usage?start=2026-02-02&end=2026-02-01", headers=auth(key))
     assert reversed_.status_code == 400 and reversed_.json()["error"]["param"] == "start"
     empty = await env.http.get("/v1/usage?start=2001-01-01&end=2001-01-31", headers=auth(key))

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import re
 from datetime import date
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+_ISO_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def _iso_day(value: Any) -> Any:
+    """Only `YYYY-MM-DD`: pydantic's lax date parsing would read `0` or `1700000000` as Unix
+    times (`end=0` became 1970-01-01 and an empty report instead of an error)."""
+    if isinstance(value, str) and not _ISO_DAY.fullmatch(value):
+        raise ValueError("Expected a UTC day as YYYY-MM-DD.")
+    return value
+
+
+IsoDay = Annotated[date, BeforeValidator(_iso_day)]
+"""A query parameter naming a UTC day."""
 
 
 class UsageSummary(BaseModel):

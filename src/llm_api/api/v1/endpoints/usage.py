@@ -3,12 +3,15 @@ preference (GET/PUT /v1/conversation-log)."""
 
 from __future__ import annotations
 
-from datetime import date
-
 from fastapi import APIRouter, Query
 
 from llm_api.api.deps import AdminUser, CurrentUser, DbSession, SettingsDep
-from llm_api.schemas.usage import ConversationLogPreference, ConversationLogStatus, UsageReport
+from llm_api.schemas.usage import (
+    ConversationLogPreference,
+    ConversationLogStatus,
+    IsoDay,
+    UsageReport,
+)
 from llm_api.services.usage.reports import (
     conversation_log_status,
     set_conversation_log,
@@ -23,7 +26,7 @@ END = Query(None, description="Last UTC day (YYYY-MM-DD), inclusive; default: to
 
 @router.get("/usage", response_model=UsageReport)
 async def my_usage(
-    user: CurrentUser, db: DbSession, start: date | None = START, end: date | None = END
+    user: CurrentUser, db: DbSession, start: IsoDay | None = START, end: IsoDay | None = END
 ) -> UsageReport:
     """The caller's usage by day and model."""
     return await usage_report(db, start, end, user_id=user.user_id, per_user=False)
@@ -33,8 +36,8 @@ async def my_usage(
 async def all_usage(
     _: AdminUser,
     db: DbSession,
-    start: date | None = START,
-    end: date | None = END,
+    start: IsoDay | None = START,
+    end: IsoDay | None = END,
     user_id: str | None = Query(None, max_length=64, description="Only this user."),
 ) -> UsageReport:
     """Every user's usage by day, model and user (administrators only)."""
