@@ -9,36 +9,69 @@ import resource
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any, NamedTuple
 
 from llm_api.core import metrics
 from llm_api.core.state import AppState
 from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.types import CompletionRecord
 
+_OUTCOMES = ("stop", "length", "cancelled", "error")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+class _ModelMetrics(NamedTuple):
+    """One model's metric children: `.labels()` hashes its label values on every call (~1.5 µs
+    each, seven per request), so they are looked up once per model."""
+
+    prompt: Any
+    generation: Any
+    e2e: Any
+    queue: Any
+    ttft: Any
+    itl: Any
+    outcomes: dict[str, Any]
 
 
 class MetricsObserver:
     """Registered on `LLMService.observers`; runs once per request, never per token."""
 
+    def __init__(self) -> None:
+        self._models: dict[str, _ModelMetrics] = {}  # registry ids only: bounded
+
+    def _for(self, model: str) -> _ModelMetrics:
+        found = self._models.get(model)
+        if found is None:
+            found = self._models[model] = _ModelMetrics(
+                metrics.PROMPT_TOKENS.labels(model),
+                metrics.GENERATION_TOKENS.labels(model),
+                metrics.E2E_REQUEST_LATENCY.labels(model),
+                metrics.REQUEST_QUEUE_TIME.labels(model),
+                metrics.TIME_TO_FIRST_TOKEN.labels(model),
+                metrics.INTER_TOKEN_LATENCY.labels(model),
+                {o: metrics.REQUESTS.labels(model, o) for o in _OUTCOMES},
+            )
+        return found
+
     def __call__(self, record: CompletionRecord) -> None:
         model = record.model
-        metrics.PROMPT_TOKENS.labels(model).inc(record.prompt_tokens)
-        metrics.GENERATION_TOKENS.labels(model).inc(record.completion_tokens)
-        metrics.E2E_REQUEST_LATENCY.labels(model).observe(record.latency_ms / 1000)
-        metrics.REQUEST_QUEUE_TIME.labels(model).observe(record.queue_ms / 1000)
+        m = self._for(model)
+        m.prompt.inc(record.prompt_tokens)
+        m.generation.inc(record.completion_tokens)
+        m.e2e.observe(record.latency_ms / 1000)
+        m.queue.observe(record.queue_ms / 1000)
         if record.ttft_ms is not None:
-            metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(record.ttft_ms / 1000)
+            m.ttft.observe(record.ttft_ms / 1000)
             if record.completion_tokens > 1:
                 gap = (record.latency_ms - record.ttft_ms) / (record.completion_tokens - 1)
-                metrics.INTER_TOKEN_LATENCY.labels(model).observe(max(gap, 0.0) / 1000)
+                m.itl.observe(max(gap, 0.0) / 1000)
         if record.cancelled:
             outcome = "cancelled"
         elif record.status >= 400:
             outcome = "error"
         else:
             outcome = record.finish_reason if record.finish_reason in ("stop", "length") else "stop"
-        metrics.REQUESTS.labels(model, outcome).inc()
+        m.outcomes[outcome].inc()
         if record.status == 502:
             metrics.UPSTREAM_ERRORS.labels(model, "error").inc()
         elif record.status == 504:
