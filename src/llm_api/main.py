@@ -20,7 +20,7 @@ from llm_api.api.errors import install_error_handlers
 from llm_api.api.openapi import install_openapi
 from llm_api.api.v1.endpoints import health
 from llm_api.api.v1.endpoints import metrics as metrics_endpoint
-from llm_api.api.v1.router import api_router
+from llm_api.api.v1.router import include_v1
 from llm_api.api.web import install_web_ui
 from llm_api.core import worker_readiness
 from llm_api.core.config import Settings
@@ -110,9 +110,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     install_openapi(app)
+    include_v1(app)  # first: the hot routes are matched before the probes
     app.include_router(health.router)
     app.include_router(metrics_endpoint.router)
-    app.include_router(api_router)
     if settings.web_ui:
         install_web_ui(app)
     if settings.cors_origins:

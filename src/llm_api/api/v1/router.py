@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import Depends, FastAPI
 
 from llm_api.api.security import authenticate
 from llm_api.api.v1.endpoints import (
@@ -20,17 +20,27 @@ from llm_api.api.v1.endpoints import (
     users,
 )
 
-# Deny by default: every /v1 route authenticates unless marked @public (api.security).
-api_router = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)])
-api_router.include_router(chat.router)
-api_router.include_router(completions.router)
-api_router.include_router(models.router)
-api_router.include_router(simple.router)
-api_router.include_router(auth.router)
-api_router.include_router(keys.router)
-api_router.include_router(users.router)
-api_router.include_router(admin.router)
-api_router.include_router(dashboard.router)
-api_router.include_router(usage.router)
-api_router.include_router(files.router)
-api_router.include_router(batches.router)
+# The completion routes first: the app tries included routers in order.
+V1_ROUTERS = (
+    chat.router,
+    completions.router,
+    models.router,
+    simple.router,
+    auth.router,
+    keys.router,
+    users.router,
+    admin.router,
+    dashboard.router,
+    usage.router,
+    files.router,
+    batches.router,
+)
+
+
+def include_v1(app: FastAPI) -> None:
+    """Every /v1 router, each with `authenticate`: deny by default, every /v1 route
+    authenticates unless marked @public (api.security). Included into the app directly rather
+    than through one /v1 router: FastAPI (0.163) walks each level of included routers twice per
+    request while matching, and the extra level cost ~3% of a proxied stream's CPU."""
+    for router in V1_ROUTERS:
+        app.include_router(router, prefix="/v1", dependencies=[Depends(authenticate)])
