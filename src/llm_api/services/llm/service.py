@@ -310,20 +310,30 @@ class LLMService:
                 await hook(ctx, _reservation(seqs))
             run.limited = True
         tokens = [0] * len(seqs)  # per choice; authoritative once its finish chunk arrives
+
+        def count(index: int, chunk: GenerationChunk) -> None:
+            if chunk.text and run.first_token is None:
+                run.first_token = time.perf_counter()
+                ctx.ttft_ms = (run.first_token - run.started) * 1000
+            tokens[index] += chunk.tokens
+            if chunk.finish_reason is not None:
+                run.finish_reason = chunk.finish_reason
+                if chunk.completion_tokens is not None:
+                    tokens[index] = chunk.completion_tokens
+                if chunk.prompt_tokens is not None:
+                    seqs[index].prompt_tokens = chunk.prompt_tokens
+            run.completion_tokens = sum(tokens)
+
         async with self.gates[config.id].slot():
             run.admitted = time.perf_counter()
+            if len(seqs) == 1:  # the common case, without _choices' generator in between
+                async with aclosing(backend.generate(seqs[0])) as chunks:
+                    async for chunk in chunks:
+                        count(0, chunk)
+                        yield 0, chunk
+                return
             async for index, chunk in _choices(backend, seqs):
-                if chunk.text and run.first_token is None:
-                    run.first_token = time.perf_counter()
-                    ctx.ttft_ms = (run.first_token - run.started) * 1000
-                tokens[index] += chunk.tokens
-                if chunk.finish_reason is not None:
-                    run.finish_reason = chunk.finish_reason
-                    if chunk.completion_tokens is not None:
-                        tokens[index] = chunk.completion_tokens
-                    if chunk.prompt_tokens is not None:
-                        seqs[index].prompt_tokens = chunk.prompt_tokens
-                run.completion_tokens = sum(tokens)
+                count(index, chunk)
                 yield index, chunk
 
     async def _notify(self, run: _Run, status: int, cancelled: bool) -> None:
@@ -412,15 +422,10 @@ class LLMService:
 async def _choices(
     backend: Backend, seqs: list[GenerationRequest]
 ) -> AsyncGenerator[tuple[int, GenerationChunk], None]:
-    """Every choice of one request at once, chunks tagged with the choice index in arrival
-    order: the batched engine decodes n choices in the same steps (n× faster than one after
-    another), and upstream choices run as concurrent requests. A failing choice fails the
+    """Every choice of one request (n > 1) at once, chunks tagged with the choice index in
+    arrival order: the batched engine decodes n choices in the same steps (n× faster than one
+    after another), and upstream choices run as concurrent requests. A failing choice fails the
     request and cancels the others; so does the consumer going away."""
-    if len(seqs) == 1:
-        async with aclosing(backend.generate(seqs[0])) as chunks:
-            async for chunk in chunks:
-                yield 0, chunk
-        return
     # Unbounded, but bounded in practice: at most max_tokens chunks per choice.
     queue: asyncio.Queue[tuple[int, GenerationChunk | None] | BaseException] = asyncio.Queue()
 
