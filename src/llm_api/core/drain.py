@@ -48,6 +48,7 @@ class Drainer:
         self.hooks = hooks
         self.cut = False  # set when the drain timeout passed and in-flight work was cancelled
         self.inflight: set[asyncio.Task[Any]] = set()
+        self.cut_tasks: set[asyncio.Task[Any]] = set()  # the ones cancelled by the cut
         self._hooks_done = False
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -116,6 +117,7 @@ class Drainer:
             self.cut = True
             log.warning("drain_timeout_cutting", inflight=len(self.inflight))
             for task in list(self.inflight):
+                self.cut_tasks.add(task)
                 task.cancel("drain timeout")
             grace = loop.time() + _CUT_GRACE
             while self.inflight and loop.time() < grace:

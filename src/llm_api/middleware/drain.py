@@ -1,7 +1,10 @@
 """Refuses new /v1 work while draining and cuts in-flight work at the drain deadline.
 
-Each /v1 request runs in its own task that `state.drainer` can cancel when the drain timeout
-passes (core/drain.py). This middleware then finishes the response itself: a stream that has
+`state.drainer` keeps each /v1 request's task (the server's task for the request; no task of our
+own, which would cost every request its creation and scheduling) and cancels it when the drain
+timeout passes (core/drain.py). This middleware catches that cancellation, tells it from any
+other (the task is in `drainer.cut_tasks` and nothing else cancelled it), and finishes the
+response itself: a stream that has
 begun gets an in-band error frame (and `data: [DONE]` for SSE), a response that has not begun
 gets 503 + Retry-After. Frames are whole `http.response.body` messages, so the error frame never
 lands inside another frame.
@@ -92,15 +95,19 @@ class DrainMiddleware:
             await refuse(send, "The server is shutting down; retry the request.")
             return
         watch = _Watch(send)
-        task = asyncio.ensure_future(self.app(scope, receive, watch))
+        task = asyncio.current_task()
+        assert task is not None
         drainer.inflight.add(task)
         try:
-            await task
+            await self.app(scope, receive, watch)
         except asyncio.CancelledError:
-            me = asyncio.current_task()
-            if not (drainer.cut and task.cancelled() and me is not None and not me.cancelling()):
-                raise  # our own cancellation (server shutdown), not the drain cut
+            # The drain cut alone (one cancellation, ours): finish the response. Anything else
+            # (server shutdown, a second cancellation) goes on up.
+            if not (task in drainer.cut_tasks and task.cancelling() == 1):
+                raise
+            task.uncancel()
             scope.setdefault("state", {})["drain_cut"] = True
             await watch.finish_cut()
         finally:
             drainer.inflight.discard(task)
+            drainer.cut_tasks.discard(task)
