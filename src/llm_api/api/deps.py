@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from llm_api.api.security import authenticate, get_admin, get_current_user, get_principal
+from llm_api.api.security import PRINCIPAL_KEY, get_admin, get_current_user, get_principal
 from llm_api.core.config import Settings
 from llm_api.core.exceptions import AuthenticationError, ServiceUnavailableError
 from llm_api.core.state import AppState
@@ -74,14 +74,15 @@ class Inference:
     keepalive: float
 
 
-async def get_inference(
-    request: Request, principal: Annotated[Principal | None, Depends(authenticate)]
-) -> Inference:
+async def get_inference(request: Request) -> Inference:
     """One dependency for the hot routes instead of four: FastAPI solves each one with its own
     bookkeeping, and dependency solving was ~10% of a proxied stream's CPU in py-spy. For the
-    same reason it takes the router's `authenticate` (solved once, cached) rather than
-    `get_principal` on top of it."""
-    if principal is None:  # the completion routes are never public; as get_principal would
+    same reason it reads the caller that the router's `authenticate` (which every /v1 route
+    runs first) left in the scope state, rather than depending on it again: FastAPI solves a
+    nested dependency again even when its value is cached, ~45 µs a request (interleaved
+    in-process runs, bench/RESULTS.md)."""
+    principal = request.scope.get("state", {}).get(PRINCIPAL_KEY)
+    if not isinstance(principal, Principal):  # never on a completion route; deny if it were
         raise AuthenticationError()
     state: AppState = request.app.state.llm_api
     assert state.responses is not None, "built in the lifespan"

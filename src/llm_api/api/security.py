@@ -55,6 +55,9 @@ def bearer_credential(request: Request) -> str | None:
     return credential.strip()
 
 
+PRINCIPAL_KEY = "llm_api_principal"
+
+
 def _loopback_only(request: Request) -> bool:
     server = request.scope.get("server")
     server_host = server[0] if server else None
@@ -63,7 +66,14 @@ def _loopback_only(request: Request) -> bool:
 
 
 async def authenticate(request: Request) -> Principal | None:
-    """The caller, or None on a public route. Raises 401/503 otherwise."""
+    """The caller, or None on a public route. Raises 401/503 otherwise. Also kept in the
+    scope state (`PRINCIPAL_KEY`) for the completion routes' dependency (api/deps.py)."""
+    principal = await _authenticate(request)
+    request.scope.setdefault("state", {})[PRINCIPAL_KEY] = principal
+    return principal
+
+
+async def _authenticate(request: Request) -> Principal | None:
     if request.scope.get("endpoint") in _PUBLIC_ENDPOINTS:
         return None
     state: AppState = request.app.state.llm_api
