@@ -1,7 +1,8 @@
 """Server CPU per request of llm-api as a gateway, with production-like settings.
 
     python -m bench.gateway_profile [--requests 2000] [--concurrency 4] [--mode both]
-                                    [--profile] [--database-url URL]
+                                    [--rounds 1] [--as-gateway-bench] [--profile]
+                                    [--database-url URL]
 
 The app runs in this process under uvicorn (uvloop, httptools) in front of
 bench/stub_upstream.py (a subprocess, 32 tokens at once); the load generator is another
@@ -9,9 +10,12 @@ subprocess (aiohttp, closed loop), so `time.process_time()` here is the server's
 usage flusher's database writes included). Settings: auth ON with an API key of a paid user,
 rate limits ON (memory store; limits raised so none refuses), response cache ON (memory store;
 the requests carry temperature 0.7, so every one is a miss), usage records ON, access log at
-INFO as JSON lines to /dev/null. `--profile` adds a cProfile of the measured requests (top
-functions by own time); its overhead inflates the figures, so the µs/request line is
-measured without it.
+INFO as JSON lines to /dev/null. `--as-gateway-bench` uses bench/gateway.py's settings instead
+(auth, rate limits and cache off, WARNING), the ones its 40%-of-direct target is measured with.
+`--rounds` repeats the measurement (the spread between rounds shows the machine's noise; to
+compare two source trees, run them alternately with PYTHONPATH=<tree>/src). `--profile` adds a
+cProfile of the measured requests (top functions by own time); its overhead inflates the
+figures, so the µs/request line is measured without it.
 """
 
 from __future__ import annotations
@@ -54,7 +58,9 @@ async def client(url: str, key: str, n: int, concurrency: int, stream: bool) -> 
     import aiohttp
 
     body = orjson.dumps({**BODY, "stream": stream})
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+    headers = {"Content-Type": "application/json"}
+    if key:  # none when the server runs with auth off (--as-gateway-bench)
+        headers["Authorization"] = f"Bearer {key}"
     errors: list[str] = []
     left = n
 
@@ -104,17 +110,18 @@ async def serve(args: argparse.Namespace, tmp: Path, stub_port: int) -> None:
         }
     ]
     (tmp / "models.json").write_bytes(orjson.dumps({"models": models}))
+    production = not args.as_gateway_bench
     settings = Settings(
         models_file=tmp / "models.json",
         data_dir=tmp / "data",
         database_url=args.database_url,
         db_auto_migrate=True,
-        auth_enabled=True,
-        rate_limit_enabled=True,
+        auth_enabled=production,
+        rate_limit_enabled=production,
         rate_limit_tiers={"paid": UNLIMITED, "ip": UNLIMITED},
-        cache_enabled=True,
+        cache_enabled=production,
         warmup=False,
-        log_level="INFO",
+        log_level="INFO" if production else "WARNING",
         log_json=True,  # as in production
     )
     app = create_app(settings)
@@ -133,26 +140,28 @@ async def serve(args: argparse.Namespace, tmp: Path, stub_port: int) -> None:
     state = app.state.llm_api
     while not state.llm.ready:
         await asyncio.sleep(0.05)
-    async with state.db.sessions.begin() as db:
-        user = await state.auth.users.create(
-            db, f"bench-{os.getpid()}-{time.time_ns()}@example.com", "pw-" + "x" * 20, tier="paid"
-        )
-        _, key = await api_keys.create_key(db, user.id, "bench")
+    key = ""
+    if production:
+        async with state.db.sessions.begin() as db:
+            email = f"bench-{os.getpid()}-{time.time_ns()}@example.com"
+            user = await state.auth.users.create(db, email, "pw-" + "x" * 20, tier="paid")
+            _, key = await api_keys.create_key(db, user.id, "bench")
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     modes = {"stream": [True], "json": [False], "both": [True, False]}[args.mode]
     try:
         for stream in modes:
             name = "stream" if stream else "non-stream"
             await drive(url, key, 300, args.concurrency, stream)  # warm-up
-            cpu0, t0 = time.process_time(), time.perf_counter()
-            await drive(url, key, args.requests, args.concurrency, stream)
-            cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
-            print(  # noqa: T201 - the benchmark's output
-                f"{name}: {args.requests} requests, concurrency {args.concurrency}: "
-                f"server CPU {cpu / args.requests * 1e6:.0f} µs/request, "
-                f"{args.requests / wall:.0f} req/s wall",
-                flush=True,
-            )
+            for _ in range(args.rounds):
+                cpu0, t0 = time.process_time(), time.perf_counter()
+                await drive(url, key, args.requests, args.concurrency, stream)
+                cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+                print(  # noqa: T201 - the benchmark's output
+                    f"{name}: {args.requests} requests, concurrency {args.concurrency}: "
+                    f"server CPU {cpu / args.requests * 1e6:.0f} µs/request, "
+                    f"{args.requests / wall:.0f} req/s wall",
+                    flush=True,
+                )
             if args.profile:
                 prof = cProfile.Profile()
                 prof.enable()
@@ -174,6 +183,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--mode", choices=["stream", "json", "both"], default="both")
+    parser.add_argument("--rounds", type=int, default=1, help="measurements per mode")
+    parser.add_argument(
+        "--as-gateway-bench",
+        action="store_true",
+        help="bench/gateway.py's settings: auth, rate limits and cache off, WARNING",
+    )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--top", type=int, default=45)
     parser.add_argument("--dump", help="write the cProfile stats to DUMP-<mode>.prof")
