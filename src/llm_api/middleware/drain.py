@@ -4,10 +4,9 @@
 own, which would cost every request its creation and scheduling) and cancels it when the drain
 timeout passes (core/drain.py). This middleware catches that cancellation, tells it from any
 other (the task is in `drainer.cut_tasks` and nothing else cancelled it), and finishes the
-response itself: a stream that has
-begun gets an in-band error frame (and `data: [DONE]` for SSE), a response that has not begun
-gets 503 + Retry-After. Frames are whole `http.response.body` messages, so the error frame never
-lands inside another frame.
+response itself: a stream that has begun gets an in-band error frame (and `data: [DONE]` for
+SSE), a response that has not begun gets 503 + Retry-After. Frames are whole
+`http.response.body` messages, so the error frame never lands inside another frame.
 """
 
 from __future__ import annotations
