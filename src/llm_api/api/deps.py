@@ -5,7 +5,6 @@ dependency in the thread pool, a hop that costs more than the work itself on eve
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
@@ -22,7 +21,7 @@ from llm_api.middleware.request_id import GENERATED_KEY as GENERATED_REQUEST_ID_
 from llm_api.services.auth.principal import AuthServices, Principal
 from llm_api.services.batches.service import BatchService
 from llm_api.services.cache.service import CachedLLMService, CachePolicy
-from llm_api.services.llm.service import LLMService
+from llm_api.services.llm.service import LLMService, new_request_id
 from llm_api.services.llm.types import RequestContext
 
 
@@ -51,7 +50,7 @@ def _request_context(request: Request, principal: Principal) -> RequestContext:
     ctx = RequestContext(
         # The X-Request-ID we generated, if we did (middleware/request_id.py says why never the
         # client's own).
-        request_id=scope_state.get(GENERATED_REQUEST_ID_KEY) or uuid.uuid4().hex,
+        request_id=scope_state.get(GENERATED_REQUEST_ID_KEY) or new_request_id(),
         client_ip=client,
         user_id=principal.user_id,
         key_id=principal.key_id,

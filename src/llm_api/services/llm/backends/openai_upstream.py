@@ -45,8 +45,8 @@ class OpenAIUpstreamBackend:
         if not config.base_url:
             raise ValueError(f"model {config.id}: base_url is required for the openai backend")
         self.config = config
-        self._base_url = config.base_url
-        # Absolute URLs made once: a relative one is parsed and joined to the base per request.
+        # Absolute URLs made once (the session has no base URL): a relative one would be parsed
+        # and joined to a base on every request.
         self._urls = {
             path: yarl.URL(f"{config.base_url.rstrip('/')}/{path}")
             for path in ("chat/completions", "completions")
@@ -68,7 +68,6 @@ class OpenAIUpstreamBackend:
                 )
             headers["Authorization"] = f"Bearer {key}"
         self._session = aiohttp.ClientSession(
-            base_url=self._base_url + "/",
             headers=headers,
             connector=aiohttp.TCPConnector(limit=self.config.max_connections, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(
