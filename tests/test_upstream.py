@@ -235,6 +235,9 @@ async def test_upstream_stall_raw_sse_frames(upstream_api: Any) -> None:
         ('"text"', False),
         ("[1, 2]", False),
         ("{not json", False),
+        # Decoded with the read's other payloads as one JSON array, these must still fail.
+        ('{"choices": []}, {"choices": []}', False),
+        ("1], [2", False),
         # An object whose fields have the wrong types: nothing usable in it, skipped.
         ('{"choices": 3}', True),
         ('{"choices": [7, null]}', True),

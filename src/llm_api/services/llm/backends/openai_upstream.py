@@ -173,36 +173,36 @@ class OpenAIUpstreamBackend:
             texts: list[str] = []  # this read's text pieces, sent on as one chunk
             error: str | None = None  # raised after the text before it has been sent
             # SSE fields start at the line's start; blank separators, comments and `event:`
-            # lines are skipped. One pass over the read's lines, then one parse per payload.
+            # lines are skipped. One pass over the read's lines, then one parse for them all.
             payloads = [line[5:].strip() for line in lines if line.startswith(b"data:")]
             if b"[DONE]" in payloads:
                 payloads = payloads[: payloads.index(b"[DONE]")]
                 done = True
-            for payload in payloads:
-                try:
-                    obj = orjson.loads(payload)
-                except orjson.JSONDecodeError:
-                    obj = None
-                if not isinstance(obj, dict):
+            append = texts.append
+            # `type(x) is` rather than isinstance: a JSON decoder makes exact types, and this
+            # loop runs once per upstream chunk (the hot path of a proxied stream).
+            for obj in _decode(payloads):
+                if type(obj) is not dict:
                     obj = {"error": "The upstream sent a malformed chunk."}
                 if "error" in obj:
                     error = _clean(_error_message(obj))
                     break
-                usage = obj.get("usage")
-                if isinstance(usage, dict):
-                    prompt_tokens = _count(usage.get("prompt_tokens"), prompt_tokens)
-                    completion_tokens = _count(usage.get("completion_tokens"), completion_tokens)
                 choices = obj.get("choices")
-                for choice in choices if isinstance(choices, list) else ():
-                    if not isinstance(choice, dict):
+                for choice in choices if type(choices) is list else ():
+                    if type(choice) is not dict:
                         continue
                     delta = choice.get("delta")
-                    text = delta.get("content") if isinstance(delta, dict) else None
-                    text = text or choice.get("text")
-                    if text and isinstance(text, str):
-                        texts.append(text)
+                    text = delta.get("content") if type(delta) is dict else None
+                    if not text:
+                        text = choice.get("text")
+                    if text and type(text) is str:
+                        append(text)
                     if choice.get("finish_reason"):
                         finish = str(choice["finish_reason"])
+                usage = obj.get("usage")
+                if usage and type(usage) is dict:
+                    prompt_tokens = _count(usage.get("prompt_tokens"), prompt_tokens)
+                    completion_tokens = _count(usage.get("completion_tokens"), completion_tokens)
             if texts:
                 pieces += len(texts)
                 yield GenerationChunk(text="".join(texts), tokens=len(texts))
@@ -216,6 +216,27 @@ class OpenAIUpstreamBackend:
             # Counted chunks approximate tokens when an upstream does not report usage.
             completion_tokens=completion_tokens if completion_tokens is not None else pieces,
         )
+
+
+def _decode(payloads: list[bytes]) -> list[Any]:
+    """A read's `data:` payloads, decoded with one orjson call (as one JSON array) instead of
+    one call each. If that fails, or a payload held more than one value, they are decoded one by
+    one, so a malformed payload is found where it was (None) after the good ones before it."""
+    if not payloads:
+        return []
+    try:
+        objs = orjson.loads(b"[" + b",".join(payloads) + b"]")
+    except orjson.JSONDecodeError:
+        objs = None
+    if type(objs) is list and len(objs) == len(payloads):
+        return objs
+    decoded: list[Any] = []
+    for payload in payloads:
+        try:
+            decoded.append(orjson.loads(payload))
+        except orjson.JSONDecodeError:
+            decoded.append(None)
+    return decoded
 
 
 def _count(value: Any, default: int | None) -> int | None:
