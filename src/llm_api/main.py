@@ -131,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     # Outermost: everything after it (limits, access log) sees the real client address. The
     # server's own proxy handling is off (cli.py) so X-Forwarded-For is believed only from
-    # LLM_API_TRUSTED_PROXIES, walked right to left.
-    app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
+    # LLM_API_TRUSTED_PROXIES, walked right to left; with none trusted there is nothing to do.
+    if settings.trusted_proxies:
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
     return app

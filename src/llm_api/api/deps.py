@@ -15,13 +15,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from llm_api.api.security import PRINCIPAL_KEY, get_admin, get_current_user, get_principal
 from llm_api.core.config import Settings
 from llm_api.core.exceptions import AuthenticationError, ServiceUnavailableError
+from llm_api.core.ids import new_request_id
 from llm_api.core.state import AppState
 from llm_api.middleware.access_log import CTX_KEY as ACCESS_LOG_CTX_KEY
 from llm_api.middleware.request_id import GENERATED_KEY as GENERATED_REQUEST_ID_KEY
 from llm_api.services.auth.principal import AuthServices, Principal
 from llm_api.services.batches.service import BatchService
 from llm_api.services.cache.service import CachedLLMService, CachePolicy
-from llm_api.services.llm.service import LLMService, new_request_id
+from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.types import RequestContext
 
 

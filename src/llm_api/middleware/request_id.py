@@ -8,9 +8,10 @@ never is: usage records are idempotent by that id, and a reused one would drop t
 from __future__ import annotations
 
 import re
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from llm_api.core.ids import new_request_id
 
 _VALID = re.compile(rb"^[A-Za-z0-9._:-]{8,128}$")
 GENERATED_KEY = "request_id_generated"  # scope["state"] key: the id, when we made it
@@ -31,7 +32,7 @@ class RequestIdMiddleware:
         if rid:
             request_id = rid.decode()
         else:
-            request_id = state[GENERATED_KEY] = uuid.uuid4().hex
+            request_id = state[GENERATED_KEY] = new_request_id()
         state["request_id"] = request_id
 
         async def send_with_id(message: Message) -> None:

@@ -28,12 +28,13 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from llm_api.core.exceptions import APIError, InvalidRequestError, ServerError
+from llm_api.core.ids import new_request_id
 from llm_api.db.tables import Batch, BatchAttempt, StoredFile, User
 from llm_api.schemas.chat import ChatCompletionRequest
 from llm_api.schemas.completions import CompletionRequest
 from llm_api.services.batches.input_file import BatchLine, iter_lines
 from llm_api.services.batches.storage import FileStore, LineAppender, new_file_id
-from llm_api.services.llm.service import LLMService, new_request_id
+from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.types import RequestContext
 
 log = structlog.get_logger(__name__)

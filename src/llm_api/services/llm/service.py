@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
@@ -486,7 +485,3 @@ def _falls_back(exc: APIError) -> bool:
     """Worth another model: it failed, timed out, is overloaded or rate limited, or the context
     was too long for it. Other 4xx are the request's fault and would fail anywhere."""
     return exc.status_code >= 500 or isinstance(exc, (RateLimitError, ContextLengthExceededError))
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import uuid
 from dataclasses import dataclass
 
 import structlog
 
 from llm_api.core.config import Settings
 from llm_api.core.exceptions import ServiceUnavailableError
+from llm_api.core.ids import new_request_id
 from llm_api.core.metrics import RATE_LIMIT_REJECTIONS
 from llm_api.services.llm.types import CompletionRecord, RequestContext
 from llm_api.services.rate_limit.headers import rate_limit_headers, rejection
@@ -154,7 +154,7 @@ class RateLimiter:
         specs = self.policy.for_route(route, client_ip, account)
         if not specs:
             return
-        decision, _, specs = await self._decide(uuid.uuid4().hex, specs)
+        decision, _, specs = await self._decide(new_request_id(), specs)
         if decision is not None and not decision.allowed:
             spec = specs[decision.rejected or 0]
             _count_rejection(spec)
