@@ -1,9 +1,9 @@
 """`LeanRoute`: FastAPI's route class with a shorter request handler for the completion routes.
 
-FastAPI's generic handler costs ~100 µs of CPU per request on this project's hardware: content
-type parsing through `email.message`, stdlib JSON decoding and a second validation pass, dependency
-solving with its per-request bookkeeping, telemetry hooks and closures made per request. For a
-proxied stream that is ~15% of the gateway's CPU (bench/RESULTS.md, issue 9). `LeanRoute` is
+FastAPI's generic handler does per request: content type parsing through `email.message`, stdlib
+JSON decoding and a separate validation pass, dependency solving with its bookkeeping, telemetry
+hooks and closures. Skipping that measured ~13% of the gateway's CPU per proxied stream
+(~300 µs of ~2,300 on a slow 2-core host; bench/RESULTS.md, issue 9). `LeanRoute` is
 FastAPI's documented extension point for this (a custom `APIRoute.get_route_handler`): the route
 is declared as usual (path, body model, response model, dependencies, OpenAPI all unchanged) and
 only the per-request work is shorter:
