@@ -173,3 +173,18 @@ def test_the_completion_routes_are_lean() -> None:
     for route in (*chat.router.routes, *completions.router.routes):
         assert isinstance(route, LeanRoute)
         assert route.lean, route.path
+
+
+def test_without_fastapis_route_context_it_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FastAPI that keeps included routes' context elsewhere gets its own handler, never a lean
+    one that could miss the router's `authenticate`."""
+    import fastapi.routing
+
+    monkeypatch.delattr(fastapi.routing, "_effective_route_context_var")
+    router = APIRouter(route_class=LeanRoute)
+
+    @router.post("/items")
+    async def create_item(body: Item) -> dict[str, str]:
+        return {"name": body.name}
+
+    assert [route.lean for route in router.routes] == [False]  # type: ignore[attr-defined]

@@ -42,10 +42,12 @@ class LeanRoute(APIRoute):
 
     def get_route_handler(self) -> Handler:
         standard = super().get_route_handler()
+        self.lean = False
         route = _effective(self)
+        if route is None:
+            return standard
         dependant: Dependant = route.dependant
         plan = _plan(dependant, route.body_field)
-        self.lean = False
         if plan is None or not isinstance(route.response_class, DefaultPlaceholder):
             return standard
         body_name, model, dependencies = plan
@@ -118,10 +120,14 @@ class LeanRoute(APIRoute):
 
 
 def _effective(route: APIRoute) -> Any:
-    """The route as included (prefix, router dependencies). FastAPI 0.163 builds an included
-    route's handler with this context set; without it (an older layout) the route itself."""
+    """The route as included, with its router's prefix and dependencies (`authenticate`): FastAPI
+    0.163 builds an included route's handler with this context set, and the route itself when it
+    is not included. None if this FastAPI keeps it elsewhere: then FastAPI's own handler, never a
+    lean one that might miss a router dependency (deny by default, api/security.py)."""
     var = getattr(fastapi.routing, "_effective_route_context_var", None)
-    context = var.get() if var is not None else None
+    if var is None:
+        return None
+    context = var.get()
     return context if context is not None and context.original_route is route else route
 
 
