@@ -34,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+_CONTEXT_VAR = "_effective_route_context_var"  # FastAPI 0.163's, see _effective
 RequestDependency = Callable[[Request], Awaitable[Any]]
 
 
@@ -124,7 +125,7 @@ def _effective(route: APIRoute) -> Any:
     0.163 builds an included route's handler with this context set, and the route itself when it
     is not included. None if this FastAPI keeps it elsewhere: then FastAPI's own handler, never a
     lean one that might miss a router dependency (deny by default, api/security.py)."""
-    var = getattr(fastapi.routing, "_effective_route_context_var", None)
+    var = getattr(fastapi.routing, _CONTEXT_VAR, None)
     if var is None:
         return None
     context = var.get()
