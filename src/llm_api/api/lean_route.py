@@ -56,13 +56,7 @@ class LeanRoute(APIRoute):
         assert endpoint is not None
         request_name, response_name = dependant.request_param_name, dependant.response_param_name
         overrides_provider = route.dependency_overrides_provider
-        status_code = route.status_code
         field = route.response_field
-        include, exclude = route.response_model_include, route.response_model_exclude
-        by_alias = route.response_model_by_alias
-        exclude_unset = route.response_model_exclude_unset
-        exclude_defaults = route.response_model_exclude_defaults
-        exclude_none = route.response_model_exclude_none
         calls = {call for _, call in dependencies}
 
         async def handle(request: Request) -> Response:
@@ -93,18 +87,21 @@ class LeanRoute(APIRoute):
             result = await endpoint(**values)
             if isinstance(result, Response):
                 return result
+            # A returned model (the non-streaming answer): FastAPI's own serialisation.
             content = await serialize_response(
                 field=field,
                 response_content=result,
-                include=include,
-                exclude=exclude,
-                by_alias=by_alias,
-                exclude_unset=exclude_unset,
-                exclude_defaults=exclude_defaults,
-                exclude_none=exclude_none,
+                include=route.response_model_include,
+                exclude=route.response_model_exclude,
+                by_alias=route.response_model_by_alias,
+                exclude_unset=route.response_model_exclude_unset,
+                exclude_defaults=route.response_model_exclude_defaults,
+                exclude_none=route.response_model_exclude_none,
                 dump_json=field is not None,
             )
-            status = (sub_response.status_code if sub_response else None) or status_code or 200
+            status = (
+                (sub_response.status_code if sub_response else None) or route.status_code or 200
+            )
             response = (
                 Response(content, status_code=status, media_type="application/json")
                 if field is not None  # FastAPI's fast path: pydantic wrote the JSON bytes

@@ -9,9 +9,9 @@ the Redis store has no read-only call for them, so their `remaining` is null the
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import replace
 
+from llm_api.core.ids import new_request_id
 from llm_api.schemas.dashboard import LimitsStanding, LimitStanding
 from llm_api.services.llm.types import RequestContext
 from llm_api.services.rate_limit.limiter import RateLimiter
@@ -35,7 +35,7 @@ async def standing(limiter: RateLimiter | None, ctx: RequestContext) -> LimitsSt
     left: dict[str, tuple[int | None, float | None]] = {}
     if windows:
         try:
-            decision = await limiter.store.admit(f"standing-{uuid.uuid4().hex}", windows)
+            decision = await limiter.store.admit(f"standing-{new_request_id()}", windows)
             for spec, state in zip(windows, decision.states, strict=True):
                 full = state.remaining >= spec.limit
                 left[spec.key] = (state.remaining, None if full else _reset(spec, state.reset_ms))
