@@ -1,0 +1,141 @@
+"""The upstream reader's two decoders agree.
+
+`openai_upstream` reads a proxied stream's chunks through typed msgspec views (the fast path) and
+falls back to orjson dicts walked field by field when a read does not fit them. These tests feed
+both the same payloads: where the typed view accepts a read, it must find exactly what the dict
+walk finds; where the read is odd or hostile, the typed view must refuse it, so that the dict walk
+(whose end-to-end behaviour tests/test_upstream.py checks) decides.
+"""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from llm_api.services.llm.backends.openai_upstream import (
+    _decode,
+    _decode_typed,
+    _fold_dicts,
+    _fold_typed,
+    _Totals,
+)
+
+
+def _chat(content: object = None, finish: object = None, **extra: object) -> bytes:
+    delta = {} if content is None else {"content": content}
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return orjson.dumps(
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "m",
+            "system_fingerprint": None,
+            "choices": [choice],
+            **extra,
+        }
+    )
+
+
+def _via_dicts(payloads: list[bytes]) -> tuple[list[str], _Totals, str | None]:
+    texts: list[str] = []
+    totals = _Totals()
+    error = _fold_dicts(_decode(payloads), texts, totals)
+    return texts, totals, error
+
+
+FITTING = {
+    "tokens": [_chat(""), _chat("Hel"), _chat("lo"), _chat(None, "stop")],
+    "role chunk first": [
+        orjson.dumps({"choices": [{"delta": {"role": "assistant", "content": None}}]}),
+        _chat("a"),
+    ],
+    "unicode and escapes": [_chat('é\n"ü" 🙂'), _chat("\\u0000")],
+    "legacy completions": [
+        orjson.dumps({"object": "text_completion", "choices": [{"text": "x", "index": 0}]}),
+        orjson.dumps({"choices": [{"text": "", "finish_reason": "length"}]}),
+    ],
+    "usage chunk": [
+        _chat("a", "length"),
+        orjson.dumps({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}),
+    ],
+    "usage null on every chunk (vLLM continuous usage off)": [
+        _chat("a", usage=None),
+        _chat(None, "stop", usage=None),
+    ],
+    "several choices": [
+        orjson.dumps({"choices": [{"delta": {"content": "a"}}, {"delta": {"content": "b"}}]})
+    ],
+    "tool calls and other fields we do not read": [
+        orjson.dumps(
+            {
+                "choices": [
+                    {
+                        "delta": {"tool_calls": [{"index": 0, "function": {"name": "f"}}]},
+                        "logprobs": {"content": [{"token": "a", "logprob": -0.1}]},
+                        "finish_reason": "tool_calls",
+                    }
+                ],
+                "prompt_logprobs": None,
+            }
+        )
+    ],
+    "no choices key, null choices, null delta": [
+        orjson.dumps({"id": "x"}),
+        orjson.dumps({"choices": None}),
+        orjson.dumps({"choices": [{"delta": None, "text": "t"}]}),
+    ],
+    "whitespace around a payload": [b"  " + _chat("a") + b"\r"],
+    "nothing": [],
+}
+
+
+@pytest.mark.parametrize("payloads", FITTING.values(), ids=FITTING.keys())
+def test_the_typed_view_finds_what_the_dict_walk_finds(payloads: list[bytes]) -> None:
+    typed = _decode_typed(payloads)
+    assert typed is not None, "this read should take the fast path"
+    texts: list[str] = []
+    totals = _Totals()
+    _fold_typed(typed, texts, totals)
+    assert (texts, totals, None) == _via_dicts(payloads)
+
+
+REFUSED = {
+    # Reported by the dict walk as errors: the typed view must not swallow them.
+    "error object": [_chat("a"), orjson.dumps({"error": {"message": "overloaded"}})],
+    "error null": [orjson.dumps({"error": None})],
+    "error string": [orjson.dumps({"error": "boom", "choices": []})],
+    "not an object": [_chat("a"), b"5"],
+    "an array": [b"[1, 2]"],
+    "two values in one payload": [b'{"choices": []}, {"choices": []}'],
+    "array breakout": [b"1], [2"],
+    "not JSON": [b"{not json"],
+    # Skipped by the dict walk field by field; the typed view refuses the read instead.
+    "choices not a list": [orjson.dumps({"choices": 3})],
+    "choice not an object": [orjson.dumps({"choices": [7, None]})],
+    "delta a string": [orjson.dumps({"choices": [{"delta": "x", "text": 5}]})],
+    "content not a string": [orjson.dumps({"choices": [{"delta": {"content": ["a"]}}]})],
+    "finish reason not a string": [orjson.dumps({"choices": [{"finish_reason": 1}]})],
+    "count a bool": [orjson.dumps({"usage": {"prompt_tokens": True}})],
+    "count negative": [orjson.dumps({"usage": {"completion_tokens": -1}})],
+    "count a float": [orjson.dumps({"usage": {"completion_tokens": 2.0}})],
+    "count a string": [orjson.dumps({"usage": {"prompt_tokens": "many"}})],
+}
+
+
+@pytest.mark.parametrize("payloads", REFUSED.values(), ids=REFUSED.keys())
+def test_odd_reads_are_left_to_the_dict_walk(payloads: list[bytes]) -> None:
+    assert _decode_typed(payloads) is None
+
+
+def test_what_the_dict_walk_makes_of_refused_reads() -> None:
+    """The fallback's established behaviour, which the typed path must not change."""
+    texts, totals, error = _via_dicts(REFUSED["error object"])
+    assert texts == ["a"] and error == "overloaded"
+    assert _via_dicts(REFUSED["not an object"])[2] == "The upstream sent a malformed chunk."
+    assert _via_dicts(REFUSED["error null"])[2] == "Upstream error."
+    texts, totals, error = _via_dicts(
+        REFUSED["count negative"] + [orjson.dumps({"usage": {"prompt_tokens": 4}})]
+    )
+    assert error is None and (totals.prompt_tokens, totals.completion_tokens) == (4, None)
+    assert _via_dicts(REFUSED["finish reason not a string"])[1].finish == "1"
