@@ -29,6 +29,7 @@ log = structlog.get_logger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _END = object()
+_KEEPALIVE = object()
 # At most this many items wait between the source and the socket, and join into one write.
 _BATCH = 64
 
@@ -49,13 +50,16 @@ async def _batches(
     Why a queue and one task per stream: the keep-alive needs the next item to be awaited
     without cancelling it on a timeout (cancelling would tear down the generator chain), which
     used to cost a task per item (`asyncio.wait` on `ensure_future(anext(...))`). Here one
-    pump task drives the source for the whole stream; a timeout cancels only our `get`, never
-    the source, so no item is lost. And the queue shows what is ready *now*: items that arrived
+    pump task drives the source for the whole stream, and a timer puts a keep-alive marker in
+    the queue when `interval` has passed since the last batch: nothing is ever cancelled
+    mid-item, so no item is lost. And the queue shows what is ready *now*: items that arrived
     together (an upstream that sends several chunks per TCP read) leave in one write instead of
     one socket write each — no buffering, nothing waits for a later item. The bound keeps
     backpressure: a slow client stops the pump, and so the upstream read, after `_BATCH` items.
     """
     queue: asyncio.Queue[Any] = asyncio.Queue(_BATCH)
+    loop = asyncio.get_running_loop()
+    last = loop.time()  # when the previous batch (or keep-alive) left
 
     async def pump() -> None:
         try:
@@ -68,21 +72,33 @@ async def _batches(
             await items.aclose()  # type: ignore[attr-defined]
         await queue.put(_END)
 
-    task = asyncio.get_running_loop().create_task(pump())
+    timer: asyncio.TimerHandle
+
+    def keepalive() -> None:
+        # One timer per stream, moved on as batches leave, rather than a timeout around every
+        # wait: most streams end before it ever fires. It only adds a marker to an empty queue
+        # (the consumer is waiting); a queue with items in it is news enough.
+        nonlocal timer
+        due = last + interval
+        if loop.time() >= due:
+            if queue.empty():
+                queue.put_nowait(_KEEPALIVE)
+            due = loop.time() + interval
+        timer = loop.call_at(due, keepalive)
+
+    task = loop.create_task(pump())
+    timer = loop.call_at(last + interval, keepalive)
     try:
         while True:
-            if queue.empty():
-                try:
-                    async with asyncio.timeout(interval):
-                        first = await queue.get()
-                except TimeoutError:
-                    yield [], False
-                    continue
-            else:
-                first = queue.get_nowait()
-            batch = [first]
+            batch = [await queue.get()]
             while len(batch) < _BATCH and not queue.empty():
                 batch.append(queue.get_nowait())
+            last = loop.time()
+            if batch[0] is _KEEPALIVE:  # only ever put into an empty queue: first if at all
+                del batch[0]
+                if not batch:
+                    yield [], False
+                    continue
             tail = batch[-1]
             if tail is _END:
                 yield batch[:-1], True
@@ -93,10 +109,14 @@ async def _batches(
                 raise tail.exc
             yield batch, False
     finally:
-        if not task.done():
-            # Client gone or drain cut: cancellation reaches the backend (stops generating).
-            task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        timer.cancel()
+        # Client gone or drain cut: cancellation reaches the backend (stops generating).
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise  # ours, not just the pump's: it goes on up
 
 
 class FinalFrame(bytes):
