@@ -34,6 +34,7 @@ from llm_api.core.exceptions import (
     UpstreamError,
     UpstreamTimeoutError,
 )
+from llm_api.services.llm.backends.upstream_connector import upstream_connector
 from llm_api.services.llm.registry import ModelConfig
 from llm_api.services.llm.types import GenerationChunk, GenerationRequest
 
@@ -93,7 +94,9 @@ class OpenAIUpstreamBackend:
         return self._session is not None and not self._session.closed
 
     async def start(self, warmup: bool = True) -> None:
-        headers = {"Content-Type": "application/json"}
+        # `identity`: a stream is passed on as it arrives, with nothing to decompress (and so
+        # nothing for upstream_connector.StreamProtocol to resume).
+        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
         if self.config.api_key_env:
             key = os.environ.get(self.config.api_key_env)
             if not key:
@@ -104,7 +107,8 @@ class OpenAIUpstreamBackend:
             headers["Authorization"] = f"Bearer {key}"
         self._session = aiohttp.ClientSession(
             headers=headers,
-            connector=aiohttp.TCPConnector(limit=self.config.max_connections, ttl_dns_cache=300),
+            connector=upstream_connector(self.config.max_connections),
+            auto_decompress=False,
             timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=self.config.connect_timeout, connect=None
             ),
@@ -170,6 +174,8 @@ class OpenAIUpstreamBackend:
         async with resp:
             if resp.status >= 400:
                 raise await _map_error(resp)
+            if resp.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
+                raise UpstreamError("The upstream sent a compressed stream, which we refused.")
             async for chunk in self._read(resp, deadline, _estimate_prompt_tokens(request)):
                 yield chunk
 
