@@ -1,6 +1,7 @@
-"""The upstream sessions' connector (backends/upstream_connector.py): the aiohttp 3.14 workaround
-is in place, flow control still pauses and resumes a fast upstream, and a compressed stream (which
-we never ask for) is refused rather than passed on as garbage."""
+"""The upstream sessions' connector and reader, against real servers on loopback: the aiohttp 3.14
+workaround (backends/upstream_connector.py) is in place, flow control still pauses and resumes a
+fast upstream, a compressed stream (which we never ask for) is refused rather than passed on as
+garbage, and the SSE framings upstreams use all read alike."""
 
 from __future__ import annotations
 
@@ -113,3 +114,44 @@ async def test_we_ask_for_identity_and_refuse_a_compressed_stream() -> None:
         await backend.aclose()
         await runner.cleanup()
     assert seen == ["identity"]
+
+
+_TEXT = b'{"choices":[{"delta":{"content":"[DONE] is text"},"finish_reason":null}]}'
+_END = b'{"choices":[{"delta":{},"finish_reason":"stop"}]}'
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"data: " + _TEXT + b"\r\n\r\ndata: " + _END + b"\r\n\r\ndata: [DONE]\r\n\r\n",
+        b"data:" + _TEXT + b"\n\ndata:" + _END + b"\n\ndata:[DONE]\n\n",
+        b"data: " + _TEXT + b"\n\ndata: " + _END + b"\n\ndata: [DONE]",  # no final newline
+        b": comment\nevent: x\ndata: " + _TEXT + b"\n\ndata:  " + _END + b"  \n\ndata: [DONE]\n",
+    ],
+    ids=["crlf", "no space", "done at eof", "comments, event lines, padding"],
+)
+async def test_sse_framing_variants_are_read_alike(body: bytes) -> None:
+    """Line endings, the optional space after `data:`, padding and a [DONE] the upstream ends
+    without a newline all read the same; `[DONE]` inside a token is text, not the end."""
+
+    async def upstream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(body)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", upstream)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    backend = await _backend(f"http://127.0.0.1:{port}/v1")
+    try:
+        chunks = await _collect(backend, 4)
+    finally:
+        await backend.aclose()
+        await runner.cleanup()
+    assert "".join(c.text for c in chunks) == "[DONE] is text"
+    assert chunks[-1].finish_reason == "stop"

@@ -206,12 +206,16 @@ class StreamResponse(StreamingResponse):
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
-        async for chunk in self.body_iterator:
-            assert isinstance(chunk, bytes)
-            if isinstance(chunk, FinalFrame):
-                await send({"type": "http.response.body", "body": bytes(chunk), "more_body": False})
-                return
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        # Closed here rather than by the garbage collector: we stop at a FinalFrame, before the
+        # generator has returned, and asyncio would close it later with a task of its own.
+        async with aclosing(self.body_iterator) as body:  # type: ignore[type-var]
+            async for chunk in body:
+                assert isinstance(chunk, bytes)
+                if isinstance(chunk, FinalFrame):
+                    end = {"type": "http.response.body", "body": bytes(chunk), "more_body": False}
+                    await send(end)
+                    return
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
