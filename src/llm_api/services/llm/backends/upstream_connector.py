@@ -13,7 +13,7 @@ slow reader still stops the socket once its buffer passes aiohttp's high-water m
 
 It is installed through the connector's protocol factory, which aiohttp keeps in a private
 attribute, and only on the aiohttp minor it was written for: with any other aiohttp the plain
-protocol is used (slower, never wrong), and tests/test_upstream.py notices.
+protocol is used (slower, never wrong), and tests/test_upstream_connector.py notices.
 """
 
 from __future__ import annotations
