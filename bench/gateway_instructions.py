@@ -37,6 +37,7 @@ async def serve(port: int, stub_port: int, tmp: Path) -> None:
     import uvicorn
 
     from llm_api.core.config import Settings
+    from llm_api.http_server import SERVER_OPTIONS
     from llm_api.main import create_app
 
     models = [
@@ -59,14 +60,13 @@ async def serve(port: int, stub_port: int, tmp: Path) -> None:
         log_level="WARNING",
         log_json=True,
     )
-    config = uvicorn.Config(
+    config = uvicorn.Config(  # with `llm-api serve`'s HTTP settings
         create_app(settings),
         port=port,
         loop="none",
-        http="httptools",
         log_level="warning",
         access_log=False,
-        proxy_headers=False,
+        **SERVER_OPTIONS,
     )
     await uvicorn.Server(config).serve()
 

@@ -4,18 +4,18 @@
                                     [--rounds 1] [--as-gateway-bench] [--profile]
                                     [--database-url URL]
 
-The app runs in this process under uvicorn (uvloop, httptools) in front of
-bench/stub_upstream.py (a subprocess, 32 tokens at once); the load generator is another
-subprocess (aiohttp, closed loop), so `time.process_time()` here is the server's CPU alone (the
-usage flusher's database writes included). Settings: auth ON with an API key of a paid user,
-rate limits ON (memory store; limits raised so none refuses), response cache ON (memory store;
-the requests carry temperature 0.7, so every one is a miss), usage records ON, access log at
-INFO as JSON lines to /dev/null. `--as-gateway-bench` uses bench/gateway.py's settings instead
-(auth, rate limits and cache off, WARNING), the ones its 40%-of-direct target is measured with.
-`--rounds` repeats the measurement (the spread between rounds shows the machine's noise; to
-compare two source trees, run them alternately with PYTHONPATH=<tree>/src). `--profile` adds a
-cProfile of the measured requests (top functions by own time); its overhead inflates the
-figures, so the µs/request line is measured without it.
+The app runs in this process under uvicorn (uvloop, httptools) in front of bench/stub_upstream.py
+(a subprocess, 32 tokens at once); the load generator is another subprocess (aiohttp, closed loop),
+so this process's CPU time (`getrusage`, user and system separately) is the server's alone (the
+usage flusher's database writes included). Settings: auth ON with an API key of a paid user, rate
+limits ON (memory store; limits raised so none refuses), response cache ON (memory store; the
+requests carry temperature 0.7, so every one is a miss), usage records ON, access log at INFO as
+JSON lines to /dev/null. `--as-gateway-bench` uses bench/gateway.py's settings instead (auth, rate
+limits and cache off, WARNING), the ones its 40%-of-direct target is measured with. `--rounds`
+repeats the measurement (the spread between rounds shows the machine's noise; to compare two source
+trees, run them alternately with PYTHONPATH=<tree>/src). `--profile` adds a cProfile of the
+measured requests (top functions by own time); its overhead inflates the figures, so the µs/request
+line is measured without it.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import io
 import logging
 import os
 import pstats
+import resource
 import sys
 import tempfile
 import time
@@ -97,6 +98,7 @@ async def serve(args: argparse.Namespace, tmp: Path, stub_port: int) -> None:
     import uvicorn
 
     from llm_api.core.config import Settings
+    from llm_api.http_server import SERVER_OPTIONS
     from llm_api.main import create_app
     from llm_api.services.auth import api_keys
 
@@ -130,8 +132,9 @@ async def serve(args: argparse.Namespace, tmp: Path, stub_port: int) -> None:
         if isinstance(handler, logging.StreamHandler):
             handler.setStream(open(os.devnull, "w"))  # noqa: SIM115
     port = free_port()
+    # `llm-api serve`'s HTTP settings (its protocol; no proxy or server headers).
     config = uvicorn.Config(
-        app, port=port, loop="none", http="httptools", log_level="warning", access_log=False
+        app, port=port, loop="none", log_level="warning", access_log=False, **SERVER_OPTIONS
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
@@ -153,12 +156,15 @@ async def serve(args: argparse.Namespace, tmp: Path, stub_port: int) -> None:
             name = "stream" if stream else "non-stream"
             await drive(url, key, 300, args.concurrency, stream)  # warm-up
             for _ in range(args.rounds):
-                cpu0, t0 = time.process_time(), time.perf_counter()
+                ru0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
                 await drive(url, key, args.requests, args.concurrency, stream)
-                cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+                ru1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
+                user, sys_ = ru1.ru_utime - ru0.ru_utime, ru1.ru_stime - ru0.ru_stime
+                per = 1e6 / args.requests
                 print(  # noqa: T201 - the benchmark's output
                     f"{name}: {args.requests} requests, concurrency {args.concurrency}: "
-                    f"server CPU {cpu / args.requests * 1e6:.0f} µs/request, "
+                    f"server CPU {(user + sys_) * per:.0f} µs/request "
+                    f"(user {user * per:.0f}, system {sys_ * per:.0f}), "
                     f"{args.requests / wall:.0f} req/s wall",
                     flush=True,
                 )

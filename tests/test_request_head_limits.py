@@ -86,3 +86,13 @@ def test_requests_within_the_limits_are_served(live_server: LiveServer) -> None:
     )
     assert status == 404, body[:300]  # reached the app: the model does not exist
     assert orjson.loads(body)["error"]["code"] == "model_not_found"
+
+
+def test_response_head_names_no_server_software(live_server: LiveServer) -> None:
+    """`llm-api serve` runs with http_server.SERVER_OPTIONS: no `server: uvicorn` header (it
+    would advertise the stack to scanners); the `date` header HTTP asks for stays."""
+    response, _ = exchange(live_server.port, request("/health"))
+    head = response.partition(b"\r\n\r\n")[0].lower().split(b"\r\n")
+    assert head[0].startswith(b"http/1.1 200"), head
+    names = {line.split(b":", 1)[0] for line in head[1:]}
+    assert b"date" in names and b"server" not in names, names

@@ -32,7 +32,7 @@ def serve(
     import uvicorn
 
     from llm_api.core.config import Settings, is_loopback_host
-    from llm_api.http_server import HeadLimitedProtocol
+    from llm_api.http_server import SERVER_OPTIONS
 
     if config is not None:
         os.environ["LLM_API_MODELS_FILE"] = str(config)
@@ -48,10 +48,7 @@ def serve(
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=30,
-        # X-Forwarded-For is handled in the app, trusted only from LLM_API_TRUSTED_PROXIES
-        # (uvicorn's own default would believe any loopback peer).
-        proxy_headers=False,
-        http=HeadLimitedProtocol,  # 431 for oversized request heads (http_server.py)
+        **SERVER_OPTIONS,  # bounded request heads, no proxy headers, no server header
     )
 
 

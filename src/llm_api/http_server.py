@@ -5,7 +5,7 @@ are parsed, buffered and handed to the app (the attack behind vLLM's CVE-2025-48
 subclass answers such a request with 431 and closes the connection before the app sees it.
 Written here because neither uvicorn nor httptools has a setting for it (uvicorn's h11 protocol
 has one, but h11 parses several times slower). `llm-api serve` selects it, and
-gunicorn through gunicorn_worker.py.
+gunicorn through gunicorn_worker.py, both with `SERVER_OPTIONS`.
 """
 
 from __future__ import annotations
@@ -98,3 +98,15 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         )
         self.transport.write(b"".join(head) + _BODY)
         self.transport.close()
+
+
+# uvicorn settings shared by `llm-api serve`, gunicorn's worker and the benchmarks that profile
+# the server. proxy_headers: X-Forwarded-For is handled in the app, trusted only from
+# LLM_API_TRUSTED_PROXIES (uvicorn's own default believes any loopback peer, gunicorn's any in
+# forwarded_allow_ips). server_header: no `server: uvicorn` advertising the stack on every
+# response (the `date` header stays, as HTTP asks of origin servers).
+SERVER_OPTIONS: dict[str, Any] = {
+    "http": HeadLimitedProtocol,  # 431 for oversized request heads
+    "proxy_headers": False,
+    "server_header": False,
+}

@@ -250,9 +250,10 @@ def test_gunicorn_conf_values(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     conf = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
     assert conf["worker_class"] == "llm_api.gunicorn_worker.Worker"
     from llm_api.gunicorn_worker import Worker  # the class gunicorn will load exists
-    from llm_api.http_server import HeadLimitedProtocol
+    from llm_api.http_server import SERVER_OPTIONS, HeadLimitedProtocol
 
     assert Worker.CONFIG_KWARGS["http"] is HeadLimitedProtocol
+    assert Worker.CONFIG_KWARGS.items() >= SERVER_OPTIONS.items()  # as `llm-api serve`
     assert conf["wsgi_app"] == "llm_api.asgi:app"
     assert conf["workers"] == 1  # the built-in registry is one local model
     assert conf["graceful_timeout"] >= 40 + 15

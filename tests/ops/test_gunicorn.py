@@ -84,8 +84,10 @@ def test_two_workers_merge_metrics_and_drain(tmp_path: Path) -> None:
                 streak = 0
             time.sleep(0.1)
 
-        # gunicorn's workers serve with llm-api's protocol too: an oversized head gets 431.
+        # gunicorn's workers serve with llm-api's protocol and settings too: an oversized head
+        # gets 431, and no response names the server software.
         assert_431(*exchange(port, request(headers=[("X-Big", "a" * 1_000_000)])))
+        assert "server" not in fresh_get(f"{base}/health").headers
 
         def chat(i: int) -> tuple[int, int]:
             with httpx.Client(timeout=120) as c:
