@@ -1,4 +1,8 @@
-"""The upstream reader's two decoders agree.
+"""The upstream reader's two splitters and two decoders agree.
+
+A read's complete lines are split into `data:` payloads by a byte-level fast path when they use
+the canonical framing (`data: <json>\\n\\n` per event), or line by line otherwise; both must
+find the same payloads, and the fast path must refuse every other framing.
 
 `openai_upstream` reads a proxied stream's chunks through typed msgspec views (the fast path) and
 falls back to orjson dicts walked field by field when a read does not fit them. These tests feed
@@ -14,9 +18,12 @@ import pytest
 
 from llm_api.services.llm.backends.openai_upstream import (
     _decode,
+    _decode_array,
     _decode_typed,
     _fold_dicts,
     _fold_typed,
+    _split_canonical,
+    _split_lines,
     _Totals,
 )
 
@@ -139,3 +146,50 @@ def test_what_the_dict_walk_makes_of_refused_reads() -> None:
     )
     assert error is None and (totals.prompt_tokens, totals.completion_tokens) == (4, None)
     assert _via_dicts(REFUSED["finish reason not a string"])[1].finish == "1"
+
+
+def _sse(*payloads: bytes) -> bytes:
+    return b"".join(b"data: " + p + b"\n\n" for p in payloads)
+
+
+CANONICAL = {
+    "tokens": _sse(*FITTING["tokens"]),
+    "one event": _sse(_chat("a")),
+    "ended by [DONE]": _sse(_chat("a"), _chat(None, "stop"), b"[DONE]"),
+    "events after [DONE] are ignored": _sse(_chat("a"), b"[DONE]", _chat("b")),
+    "only [DONE]": _sse(b"[DONE]"),
+    "nothing": b"",
+    "an empty payload": _sse(b""),
+    "an error object": _sse(_chat("a"), orjson.dumps({"error": {"message": "x"}})),
+    "extra spaces and a CR inside the value": _sse(b"  " + _chat("a") + b" \r"),
+    "[DONE] inside a line is not the end": _sse(b"x data: [DONE]"),
+    "text that looks like framing": _sse(_chat("\n\ndata: [DONE]\n\n")),
+}
+
+
+@pytest.mark.parametrize("block", CANONICAL.values(), ids=CANONICAL.keys())
+def test_the_canonical_split_finds_what_the_line_split_finds(block: bytes) -> None:
+    split = _split_canonical(block)
+    assert split is not None, "this block should take the fast path"
+    array, count, done = split
+    payloads, done_by_lines = _split_lines(block)
+    assert (count, done) == (len(payloads), done_by_lines)
+    assert _decode_array(array, count) == _decode_typed(payloads)
+
+
+OTHER_FRAMING = {
+    "CRLF line ends": b"data: {}\r\n\r\n",
+    "a comment first": b": keep-alive\n\n" + _sse(b"{}"),
+    "an event line": b"event: message\ndata: {}\n\n",
+    "an id line": _sse(b"{}") + b"id: 7\n\n",
+    "data: without its space": b"data:{}\n\n",
+    "one event over two data lines": b"data: {\ndata: }\n\n",
+    "events not separated by a blank line": b"data: {}\ndata: {}\n\n",
+    "a last line without its newline (EOF)": b"data: {}",
+    "a trailing blank line too many": _sse(b"{}") + b"\n",
+}
+
+
+@pytest.mark.parametrize("block", OTHER_FRAMING.values(), ids=OTHER_FRAMING.keys())
+def test_other_framing_is_left_to_the_line_split(block: bytes) -> None:
+    assert _split_canonical(block) is None

@@ -202,22 +202,26 @@ class OpenAIUpstreamBackend:
             except aiohttp.ClientError:
                 raise UpstreamError("The upstream connection failed mid-response.") from None
             if data:
-                *lines, tail = (tail + data).split(b"\n")
-                if lines:
+                buf = tail + data
+                cut = buf.rfind(b"\n") + 1  # the read's complete lines end here
+                block, tail = buf[:cut], buf[cut:]
+                if cut:
                     deadline = loop.time() + self.config.idle_timeout
                 elif len(tail) > MAX_LINE_BYTES:
                     raise UpstreamError("The upstream sent an oversized chunk.")
             else:  # EOF: a last line without its newline still counts
-                lines, tail, done = [tail], b"", True
+                block, tail, done = tail, b"", True
             texts: list[str] = []  # this read's text pieces, sent on as one chunk
             error: str | None = None  # raised after the text before it has been sent
-            # SSE fields start at the line's start; blank separators, comments and `event:`
-            # lines are skipped. One pass over the read's lines, then one parse for them all.
-            payloads = [line[5:].strip() for line in lines if line.startswith(b"data:")]
-            if b"[DONE]" in payloads:
-                payloads = payloads[: payloads.index(b"[DONE]")]
-                done = True
-            typed = _decode_typed(payloads)
+            typed = None
+            canonical = _split_canonical(block)
+            if canonical is not None:
+                array, count, ended = canonical
+                typed = _decode_array(array, count)
+            if typed is None:  # other framing, or a read the typed view does not fit
+                payloads, ended = _split_lines(block)
+                typed = _decode_typed(payloads)
+            done = done or ended
             if typed is not None:
                 _fold_typed(typed, texts, totals)
             else:
@@ -238,16 +242,58 @@ class OpenAIUpstreamBackend:
         )
 
 
+_DONE = b"data: [DONE]\n\n"
+
+
+def _split_canonical(block: bytes) -> tuple[bytes, int, bool] | None:
+    """A block of complete lines in the framing every OpenAI-compatible server uses, one
+    `data: <json>\n\n` per event: its payloads as one JSON array, how many, and whether
+    `[DONE]` ended them. None for any other framing (CRLF, comments, `event:` lines, `data:`
+    without its space), which `_split_lines` reads.
+
+    Why: this is a handful of C-level byte operations over the read instead of a Python step per
+    line (~1.5% of a proxied stream's CPU, bench/RESULTS.md). It is exact: the newline count
+    proves that every newline is part of a `\n\n` followed by `data: ` or by the end, so each
+    payload is a whole line's value and the replace cannot touch a payload's bytes."""
+    done = False
+    end = block.find(_DONE)
+    if end >= 0 and (end == 0 or block[end - 2 : end] == b"\n\n"):
+        block, done = block[:end], True  # what follows [DONE] is ignored, as line by line
+    if not block:
+        return b"[]", 0, done
+    events = block.count(b"\n\ndata: ") + 1
+    if not (
+        block.startswith(b"data: ") and block.endswith(b"\n\n") and block.count(b"\n") == 2 * events
+    ):
+        return None
+    return b"[" + block[6:-2].replace(b"\n\ndata: ", b",") + b"]", events, done
+
+
+def _split_lines(block: bytes) -> tuple[list[bytes], bool]:
+    """Any SSE framing: the `data:` payloads of a block of lines, up to `[DONE]`, and whether it
+    came. Fields start at the line's start; blank separators, comments and other fields are
+    skipped."""
+    payloads = [line[5:].strip() for line in block.split(b"\n") if line.startswith(b"data:")]
+    if b"[DONE]" in payloads:
+        return payloads[: payloads.index(b"[DONE]")], True
+    return payloads, False
+
+
 def _decode_typed(payloads: list[bytes]) -> list[_Chunk] | None:
     """A read's payloads as typed chunks, with one msgspec call; None when any of them does not
     fit (then `_decode` and the dict path take the whole read)."""
-    if not payloads:
+    return _decode_array(b"[" + b",".join(payloads) + b"]", len(payloads))
+
+
+def _decode_array(array: bytes, count: int) -> list[_Chunk] | None:
+    """`count` payloads joined into one JSON array, as typed chunks (see `_decode_typed`)."""
+    if not count:
         return []
     try:
-        chunks = _CHUNKS.decode(b"[" + b",".join(payloads) + b"]")
+        chunks = _CHUNKS.decode(array)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
-    if len(chunks) != len(payloads) or any(c.error is not msgspec.UNSET for c in chunks):
+    if len(chunks) != count or any(c.error is not msgspec.UNSET for c in chunks):
         return None  # a payload held several values, or an upstream error to report
     return chunks
 
