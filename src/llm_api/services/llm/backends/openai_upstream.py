@@ -188,13 +188,17 @@ class OpenAIUpstreamBackend:
         # Read whatever bytes have arrived and split them into lines here, rather than one
         # `readline()` (and one timeout context) per line: an upstream that sends many chunks
         # per TCP read costs one await per read, not per chunk. The idle deadline moves on
-        # whenever a complete line arrives, as it did per line.
+        # whenever a complete line arrives, as it did per line. Bytes already buffered are taken
+        # without a timer: only a read that has to wait runs under the deadline.
+        content = resp.content
         tail = b""
         done = False
         while not done:
             try:
-                async with asyncio.timeout_at(deadline):
-                    data = await resp.content.readany()
+                data = content.read_nowait()
+                if not data and not content.at_eof():
+                    async with asyncio.timeout_at(deadline):
+                        data = await content.readany()
             except TimeoutError:
                 raise UpstreamTimeoutError(
                     "The upstream model server stopped sending tokens."
