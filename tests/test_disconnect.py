@@ -1,6 +1,6 @@
 """A client that goes away frees the model: over real sockets (uvicorn subprocess), for a stream
-closed after a few chunks and for a non-streaming request cut by a client timeout; and in
-process, where the model's admission gate shows the slot released at once."""
+closed after a few chunks or at its first byte, and for a non-streaming request cut by a client
+timeout; and in process, where the model's admission gate shows the slot released at once."""
 
 from __future__ import annotations
 
@@ -93,6 +93,25 @@ def test_closed_stream_frees_the_model(server: LiveServer) -> None:
     # Had the long generation continued, the short request would have waited for ~3000 more
     # tokens. Allow for a loaded machine: it must come in well under a tenth of that.
     assert elapsed < max(3000 * per_chunk / 10, 10 * baseline), (elapsed, per_chunk, baseline)
+
+
+def test_stream_closed_at_its_first_byte_frees_the_model(server: LiveServer) -> None:
+    """Closed well before the disconnect watcher starts (api/streaming.WATCH_AFTER): the
+    generation is still stopped, once the watcher starts and finds the client gone."""
+    baseline = timed_short(server.base_url)
+    with (
+        httpx.Client(timeout=600) as http,
+        http.stream(
+            "POST",
+            f"{server.base_url}/v1/chat/completions",
+            json={**LONG, "stream": True},
+            headers=HEADERS,
+        ) as r,
+    ):
+        assert r.status_code == 200  # and closed at once, nothing read
+    elapsed = timed_short(server.base_url)
+    # Not stopped, the model would be busy for ~3000 tokens (minutes on this machine).
+    assert elapsed < max(5.0, 10 * baseline), (elapsed, baseline)
 
 
 def test_client_timeout_frees_the_model(server: LiveServer) -> None:
