@@ -218,19 +218,30 @@ class StreamResponse(StreamingResponse):
             await self.background()
 
     async def stream_response(self, send: Send) -> None:
-        await send(
-            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-        )
+        start = {
+            "type": "http.response.start",
+            "status": self.status_code,
+            "headers": self.raw_headers,
+        }
+        # The head is sent when the first frame is ready, right before it, so that the server
+        # can write both at once (http_server._HeadHeld). The service only returns a stream once
+        # its first chunk is there, so this does not hold the head back.
+        started = False
         # Closed here rather than by the garbage collector: we stop at a FinalFrame, before the
         # generator has returned, and asyncio would close it later with a task of its own.
         async with aclosing(self.body_iterator) as body:  # type: ignore[type-var]
             async for chunk in body:
                 assert isinstance(chunk, bytes)
+                if not started:
+                    started = True
+                    await send(start)
                 if isinstance(chunk, FinalFrame):
                     end = {"type": "http.response.body", "body": bytes(chunk), "more_body": False}
                     await send(end)
                     return
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if not started:
+            await send(start)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
