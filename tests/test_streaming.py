@@ -15,7 +15,7 @@ from llm_api.api.streaming import ndjson_lines, sse_frames
 from llm_api.core.exceptions import UpstreamTimeoutError
 from llm_api.schemas.chat import ChatCompletionChunk, ChoiceDelta, ChunkChoice
 from llm_api.schemas.completions import Completion, CompletionChoice
-from llm_api.services.llm.shaping import TextFrames
+from llm_api.services.llm.shaping import ChatFrames, TextFrames, pieces
 from tests.conftest import MODEL
 
 NO_CACHE = {"Cache-Control": "no-cache, no-store"}
@@ -90,6 +90,58 @@ def test_a_text_frame_is_the_json_of_its_model(index: int) -> None:
             model = frames._build(index, text)  # noqa: SLF001 - the reference
             assert orjson.loads(frame.json) == orjson.loads(model.model_dump_json())
             assert (frame.index, frame.text) == (index, text)
+
+
+@pytest.mark.parametrize("model", ["m", 'q"uo\\te \u2028 猫', "text-" + '{"content":'])
+def test_chat_frames_are_the_json_of_their_models(model: str) -> None:
+    """A chat choice's role, text and finish frames are spliced from one serialisation: each
+    must be what the chunk model serialises, with what `pieces` reads from it."""
+
+    def make(index: int, delta: ChoiceDelta, finish: str | None) -> ChatCompletionChunk:
+        choice = ChunkChoice(index=index, delta=delta, finish_reason=finish)
+        return ChatCompletionChunk(id="chatcmpl-1", created=5, model=model, choices=[choice])
+
+    def same(frame: object, reference: ChatCompletionChunk) -> bool:
+        return orjson.loads(frame.json) == orjson.loads(reference.model_dump_json())  # type: ignore[attr-defined]
+
+    frames = ChatFrames(make)
+    for index in (0, 3):
+        role = frames.role(index)
+        assert same(role, make(index, ChoiceDelta(role="assistant", content=""), None))
+        assert list(pieces(role)) == [(index, "", None)]
+        for text in TEXTS:
+            frame = frames.text(index, text)
+            assert same(frame, make(index, ChoiceDelta(content=text), None))
+            assert list(pieces(frame)) == [(index, text, None)]
+        for reason in ("stop", "length"):
+            finish = frames.finish(index, reason)
+            assert same(finish, make(index, ChoiceDelta(), reason))
+            assert list(pieces(finish)) == [(index, "", reason)]
+
+
+def test_chat_frames_fall_back_to_the_model_for_another_shape() -> None:
+    """A chunk model whose JSON puts the finish reason before the delta is not spliced."""
+
+    def make(index: int, delta: ChoiceDelta, finish: str | None) -> ChatCompletionChunk:
+        choice = ChunkChoice(index=index, delta=delta, finish_reason=finish)
+        return ChatCompletionChunk(id="c", created=5, model="m", choices=[choice])
+
+    class Reordered(ChatCompletionChunk):
+        def model_dump_json(self, **kw: object) -> str:  # type: ignore[override]
+            c = self.choices[0]
+            return orjson.dumps(
+                {"choices": [{"finish_reason": c.finish_reason, "delta": c.delta.model_dump()}]}
+            ).decode()
+
+    frames = ChatFrames(lambda i, d, f: Reordered.model_validate(make(i, d, f).model_dump()))
+    finish = orjson.loads(frames.finish(0, "length").json)
+    assert finish == {"choices": [{"finish_reason": "length", "delta": {}}]}
+    text = orjson.loads(frames.text(0, "hi").json)
+    assert text == {"choices": [{"finish_reason": None, "delta": {"content": "hi"}}]}
+    assert orjson.loads(frames.role(0).json)["choices"][0]["delta"] == {
+        "role": "assistant",
+        "content": "",
+    }
 
 
 async def test_text_frames_and_models_share_a_stream() -> None:

@@ -32,19 +32,22 @@ Chunks = AsyncGenerator[tuple[int, GenerationChunk], None]
 
 
 class TextFrame:
-    """A streamed chunk that only adds text to one choice, already serialised as JSON.
+    """A streamed chunk for one choice, already serialised as JSON: text, or (chat) the role
+    frame that opens a choice or the frame that finishes it.
 
     The hot path of every stream (one per token from a local model): building the pydantic
     chunk and dumping it cost more of the event loop than anything else per token, while only
     the text differs from one such chunk to the next. `TextFrames` splices the text into the
-    JSON of a chunk the model itself serialised, so the wire shape stays the model's."""
+    JSON of a chunk the model itself serialised, so the wire shape stays the model's;
+    `ChatFrames` does the same for a chat choice's first and last frames."""
 
-    __slots__ = ("index", "json", "text")
+    __slots__ = ("finish", "index", "json", "text")
 
-    def __init__(self, index: int, text: str, json: bytes) -> None:
+    def __init__(self, index: int, text: str, json: bytes, finish: str | None = None) -> None:
         self.index = index
         self.text = text
         self.json = json
+        self.finish = finish
 
 
 # Stands for the text while a template is made; per process, so no id or model name holds it.
@@ -70,13 +73,69 @@ class TextFrames:
         return TextFrame(index, text, parts[0] + orjson.dumps(text) + parts[1])
 
 
+# A chat choice's delta in its opening frame and in its finishing frame, as the model writes them.
+_ROLE_DELTA = ChoiceDelta(role="assistant", content="").model_dump_json().encode()
+_NO_DELTA = ChoiceDelta().model_dump_json().encode()
+_TEXT_DELTA = b'{"content":' + _MARK_JSON + b"}"
+_UNFINISHED = b',"finish_reason":null'
+
+
+class ChatFrames:
+    """One chat stream's frames for each choice: the role frame that opens it, its text frames
+    and the frame that finishes it, spliced from one serialisation of its chunk model (one
+    pydantic build and dump per choice instead of three, ~1.5% of a proxied stream).
+
+    `make(index, delta, finish)` builds the chunk model. Should its JSON ever not have the
+    expected shape (the delta, then `"finish_reason":null`), the first and last frames are
+    built by the model as before."""
+
+    def __init__(self, make: Callable[[int, ChoiceDelta, str | None], BaseModel]) -> None:
+        self._make = make
+        self._parts: dict[int, tuple[bytes, bytes] | None] = {}
+
+    def _split(self, index: int) -> tuple[bytes, bytes] | None:
+        if index in self._parts:
+            return self._parts[index]
+        raw = self._make(index, ChoiceDelta(content=_MARK), None).model_dump_json().encode()
+        head, found, tail = raw.rpartition(_TEXT_DELTA)
+        parts = (head, tail) if found and tail.startswith(_UNFINISHED) else None
+        self._parts[index] = parts
+        return parts
+
+    def _model(
+        self, index: int, delta: ChoiceDelta, finish: str | None = None, text: str = ""
+    ) -> TextFrame:
+        raw = self._make(index, delta, finish).model_dump_json().encode()
+        return TextFrame(index, text, raw, finish)
+
+    def role(self, index: int) -> TextFrame:
+        parts = self._split(index)
+        if parts is None:
+            return self._model(index, ChoiceDelta(role="assistant", content=""))
+        return TextFrame(index, "", parts[0] + _ROLE_DELTA + parts[1])
+
+    def text(self, index: int, text: str) -> TextFrame:
+        parts = self._split(index)
+        if parts is None:
+            return self._model(index, ChoiceDelta(content=text), text=text)
+        delta = b'{"content":' + orjson.dumps(text) + b"}"
+        return TextFrame(index, text, parts[0] + delta + parts[1])
+
+    def finish(self, index: int, reason: str) -> TextFrame:
+        parts = self._split(index)
+        if parts is None:
+            return self._model(index, ChoiceDelta(), reason)
+        tail = b',"finish_reason":' + orjson.dumps(reason) + parts[1][len(_UNFINISHED) :]
+        return TextFrame(index, "", parts[0] + _NO_DELTA + tail, reason)
+
+
 def pieces(
     chunk: ChatCompletionChunk | Completion | TextFrame,
 ) -> Iterable[tuple[int, str, str | None]]:
     """(choice index, text, finish reason) of each choice a streamed chunk carries, whatever
     its form: for readers of a stream that are not the client (the cache tee, /v1/stream)."""
     if isinstance(chunk, TextFrame):
-        return ((chunk.index, chunk.text, None),)
+        return ((chunk.index, chunk.text, chunk.finish),)
     if isinstance(chunk, ChatCompletionChunk):
         return ((c.index, c.delta.content or "", c.finish_reason) for c in chunk.choices)
     return ((c.index, c.text, c.finish_reason) for c in chunk.choices)
@@ -115,7 +174,7 @@ async def chat_chunks(
     cid, created = f"chatcmpl-{ctx.request_id}", int(time.time())
     usage = UsageCounter(req.n)
 
-    def make(index: int, delta: ChoiceDelta, finish: str | None = None) -> ChatCompletionChunk:
+    def make(index: int, delta: ChoiceDelta, finish: str | None) -> ChatCompletionChunk:
         return ChatCompletionChunk(
             id=cid,
             created=created,
@@ -123,7 +182,7 @@ async def chat_chunks(
             choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish)],
         )
 
-    text_frame = TextFrames(lambda index, text: make(index, ChoiceDelta(content=text)))
+    frames = ChatFrames(make)
     started: set[int] = set()
     # aclosing: when the client goes away this generator is closed, and closing must reach
     # the backend now (stop generating, free the model), not whenever the GC gets to it.
@@ -131,12 +190,12 @@ async def chat_chunks(
         async for index, chunk in source:
             if index not in started:
                 started.add(index)
-                yield make(index, ChoiceDelta(role="assistant", content=""))
+                yield frames.role(index)
             if chunk.text:
-                yield text_frame(index, chunk.text)
+                yield frames.text(index, chunk.text)
             if chunk.finish_reason is not None:
                 usage.add(index, chunk)
-                yield make(index, ChoiceDelta(), wire_finish(chunk.finish_reason))
+                yield frames.finish(index, wire_finish(chunk.finish_reason) or "stop")
     if req.stream_options is not None and req.stream_options.include_usage:
         yield ChatCompletionChunk(
             id=cid, created=created, model=model_id, choices=[], usage=usage.usage()
