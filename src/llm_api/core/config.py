@@ -20,6 +20,7 @@ DEFAULT_JWT_SECRET = "dev-insecure-change-me"  # noqa: S105 - refused outside de
 
 
 @lru_cache(maxsize=4096)  # asked for every request when auth is off; ip_address() is µs each
+@lru_cache(maxsize=256)  # asked for every request when auth is off; few distinct hosts
 def is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True

@@ -197,6 +197,7 @@ class OpenAIUpstreamBackend:
         content = resp.content
         tail = b""
         done = False
+        last: GenerationChunk | None = None  # the final read's text, held for the end
         while not done:
             try:
                 data = content.read_nowait()
@@ -236,13 +237,20 @@ class OpenAIUpstreamBackend:
                 error = _fold_dicts(_decode(payloads), texts, totals)
             if texts:
                 pieces += len(texts)
-                yield GenerationChunk(text="".join(texts), tokens=len(texts))
+                last = GenerationChunk(text="".join(texts), tokens=len(texts))
+                if not (done and error is None and totals.finish is not None):
+                    yield last
+                    last = None
             if error is not None:
                 raise UpstreamError(error)
         if totals.finish is None:
             raise UpstreamError("The upstream closed the stream before finishing.")
         prompt, completion = totals.prompt_tokens, totals.completion_tokens
+        # The text of the read that ended the stream leaves with its end, as one chunk: one item
+        # fewer through every layer up to the socket.
         yield GenerationChunk(
+            text=last.text if last is not None else "",
+            tokens=last.tokens if last is not None else 0,
             finish_reason="length" if totals.finish == "length" else "stop",
             prompt_tokens=prompt if prompt is not None else prompt_estimate,
             # Counted chunks approximate tokens when an upstream does not report usage.

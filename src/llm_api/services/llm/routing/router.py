@@ -131,7 +131,8 @@ class RoutedBackend:
                     break
             dep, state = choice
             tried.add(dep.name)
-            stream = self._open(dep, request)
+            # An upstream's generator directly: _open's layer is for local models only.
+            stream = self._open(dep, request) if dep.local else dep.backend.generate(request)
             dep.inflight += 1
             started = time.monotonic()
             verdict = False  # the breaker heard of this attempt
