@@ -11,6 +11,8 @@ import openai
 import pytest
 from llama_cpp import Llama
 
+from llm_api.core.exceptions import InvalidRequestError
+from llm_api.schemas.common import MAX_JSON_DEPTH, reject_forbidden_fields
 from llm_api.services.llm.chat_template import (
     ChatTemplate,
     TemplateRenderError,
@@ -136,6 +138,39 @@ async def test_routing_fields_are_rejected(
     }
     with pytest.raises(openai.BadRequestError):
         await client.completions.create(model=MODEL, prompt="x", max_tokens=1, extra_body=extra)
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    for _ in range(depth):
+        body = {"k": [body]}
+    return body
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"metadata": {"nested": [{"x": 1}, {"BASE_URL": "h"}]}}, "metadata.nested[1].BASE_URL"),
+        (
+            {"messages": [{"role": "user", "content": [[{"proxy": 1}]]}]},
+            "messages[0].content[0][0].proxy",
+        ),
+        ({"api_key": "x", "base_url": "y"}, "api_key"),  # the first one found
+        ([{"webhook_url": "h"}], "[0].webhook_url"),
+    ],
+)
+def test_a_routing_field_is_named_by_its_path(body: Any, param: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        reject_forbidden_fields(body)
+    assert info.value.param == param
+
+
+def test_bodies_nested_too_deeply_are_refused_and_others_pass() -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        reject_forbidden_fields(_nested(MAX_JSON_DEPTH))
+    assert "nested too deeply" in str(info.value) and info.value.param.startswith("k[0].k[0]")
+    reject_forbidden_fields(_nested(MAX_JSON_DEPTH // 2 - 1))  # two levels per step
+    reject_forbidden_fields({"messages": [{"content": "api_base base_url"}], "n": [1, "a", None]})
 
 
 async def test_routing_field_names_in_message_text_are_fine(client: openai.AsyncOpenAI) -> None:

@@ -29,22 +29,47 @@ UNSUPPORTED_FIELDS = (
 )
 
 
-def reject_forbidden_fields(data: Any, path: str = "", depth: int = 0) -> None:
-    """Walk a decoded JSON body; raise on a routing/secret field at any depth."""
-    if depth > MAX_JSON_DEPTH:
+def reject_forbidden_fields(data: Any) -> None:
+    """Walk a decoded JSON body; raise on a routing/secret field at any depth (`param` is its
+    path, as `messages[0].metadata.base_url`), or on nesting deeper than MAX_JSON_DEPTH."""
+    found = _find_forbidden(data, 0)
+    if found is None:
+        return
+    key, parts = found
+    path = ""
+    for part in reversed(parts):
+        path = f"{path}[{part}]" if isinstance(part, int) else f"{path}.{part}" if path else part
+    if key is None:
         raise InvalidRequestError("Request body is nested too deeply.", param=path or None)
+    raise InvalidRequestError(
+        f"`{key}` cannot be set by a client; upstreams are configured by the operator.",
+        param=path,
+    )
+
+
+def _find_forbidden(data: Any, depth: int) -> tuple[str | None, list[str | int]] | None:
+    """The first forbidden key (None: too deep) and its path, innermost part first. Only dicts
+    and lists are visited, and the path is only made for a finding: this runs on every
+    request, and almost every value is a string or a number."""
+    if depth > MAX_JSON_DEPTH:
+        return None, []
     if isinstance(data, dict):
         for key, value in data.items():
-            here = f"{path}.{key}" if path else str(key)
             if isinstance(key, str) and key.lower() in FORBIDDEN_FIELDS:
-                raise InvalidRequestError(
-                    f"`{key}` cannot be set by a client; upstreams are configured by the operator.",
-                    param=here,
-                )
-            reject_forbidden_fields(value, here, depth + 1)
+                return key, [key]
+            if isinstance(value, dict | list):
+                found = _find_forbidden(value, depth + 1)
+                if found is not None:
+                    found[1].append(str(key))
+                    return found
     elif isinstance(data, list):
         for i, value in enumerate(data):
-            reject_forbidden_fields(value, f"{path}[{i}]", depth + 1)
+            if isinstance(value, dict | list):
+                found = _find_forbidden(value, depth + 1)
+                if found is not None:
+                    found[1].append(i)
+                    return found
+    return None
 
 
 class StrictModel(BaseModel):
