@@ -11,7 +11,7 @@ import httpx
 import orjson
 import pytest
 
-from llm_api.api.streaming import ndjson_lines, sse_frames
+from llm_api.api.streaming import _BATCH, _batches, ndjson_lines, sse_frames
 from llm_api.core.exceptions import UpstreamTimeoutError
 from llm_api.schemas.chat import ChatCompletionChunk, ChoiceDelta, ChunkChoice
 from llm_api.schemas.completions import Completion, CompletionChoice
@@ -175,6 +175,52 @@ async def test_sse_unexpected_error_hides_details() -> None:
     )
     assert b"/secret" not in raw
     assert json.loads(events(raw)[0].removeprefix("data: "))["error"]["type"] == "server_error"
+
+
+async def test_items_made_together_leave_as_one_batch() -> None:
+    async def together() -> AsyncIterator[int]:
+        for i in range(3):
+            yield i  # no suspension between them
+
+    got = [b async for b in _batches(together(), 10)]
+    assert got == [([0, 1, 2], True)]
+
+
+async def test_a_slow_consumer_stops_the_pump_after_a_batch() -> None:
+    """Backpressure: the source is not drained ahead of the consumer by more than _BATCH."""
+    made = 0
+
+    async def eager() -> AsyncIterator[int]:
+        nonlocal made
+        for i in range(5 * _BATCH):
+            made += 1
+            yield i
+
+    ahead, seen, ends = [], [], []
+    async for batch, last in _batches(eager(), 10):
+        ahead.append(made - len(seen))
+        seen.extend(batch)
+        ends.append(last)
+        await asyncio.sleep(0.01)  # a slow client
+    assert seen == list(range(5 * _BATCH)) and ends[-1] and not any(ends[:-1])
+    assert max(ahead) <= _BATCH and len(ahead) >= 5
+
+
+async def test_closing_the_batches_closes_the_source() -> None:
+    closed = asyncio.Event()
+
+    async def endless() -> AsyncIterator[int]:
+        try:
+            yield 1
+            await asyncio.sleep(3600)
+            yield 2
+        finally:
+            closed.set()
+
+    batches = _batches(endless(), 10)
+    assert await anext(batches) == ([1], False)
+    await batches.aclose()  # the client went away
+    assert closed.is_set()
 
 
 async def test_sse_keepalive_while_quiet() -> None:
