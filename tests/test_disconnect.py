@@ -69,17 +69,24 @@ def timed_short(base_url: str) -> float:
     return time.perf_counter() - start
 
 
-def test_closed_stream_frees_the_model(server: LiveServer) -> None:
-    baseline = timed_short(server.base_url)
+@contextlib.contextmanager
+def long_stream(base_url: str) -> Iterator[httpx.Response]:
+    """The LONG generation as a stream, closed (the client gone) when the block ends."""
     with (
         httpx.Client(timeout=600) as http,
         http.stream(
             "POST",
-            f"{server.base_url}/v1/chat/completions",
+            f"{base_url}/v1/chat/completions",
             json={**LONG, "stream": True},
             headers=HEADERS,
         ) as r,
     ):
+        yield r
+
+
+def test_closed_stream_frees_the_model(server: LiveServer) -> None:
+    baseline = timed_short(server.base_url)
+    with long_stream(server.base_url) as r:
         assert r.status_code == 200
         start, seen = time.perf_counter(), 0
         for line in r.iter_lines():
@@ -99,15 +106,7 @@ def test_stream_closed_at_its_first_byte_frees_the_model(server: LiveServer) -> 
     """Closed well before the disconnect watcher starts (api/streaming.WATCH_AFTER): the
     generation is still stopped, once the watcher starts and finds the client gone."""
     baseline = timed_short(server.base_url)
-    with (
-        httpx.Client(timeout=600) as http,
-        http.stream(
-            "POST",
-            f"{server.base_url}/v1/chat/completions",
-            json={**LONG, "stream": True},
-            headers=HEADERS,
-        ) as r,
-    ):
+    with long_stream(server.base_url) as r:
         assert r.status_code == 200  # and closed at once, nothing read
     elapsed = timed_short(server.base_url)
     # Not stopped, the model would be busy for ~3000 tokens (minutes on this machine).

@@ -52,18 +52,16 @@ class _HeadHeld:
     or a `100 Continue`) is held until its next write or the end of the loop step; everything
     else passes straight through."""
 
-    __slots__ = ("_transport", "_loop", "_held", "_flush_handle", "_first")
+    __slots__ = ("_transport", "_loop", "_held", "_flush_handle")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
         self._held: bytes | None = None
-        self._flush_handle: asyncio.Handle | None = None
-        self._first = True
+        self._flush_handle: asyncio.Handle | None = None  # set by the first write
 
     def write(self, data: bytes) -> None:
-        if self._first:
-            self._first = False
+        if self._flush_handle is None:  # the first write
             self._held = data
             self._flush_handle = self._loop.call_soon(self._flush)
             return
@@ -72,8 +70,7 @@ class _HeadHeld:
             self._transport.write(data)
             return
         self._held = None
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
+        self._flush_handle.cancel()
         self._transport.writelines((held, data))  # one send() (writev), no copy of the body
 
     def _flush(self) -> None:
