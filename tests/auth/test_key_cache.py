@@ -14,6 +14,7 @@ from sqlalchemy import update
 
 from llm_api.db.engine import Database
 from llm_api.db.tables import ApiKey, utcnow
+from llm_api.services.auth import api_keys
 from llm_api.services.auth.key_cache import ApiKeyCache
 from llm_api.services.auth.principal import Authenticator
 from tests.auth.conftest import AuthEnv
@@ -65,7 +66,7 @@ async def test_without_the_cache_every_request_reads_the_database(env: AuthEnv) 
     account = await create_account(env.app)
     with ttl(env, 0) as cache:
         assert await status(env, account) == 200
-        assert len(cache) == 0
+        assert cache.get(api_keys.digest(account.api_key)) is None  # kept for outages only
         await revoke_in_database(env, account)
         assert await status(env, account) == 401
 
@@ -106,6 +107,7 @@ async def test_failures_are_never_cached(env: AuthEnv) -> None:
         await revoke_in_database(env, account)
         assert await status(env, account) == 401
         assert len(cache) == 0 and authenticator(env).cached(account.api_key) is None
+        assert cache.during_outage(api_keys.digest(account.api_key)) is None
 
 
 def test_a_lookup_that_raced_a_clear_is_not_stored() -> None:

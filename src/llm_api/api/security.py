@@ -84,14 +84,18 @@ async def _authenticate(request: Request) -> Principal | None:
         raise AuthenticationError()
     if state.db is None or state.auth is None:
         raise ServiceUnavailableError("Authentication is not available yet; retry shortly.")
-    cached = state.auth.authenticator.cached(credential)
+    authenticator = state.auth.authenticator
+    cached = authenticator.cached(credential) or authenticator.between_outage_retries(credential)
     if cached is not None:  # a recently verified API key: no database session at all
         return cached
     try:
         async with state.db.sessions() as db:
-            return await state.auth.authenticator.authenticate(db, credential)
+            return await authenticator.authenticate(db, credential)
     except (SQLAlchemyError, OSError, TimeoutError) as exc:
-        log.error("auth_backend_unavailable", error=type(exc).__name__)
+        # A key verified within the outage grace period keeps working (key_cache.py).
+        fallback = authenticator.database_unreachable(credential, exc)
+        if fallback is not None:
+            return fallback
         raise ServiceUnavailableError(
             "Authentication is temporarily unavailable; retry shortly."
         ) from exc

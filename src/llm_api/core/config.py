@@ -166,6 +166,14 @@ class Settings(BaseSettings):
         "process; 0 = read on every request). Revocation, deactivation and tier changes apply "
         "at once on the process that made them, within this many seconds on the others.",
     )
+    api_key_outage_grace_seconds: float = Field(
+        300.0,
+        ge=0,
+        le=86_400,
+        description="While the database cannot be reached, API keys verified less than this "
+        "many seconds ago keep working (per process; 0 = every request gets 503 during an "
+        "outage). Revocations apply as soon as the database is back.",
+    )
     refresh_token_days: int = Field(14, ge=1, description="Refresh-token lifetime.")
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins.")
     cors_allow_credentials: bool = Field(False, description="Allow credentials in CORS.")

@@ -8,9 +8,11 @@ logout take effect at once on this process.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Literal
 
+import structlog
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -23,8 +25,13 @@ from llm_api.services.auth.passwords import Passwords
 from llm_api.services.auth.tokens import Tokens
 from llm_api.services.users import Users
 
+log = structlog.get_logger(__name__)
+
 # Longer than any key or token we issue; anything beyond is refused before any parsing.
 MAX_CREDENTIAL_LENGTH = 2048
+# During a database outage, how long requests with a key in its grace period skip the database
+# before one tries it again (so a partition does not make every request wait on a connect).
+OUTAGE_RETRY_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,15 +71,54 @@ def _from_user(
 
 
 class Authenticator:
-    def __init__(self, tokens: Tokens, api_key_cache_seconds: float = 0.0) -> None:
+    def __init__(
+        self, tokens: Tokens, api_key_cache_seconds: float = 0.0, outage_grace_seconds: float = 0.0
+    ) -> None:
         self.tokens = tokens
-        self.keys: ApiKeyCache[Principal] = ApiKeyCache(api_key_cache_seconds)  # see key_cache
+        # see key_cache.py for the TTL and the outage grace period
+        self.keys: ApiKeyCache[Principal] = ApiKeyCache(
+            api_key_cache_seconds, outage_grace=outage_grace_seconds
+        )
+        self._outage_since: float | None = None  # monotonic time of the first failed lookup
+        self._retry_database_at = 0.0
 
     def cached(self, credential: str) -> Principal | None:
         """The principal of an API key verified less than the cache TTL ago (no database)."""
         if not self.keys.enabled or not credential.startswith(api_keys.KEY_PREFIX):
             return None
         return self.keys.get(api_keys.digest(credential))
+
+    def _during_outage(self, credential: str) -> Principal | None:
+        if not credential.startswith(api_keys.KEY_PREFIX):
+            return None  # JWTs are bound to a login that only the database can vouch for
+        return self.keys.during_outage(api_keys.digest(credential))
+
+    def between_outage_retries(self, credential: str) -> Principal | None:
+        """While the database is known to be down and not yet due for a retry: the principal of
+        a key verified within the grace period, without waiting on the database."""
+        if self._outage_since is None or time.monotonic() >= self._retry_database_at:
+            return None
+        return self._during_outage(credential)
+
+    def database_unreachable(self, credential: str, error: BaseException) -> Principal | None:
+        """Note a lookup that could not reach the database (one warning per outage); return the
+        principal to serve anyway (a key verified within the grace period) or None (→ 503)."""
+        now = time.monotonic()
+        if self._outage_since is None:
+            self._outage_since = now
+            log.warning(
+                "auth_database_unreachable",
+                error=type(error).__name__,
+                grace_seconds=self.keys.outage_grace,
+            )
+        self._retry_database_at = now + OUTAGE_RETRY_SECONDS
+        return self._during_outage(credential)
+
+    def _database_answered(self) -> None:
+        if self._outage_since is not None:
+            outage = time.monotonic() - self._outage_since
+            self._outage_since = None
+            log.info("auth_database_back", outage_seconds=round(outage, 1))
 
     def forget(self, db: AsyncSession) -> None:
         """Call when a key is revoked or a user's status, tier or role changes: forget every
@@ -92,6 +138,7 @@ class Authenticator:
         if credential.startswith(api_keys.KEY_PREFIX):
             generation = self.keys.generation
             found = await api_keys.find_active(db, credential)
+            self._database_answered()
             if found is None:
                 raise AuthenticationError()  # failures are never cached
             key, user = found
@@ -102,6 +149,7 @@ class Authenticator:
             raise AuthenticationError()
         claims = self.tokens.decode_access(credential)
         owner = await db.get(User, claims.user_id)
+        self._database_answered()
         if (
             owner is None
             or not owner.is_active
@@ -124,5 +172,7 @@ class AuthServices:
 def build_auth(settings: Settings) -> AuthServices:
     passwords = Passwords()
     tokens = Tokens(settings)
-    authenticator = Authenticator(tokens, settings.api_key_cache_seconds)
+    authenticator = Authenticator(
+        tokens, settings.api_key_cache_seconds, settings.api_key_outage_grace_seconds
+    )
     return AuthServices(passwords, tokens, Users(passwords), authenticator)
