@@ -15,11 +15,12 @@ from typing import Any
 
 from llm_api.core import worker_readiness
 from llm_api.core.config import Settings
+from llm_api.core.cpus import available_cpus
 from llm_api.core.serving import plan
 from llm_api.services.llm.registry import load_registry
 
 _settings = Settings()
-_plan = plan(_settings, load_registry(_settings.models_file), os.cpu_count() or 1, os.environ)
+_plan = plan(_settings, load_registry(_settings.models_file), available_cpus(), os.environ)
 if _plan.llama_threads is not None:
     os.environ.setdefault("LLM_API_LLAMA_THREADS", str(_plan.llama_threads))
 

@@ -1,5 +1,6 @@
 """`python -m bench` (what `make bench` runs): see bench/serving/run.py and `--help`.
-`python -m bench gateway [...]` runs the gateway-overhead benchmark (bench/gateway.py)."""
+`python -m bench gateway [...]` runs the gateway-overhead benchmark (bench/gateway.py);
+`python -m bench neighbour [...]` what a busy neighbour process costs local inference."""
 
 import sys
 
@@ -9,6 +10,10 @@ if sys.argv[1:2] == ["gateway"]:
     sys.argv = [sys.argv[0], *sys.argv[2:]]
     gateway()
     raise SystemExit(0)
+if sys.argv[1:2] == ["neighbour"]:
+    from bench.neighbour import main as neighbour
+
+    raise SystemExit(neighbour(sys.argv[2:]))
 
 from bench.serving.run import main  # noqa: E402 - after the dispatch above
 

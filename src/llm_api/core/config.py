@@ -62,7 +62,10 @@ class Settings(BaseSettings):
         description="YAML or TOML model registry. Unset: the built-in registry (embedded SmolLM2).",
     )
     llama_threads: int | None = Field(
-        None, ge=1, description="CPU threads for in-process llama.cpp models (default: all cores)."
+        None,
+        ge=1,
+        description="CPU threads for in-process llama.cpp models (default: the CPUs this "
+        "process may use: its affinity, capped by a cgroup CPU quota).",
     )
     warmup: bool = Field(True, description="Run one short generation per local model at start.")
 

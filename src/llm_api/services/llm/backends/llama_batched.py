@@ -8,7 +8,6 @@ one slot (what one request may use) and the KV cache holds `slots × context_len
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncGenerator
 from functools import cache
 from typing import Any
@@ -19,6 +18,7 @@ import structlog
 from llama_cpp import _internals  # the model/context wrappers `Llama` itself is built on
 from llama_cpp._logger import set_verbose
 
+from llm_api.core.cpus import available_cpus
 from llm_api.core.exceptions import InvalidRequestError, ServiceUnavailableError
 from llm_api.services.llm.backends.base import warmup_request
 from llm_api.services.llm.chat_template import (
@@ -40,7 +40,7 @@ log = structlog.get_logger(__name__)
 class LlamaBatchedBackend:
     def __init__(self, config: ModelConfig, *, threads: int | None = None) -> None:
         self.config = config
-        self._threads = threads or os.cpu_count() or 1
+        self._threads = threads or available_cpus()
         self._model: Any = None
         self._ctx: Any = None
         self._engine: BatchEngine | None = None

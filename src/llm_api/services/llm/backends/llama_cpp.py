@@ -9,7 +9,6 @@ token, so a disconnected client frees the model within a token.
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import threading
 from collections.abc import AsyncGenerator
@@ -19,6 +18,7 @@ from typing import Any
 import anyio
 import structlog
 
+from llm_api.core.cpus import available_cpus
 from llm_api.core.exceptions import InvalidRequestError
 from llm_api.services.llm.backends.base import warmup_request
 from llm_api.services.llm.chat_template import (
@@ -40,7 +40,7 @@ _DONE = object()
 class LlamaCppBackend:
     def __init__(self, config: ModelConfig, *, threads: int | None = None) -> None:
         self.config = config
-        self._threads = threads or os.cpu_count() or 1
+        self._threads = threads or available_cpus()
         # One thread: llama.cpp contexts are not thread-safe, and it serialises generations.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{config.id}")
         self._llama: Any = None
