@@ -54,6 +54,7 @@ def _tok_s(w: loadgen.Workload, args: argparse.Namespace, label: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness poll otherwise
     args = parse_args(argv)
     out = args.out or Path("bench/out") / time.strftime("neighbour-%Y-%m-%dT%H-%M-%S")
     out.mkdir(parents=True, exist_ok=True)
