@@ -53,8 +53,8 @@ def test_limits_per_user_key_and_ip(tmp_path: Path) -> None:
     assert "user:rpm=1000" in names(specs)
     assert "key:concurrency=1" in names(specs)  # a key with its own override is checked too
     assert all(s.cost == 100 for s in specs if s.metric == "tokens")
-    anonymous = RequestContext("r", tier="paid", client_ip="10.0.0.2")  # auth disabled
-    assert names(policy.for_completion(anonymous, 1))[:2] == ["client:rpm=600", "client:tpm=400000"]
+    anonymous = RequestContext("r", tier="anonymous", client_ip="10.0.0.2")  # auth disabled
+    assert names(policy.for_completion(anonymous, 1))[:2] == ["client:rpm=60", "client:tpm=40000"]
     unknown = RequestContext("r", user_id="u2", tier="gold")
     assert names(policy.for_completion(unknown, 1))[0] == "user:rpm=60"  # falls back to free
 
