@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import MODEL, LiveServer, require_service, start_live_server
+from tests.conftest import MODEL, LiveServer, cli_api_key, require_service, start_live_server
 from tests.rate_limit.conftest import REDIS_URL, delete_prefix, keys_without_ttl, unique_prefix
 
 UNLIMITED = {
@@ -42,7 +43,7 @@ def server_env(tmp: Path, prefix: str, tiers: dict[str, object]) -> dict[str, st
     tmp.mkdir(parents=True, exist_ok=True)
     models.write_text(MODELS_YAML)
     return {
-        "LLM_API_AUTH_ENABLED": "false",  # anonymous on loopback: the "paid" tier, per IP
+        "LLM_API_AUTH_ENABLED": "false",  # anonymous on loopback: the "anonymous" tier, per IP
         "LLM_API_RATE_LIMIT_ENABLED": "true",
         "LLM_API_REDIS_URL": REDIS_URL,
         "LLM_API_RATE_LIMIT_KEY_PREFIX": prefix,
@@ -75,7 +76,7 @@ def two_servers(
 ) -> Iterator[tuple[str, tuple[LiveServer, ...]]]:
     require_service("Redis", "127.0.0.1", 6379)
     prefix = unique_prefix()
-    tiers = {"paid": {**UNLIMITED, "requests_per_minute": 100}, "ip": UNLIMITED}
+    tiers = {"anonymous": {**UNLIMITED, "requests_per_minute": 100}, "ip": UNLIMITED}
     tmp = tmp_path_factory.mktemp("rl-two")
     servers = tuple(
         start_live_server(tmp / name, server_env(tmp / name, prefix, tiers)) for name in "ab"
@@ -117,13 +118,23 @@ async def capped_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterat
     require_service("Redis", "127.0.0.1", 6379)
     prefix = unique_prefix()
     tiers = {
-        "paid": {**UNLIMITED, "concurrent_requests": 2},
+        "anonymous": {**UNLIMITED, "concurrent_requests": 2},
         "ip": {**UNLIMITED, "requests_per_minute": 12},
     }
     tmp = tmp_path_factory.mktemp("rl-capped")
-    server = start_live_server(tmp, server_env(tmp, prefix, tiers))
+    env = server_env(tmp, prefix, tiers)
+    server = start_live_server(tmp, env)
     server.prefix = prefix  # type: ignore[attr-defined]
     try:
+        # A keyed caller too: keyless access refuses anything relayed (X-Forwarded-For).
+        cli_env = {
+            **os.environ,
+            **env,
+            "LLM_API_ENVIRONMENT": "test",
+            "LLM_API_JWT_SECRET": "test-secret-" + "x" * 40,
+            "LLM_API_DATA_DIR": str(tmp),
+        }
+        server.api_key = cli_api_key(cli_env, "rotating@example.com")
         yield server
     finally:
         server.stop()
@@ -194,10 +205,14 @@ async def test_forwarded_for_rotation_over_real_sockets(capped_server: LiveServe
     trusted proxy, so rotating the header never buys new per-IP requests."""
     url = f"{capped_server.base_url}/v1/chat/completions"
     async with httpx.AsyncClient(timeout=60) as client:
+        # Without a key, a relayed request is not the local caller (auth is off here): 401.
+        keyless = await client.post(url, json=body(), headers={"X-Forwarded-For": "198.51.100.1"})
+        assert keyless.status_code == 401
 
         async def send(i: int) -> httpx.Response:
             xff = f"198.51.100.{i}, 203.0.113.{i}"
-            return await client.post(url, json=body(), headers={"X-Forwarded-For": xff})
+            headers = {"X-Forwarded-For": xff, **capped_server.headers}
+            return await client.post(url, json=body(), headers=headers)
 
         r = await send(0)
         assert r.status_code in (200, 503)

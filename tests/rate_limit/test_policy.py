@@ -32,7 +32,7 @@ def test_tiers_merge_over_defaults(tmp_path: Path) -> None:
     with pytest.raises(ValidationError):
         make_settings(tmp_path, rate_limit_tiers={"free": {"requests_per_minute": 0}})
     with pytest.raises(ValidationError):
-        make_settings(tmp_path, rate_limit_login_per_account="lots")
+        make_settings(tmp_path, rate_limit_login_per_client="lots")
     with pytest.raises(ValidationError):
         make_settings(tmp_path, rate_limit_redis_timeout_ms=5000)  # never above 1 s
 
@@ -53,12 +53,10 @@ def test_limits_per_user_key_and_ip(tmp_path: Path) -> None:
     assert "user:rpm=1000" in names(specs)
     assert "key:concurrency=1" in names(specs)  # a key with its own override is checked too
     assert all(s.cost == 100 for s in specs if s.metric == "tokens")
-    anonymous = RequestContext("r", tier="paid", client_ip="10.0.0.2")  # auth disabled
-    assert names(policy.for_completion(anonymous, 1))[:2] == ["client:rpm=600", "client:tpm=400000"]
+    anonymous = RequestContext("r", tier="anonymous", client_ip="10.0.0.2")  # auth disabled
+    assert names(policy.for_completion(anonymous, 1))[:2] == ["client:rpm=60", "client:tpm=40000"]
     unknown = RequestContext("r", user_id="u2", tier="gold")
     assert names(policy.for_completion(unknown, 1))[0] == "user:rpm=60"  # falls back to free
-    login = policy.for_route("login", "10.0.0.1", "acct")
-    assert names(login) == ["ip:login=20", "account:login=10"]
 
 
 def test_reset_duration_format() -> None:

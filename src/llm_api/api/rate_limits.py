@@ -1,4 +1,4 @@
-"""Rate limits of routes without a model (login, key creation), called from their endpoints.
+"""Limits of routes without a model (login, key creation), called from their endpoints.
 Completions are limited inside the LLM service (services/rate_limit), after tokenization."""
 
 from __future__ import annotations
@@ -8,10 +8,11 @@ from typing import Literal
 from fastapi import Request
 
 from llm_api.core.state import AppState
+from llm_api.services.rate_limit.login import LoginThrottle
 
 
 async def limit_route(
-    request: Request, route: Literal["login", "key_creation"], account: str | None
+    request: Request, route: Literal["key_creation"], account: str | None
 ) -> None:
     """429 when this client IP or this account has used up the route's limit."""
     state: AppState = request.app.state.llm_api
@@ -19,3 +20,25 @@ async def limit_route(
         return
     client_ip = request.client.host if request.client else None
     await state.rate_limiter.check_route(route, client_ip, account)
+
+
+def _login_throttle(request: Request) -> LoginThrottle | None:
+    state: AppState = request.app.state.llm_api
+    limiter = state.rate_limiter
+    if limiter is None or not limiter.enabled:
+        return None
+    return limiter.login
+
+
+async def check_login(request: Request, username: str) -> None:
+    """Count a login attempt before the password is hashed; 429 while this (account, client)
+    pair or this client must wait (services/rate_limit/login.py)."""
+    throttle = _login_throttle(request)
+    if throttle is not None:
+        await throttle.check(username, request.client.host if request.client else None)
+
+
+async def login_succeeded(request: Request, username: str) -> None:
+    throttle = _login_throttle(request)
+    if throttle is not None:
+        await throttle.succeeded(username, request.client.host if request.client else None)

@@ -58,11 +58,46 @@ def bearer_credential(request: Request) -> str | None:
 PRINCIPAL_KEY = "llm_api_principal"
 
 
-def _loopback_only(request: Request) -> bool:
+# Headers that a proxy adds: a request carrying one was relayed for someone else, so its
+# loopback peer (a proxy on this host) says nothing about who is calling.
+_FORWARDING_HEADERS = frozenset(
+    {
+        b"forwarded", b"via", b"x-real-ip", b"x-client-ip", b"true-client-ip",
+        b"cf-connecting-ip", b"fastly-client-ip", b"x-cluster-client-ip", b"client-ip",
+        b"x-original-forwarded-for", b"x-proxyuser-ip",
+    }
+)  # fmt: skip
+
+
+def _forwarded(request: Request) -> bool:
+    return any(
+        name in _FORWARDING_HEADERS or name.startswith(b"x-forwarded-")
+        for name, _ in request.scope["headers"]
+    )
+
+
+def _loopback_host_header(request: Request) -> bool:
+    """The Host names this machine: a page whose own name was re-pointed at 127.0.0.1 (DNS
+    rebinding) sends its own name, so a browser cannot lend it the anonymous caller."""
+    host = request.headers.get("host", "")
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.strip("[]").lower()
+    return name == "localhost" or name.endswith(".localhost") or is_loopback(name)
+
+
+def _anonymous_allowed(request: Request) -> bool:
+    """Auth-off mode serves only a direct local caller: the TCP peer and the address it
+    connected to are loopback, nothing says the request was relayed, and it names this host.
+    Anything else (a reverse proxy on this host, a rebinding web page) gets a 401."""
     server = request.scope.get("server")
     server_host = server[0] if server else None
     client_host = request.client.host if request.client else None
-    return (server_host is None or is_loopback(server_host)) and is_loopback(client_host)
+    return (
+        (server_host is None or is_loopback(server_host))
+        and is_loopback(client_host)
+        and not _forwarded(request)
+        and _loopback_host_header(request)
+    )
 
 
 async def authenticate(request: Request) -> Principal | None:
@@ -78,8 +113,13 @@ async def _authenticate(request: Request) -> Principal | None:
         return None
     state: AppState = request.app.state.llm_api
     credential = bearer_credential(request)
-    if credential is None and not state.settings.auth_enabled and _loopback_only(request):
-        return ANONYMOUS
+    if credential is None and not state.settings.auth_enabled:
+        if _anonymous_allowed(request):
+            return ANONYMOUS
+        raise AuthenticationError(
+            "Credentials are required: keyless access is only for direct requests from this "
+            "machine, not through a proxy."
+        )
     if not credential:
         raise AuthenticationError()
     if state.db is None or state.auth is None:

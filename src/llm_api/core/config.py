@@ -219,8 +219,20 @@ class Settings(BaseSettings):
     rate_limit_overrides_file: Path | None = Field(
         None, description="YAML file with per-user and per-key limits (users: {id: {...}})."
     )
-    rate_limit_login_per_account: str = Field(
-        "10/minute", description="Login attempts per account (per IP: the anonymous tier's RPM)."
+    rate_limit_login_free_attempts: int = Field(
+        5,
+        ge=1,
+        le=100,
+        description="Login attempts per (account, client) before each further one waits a "
+        "doubling delay (1 s, 2 s, 4 s, ...); a success resets it. Never a lock-out.",
+    )
+    rate_limit_login_max_delay_seconds: int = Field(
+        900, ge=1, le=86_400, description="The longest delay between two such login attempts."
+    )
+    rate_limit_login_per_client: str = Field(
+        "60/minute",
+        description="Login attempts from one client over all accounts (against credential "
+        "stuffing; skipped for accounts that logged in from that client recently).",
     )
     rate_limit_key_creation: str = Field(
         "20/hour", description="API keys created per account, and per client IP."
@@ -268,7 +280,7 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, v: object) -> object:
         return None if v == "" else v
 
-    @field_validator("rate_limit_login_per_account", "rate_limit_key_creation")
+    @field_validator("rate_limit_login_per_client", "rate_limit_key_creation")
     @classmethod
     def _valid_rate(cls, v: str) -> str:
         from limits import parse

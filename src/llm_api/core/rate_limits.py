@@ -27,8 +27,8 @@ class TierLimits(BaseModel):
 # Comfortable for one person in the playground or `make serve` (a chat turn is a few hundred
 # tokens), while one free account cannot monopolise a CPU-bound server. `ip` caps everything
 # that arrives from one client address, over all the keys and accounts used from it (the
-# guide's "single IP, many keys" pitfall). `anonymous` applies per IP to routes without
-# credentials (login, registration).
+# guide's "single IP, many keys" pitfall). `anonymous` is the keyless local caller of
+# LLM_API_AUTH_ENABLED=false (per client address; never paid models).
 DEFAULT_TIERS: dict[str, TierLimits] = {
     "free": TierLimits(
         requests_per_minute=60,
@@ -42,7 +42,12 @@ DEFAULT_TIERS: dict[str, TierLimits] = {
         concurrent_requests=16,
         tokens_per_day=20_000_000,
     ),
-    "anonymous": TierLimits(requests_per_minute=20),
+    "anonymous": TierLimits(
+        requests_per_minute=60,
+        tokens_per_minute=40_000,
+        concurrent_requests=4,
+        tokens_per_day=1_000_000,
+    ),
     "ip": TierLimits(
         requests_per_minute=300,
         tokens_per_minute=200_000,

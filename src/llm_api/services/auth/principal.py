@@ -49,8 +49,10 @@ class Principal:
         return self.role == "admin"
 
 
-# Used only when LLM_API_AUTH_ENABLED=false and the caller is on loopback.
-ANONYMOUS = Principal(user_id=None, email=None, tier="paid", role="user", method="anonymous")
+# Used only when LLM_API_AUTH_ENABLED=false, for a direct loopback caller (api/security.py).
+# Its own tier, not "paid": no one paid, and anything on this host can be that caller, so it
+# gets the `anonymous` tier's limits (per client) and no paid model; use an account for those.
+ANONYMOUS = Principal(user_id=None, email=None, tier="anonymous", role="user", method="anonymous")
 
 
 def _from_user(

@@ -36,8 +36,9 @@ async def start_accounts(settings: Settings) -> tuple[Database, AuthServices]:
                 lock.close()
     if not settings.auth_enabled:
         log.warning(
-            "AUTHENTICATION IS DISABLED (LLM_API_AUTH_ENABLED=false): every loopback caller "
-            "is served without credentials. Never expose this server.",
+            "AUTHENTICATION IS DISABLED (LLM_API_AUTH_ENABLED=false): direct loopback callers "
+            "(no proxy headers) are served without credentials, on the anonymous tier. Never "
+            "expose this server.",
             host=settings.host,
         )
     try:

@@ -3,8 +3,8 @@ real token count when it ends (however it ends), and the Redis-failure policy.
 
 Wiring: the lifespan builds it (`build_rate_limiter`), registers `admit_completion` as the
 LLMService's admission hook (called after tokenization, before the model's admission gate) and
-`on_completion` as its first observer. Routes without a model (login, key creation) call
-`check_route`.
+`on_completion` as its first observer. Key creation calls `check_route`; login attempts go
+through `login` (login.py).
 
 Redis failures (`LLM_API_RATE_LIMIT_FAILURE_MODE`):
 - `local` (default): each process enforces its share of every limit (limit ÷ processes) in
@@ -27,6 +27,7 @@ from llm_api.core.ids import new_request_id
 from llm_api.core.metrics import RATE_LIMIT_REJECTIONS
 from llm_api.services.llm.types import CompletionRecord, RequestContext
 from llm_api.services.rate_limit.headers import rate_limit_headers, rejection
+from llm_api.services.rate_limit.login import LoginPolicy, LoginThrottle
 from llm_api.services.rate_limit.memory_store import MemoryStore
 from llm_api.services.rate_limit.policy import LimitPolicy
 from llm_api.services.rate_limit.redis_store import RedisStore, StoreUnavailable, build_redis
@@ -36,7 +37,7 @@ log = structlog.get_logger(__name__)
 
 
 def _count_rejection(spec: LimitSpec) -> None:
-    # A short fixed set of labels (scope_rule: user_rpm, ip_tpm, account_login, ...), never an id.
+    # A short fixed set of labels (scope_rule: user_rpm, ip_tpm, pair_login, ...), never an id.
     RATE_LIMIT_REJECTIONS.labels(limit=f"{spec.scope}_{spec.name}").inc()
 
 
@@ -57,6 +58,7 @@ class RateLimiter:
         failure_mode: str = "local",
         processes: int = 1,
         enabled: bool = True,
+        login: LoginThrottle | None = None,
     ) -> None:
         self.policy = policy
         self.store = store
@@ -69,6 +71,8 @@ class RateLimiter:
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
         self._degraded = False
+        # Login attempts: growing delays per (account, client), not windows (login.py).
+        self.login = login
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -232,10 +236,16 @@ def build_rate_limiter(settings: Settings) -> RateLimiter:
                 detail="without LLM_API_REDIS_URL each worker enforces the limits on its own, "
                 "so clients get up to workers × the limit; set LLM_API_REDIS_URL",
             )
+    login = LoginThrottle(
+        LoginPolicy.from_settings(settings),
+        store if isinstance(store, RedisStore) else None,
+        settings.rate_limit_failure_mode,
+    )
     return RateLimiter(
         policy,
         store,
         failure_mode=settings.rate_limit_failure_mode,
         processes=settings.workers * settings.rate_limit_replicas,
         enabled=settings.rate_limit_enabled,
+        login=login,
     )

@@ -59,16 +59,14 @@ class LimitPolicy:
         tiers: dict[str, TierLimits],
         overrides: RateLimitOverrides,
         lease_ms: int,
-        login_per_account: str,
         key_creation: str,
     ) -> None:
         self.tiers = tiers
         self.overrides = overrides
         self.lease_ms = lease_ms
         self.minute_ms = MINUTE_MS  # the "per minute" window (tests stretch it on slow machines)
-        anon = tiers["anonymous"].requests_per_minute
+        # Login is throttled on its own terms (services/rate_limit/login.py).
         self.routes: dict[str, tuple[tuple[int, int] | None, tuple[int, int]]] = {
-            "login": ((anon, MINUTE_MS) if anon else None, _item(login_per_account)),
             "key_creation": (_item(key_creation), _item(key_creation)),
         }
 
@@ -78,7 +76,6 @@ class LimitPolicy:
             settings.rate_limit_tiers,
             RateLimitOverrides.load(settings.rate_limit_overrides_file),
             settings.rate_limit_lease_seconds * 1000,
-            settings.rate_limit_login_per_account,
             settings.rate_limit_key_creation,
         )
 
@@ -136,7 +133,7 @@ class LimitPolicy:
         return specs
 
     def for_route(self, route: str, client_ip: str | None, account: str | None) -> list[LimitSpec]:
-        """Limits of a route without a model (login, key creation): per IP and per account."""
+        """Limits of a route without a model (key creation): per IP and per account."""
         per_ip, per_account = self.routes[route]
         label = route.replace("_", " ") + " attempts"
         specs: list[LimitSpec] = []

@@ -1,5 +1,6 @@
 """Login (OAuth2 password flow), refresh-token rotation and logout. Thin: the work is in
-services/users.py and services/auth/tokens.py. (Login rate limiting chains in here.)"""
+services/users.py and services/auth/tokens.py; login throttling in
+services/rate_limit/login.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.security import OAuth2PasswordRequestForm
 
 from llm_api.api.deps import AuthDep, CurrentUser, DbSession
-from llm_api.api.rate_limits import limit_route
+from llm_api.api.rate_limits import check_login, login_succeeded
 from llm_api.api.security import public
 from llm_api.core.exceptions import AuthenticationError
 from llm_api.schemas.accounts import LogoutRequest, LogoutResponse, RefreshRequest, TokenResponse
@@ -37,10 +38,11 @@ async def login(
     db: DbSession,
     auth: AuthDep,
 ) -> TokenResponse:
-    await limit_route(request, "login", form.username)  # per IP and per account, before hashing
+    await check_login(request, form.username)  # growing delays per (account, client), pre-hash
     user = await auth.users.authenticate(db, form.username, form.password)
     if user is None:
         raise AuthenticationError(BAD_LOGIN, code="invalid_credentials")
+    await login_succeeded(request, form.username)
     return _response(await auth.tokens.issue_pair(db, user.id))
 
 
