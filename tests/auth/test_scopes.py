@@ -25,7 +25,7 @@ from llm_api.db import migrate
 from llm_api.db.engine import Database
 from llm_api.services.auth import api_keys
 from tests.auth.conftest import AuthEnv, _database
-from tests.conftest import MODEL, running_app
+from tests.conftest import MODEL, create_account, running_app
 from tests.conftest import test_settings as settings_for
 
 
@@ -135,6 +135,19 @@ async def test_admin_scope_is_for_administrators_only(env: AuthEnv) -> None:
     assert r.status_code == 200
     # The admin scope does not carry the others.
     assert_missing(await new_key(env, bearer(admin_key.json()["key"])), "keys")
+
+
+async def test_a_demoted_administrators_key_loses_the_admin_scope(env: AuthEnv) -> None:
+    former = await create_account(env.app, role="admin")  # its key holds every scope
+    assert (await env.http.get("/v1/admin/users", headers=former.headers)).status_code == 200
+    demote = await env.http.patch(
+        f"/v1/admin/users/{former.user_id}", json={"role": "user"}, headers=env.admin.headers
+    )
+    assert demote.status_code == 200, demote.text
+    assert_missing(await env.http.get("/v1/admin/users", headers=former.headers), "admin")
+    r = await new_key(env, former.headers, scopes=["inference", "admin"])
+    assert r.status_code == 403 and r.json()["error"]["code"] == "scope_not_grantable"
+    assert (await new_key(env, former.headers, scopes=["inference"])).status_code == 201
 
 
 async def test_a_password_login_holds_every_scope_of_its_role(env: AuthEnv) -> None:
