@@ -25,7 +25,7 @@ from asgi_lifespan import LifespanManager
 
 from llm_api.core.config import Settings
 from llm_api.main import create_app
-from llm_api.services.auth import api_keys
+from llm_api.services.auth import api_keys, scopes
 from llm_api.services.llm.registry import DEFAULT_MODEL_ID, builtin_registry
 
 MODEL = DEFAULT_MODEL_ID
@@ -102,7 +102,9 @@ async def create_account(
     password = password or "pw-" + uuid.uuid4().hex
     async with state.db.sessions.begin() as db:
         user = await state.auth.users.create(db, email, password, role=role, tier=tier)
-        key, raw = await api_keys.create_key(db, user.id, "test")
+        # Every scope the role allows, so account tests can use the key; scope tests make
+        # their own narrower keys (tests/auth/test_scopes.py).
+        key, raw = await api_keys.create_key(db, user.id, "test", scopes.allowed_for(role))
     return Account(user.id, user.email, password, raw, key.id, role, tier)
 
 

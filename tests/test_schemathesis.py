@@ -52,8 +52,14 @@ def admin_key(data_dir: Path) -> str:
         check=True,
         capture_output=True,
     )
+    # Every scope, so the fuzzer reaches the key, account and admin routes too (a key is
+    # inference-only by default).
     out = subprocess.run(
-        [*cli, "keys", "create", email], env=env, check=True, capture_output=True, text=True
+        [*cli, "keys", "create", email, "--scope", "inference,keys,account,admin"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return out.stdout.strip().splitlines()[-1]
 

@@ -250,6 +250,7 @@ async def test_create_a_key_in_the_page_and_use_it_with_the_openai_sdk(tab: Tab,
     row = page.locator("#keys-table tr", has_text=name)
     await expect(row).to_have_count(1)
     assert secret not in ((await row.text_content()) or "")  # listed by prefix only
+    await expect(row.locator("td.scopes")).to_have_text("inference")  # the default scope
 
     sdk = openai.AsyncOpenAI(base_url=f"{site.url}/v1", api_key=secret, max_retries=0)
     completion = await sdk.chat.completions.create(

@@ -3,6 +3,7 @@
 llm-api db upgrade
 printf '%s' "$PASSWORD" | llm-api users create admin@example.com --admin --password-stdin
 llm-api keys create admin@example.com      # the key is the last line of stdout
+llm-api keys create admin@example.com --scope inference --scope keys   # default: inference
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from llm_api.core.config import Settings
 from llm_api.core.exceptions import APIError
 from llm_api.db import migrate
 from llm_api.db.engine import Database
+from llm_api.services.auth.scopes import ALL_SCOPES, DEFAULT_KEY_SCOPES
 
 T = TypeVar("T")
 
@@ -108,9 +110,23 @@ def users_create(
 
 @keys_app.command("create")
 def keys_create(
-    email: str, name: Annotated[str | None, typer.Option(help="A label for the key.")] = None
+    email: str,
+    name: Annotated[str | None, typer.Option(help="A label for the key.")] = None,
+    scope: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--scope",
+            help=f"What the key may do: {', '.join(ALL_SCOPES)} (repeat or comma-separate; "
+            "default: inference only; admin only for administrators).",
+        ),
+    ] = None,
 ) -> None:
     """Create an API key for a user and print it (last line of stdout; shown only once)."""
+    wanted = {s.strip() for value in scope or [] for s in value.split(",") if s.strip()}
+    unknown = sorted(wanted - set(ALL_SCOPES))
+    if unknown:
+        raise _fail(f"unknown scope {', '.join(unknown)}; choose from {', '.join(ALL_SCOPES)}")
+    requested = wanted or DEFAULT_KEY_SCOPES
 
     async def work(db: Database, settings: Settings) -> str:
         from llm_api.services.auth import api_keys
@@ -121,9 +137,12 @@ def keys_create(
             user = await auth.users.by_email(session, email)
             if user is None or not user.is_active:
                 raise _fail(f"no active user {email!r}")
-            key, raw = await api_keys.create_key(session, user.id, name)
+            if "admin" in requested and user.role != "admin":
+                raise _fail(f"the admin scope is only for administrators; {email} is not one")
+            key, raw = await api_keys.create_key(session, user.id, name, requested)
             typer.echo(
-                f"created key {key.id} for {user.email}; store it now, it is not shown again:"
+                f"created key {key.id} for {user.email} with scopes {key.scopes.replace(' ', ',')};"
+                " store it now, it is not shown again:"
             )
             return raw
 

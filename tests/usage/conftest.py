@@ -25,6 +25,7 @@ from sqlalchemy import func, select
 from llm_api.db.tables import UsageRecord
 from llm_api.main import create_app
 from llm_api.services.auth import api_keys
+from llm_api.services.auth.scopes import allowed_for
 from tests.conftest import MODEL, free_port, require_service, service_up, test_settings
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
@@ -65,7 +66,7 @@ class Running:
             user = await auth.users.create(
                 session, f"u-{nonce()}@example.com", "password-" + "x" * 12, role=role
             )
-            _, raw = await api_keys.create_key(session, user.id, "test")
+            _, raw = await api_keys.create_key(session, user.id, "test", allowed_for(role))
             return user.id, raw
 
     async def flush(self) -> None:

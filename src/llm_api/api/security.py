@@ -14,6 +14,7 @@ import structlog
 from fastapi import Depends, Request
 from sqlalchemy.exc import SQLAlchemyError
 
+from llm_api.api.scopes import check_scope
 from llm_api.core.config import is_loopback_host
 from llm_api.core.exceptions import (
     AuthenticationError,
@@ -104,6 +105,8 @@ async def authenticate(request: Request) -> Principal | None:
     """The caller, or None on a public route. Raises 401/503 otherwise. Also kept in the
     scope state (`PRINCIPAL_KEY`) for the completion routes' dependency (api/deps.py)."""
     principal = await _authenticate(request)
+    if principal is not None:
+        check_scope(request, principal)  # an API key only within its scopes (api/scopes.py)
     request.scope.setdefault("state", {})[PRINCIPAL_KEY] = principal
     return principal
 

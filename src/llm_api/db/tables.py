@@ -75,6 +75,8 @@ class ApiKey(Base):
     name: Mapped[str | None] = mapped_column(String(100), default=None)
     prefix: Mapped[str] = mapped_column(String(32))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # Space-separated (services/auth/scopes.py); rows from before scopes get inference only.
+    scopes: Mapped[str] = mapped_column(String(64), default="inference", server_default="inference")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from llm_api.db.tables import as_utc
 from llm_api.services.auth.passwords import MAX_PASSWORD_LENGTH
+from llm_api.services.auth.scopes import ALL_SCOPES, Scope
 
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
 Email = Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=254)]
@@ -41,6 +42,11 @@ class LogoutResponse(BaseModel):
 
 class ApiKeyCreate(Strict):
     name: Name | None = None
+    scopes: Annotated[list[Scope], Field(min_length=1, max_length=len(ALL_SCOPES))] | None = Field(
+        None,
+        description="What the key may do (default: inference only). Only scopes the caller "
+        "holds can be granted; `admin` only by administrators.",
+    )
 
 
 class ApiKeyInfo(BaseModel):
@@ -48,6 +54,7 @@ class ApiKeyInfo(BaseModel):
     object: Literal["api_key"] = "api_key"
     name: str | None
     prefix: str = Field(description="The first characters of the key, for recognising it.")
+    scopes: list[Scope] = Field(description="What the key may do (docs/security.md).")
     created_at: int
 
 

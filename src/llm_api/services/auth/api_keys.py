@@ -13,11 +13,13 @@ import re
 import secrets
 import string
 import zlib
+from collections.abc import Iterable
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from llm_api.db.tables import ApiKey, User, utcnow
+from llm_api.services.auth.scopes import DEFAULT_KEY_SCOPES, serialize
 
 KEY_PREFIX = "sk-llmapi-"
 _ALPHABET = string.digits + string.ascii_letters  # base62
@@ -67,9 +69,22 @@ def matches(stored_digest: str, key: str) -> bool:
 # --- storage: the caller's session owns the transaction; nothing here commits ---------------
 
 
-async def create_key(db: AsyncSession, user_id: str, name: str | None) -> tuple[ApiKey, str]:
+async def create_key(
+    db: AsyncSession,
+    user_id: str,
+    name: str | None,
+    scopes: Iterable[str] = DEFAULT_KEY_SCOPES,
+) -> tuple[ApiKey, str]:
+    """A new key with `scopes` (inference only unless asked). Callers check first that the
+    creator may grant them (`scopes.check_grant`)."""
     raw = generate()
-    row = ApiKey(user_id=user_id, name=name, prefix=display_prefix(raw), key_hash=digest(raw))
+    row = ApiKey(
+        user_id=user_id,
+        name=name,
+        prefix=display_prefix(raw),
+        key_hash=digest(raw),
+        scopes=serialize(scopes),
+    )
     db.add(row)
     await db.flush()
     return row, raw

@@ -22,6 +22,7 @@ from llm_api.db.tables import User
 from llm_api.services.auth import api_keys
 from llm_api.services.auth.key_cache import ApiKeyCache
 from llm_api.services.auth.passwords import Passwords
+from llm_api.services.auth.scopes import DEFAULT_KEY_SCOPES, allowed_for, parse
 from llm_api.services.auth.tokens import Tokens
 from llm_api.services.users import Users
 
@@ -43,6 +44,9 @@ class Principal:
     key_id: str | None = None
     session_id: str | None = None
     method: Literal["api_key", "jwt", "anonymous"] = "api_key"
+    # What this credential may do (services/auth/scopes.py): a key's own scopes within what
+    # its owner's role allows; a password login holds all that the role allows.
+    scopes: frozenset[str] = DEFAULT_KEY_SCOPES
 
     @property
     def is_admin(self) -> bool:
@@ -60,7 +64,9 @@ def _from_user(
     method: Literal["api_key", "jwt"],
     key_id: str | None = None,
     session_id: str | None = None,
+    key_scopes: str | None = None,
 ) -> Principal:
+    role_scopes = allowed_for(user.role)
     return Principal(
         user_id=user.id,
         email=user.email,
@@ -69,6 +75,8 @@ def _from_user(
         key_id=key_id,
         session_id=session_id,
         method=method,
+        # A demoted admin's key keeps `admin` in its row but no longer holds it.
+        scopes=role_scopes if method == "jwt" else parse(key_scopes) & role_scopes,
     )
 
 
@@ -144,7 +152,7 @@ class Authenticator:
             if found is None:
                 raise AuthenticationError()  # failures are never cached
             key, user = found
-            principal = _from_user(user, "api_key", key_id=key.id)
+            principal = _from_user(user, "api_key", key_id=key.id, key_scopes=key.scopes)
             self.keys.put(key.key_hash, principal, generation)
             return principal
         if credential.count(".") != 2:

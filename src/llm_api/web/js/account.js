@@ -1,11 +1,14 @@
-// Account pages: one's API keys (created keys are shown once), usage as a chart of tokens per
-// day per model, and the current rate-limit standing.
+// Account pages: one's API keys (created keys are shown once, each with its scopes), usage as a
+// chart of tokens per day per model, and the current rate-limit standing.
 
 import { api, currentUser } from "./api.js";
 import { legend, stackedBars } from "./chart.js";
 import { $, fmtDate, fmtInt, h, mount, notice } from "./dom.js";
 
 const USAGE_DAYS = 14;
+// A new key's scopes (docs/security.md, "API key scopes"): inference is the default; the server
+// refuses any scope the signed-in credential does not hold, and `admin` is for administrators.
+const KEY_SCOPES = ["inference", "keys", "account", "admin"];
 
 function isoDay(date) {
   return date.toISOString().slice(0, 10);
@@ -66,7 +69,7 @@ async function renderKeys(section) {
       h(
         "table",
         { id: "keys-table" },
-        h("thead", {}, h("tr", {}, ["Name", "Key", "Created", ""].map((t) => h("th", {}, t)))),
+        h("thead", {}, h("tr", {}, ["Name", "Key", "Scopes", "Created", ""].map((t) => h("th", {}, t)))),
         h(
           "tbody",
           {},
@@ -76,6 +79,7 @@ async function renderKeys(section) {
               { dataset: { keyId: key.id } },
               h("td", {}, key.name || "—"),
               h("td", {}, h("code", {}, `${key.prefix || key.display_prefix || ""}…`)),
+              h("td", { class: "scopes" }, (key.scopes || []).join(", ") || "—"),
               h("td", {}, fmtDate(key.created_at)),
               h(
                 "td",
@@ -122,7 +126,8 @@ function keysSection() {
           const name = $("#key-name", section).value.trim() || "playground";
           const shown = $("#new-key", section);
           try {
-            const created = await api("/v1/keys", { method: "POST", json: { name } });
+            const scopes = KEY_SCOPES.filter((s) => $(`#scope-${s}`, section).checked);
+            const created = await api("/v1/keys", { method: "POST", json: { name, scopes } });
             const secret = created.key || created.api_key || created.secret;
             mount(
               shown,
@@ -147,11 +152,24 @@ function keysSection() {
       },
       h("label", { for: "key-name" }, "Name"),
       h("input", { id: "key-name", maxlength: 100, placeholder: "my-script" }),
+      KEY_SCOPES.map((s) =>
+        h(
+          "label",
+          { class: "scope", id: `scope-label-${s}`, hidden: s === "admin" },
+          h("input", { type: "checkbox", id: `scope-${s}`, checked: s === "inference" }),
+          ` ${s}`,
+        ),
+      ),
       h("button", { type: "submit" }, "Create key"),
     ),
     h("div", { id: "new-key", class: "once" }),
     h("div", { class: "body" }),
   );
+  currentUser()
+    .then((user) => {
+      if (user && user.role === "admin") $("#scope-label-admin", section).hidden = false;
+    })
+    .catch(() => {});
   renderKeys(section);
   return section;
 }

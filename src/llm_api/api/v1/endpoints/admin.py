@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 
 from llm_api.api.deps import AuthDep, DbSession
+from llm_api.api.scopes import requires_scope
 from llm_api.api.security import get_admin
 from llm_api.api.v1.endpoints.users import user_info
 from llm_api.core.exceptions import InvalidRequestError, NotFoundError
@@ -27,6 +28,7 @@ Admin = Annotated[Principal, Depends(get_admin)]
 
 
 @router.get("/users", response_model=UserList)
+@requires_scope("admin")
 async def list_users(
     db: DbSession,
     auth: AuthDep,
@@ -37,6 +39,7 @@ async def list_users(
 
 
 @router.post("/users", response_model=UserInfo, status_code=201)
+@requires_scope("admin")
 async def create_user(body: AdminUserCreate, db: DbSession, auth: AuthDep) -> UserInfo:
     user = await auth.users.create(db, body.email, body.password, role=body.role, tier=body.tier)
     return user_info(user)
@@ -50,11 +53,13 @@ async def _user(db: DbSession, user_id: str) -> User:
 
 
 @router.get("/users/{user_id}", response_model=UserInfo)
+@requires_scope("admin")
 async def get_user(user_id: str, db: DbSession) -> UserInfo:
     return user_info(await _user(db, user_id))
 
 
 @router.patch("/users/{user_id}", response_model=UserInfo)
+@requires_scope("admin")
 async def update_user(
     user_id: str, body: AdminUserUpdate, admin: Admin, db: DbSession, auth: AuthDep
 ) -> UserInfo:
@@ -73,6 +78,7 @@ async def update_user(
 
 
 @router.delete("/keys/{key_id}", response_model=DeletedApiKey)
+@requires_scope("admin")
 async def revoke_any_key(key_id: str, db: DbSession, auth: AuthDep) -> DeletedApiKey:
     if not await api_keys.revoke_key(db, key_id, None):
         raise NotFoundError("No such API key.", param="key_id")

@@ -11,6 +11,7 @@ from fastapi.security import OAuth2PasswordRequestForm
 
 from llm_api.api.deps import AuthDep, CurrentUser, DbSession
 from llm_api.api.rate_limits import check_login, login_succeeded
+from llm_api.api.scopes import requires_scope
 from llm_api.api.security import public
 from llm_api.core.exceptions import AuthenticationError
 from llm_api.schemas.accounts import LogoutRequest, LogoutResponse, RefreshRequest, TokenResponse
@@ -57,6 +58,7 @@ async def refresh(body: RefreshRequest, db: DbSession, auth: AuthDep) -> TokenRe
 
 
 @router.post("/logout", response_model=LogoutResponse)
+@requires_scope("account")
 async def logout(
     user: CurrentUser, db: DbSession, auth: AuthDep, body: LogoutRequest | None = None
 ) -> LogoutResponse:

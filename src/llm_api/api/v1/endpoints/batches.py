@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, BackgroundTasks, Query
 
 from llm_api.api.deps import BatchServiceDep, StateDep, UserId
+from llm_api.api.scopes import requires_scope
 from llm_api.schemas.batches import BatchList, BatchObject, CreateBatchRequest
 from llm_api.services.batches.service import batch_object
 
@@ -14,6 +15,7 @@ router = APIRouter(tags=["batches"])
 
 
 @router.post("/batches", response_model=BatchObject)
+@requires_scope("inference")
 async def create_batch(
     body: CreateBatchRequest,
     user_id: UserId,
@@ -30,6 +32,7 @@ async def create_batch(
 
 
 @router.get("/batches", response_model=BatchList)
+@requires_scope("inference")
 async def list_batches(
     user_id: UserId,
     batches: BatchServiceDep,
@@ -41,10 +44,12 @@ async def list_batches(
 
 
 @router.get("/batches/{batch_id}", response_model=BatchObject)
+@requires_scope("inference")
 async def get_batch(batch_id: str, user_id: UserId, batches: BatchServiceDep) -> BatchObject:
     return batch_object(await batches.get_batch(user_id, batch_id), batches.files)
 
 
 @router.post("/batches/{batch_id}/cancel", response_model=BatchObject)
+@requires_scope("inference")
 async def cancel_batch(batch_id: str, user_id: UserId, batches: BatchServiceDep) -> BatchObject:
     return batch_object(await batches.cancel_batch(user_id, batch_id), batches.files)

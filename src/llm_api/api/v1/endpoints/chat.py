@@ -8,6 +8,7 @@ from fastapi.responses import StreamingResponse
 from llm_api.api.deps import InferenceDep
 from llm_api.api.disconnect import cancel_on_disconnect
 from llm_api.api.lean_route import LeanRoute
+from llm_api.api.scopes import requires_scope
 from llm_api.api.streaming import sse_response
 from llm_api.schemas.chat import ChatCompletion, ChatCompletionRequest
 
@@ -16,6 +17,7 @@ router = APIRouter(tags=["chat"], route_class=LeanRoute)
 
 
 @router.post("/chat/completions", response_model=ChatCompletion)
+@requires_scope("inference")
 async def create_chat_completion(
     body: ChatCompletionRequest,
     request: Request,

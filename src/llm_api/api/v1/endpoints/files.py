@@ -8,6 +8,7 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import Response
 
 from llm_api.api.deps import BatchServiceDep, UserId
+from llm_api.api.scopes import requires_scope
 from llm_api.schemas.batches import FileDeleted, FileList, FileObject
 from llm_api.services.batches.service import file_object
 
@@ -15,6 +16,7 @@ router = APIRouter(tags=["files"])
 
 
 @router.post("/files", response_model=FileObject)
+@requires_scope("inference")
 async def upload_file(
     user_id: UserId,
     batches: BatchServiceDep,
@@ -27,6 +29,7 @@ async def upload_file(
 
 
 @router.get("/files", response_model=FileList)
+@requires_scope("inference")
 async def list_files(
     user_id: UserId, batches: BatchServiceDep, purpose: Annotated[str | None, Query()] = None
 ) -> FileList:
@@ -34,17 +37,20 @@ async def list_files(
 
 
 @router.get("/files/{file_id}", response_model=FileObject)
+@requires_scope("inference")
 async def get_file(file_id: str, user_id: UserId, batches: BatchServiceDep) -> FileObject:
     return file_object(await batches.get_file(user_id, file_id))
 
 
 @router.get("/files/{file_id}/content")
+@requires_scope("inference")
 async def file_content(file_id: str, user_id: UserId, batches: BatchServiceDep) -> Response:
     data = await batches.file_content(user_id, file_id)
     return Response(data, media_type="application/jsonl")
 
 
 @router.delete("/files/{file_id}", response_model=FileDeleted)
+@requires_scope("inference")
 async def delete_file(file_id: str, user_id: UserId, batches: BatchServiceDep) -> FileDeleted:
     await batches.delete_file(user_id, file_id)
     return FileDeleted(id=file_id)

@@ -1,7 +1,8 @@
 """GET /metrics: Prometheus exposition of every worker's metrics.
 
 Open only when `LLM_API_METRICS_PUBLIC` is true. Otherwise the caller needs the bearer token
-`LLM_API_METRICS_TOKEN` (what a Prometheus scrape job sends) or an admin's credentials.
+`LLM_API_METRICS_TOKEN` (what a Prometheus scrape job sends) or an admin's credentials (a
+password login, or a key with the `admin` scope).
 Under gunicorn (PROMETHEUS_MULTIPROC_DIR set) the values of all workers are merged.
 """
 
@@ -16,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from llm_api.api.deps import StateDep
+from llm_api.api.scopes import requires_scope
 from llm_api.api.security import authenticate, bearer_credential
 from llm_api.core.exceptions import PermissionDeniedError
 from llm_api.services.observability import sample
@@ -45,6 +47,7 @@ async def _authorize(request: Request, state: StateDep) -> None:
 
 
 @router.get("/metrics", include_in_schema=False)
+@requires_scope("admin")  # an admin's key needs the admin scope, as on /v1/admin
 async def metrics(request: Request, state: StateDep) -> Response:
     await _authorize(request, state)
     sample(state.llm)  # this worker's gauges as of now; others sample every second

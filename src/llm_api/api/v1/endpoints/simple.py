@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from llm_api.api.deps import LLMServiceDep, RequestCtx, SettingsDep
 from llm_api.api.disconnect import cancel_on_disconnect
+from llm_api.api.scopes import requires_scope
 from llm_api.api.streaming import ndjson_response
 from llm_api.schemas.completions import CompletionRequest, GenerateRequest, GenerateResponse
 from llm_api.services.llm.service import LLMService
@@ -36,6 +37,7 @@ def _as_completion(body: GenerateRequest, llm: LLMService, stream: bool) -> Comp
 
 
 @router.post("/generate", response_model=GenerateResponse)
+@requires_scope("inference")
 async def generate(
     body: GenerateRequest, request: Request, llm: LLMServiceDep, ctx: RequestCtx
 ) -> GenerateResponse:
@@ -53,6 +55,7 @@ async def generate(
 
 
 @router.post("/stream")
+@requires_scope("inference")
 async def stream(
     body: GenerateRequest, llm: LLMServiceDep, ctx: RequestCtx, settings: SettingsDep
 ) -> StreamingResponse:

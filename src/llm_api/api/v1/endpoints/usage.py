@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Query
 
 from llm_api.api.deps import AdminUser, CurrentUser, DbSession, SettingsDep
+from llm_api.api.scopes import requires_scope
 from llm_api.schemas.usage import (
     ConversationLogPreference,
     ConversationLogStatus,
@@ -25,6 +26,7 @@ END = Query(None, description="Last UTC day (YYYY-MM-DD), inclusive; default: to
 
 
 @router.get("/usage", response_model=UsageReport)
+@requires_scope("inference")
 async def my_usage(
     user: CurrentUser, db: DbSession, start: IsoDay | None = START, end: IsoDay | None = END
 ) -> UsageReport:
@@ -33,6 +35,7 @@ async def my_usage(
 
 
 @router.get("/admin/usage", response_model=UsageReport)
+@requires_scope("admin")
 async def all_usage(
     _: AdminUser,
     db: DbSession,
@@ -45,6 +48,7 @@ async def all_usage(
 
 
 @router.get("/conversation-log", response_model=ConversationLogStatus)
+@requires_scope("account")
 async def get_conversation_log(
     user: CurrentUser, db: DbSession, settings: SettingsDep
 ) -> ConversationLogStatus:
@@ -53,6 +57,7 @@ async def get_conversation_log(
 
 
 @router.put("/conversation-log", response_model=ConversationLogStatus)
+@requires_scope("account")
 async def put_conversation_log(
     body: ConversationLogPreference, user: CurrentUser, db: DbSession, settings: SettingsDep
 ) -> ConversationLogStatus:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from llm_api.api.deps import AuthDep, CurrentUser, DbSession
+from llm_api.api.scopes import requires_scope
 from llm_api.core.exceptions import AuthenticationError
 from llm_api.db.tables import User
 from llm_api.schemas.accounts import UserInfo, UserUpdate, epoch
@@ -32,11 +33,13 @@ async def _me(principal_id: str | None, db: DbSession, auth: AuthDep) -> User:
 
 
 @router.get("/me", response_model=UserInfo)
+@requires_scope("account")
 async def read_me(principal: CurrentUser, db: DbSession, auth: AuthDep) -> UserInfo:
     return user_info(await _me(principal.user_id, db, auth))
 
 
 @router.patch("/me", response_model=UserInfo)
+@requires_scope("account")
 async def update_me(
     body: UserUpdate, principal: CurrentUser, db: DbSession, auth: AuthDep
 ) -> UserInfo:
