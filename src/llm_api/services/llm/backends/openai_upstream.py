@@ -40,7 +40,13 @@ from llm_api.services.llm.types import GenerationChunk, GenerationRequest
 
 log = structlog.get_logger(__name__)
 _URL = re.compile(r"(https?|wss?)://\S+")
-MAX_LINE_BYTES = 4 * 1024 * 1024  # one SSE line (one chunk) larger than this is refused
+# What one upstream response may make us hold. An SSE line (one event) is at most a few KB from
+# any real server; a whole answer in one event stays well inside the bound. A read takes at most
+# MAX_READ_BYTES of what has arrived, so one chunk passed on (and held while a slow client reads,
+# api/streaming.py) is never the whole of a backlog. An error body is only read for its message.
+MAX_LINE_BYTES = 1024 * 1024  # one SSE line larger than this is refused
+MAX_READ_BYTES = 64 * 1024  # below MAX_LINE_BYTES: a line within one read always fits
+MAX_ERROR_BYTES = 64 * 1024
 
 
 # Typed views of the upstream's chunks, holding only what we read. msgspec decodes a read's
@@ -113,6 +119,9 @@ class OpenAIUpstreamBackend:
             headers=headers,
             connector=upstream_connector(self.config.max_connections),
             auto_decompress=False,
+            # The response buffer pauses the socket past twice this (aiohttp's high-water mark):
+            # what a stream not being read (a slow client, api/streaming.py) holds of the upstream.
+            read_bufsize=MAX_READ_BYTES,
             timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=self.config.connect_timeout, connect=None
             ),
@@ -164,11 +173,15 @@ class OpenAIUpstreamBackend:
         if self._session is None:
             raise UpstreamError("Upstream is not connected.")
         path, body = self._body(request)
-        # One deadline covers both the response headers and the first chunk.
+        # One deadline covers the response headers, an error body, and the first content.
         deadline = asyncio.get_running_loop().time() + self.config.first_token_timeout
         try:
             async with asyncio.timeout_at(deadline):
-                resp = await self._session.post(self._urls[path], data=orjson.dumps(body))
+                # Never follow a redirect: it would send the prompt and our key to wherever the
+                # `Location` points. A 3xx is the upstream's error (`_map_error`).
+                resp = await self._session.post(
+                    self._urls[path], data=orjson.dumps(body), allow_redirects=False
+                )
         except TimeoutError:
             raise UpstreamTimeoutError(
                 "The upstream model server did not answer in time."
@@ -176,8 +189,8 @@ class OpenAIUpstreamBackend:
         except aiohttp.ClientError:
             raise UpstreamError("Could not connect to the upstream model server.") from None
         async with resp:
-            if resp.status >= 400:
-                raise await _map_error(resp)
+            if resp.status >= 300:
+                raise await _map_error(resp, deadline)
             if resp.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
                 raise UpstreamError("The upstream sent a compressed stream, which we refused.")
             async for chunk in self._read(resp, deadline, _estimate_prompt_tokens(request)):
@@ -189,35 +202,43 @@ class OpenAIUpstreamBackend:
         totals = _Totals()
         pieces = 0
         loop = asyncio.get_running_loop()
-        # Read whatever bytes have arrived and split them into lines here, rather than one
-        # `readline()` (and one timeout context) per line: an upstream that sends many chunks
-        # per TCP read costs one await per read, not per chunk. The idle deadline moves on
-        # whenever a complete line arrives, as it did per line. Bytes already buffered are taken
-        # without a timer: only a read that has to wait runs under the deadline.
+        # Read whatever bytes have arrived (up to MAX_READ_BYTES) and split them into lines
+        # here, rather than one `readline()` (and one timeout context) per line: an upstream that
+        # sends many chunks per TCP read costs one await per read, not per chunk. Bytes already
+        # buffered are taken without a timer: only a read that has to wait runs under the
+        # deadline. That is the first-token deadline until the first text arrives (a role-only
+        # first chunk, or a keep-alive comment, is no token), then the idle timeout, moved on
+        # after each read with complete lines has been handed on: time a slow client takes to
+        # read it is not the upstream's silence.
         content = resp.content
         tail = b""
         done = False
+        started = False  # text has arrived: the idle timeout applies
         last: GenerationChunk | None = None  # the final read's text, held for the end
         while not done:
             try:
-                data = content.read_nowait()
+                data = content.read_nowait(MAX_READ_BYTES)
                 if not data and not content.at_eof():
                     async with asyncio.timeout_at(deadline):
-                        data = await content.readany()
+                        data = await content.read(MAX_READ_BYTES)
             except TimeoutError:
                 raise UpstreamTimeoutError(
                     "The upstream model server stopped sending tokens."
+                    if started
+                    else "The upstream model server did not answer in time."
                 ) from None
             except aiohttp.ClientError:
                 raise UpstreamError("The upstream connection failed mid-response.") from None
             if data:
+                # Only a line begun in an earlier read can be longer than one read: its length so
+                # far is checked (a `find` up to its end, only when one was left over).
+                if tail:
+                    end = data.find(b"\n")
+                    if len(tail) + (end if end >= 0 else len(data)) > MAX_LINE_BYTES:
+                        raise UpstreamError("The upstream sent an oversized chunk.")
                 buf = tail + data
                 cut = buf.rfind(b"\n") + 1  # the read's complete lines end here
                 block, tail = buf[:cut], buf[cut:]
-                if cut:
-                    deadline = loop.time() + self.config.idle_timeout
-                elif len(tail) > MAX_LINE_BYTES:
-                    raise UpstreamError("The upstream sent an oversized chunk.")
             else:  # EOF: a last line without its newline still counts
                 block, tail, done = tail, b"", True
             texts: list[str] = []  # this read's text pieces, sent on as one chunk
@@ -236,6 +257,7 @@ class OpenAIUpstreamBackend:
             else:
                 error = _fold_dicts(_decode(payloads), texts, totals)
             if texts:
+                started = True
                 pieces += len(texts)
                 last = GenerationChunk(text="".join(texts), tokens=len(texts))
                 if not (done and error is None and totals.finish is not None):
@@ -243,6 +265,8 @@ class OpenAIUpstreamBackend:
                     last = None
             if error is not None:
                 raise UpstreamError(error)
+            if started and block:
+                deadline = loop.time() + self.config.idle_timeout
         if totals.finish is None:
             raise UpstreamError("The upstream closed the stream before finishing.")
         prompt, completion = totals.prompt_tokens, totals.completion_tokens
@@ -424,8 +448,31 @@ def _clean(message: str) -> str:
     return _URL.sub("[upstream]", message)[:500] or "Upstream error."
 
 
-async def _map_error(resp: aiohttp.ClientResponse) -> APIError:
-    raw = await resp.read()
+async def _error_body(resp: aiohttp.ClientResponse, deadline: float) -> bytes:
+    """At most MAX_ERROR_BYTES of an error body, read by the request's deadline: the message is
+    all we want from it, and an upstream must not make us hold (or wait for) more. What is left
+    unread is dropped with the connection when the response is released."""
+    parts: list[bytes] = []
+    left = MAX_ERROR_BYTES
+    try:
+        async with asyncio.timeout_at(deadline):
+            while left > 0 and (data := await resp.content.read(left)):
+                parts.append(data)
+                left -= len(data)
+    except (TimeoutError, aiohttp.ClientError):
+        pass  # the status alone decides
+    return b"".join(parts)
+
+
+async def _map_error(resp: aiohttp.ClientResponse, deadline: float) -> APIError:
+    status = resp.status
+    if status < 400:
+        log.warning("upstream_error", status=status, code="redirect")
+        return UpstreamError(
+            f"The upstream model server answered with a redirect (status {status}), "
+            "which is not followed."
+        )
+    raw = await _error_body(resp, deadline)
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -433,7 +480,6 @@ async def _map_error(resp: aiohttp.ClientResponse) -> APIError:
     message = _clean(_error_message(obj))
     err = obj.get("error") if isinstance(obj, dict) else None
     code = err.get("code") if isinstance(err, dict) else None
-    status = resp.status
     log.warning("upstream_error", status=status, code=code)
     if status == 429:
         retry = resp.headers.get("Retry-After", "1")
