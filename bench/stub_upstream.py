@@ -3,9 +3,9 @@
 It streams `tokens` chunks `interval` seconds apart (0: all at once) and can be told to misbehave:
 answer with an error status (optionally with Retry-After, optionally only for the first K
 requests, optionally with an error body that never ends), redirect, hang before the headers,
-pause between its opening chunk and the first token, stall or die after K tokens, or refuse
-prompts longer than a limit with `context_length_exceeded`. Tests change `StubUpstream.config`
-between requests; the benchmark runs it as a process:
+pause between its opening chunk and the first token, ignore `stream`, stall or die after K
+tokens, or refuse prompts longer than a limit with `context_length_exceeded`. Tests change
+`StubUpstream.config` between requests; the benchmark runs it as a process:
 
     python -m bench.stub_upstream --port 9100 --tokens 32 --interval 0
 
@@ -43,6 +43,7 @@ class StubConfig:
     first_token_delay: float = 0.0  # seconds between the opening (role-only) chunk and a token
     redirect_to: str | None = None  # answer 307 with this Location (completions and /models)
     endless_error: bool = False  # with fail_status: an error body that never ends
+    stream: bool = True  # False: answer with one JSON completion even when asked to stream
 
 
 @dataclass
@@ -130,7 +131,7 @@ class StubUpstream:
                     "code": "context_length_exceeded",
                 }
                 return web.json_response({"error": err}, status=400)
-            if not body.get("stream"):
+            if not body.get("stream") or not cfg.stream:
                 stats.completed += 1
                 return web.json_response(_whole(body, cfg))
             return await self._stream(request, body, cfg)

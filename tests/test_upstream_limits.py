@@ -133,6 +133,26 @@ async def test_an_oversized_event_is_refused(tmp_path: Path) -> None:
         assert await _ask(r, "fits", stream=False) == "y" * (1024 * 1024 - 1000)
 
 
+async def test_a_non_streamed_answer_is_read_whole_within_a_bound(tmp_path: Path) -> None:
+    """An upstream that ignores `stream` and answers with one JSON completion: its answer is
+    read (up to 4 MiB, MAX_BODY_BYTES) and passed on, streamed or not; a larger one is refused."""
+    async with (
+        stubs(StubConfig(tokens=3, stream=False)) as (whole,),
+        stubs(StubConfig(tokens=1, token="z" * (4 * 1024 * 1024 + 1), stream=False)) as (big,),
+        routed_app(tmp_path, [direct("d", whole.base_url), direct("big", big.base_url)]) as r,
+    ):
+        for stream in (False, True):
+            for legacy in (False, True):
+                assert await _ask(r, "d", stream, legacy) == "tok " * 3
+        reply = await r.client.chat.completions.create(model="d", messages=HI, max_tokens=3)
+        assert reply.choices[0].finish_reason == "length"
+        assert reply.usage is not None and reply.usage.completion_tokens == 3
+        with pytest.raises(openai.APIStatusError) as info:
+            await _ask(r, "big", stream=False)
+        assert info.value.status_code == 502
+        assert "oversized" in info.value.response.json()["error"]["message"]
+
+
 # --- first-token timeout ---------------------------------------------------------------------
 
 

@@ -47,6 +47,7 @@ _URL = re.compile(r"(https?|wss?)://\S+")
 MAX_LINE_BYTES = 1024 * 1024  # one SSE line larger than this is refused
 MAX_READ_BYTES = 64 * 1024  # below MAX_LINE_BYTES: a line within one read always fits
 MAX_ERROR_BYTES = 64 * 1024
+MAX_BODY_BYTES = 4 * 1024 * 1024  # a whole JSON answer, from an upstream that ignored `stream`
 
 
 # Typed views of the upstream's chunks, holding only what we read. msgspec decodes a read's
@@ -193,6 +194,10 @@ class OpenAIUpstreamBackend:
                 raise await _map_error(resp, deadline)
             if resp.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
                 raise UpstreamError("The upstream sent a compressed stream, which we refused.")
+            if resp.headers.get("Content-Type", "").startswith("application/json"):
+                # One whole answer: the upstream ignored `stream` (some do).
+                yield await _whole(resp, deadline, _estimate_prompt_tokens(request))
+                return
             async for chunk in self._read(resp, deadline, _estimate_prompt_tokens(request)):
                 yield chunk
 
@@ -448,20 +453,67 @@ def _clean(message: str) -> str:
     return _URL.sub("[upstream]", message)[:500] or "Upstream error."
 
 
-async def _error_body(resp: aiohttp.ClientResponse, deadline: float) -> bytes:
-    """At most MAX_ERROR_BYTES of an error body, read by the request's deadline: the message is
-    all we want from it, and an upstream must not make us hold (or wait for) more. What is left
-    unread is dropped with the connection when the response is released."""
+async def _read_at_most(resp: aiohttp.ClientResponse, deadline: float, limit: int) -> bytes:
+    """A body, or its first `limit` bytes, read by `deadline`. What is left unread is dropped with
+    the connection when the response is released."""
     parts: list[bytes] = []
-    left = MAX_ERROR_BYTES
-    try:
-        async with asyncio.timeout_at(deadline):
-            while left > 0 and (data := await resp.content.read(left)):
-                parts.append(data)
-                left -= len(data)
-    except (TimeoutError, aiohttp.ClientError):
-        pass  # the status alone decides
+    left = limit
+    async with asyncio.timeout_at(deadline):
+        while left > 0 and (data := await resp.content.read(left)):
+            parts.append(data)
+            left -= len(data)
     return b"".join(parts)
+
+
+async def _error_body(resp: aiohttp.ClientResponse, deadline: float) -> bytes:
+    """At most MAX_ERROR_BYTES of an error body: the message is all we want from it, and an
+    upstream must not make us hold (or wait for) more."""
+    try:
+        return await _read_at_most(resp, deadline, MAX_ERROR_BYTES)
+    except (TimeoutError, aiohttp.ClientError):
+        return b""  # the status alone decides
+
+
+async def _whole(
+    resp: aiohttp.ClientResponse, deadline: float, prompt_estimate: int
+) -> GenerationChunk:
+    """A non-streamed answer (one JSON completion, chat or legacy), read whole up to
+    MAX_BODY_BYTES by the first-token deadline, as the stream's one and last chunk."""
+    try:
+        raw = await _read_at_most(resp, deadline, MAX_BODY_BYTES + 1)
+    except TimeoutError:
+        raise UpstreamTimeoutError("The upstream model server did not answer in time.") from None
+    except aiohttp.ClientError:
+        raise UpstreamError("The upstream connection failed mid-response.") from None
+    if len(raw) > MAX_BODY_BYTES:
+        raise UpstreamError("The upstream sent an oversized response.")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        obj = None
+    if type(obj) is not dict:
+        raise UpstreamError("The upstream sent a malformed response.")
+    if "error" in obj:
+        raise UpstreamError(_clean(_error_message(obj)))
+    choices = obj.get("choices")
+    choice = choices[0] if type(choices) is list and choices else None
+    if type(choice) is not dict:
+        raise UpstreamError("The upstream sent a malformed response.")
+    message = choice.get("message")
+    text = message.get("content") if type(message) is dict else choice.get("text")
+    text = text if type(text) is str else ""
+    found = obj.get("usage")
+    usage: dict[str, Any] = found if isinstance(found, dict) else {}
+    prompt = _count(usage.get("prompt_tokens"), None)
+    completion = _count(usage.get("completion_tokens"), None)
+    return GenerationChunk(
+        text=text,
+        tokens=1 if text else 0,
+        finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
+        prompt_tokens=prompt if prompt is not None else prompt_estimate,
+        # ~4 characters a token when the upstream does not say, as for prompts.
+        completion_tokens=completion if completion is not None else -(-len(text) // 4),
+    )
 
 
 async def _map_error(resp: aiohttp.ClientResponse, deadline: float) -> APIError:
