@@ -2,9 +2,10 @@
 
 It streams `tokens` chunks `interval` seconds apart (0: all at once) and can be told to misbehave:
 answer with an error status (optionally with Retry-After, optionally only for the first K
-requests), hang before the headers, stall or die after K tokens, or refuse prompts longer than a
-limit with `context_length_exceeded`. Tests change `StubUpstream.config` between requests; the
-benchmark runs it as a process:
+requests, optionally with an error body that never ends), redirect, hang before the headers,
+pause between its opening chunk and the first token, ignore `stream`, stall or die after K
+tokens, or refuse prompts longer than a limit with `context_length_exceeded`. Tests change
+`StubUpstream.config` between requests; the benchmark runs it as a process:
 
     python -m bench.stub_upstream --port 9100 --tokens 32 --interval 0
 
@@ -39,6 +40,10 @@ class StubConfig:
     die_after: int | None = None  # drop the connection after K tokens
     context_limit: int | None = None  # 400 context_length_exceeded above this many prompt chars
     usage: bool = True  # send the usage chunk when asked to
+    first_token_delay: float = 0.0  # seconds between the opening (role-only) chunk and a token
+    redirect_to: str | None = None  # answer 307 with this Location (completions and /models)
+    endless_error: bool = False  # with fail_status: an error body that never ends
+    stream: bool = True  # False: answer with one JSON completion even when asked to stream
 
 
 @dataclass
@@ -47,6 +52,8 @@ class StubStats:
     completed: int = 0
     cancelled: int = 0
     failed: int = 0
+    models: int = 0  # GET /models (health checks)
+    bytes_sent: int = 0  # token chunks written to streams
     bodies: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
 
@@ -85,6 +92,9 @@ class StubUpstream:
             self._runner = None
 
     async def _models(self, request: web.Request) -> web.Response:
+        self.stats.models += 1
+        if self.config.redirect_to is not None:
+            return web.Response(status=307, headers={"Location": self.config.redirect_to})
         if self.config.fail_status is not None and self.config.fail_times is None:
             return web.json_response({"error": {"message": "down"}}, status=503)
         return web.json_response({"object": "list", "data": [{"id": "stub", "object": "model"}]})
@@ -97,6 +107,8 @@ class StubUpstream:
             stats.bodies.append(body)
             stats.headers.append(dict(request.headers))
         try:
+            if cfg.redirect_to is not None:
+                return web.Response(status=307, headers={"Location": cfg.redirect_to})
             if cfg.hang:
                 await asyncio.sleep(3600)
             if cfg.delay:
@@ -105,6 +117,8 @@ class StubUpstream:
                 cfg.fail_times is None or stats.requests <= cfg.fail_times
             ):
                 stats.failed += 1
+                if cfg.endless_error:
+                    return await self._endless_error(request, cfg.fail_status)
                 headers = {"Retry-After": cfg.retry_after} if cfg.retry_after else None
                 err = {"message": f"stub failure {cfg.fail_status}", "type": "server_error"}
                 return web.json_response({"error": err}, status=cfg.fail_status, headers=headers)
@@ -117,13 +131,24 @@ class StubUpstream:
                     "code": "context_length_exceeded",
                 }
                 return web.json_response({"error": err}, status=400)
-            if not body.get("stream"):
+            if not body.get("stream") or not cfg.stream:
                 stats.completed += 1
                 return web.json_response(_whole(body, cfg))
             return await self._stream(request, body, cfg)
         except asyncio.CancelledError:
             stats.cancelled += 1
             raise
+
+    async def _endless_error(self, request: web.Request, status: int) -> web.StreamResponse:
+        resp = web.StreamResponse(status=status, headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):  # until the client hangs up
+            await resp.write(b'{"error": {"message": "stub failure", "padding": "')
+            pad = b" " * 65536
+            while True:
+                await resp.write(pad)
+                self.stats.bytes_sent += len(pad)
+        return resp
 
     async def _stream(
         self, request: web.Request, body: dict[str, Any], cfg: StubConfig
@@ -138,7 +163,11 @@ class StubUpstream:
             await resp.write(head + b'"delta":{"role":"assistant","content":""}}]}\n\n')
             piece = head + b'"delta":{"content":' + text + b"}}]}\n\n"
         else:
+            if cfg.first_token_delay:  # an opening chunk without text, as some servers send
+                await resp.write(head + b'"text":""}]}\n\n')
             piece = head + b'"text":' + text + b"}]}\n\n"
+        if cfg.first_token_delay:
+            await asyncio.sleep(cfg.first_token_delay)
         for i in range(n):
             if cfg.die_after is not None and i == cfg.die_after:
                 assert request.transport is not None
@@ -147,6 +176,7 @@ class StubUpstream:
             if cfg.stall_after is not None and i == cfg.stall_after:
                 await asyncio.sleep(3600)
             await resp.write(piece)
+            self.stats.bytes_sent += len(piece)
             if cfg.interval:
                 await asyncio.sleep(cfg.interval)
         last = b'"delta":{}' if chat else b'"text":""'

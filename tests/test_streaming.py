@@ -11,7 +11,7 @@ import httpx
 import orjson
 import pytest
 
-from llm_api.api.streaming import _BATCH, _batches, ndjson_lines, sse_frames
+from llm_api.api.streaming import _BATCH, _MAX_BYTES, _batches, ndjson_lines, sse_frames
 from llm_api.core.exceptions import UpstreamTimeoutError
 from llm_api.schemas.chat import ChatCompletionChunk, ChoiceDelta, ChunkChoice
 from llm_api.schemas.completions import Completion, CompletionChoice
@@ -36,6 +36,10 @@ async def items(*chunks: object, fail: Exception | None = None) -> AsyncIterator
         yield c
     if fail is not None:
         raise fail
+
+
+def as_bytes(i: int) -> bytes:
+    return b"%d" % i
 
 
 async def collect(frames: AsyncIterator[bytes]) -> bytes:
@@ -182,8 +186,8 @@ async def test_items_made_together_leave_as_one_batch() -> None:
         for i in range(3):
             yield i  # no suspension between them
 
-    got = [b async for b in _batches(together(), 10)]
-    assert got == [([0, 1, 2], True)]
+    got = [b async for b in _batches(together(), 10, as_bytes)]
+    assert got == [([b"0", b"1", b"2"], True)]
 
 
 async def test_a_slow_consumer_stops_the_pump_after_a_batch() -> None:
@@ -197,13 +201,44 @@ async def test_a_slow_consumer_stops_the_pump_after_a_batch() -> None:
             yield i
 
     ahead, seen, ends = [], [], []
-    async for batch, last in _batches(eager(), 10):
+    async for batch, last in _batches(eager(), 10, as_bytes):
         ahead.append(made - len(seen))
         seen.extend(batch)
         ends.append(last)
         await asyncio.sleep(0.01)  # a slow client
-    assert seen == list(range(5 * _BATCH)) and ends[-1] and not any(ends[:-1])
+    assert seen == [as_bytes(i) for i in range(5 * _BATCH)] and ends[-1] and not any(ends[:-1])
     assert max(ahead) <= _BATCH and len(ahead) >= 5
+
+
+async def test_a_slow_consumer_stops_the_pump_at_a_byte_bound() -> None:
+    """Backpressure in bytes: items of 24 KiB (an upstream read each) stop the pump once
+    _MAX_BYTES wait, whatever the item count; a client that does not read holds no more."""
+    size = 24 * 1024
+    made = 0
+
+    async def large() -> AsyncIterator[bytes]:
+        nonlocal made
+        while True:
+            made += 1
+            yield b"x" * size
+
+    async def settled() -> int:
+        # The pump awaits nothing but the consumer: once `made` stops moving over a few
+        # loop steps, it is paused.
+        seen = -1
+        while seen != made:
+            seen = made
+            for _ in range(10):
+                await asyncio.sleep(0)
+        return made
+
+    batches = _batches(large(), 10, bytes)
+    first, _ = await anext(batches)  # taken, and not yet written: the client is slow
+    waiting = await settled() - len(first)
+    assert waiting * size <= _MAX_BYTES + size  # 3 items, where the item bound alone gave 64
+    second, _ = await anext(batches)
+    assert len(second) == waiting
+    await batches.aclose()
 
 
 async def test_closing_the_batches_closes_the_source() -> None:
@@ -217,8 +252,8 @@ async def test_closing_the_batches_closes_the_source() -> None:
         finally:
             closed.set()
 
-    batches = _batches(endless(), 10)
-    assert await anext(batches) == ([1], False)
+    batches = _batches(endless(), 10, as_bytes)
+    assert await anext(batches) == ([b"1"], False)
     await batches.aclose()  # the client went away
     assert closed.is_set()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -31,8 +31,12 @@ log = structlog.get_logger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _END = object()
 _KEEPALIVE = object()
-# At most this many items wait between the source and the socket, and join into one write.
+# Between the source and the socket, the pump stops once this many frames, or this many bytes,
+# wait to be written (they join into one write). The byte bound is what holds memory: one frame
+# can carry a whole upstream read (up to openai_upstream.MAX_READ_BYTES), so a slow client
+# holds at most about _MAX_BYTES plus one frame here, whatever it streams.
 _BATCH = 64
+_MAX_BYTES = 64 * 1024
 
 
 class _Failed:
@@ -43,10 +47,11 @@ class _Failed:
 
 
 async def _batches(
-    items: AsyncIterator[Any], interval: float
-) -> AsyncGenerator[tuple[list[Any], bool], None]:
-    """Yield `(batch, last)`: every item the source produced since the previous batch, or an
-    empty batch (a keep-alive) when `interval` passes without any; `last` once it has ended.
+    items: AsyncIterator[Any], interval: float, frame: Callable[[Any], bytes]
+) -> AsyncGenerator[tuple[list[bytes], bool], None]:
+    """Yield `(batch, last)`: the frames (`frame(item)`) of every item the source produced since
+    the previous batch, or an empty batch (a keep-alive) when `interval` passes without any;
+    `last` once it has ended.
 
     Why a hand-over and one task per stream: the keep-alive needs the next item to be awaited
     without cancelling it on a timeout (cancelling would tear down the generator chain), which
@@ -56,7 +61,9 @@ async def _batches(
     item is lost. And the hand-over shows what is ready *now*: items that arrived together (an
     upstream that sends several chunks per TCP read) leave in one write instead of one socket
     write each — no buffering, nothing waits for a later item. The bound keeps backpressure: a
-    slow client stops the pump, and so the upstream read, after `_BATCH` items.
+    slow client stops the pump, and so the upstream read, after `_MAX_BYTES` (or `_BATCH`
+    frames). The pump frames each item as it is made, so its size is known at no extra cost and
+    the item itself (text and JSON) is dropped at once.
     """
     # The hand-over is a deque and two futures rather than an asyncio.Queue: one producer, one
     # consumer that takes everything at once, so the queue's general machinery (getter and putter
@@ -66,6 +73,7 @@ async def _batches(
     loop = asyncio.get_running_loop()
     waiting: asyncio.Future[None] | None = None  # the consumer, on an empty deque
     paused: asyncio.Future[None] | None = None  # the pump, on a full one
+    size = 0  # bytes of the frames in the deque
     last = loop.time()  # when the previous batch (or keep-alive) left
 
     def put(item: Any) -> None:
@@ -77,11 +85,14 @@ async def _batches(
             waiting = None
 
     async def pump() -> None:
-        nonlocal paused
+        nonlocal paused, size
         try:
             async for item in items:
-                put(item)
-                if len(ready) >= _BATCH:  # backpressure: wait for the consumer to take them
+                data = frame(item)
+                size += len(data)
+                put(data)
+                # Backpressure: wait for the consumer to take them.
+                if size >= _MAX_BYTES or len(ready) >= _BATCH:
                     paused = loop.create_future()
                     await paused
         except Exception as exc:  # handed over and raised in the consumer, in order
@@ -114,6 +125,7 @@ async def _batches(
                 await waiting
             batch = list(ready)
             ready.clear()
+            size = 0
             if paused is not None:
                 if not paused.done():
                     paused.set_result(None)
@@ -156,20 +168,26 @@ def error_payload(exc: BaseException) -> dict[str, Any]:
     return ServerError("The server had an error while generating the response.").to_dict()
 
 
-def _json(chunk: BaseModel | TextFrame) -> bytes:
-    return chunk.json if isinstance(chunk, TextFrame) else chunk.model_dump_json().encode()
+def _sse_event(chunk: BaseModel | TextFrame) -> bytes:
+    body = chunk.json if isinstance(chunk, TextFrame) else chunk.model_dump_json().encode()
+    return b"data: " + body + b"\n\n"
+
+
+def _ndjson_line(chunk: BaseModel | TextFrame) -> bytes:
+    body = chunk.json if isinstance(chunk, TextFrame) else chunk.model_dump_json().encode()
+    return body + b"\n"
 
 
 async def sse_frames(
     chunks: AsyncIterator[BaseModel | TextFrame], keepalive: float
 ) -> AsyncIterator[bytes]:
     try:
-        async with aclosing(_batches(chunks, keepalive)) as batches:
+        async with aclosing(_batches(chunks, keepalive, _sse_event)) as batches:
             async for batch, last in batches:
                 if not batch and not last:
                     yield b": keep-alive\n\n"
                     continue
-                frames = b"".join([b"data: " + _json(c) + b"\n\n" for c in batch])
+                frames = b"".join(batch)
                 if last:
                     yield FinalFrame(frames + b"data: [DONE]\n\n")
                     return
@@ -183,12 +201,12 @@ async def ndjson_lines(
     chunks: AsyncIterator[BaseModel | TextFrame], keepalive: float
 ) -> AsyncIterator[bytes]:
     try:
-        async with aclosing(_batches(chunks, keepalive)) as batches:
+        async with aclosing(_batches(chunks, keepalive, _ndjson_line)) as batches:
             async for batch, last in batches:
                 if not batch and not last:
                     yield b"\n"  # blank lines are skipped by NDJSON readers
                 elif batch:
-                    lines = b"".join([_json(c) + b"\n" for c in batch])
+                    lines = b"".join(batch)
                     yield FinalFrame(lines) if last else lines
     except Exception as exc:
         yield FinalFrame(orjson.dumps(error_payload(exc)) + b"\n")

@@ -40,7 +40,14 @@ from llm_api.services.llm.types import GenerationChunk, GenerationRequest
 
 log = structlog.get_logger(__name__)
 _URL = re.compile(r"(https?|wss?)://\S+")
-MAX_LINE_BYTES = 4 * 1024 * 1024  # one SSE line (one chunk) larger than this is refused
+# What one upstream response may make us hold. An SSE line (one event) is at most a few KB from
+# any real server; a whole answer in one event stays well inside the bound. A read takes at most
+# MAX_READ_BYTES of what has arrived, so one chunk passed on (and held while a slow client reads,
+# api/streaming.py) is never the whole of a backlog. An error body is only read for its message.
+MAX_LINE_BYTES = 1024 * 1024  # one SSE line larger than this is refused
+MAX_READ_BYTES = 64 * 1024  # below MAX_LINE_BYTES: a line within one read always fits
+MAX_ERROR_BYTES = 64 * 1024
+MAX_BODY_BYTES = 4 * 1024 * 1024  # a whole JSON answer, from an upstream that ignored `stream`
 
 
 # Typed views of the upstream's chunks, holding only what we read. msgspec decodes a read's
@@ -113,6 +120,9 @@ class OpenAIUpstreamBackend:
             headers=headers,
             connector=upstream_connector(self.config.max_connections),
             auto_decompress=False,
+            # The response buffer pauses the socket past twice this (aiohttp's high-water mark):
+            # what a stream not being read (a slow client, api/streaming.py) holds of the upstream.
+            read_bufsize=MAX_READ_BYTES,
             timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=self.config.connect_timeout, connect=None
             ),
@@ -164,11 +174,15 @@ class OpenAIUpstreamBackend:
         if self._session is None:
             raise UpstreamError("Upstream is not connected.")
         path, body = self._body(request)
-        # One deadline covers both the response headers and the first chunk.
+        # One deadline covers the response headers, an error body, and the first content.
         deadline = asyncio.get_running_loop().time() + self.config.first_token_timeout
         try:
             async with asyncio.timeout_at(deadline):
-                resp = await self._session.post(self._urls[path], data=orjson.dumps(body))
+                # Never follow a redirect: it would send the prompt and our key to wherever the
+                # `Location` points. A 3xx is the upstream's error (`_map_error`).
+                resp = await self._session.post(
+                    self._urls[path], data=orjson.dumps(body), allow_redirects=False
+                )
         except TimeoutError:
             raise UpstreamTimeoutError(
                 "The upstream model server did not answer in time."
@@ -176,10 +190,14 @@ class OpenAIUpstreamBackend:
         except aiohttp.ClientError:
             raise UpstreamError("Could not connect to the upstream model server.") from None
         async with resp:
-            if resp.status >= 400:
-                raise await _map_error(resp)
+            if resp.status >= 300:
+                raise await _map_error(resp, deadline)
             if resp.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
                 raise UpstreamError("The upstream sent a compressed stream, which we refused.")
+            if resp.headers.get("Content-Type", "").startswith("application/json"):
+                # One whole answer: the upstream ignored `stream` (some do).
+                yield await _whole(resp, deadline, _estimate_prompt_tokens(request))
+                return
             async for chunk in self._read(resp, deadline, _estimate_prompt_tokens(request)):
                 yield chunk
 
@@ -189,35 +207,43 @@ class OpenAIUpstreamBackend:
         totals = _Totals()
         pieces = 0
         loop = asyncio.get_running_loop()
-        # Read whatever bytes have arrived and split them into lines here, rather than one
-        # `readline()` (and one timeout context) per line: an upstream that sends many chunks
-        # per TCP read costs one await per read, not per chunk. The idle deadline moves on
-        # whenever a complete line arrives, as it did per line. Bytes already buffered are taken
-        # without a timer: only a read that has to wait runs under the deadline.
+        # Read whatever bytes have arrived (up to MAX_READ_BYTES) and split them into lines
+        # here, rather than one `readline()` (and one timeout context) per line: an upstream that
+        # sends many chunks per TCP read costs one await per read, not per chunk. Bytes already
+        # buffered are taken without a timer: only a read that has to wait runs under the
+        # deadline. That is the first-token deadline until the first text arrives (a role-only
+        # first chunk, or a keep-alive comment, is no token), then the idle timeout, moved on
+        # after each read with complete lines has been handed on: time a slow client takes to
+        # read it is not the upstream's silence.
         content = resp.content
         tail = b""
         done = False
+        started = False  # text has arrived: the idle timeout applies
         last: GenerationChunk | None = None  # the final read's text, held for the end
         while not done:
             try:
-                data = content.read_nowait()
+                data = content.read_nowait(MAX_READ_BYTES)
                 if not data and not content.at_eof():
                     async with asyncio.timeout_at(deadline):
-                        data = await content.readany()
+                        data = await content.read(MAX_READ_BYTES)
             except TimeoutError:
                 raise UpstreamTimeoutError(
                     "The upstream model server stopped sending tokens."
+                    if started
+                    else "The upstream model server did not answer in time."
                 ) from None
             except aiohttp.ClientError:
                 raise UpstreamError("The upstream connection failed mid-response.") from None
             if data:
+                # Only a line begun in an earlier read can be longer than one read: its length so
+                # far is checked (a `find` up to its end, only when one was left over).
+                if tail:
+                    end = data.find(b"\n")
+                    if len(tail) + (end if end >= 0 else len(data)) > MAX_LINE_BYTES:
+                        raise UpstreamError("The upstream sent an oversized chunk.")
                 buf = tail + data
                 cut = buf.rfind(b"\n") + 1  # the read's complete lines end here
                 block, tail = buf[:cut], buf[cut:]
-                if cut:
-                    deadline = loop.time() + self.config.idle_timeout
-                elif len(tail) > MAX_LINE_BYTES:
-                    raise UpstreamError("The upstream sent an oversized chunk.")
             else:  # EOF: a last line without its newline still counts
                 block, tail, done = tail, b"", True
             texts: list[str] = []  # this read's text pieces, sent on as one chunk
@@ -236,6 +262,7 @@ class OpenAIUpstreamBackend:
             else:
                 error = _fold_dicts(_decode(payloads), texts, totals)
             if texts:
+                started = True
                 pieces += len(texts)
                 last = GenerationChunk(text="".join(texts), tokens=len(texts))
                 if not (done and error is None and totals.finish is not None):
@@ -243,6 +270,8 @@ class OpenAIUpstreamBackend:
                     last = None
             if error is not None:
                 raise UpstreamError(error)
+            if started and block:
+                deadline = loop.time() + self.config.idle_timeout
         if totals.finish is None:
             raise UpstreamError("The upstream closed the stream before finishing.")
         prompt, completion = totals.prompt_tokens, totals.completion_tokens
@@ -424,8 +453,78 @@ def _clean(message: str) -> str:
     return _URL.sub("[upstream]", message)[:500] or "Upstream error."
 
 
-async def _map_error(resp: aiohttp.ClientResponse) -> APIError:
-    raw = await resp.read()
+async def _read_at_most(resp: aiohttp.ClientResponse, deadline: float, limit: int) -> bytes:
+    """A body, or its first `limit` bytes, read by `deadline`. What is left unread is dropped with
+    the connection when the response is released."""
+    parts: list[bytes] = []
+    left = limit
+    async with asyncio.timeout_at(deadline):
+        while left > 0 and (data := await resp.content.read(left)):
+            parts.append(data)
+            left -= len(data)
+    return b"".join(parts)
+
+
+async def _error_body(resp: aiohttp.ClientResponse, deadline: float) -> bytes:
+    """At most MAX_ERROR_BYTES of an error body: the message is all we want from it, and an
+    upstream must not make us hold (or wait for) more."""
+    try:
+        return await _read_at_most(resp, deadline, MAX_ERROR_BYTES)
+    except (TimeoutError, aiohttp.ClientError):
+        return b""  # the status alone decides
+
+
+async def _whole(
+    resp: aiohttp.ClientResponse, deadline: float, prompt_estimate: int
+) -> GenerationChunk:
+    """A non-streamed answer (one JSON completion, chat or legacy), read whole up to
+    MAX_BODY_BYTES by the first-token deadline, as the stream's one and last chunk."""
+    try:
+        raw = await _read_at_most(resp, deadline, MAX_BODY_BYTES + 1)
+    except TimeoutError:
+        raise UpstreamTimeoutError("The upstream model server did not answer in time.") from None
+    except aiohttp.ClientError:
+        raise UpstreamError("The upstream connection failed mid-response.") from None
+    if len(raw) > MAX_BODY_BYTES:
+        raise UpstreamError("The upstream sent an oversized response.")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        obj = None
+    if type(obj) is not dict:
+        raise UpstreamError("The upstream sent a malformed response.")
+    if "error" in obj:
+        raise UpstreamError(_clean(_error_message(obj)))
+    choices = obj.get("choices")
+    choice = choices[0] if type(choices) is list and choices else None
+    if type(choice) is not dict:
+        raise UpstreamError("The upstream sent a malformed response.")
+    message = choice.get("message")
+    text = message.get("content") if type(message) is dict else choice.get("text")
+    text = text if type(text) is str else ""
+    found = obj.get("usage")
+    usage: dict[str, Any] = found if isinstance(found, dict) else {}
+    prompt = _count(usage.get("prompt_tokens"), None)
+    completion = _count(usage.get("completion_tokens"), None)
+    return GenerationChunk(
+        text=text,
+        tokens=1 if text else 0,
+        finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
+        prompt_tokens=prompt if prompt is not None else prompt_estimate,
+        # ~4 characters a token when the upstream does not say, as for prompts.
+        completion_tokens=completion if completion is not None else -(-len(text) // 4),
+    )
+
+
+async def _map_error(resp: aiohttp.ClientResponse, deadline: float) -> APIError:
+    status = resp.status
+    if status < 400:
+        log.warning("upstream_error", status=status, code="redirect")
+        return UpstreamError(
+            f"The upstream model server answered with a redirect (status {status}), "
+            "which is not followed."
+        )
+    raw = await _error_body(resp, deadline)
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -433,7 +532,6 @@ async def _map_error(resp: aiohttp.ClientResponse) -> APIError:
     message = _clean(_error_message(obj))
     err = obj.get("error") if isinstance(obj, dict) else None
     code = err.get("code") if isinstance(err, dict) else None
-    status = resp.status
     log.warning("upstream_error", status=status, code=code)
     if status == 429:
         retry = resp.headers.get("Retry-After", "1")

@@ -229,8 +229,10 @@ class RoutedBackend:
         with contextlib.suppress(aiohttp.ClientError, TimeoutError):
             key = os.environ.get(dep.config.api_key_env or "")
             headers = {"Authorization": f"Bearer {key}"} if key else None
-            async with session.get(f"{dep.config.base_url}/models", headers=headers) as resp:
-                healthy = resp.status < 500
+            # No redirects: the key would follow the `Location` (openai_upstream does the same).
+            url = f"{dep.config.base_url}/models"
+            async with session.get(url, headers=headers, allow_redirects=False) as resp:
+                healthy = resp.status < 300 or 400 <= resp.status < 500
         [state] = await self.breakers.states([dep.name])
         if not healthy:
             log.warning("health_check_failed", model=self.config.id, deployment=dep.name)
