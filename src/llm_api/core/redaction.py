@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping, MutableMapping
+from functools import lru_cache
 from typing import Any
 
 from pydantic import BaseModel
@@ -60,6 +61,7 @@ _VALUE = re.compile(r"(?!\[REDACTED\])[^\s'\"&,;)}\]]+")  # its value, unless al
 _URL_PASSWORD = re.compile(r"(://[^\s:/@]*:)[^\s@/]+@")
 
 
+@lru_cache(maxsize=1024)  # asked for every field of every line; the same few names repeat
 def is_secret_key(key: str) -> bool:
     return key.lower().translate(_KEY_SEPARATORS).endswith(_SECRET_KEY_ENDINGS)
 
