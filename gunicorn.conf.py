@@ -63,7 +63,18 @@ if os.path.isdir("/dev/shm"):  # noqa: S108 - gunicorn's documented choice in co
 
 
 def on_starting(server: Any) -> None:
-    """A fresh start must not merge stale values or readiness of a previous run's workers."""
+    """Refuse a public bind with the development JWT secret (`--bind` on the command line wins
+    over `bind` above, so the final addresses are checked here). A fresh start must not merge
+    stale values or readiness of a previous run's workers."""
+    from gunicorn.util import parse_address
+
+    for address in server.cfg.bind if server is not None else ():
+        parsed = parse_address(address)
+        if isinstance(parsed, tuple):  # a unix socket (a path) serves this machine only
+            try:
+                _settings.refuse_public_bind(str(parsed[0]))
+            except ValueError as exc:
+                raise SystemExit(f"Refusing to bind {address}: {exc}") from None
     for path in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
         os.remove(path)
     worker_readiness.clear(os.environ["PROMETHEUS_MULTIPROC_DIR"])

@@ -39,6 +39,10 @@ def serve(
     settings = Settings()
     if not settings.auth_enabled and not is_loopback_host(host or settings.host):
         raise typer.BadParameter("LLM_API_AUTH_ENABLED=false needs a loopback --host")
+    try:
+        settings.refuse_public_bind(host or settings.host)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--host") from None
     uvicorn.run(
         "llm_api.main:create_app",
         factory=True,

@@ -23,12 +23,13 @@ from llm_api.api.v1.endpoints import metrics as metrics_endpoint
 from llm_api.api.v1.router import include_v1
 from llm_api.api.web import install_web_ui
 from llm_api.core import worker_readiness
-from llm_api.core.config import Settings
+from llm_api.core.config import DEFAULT_JWT_SECRET, Settings
 from llm_api.core.gc_tuning import release_heap, settle_heap
 from llm_api.core.logging import configure_logging
 from llm_api.core.state import AppState
 from llm_api.middleware.access_log import AccessLogMiddleware
 from llm_api.middleware.body_limit import BodyLimitMiddleware
+from llm_api.middleware.dev_secret_guard import DevSecretGuardMiddleware
 from llm_api.middleware.drain import DrainMiddleware
 from llm_api.middleware.request_id import RequestIdMiddleware
 from llm_api.middleware.response_headers import ResponseHeadersMiddleware
@@ -134,4 +135,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # LLM_API_TRUSTED_PROXIES, walked right to left; with none trusted there is nothing to do.
     if settings.trusted_proxies:
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
+    if settings.jwt_secret == DEFAULT_JWT_SECRET:  # outermost: sees the connection as it came
+        app.add_middleware(DevSecretGuardMiddleware)
     return app

@@ -4,12 +4,15 @@ model (the multi-worker metrics test with gunicorn lives in test_gunicorn.py).""
 from __future__ import annotations
 
 import json
+import logging
 import re
+from dataclasses import dataclass
 
 import httpx
 import openai
 import pytest
 import structlog
+from pydantic import BaseModel
 
 from llm_api.services.llm.registry import DEFAULT_MODEL_ID
 from tests.conftest import Account
@@ -66,14 +69,80 @@ async def test_invalid_request_id_is_replaced(
     assert [r["path"] for r in logs.access() if r["request_id"] == generated] == ["/v1/models"]
 
 
-async def test_unmatched_path_logged_raw_but_probes_skipped(
+async def test_unmatched_path_is_not_logged_raw_and_probes_skipped(
     ops_http: httpx.AsyncClient, logs: LogCapture
 ) -> None:
+    """A path no route matched may carry what a client should not have put in a URL: the access
+    line names it `<unmatched>`, never the raw path (or its query string)."""
     await ops_http.get("/health")
     await ops_http.get("/ready")
-    resp = await ops_http.get("/no/such/route")
+    resp = await ops_http.get("/no/such/route/hunter2-in-a-path?password=hunter2-in-a-query")
     assert resp.status_code == 404
-    assert [(r["path"], r["status"]) for r in logs.access()] == [("/no/such/route", 404)]
+    assert [(r["path"], r["status"]) for r in logs.access()] == [("<unmatched>", 404)]
+    assert "hunter2" not in server_lines(logs)
+    # A matched route logs its template, not the ids in the path.
+    await ops_http.get("/v1/files/file-hunter2-not-there")
+    assert logs.access()[-1]["path"] == "/v1/files/{file_id}"
+    assert "hunter2" not in server_lines(logs)
+
+
+def server_lines(logs: LogCapture) -> str:
+    """The server's log lines: not the test client's own (httpx logs each URL it requests)."""
+    return "\n".join(json.dumps(r) for r in logs.records() if r.get("logger") != "httpx")
+
+
+def nest(value: object, depth: int) -> object:
+    for _ in range(depth):
+        value = {"level": value}
+    return value
+
+
+async def test_redactor_masks_passwords_and_refresh_tokens_in_any_structure(
+    ops_http: httpx.AsyncClient, ops_user: Account, logs: LogCapture
+) -> None:
+    """Real credentials from the running app (a password login's refresh and access tokens),
+    logged the ways code might by mistake, come out of the configured pipeline masked."""
+    login = await ops_http.post(
+        "/v1/auth/token", data={"username": ops_user.email, "password": ops_user.password}
+    )
+    assert login.status_code == 200, login.text
+    refresh, access = login.json()["refresh_token"], login.json()["access_token"]
+    password = ops_user.password
+
+    class Form(BaseModel):
+        username: str
+        password: str
+
+    @dataclass
+    class Grant:
+        refreshToken: str  # noqa: N815 - a camelCase key, as a client library would send
+        scope: str
+
+    log = structlog.get_logger("test")
+    log.warning(
+        "nested",
+        body={"user": {"credentials": [{"password": password}], "grant": (refresh,)}},
+        form=Form(username=ops_user.email, password=password),
+        grant=Grant(refreshToken=refresh, scope="all"),
+        tokens={frozenset({refresh})},
+        headers=[("X-Api-Key", ops_user.api_key)],
+        newPassword=password,
+        deep=nest(password, 16),  # deeper than any structure we log: masked, not printed
+    )
+    log.warning("text", detail=f"login failed: password={password}")
+    log.warning("text", detail=f'payload {{"refresh_token": "{refresh}"}} from client')
+    log.warning("url", url=f"postgresql+asyncpg://llm_api:{password}@db:5432/llm_api")
+    log.warning("query", path=f"/v1/x?api_key={ops_user.api_key}&refresh_token={refresh}")
+    logging.getLogger("stdlib").warning("stdlib says password: %s and %s", password, access)
+    try:
+        raise RuntimeError(f"redis://:{password}@redis:6379/0 refused token {refresh}")
+    except RuntimeError:
+        log.exception("failed")
+    text = server_lines(logs)
+    for secret in (password, refresh, refresh[-16:], access.split(".")[1], ops_user.api_key):
+        assert secret not in text, secret
+    assert text.count("[REDACTED]") >= 14
+    assert ops_user.email in text  # not everything is masked: only secrets
 
 
 async def test_canary_secrets_never_reach_logs(

@@ -134,7 +134,10 @@ async def _client_gone(_: Request, exc: Exception) -> Response:
 
 
 async def _unhandled(request: Request, exc: Exception) -> Response:
-    log.error("unhandled_error", path=request.url.path, exc_info=exc)
+    # The route template, not the raw path: a path can carry what a client should not have
+    # put there (a token, a password), and the access log keys on the template too.
+    route = request.scope.get("route")
+    log.error("unhandled_error", path=getattr(route, "path", "<unmatched>"), exc_info=exc)
     return error_response(ServerError("The server had an error processing your request."))
 
 

@@ -7,14 +7,17 @@ misconfigured server never comes up half-working.
 from __future__ import annotations
 
 import ipaddress
+import json
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from llm_api.core.rate_limits import DEFAULT_TIERS, TierLimits, merge_tiers
+from llm_api.core.secret_strength import weakness
 
 DEFAULT_JWT_SECRET = "dev-insecure-change-me"  # noqa: S105 - refused outside development
 
@@ -39,6 +42,9 @@ class Settings(BaseSettings):
         # an int, bool or path setting would reject or misread: an empty path is ".").
         env_ignore_empty=True,
         extra="ignore",
+        # A validation error at start names the setting and the reason, never the value: the
+        # input may be a secret (a JWT key, a database URL with its password).
+        hide_input_in_errors=True,
     )
 
     # --- server -----------------------------------------------------------------------------
@@ -155,7 +161,9 @@ class Settings(BaseSettings):
         True, description="Require credentials. May be false only when binding to loopback."
     )
     jwt_secret: str = Field(
-        DEFAULT_JWT_SECRET, description="HS256 signing key (>= 32 chars outside development)."
+        DEFAULT_JWT_SECRET,
+        description="HS256 signing key, >= 32 characters outside development; production "
+        "refuses example and guessable values (generate one: `openssl rand -hex 32`).",
     )
     jwt_issuer: str = Field("llm-api", description="JWT `iss` claim.")
     jwt_audience: str = Field("llm-api", description="JWT `aud` claim.")
@@ -180,8 +188,12 @@ class Settings(BaseSettings):
     refresh_token_days: int = Field(14, ge=1, description="Refresh-token lifetime.")
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins.")
     cors_allow_credentials: bool = Field(False, description="Allow credentials in CORS.")
-    trusted_proxies: list[str] = Field(
-        default_factory=list, description="CIDRs whose X-Forwarded-For is believed."
+    # NoDecode: the env value is a comma-separated list (as uvicorn's FORWARDED_ALLOW_IPS), easy
+    # to write in a Procfile or a start command; a JSON list is accepted too.
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="CIDRs whose X-Forwarded-For is believed, comma-separated "
+        "(docs/deployment.md lists each platform's).",
     )
     metrics_public: bool = Field(
         False, description="Serve /metrics without credentials (else an admin credential)."
@@ -191,7 +203,8 @@ class Settings(BaseSettings):
     )
     metrics_token: SecretStr | None = Field(
         None,
-        description="Bearer token that may read /metrics (for Prometheus) when it is not public.",
+        description="Bearer token that may read /metrics (for Prometheus) when it is not public; "
+        "production refuses example and guessable values, as for the JWT secret.",
     )
     otel_telemetry: bool = Field(
         False,
@@ -263,11 +276,24 @@ class Settings(BaseSettings):
         "llm-api:rl", min_length=1, description="Prefix of the limiter's Redis keys."
     )
 
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_cidrs(cls, v: object) -> object:
+        if isinstance(v, str):
+            text = v.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return v
+
     @field_validator("trusted_proxies")
     @classmethod
     def _valid_cidrs(cls, v: list[str]) -> list[str]:
-        for cidr in v:
-            ipaddress.ip_network(cidr, strict=False)
+        for i, cidr in enumerate(v):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"entry {i} is not an IP network (CIDR)") from None
         return v
 
     @field_validator("rate_limit_tiers")
@@ -285,18 +311,26 @@ class Settings(BaseSettings):
     def _valid_rate(cls, v: str) -> str:
         from limits import parse
 
-        parse(v)  # "10/minute", "20/hour": raises ValueError otherwise
+        try:
+            parse(v)  # "10/minute", "20/hour"
+        except ValueError:
+            raise ValueError("not a rate such as 10/minute") from None
         return v
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
-        if self.environment != "development" and (
+        if self.environment == "production":
+            self._refuse_weak_secrets()
+        elif self.environment != "development" and (
             self.jwt_secret == DEFAULT_JWT_SECRET or len(self.jwt_secret) < 32
         ):
             raise ValueError(
                 "LLM_API_JWT_SECRET must be set to a random value of >= 32 characters "
                 "outside development"
             )
+        # Anyone who can reach the server can read the default secret in this repository and
+        # sign their own tokens with it; development keeps it only while serving this machine.
+        self.refuse_public_bind(self.host)
         if not self.auth_enabled and not is_loopback_host(self.host):
             raise ValueError(
                 "LLM_API_AUTH_ENABLED=false is only allowed while binding to a loopback address"
@@ -304,6 +338,41 @@ class Settings(BaseSettings):
         if "*" in self.cors_origins and self.cors_allow_credentials:
             raise ValueError("CORS: '*' origins cannot be combined with credentials")
         return self
+
+    def _refuse_weak_secrets(self) -> None:
+        """Production takes only generated secrets: no example value, nothing guessable
+        (core/secret_strength.py). Messages name the setting and the reason, never the value."""
+        secrets = {"LLM_API_JWT_SECRET": self.jwt_secret}
+        if self.metrics_token is not None:
+            secrets["LLM_API_METRICS_TOKEN"] = self.metrics_token.get_secret_value()
+        for name, value in secrets.items():
+            reason = weakness(value)
+            if reason:
+                raise ValueError(
+                    f"{name} is not fit for production: {reason}. Generate one, e.g. "
+                    "`openssl rand -hex 32`, or let the platform generate it."
+                )
+        # Passwords inside connection URLs are the platform's or the operator's choice; refuse
+        # only the placeholders shipped in this repository's examples.
+        for name, url in (
+            ("LLM_API_DATABASE_URL", self.database_url),
+            ("LLM_API_REDIS_URL", self.redis_url),
+        ):
+            password = _url_password(url)
+            if password and weakness(password, min_chars=0, min_bits=0):
+                raise ValueError(
+                    f"{name} holds an example or placeholder password; set the real one"
+                )
+
+    def refuse_public_bind(self, host: str) -> None:
+        """Refuse to serve anything but this machine with the published development secret
+        (checked for LLM_API_HOST here, for `llm-api serve --host` and for gunicorn's bind)."""
+        if self.jwt_secret == DEFAULT_JWT_SECRET and not is_loopback_host(host):
+            raise ValueError(
+                "LLM_API_JWT_SECRET is the published development default; it may only be used "
+                "while binding to a loopback address. Set a random secret "
+                "(`openssl rand -hex 32`) to listen on other addresses."
+            )
 
     @cached_property
     def resolved_database_url(self) -> str:
@@ -314,3 +383,12 @@ class Settings(BaseSettings):
     @property
     def json_logs(self) -> bool:
         return self.log_json if self.log_json is not None else self.environment == "production"
+
+
+def _url_password(url: str | None) -> str | None:
+    if not url:
+        return None
+    try:
+        return urlsplit(url).password
+    except ValueError:  # a malformed URL fails later, where it is used
+        return None

@@ -3,9 +3,10 @@ the response has fully ended: for a stream that is after its last frame, so the 
 stream's token counts and duration. One middleware for both: they need the same status, duration
 and route template, and every middleware that wraps `send` costs each frame a call.
 
-Fields: method, path (the route template, e.g. /v1/chat/completions; the raw path only when no
-route matched), status, duration_ms, request_id (X-Request-ID, middleware/request_id.py), and from
-the request's RequestContext (api/deps.get_request_context keeps it in the scope state):
+Fields: method, path (the route template, e.g. /v1/files/{file_id}; `UNMATCHED` when no route
+matched, never the raw path, which a client may have put a password or token into), status,
+duration_ms, request_id (X-Request-ID, middleware/request_id.py), and from the request's
+RequestContext (api/deps.get_request_context keeps it in the scope state):
 generation_id (the id in completion ids and usage rows), user_id, model, prompt_tokens,
 completion_tokens, ttft_ms, cache. Never the body, the query string or a header value.
 """
@@ -27,6 +28,7 @@ from llm_api.services.llm.types import RequestContext
 CTX_KEY = "llm_api_ctx"  # scope["state"] key under which api/deps stores the RequestContext
 _SKIP = frozenset({"/health", "/ready", "/metrics"})  # probes would drown the log
 _UNMEASURED = "/metrics"  # scrapes do not count themselves
+UNMATCHED = "<unmatched>"  # the path field of a request no route matched
 
 log = structlog.get_logger("llm_api.access")
 _enabled = logging.getLogger("llm_api.access").isEnabledFor
@@ -89,7 +91,7 @@ class AccessLogMiddleware:
         state: dict[str, Any] = scope.get("state") or {}
         fields: dict[str, Any] = {
             "method": scope["method"],
-            "path": template or scope["path"][:256],
+            "path": template or UNMATCHED,
             "status": status,
             "duration_ms": round(duration_ms, 2),
             "request_id": state.get("request_id"),
