@@ -5,6 +5,7 @@ for local and upstream models alike, and the upstream never sees the request."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -65,14 +66,8 @@ async def http(
         for _ in range(600):
             if app.state.llm_api.llm.ready:
                 break
-            await _sleep()
+            await asyncio.sleep(0.1)
         yield client
-
-
-async def _sleep() -> None:
-    import asyncio
-
-    await asyncio.sleep(0.1)
 
 
 def chat(model: str, **extra: Any) -> dict[str, Any]:
