@@ -261,7 +261,7 @@ async def test_cache_hits_count_against_the_limits(
         app.state.llm_api.llm.observers.append(records.append)
         acct = await create_account(app)
         messages = [{"role": "user", "content": f"Say hi. ({tmp_path.name})"}]
-        # Enough room to finish with "stop": truncated answers are never cached.
+        # Enough room to finish with "stop": one short, repeatable answer.
         kw: dict[str, Any] = {"messages": messages, "temperature": 0, "max_tokens": 200}
         first = await post(http, acct, **kw)
         second = await post(http, acct, **kw)

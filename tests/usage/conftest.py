@@ -37,7 +37,7 @@ def nonce() -> str:
     Tests that expect a cache hit use fixed prompts instead: the cache key holds the tenant
     (a fresh user per test), and a fixed prompt has one greedy answer that ends on a stop
     sequence every run, where a random hex nonce sometimes sent the model into a loop that
-    ran out of tokens (a truncated answer is never cached, so the hit became a miss)."""
+    ran out of tokens (a different answer than the one the test expected)."""
     return uuid.uuid4().hex[:12]
 
 
@@ -101,10 +101,10 @@ async def running_app(tmp: Path, **overrides: Any) -> AsyncIterator[Running]:
 
 
 # The model stops at the first space or newline: answers are a word or two, end with
-# finish_reason "stop" (so they are cacheable) and cost a few decode steps.
+# finish_reason "stop" and cost a few decode steps.
 SHORT = [" ", "\n"]
-# Room to end on a SHORT stop sequence: a truncated (`length`) answer is never cached, and a
-# 16-token budget was sometimes spent on an echoed nonce, turning an expected hit into a miss.
+# Room to end on a SHORT stop sequence: a 16-token budget was sometimes spent on an echoed
+# nonce, so the answer (a `length` one) differed from the one the test expected.
 ROOM = 64
 
 

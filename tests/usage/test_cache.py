@@ -4,6 +4,8 @@ hits and misses, what is never cached, tenant isolation, bypass headers, replaye
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 import openai
 import pytest
@@ -74,13 +76,68 @@ async def test_non_deterministic_requests_are_never_cached(env: Running) -> None
     assert states == ["miss", "hit"]
 
 
-async def test_truncated_responses_are_not_cached(env: Running) -> None:
+@dataclass
+class Streamed:
+    cache: str
+    text: str
+    finishes: list[str]
+    usage: dict[str, Any]
+
+
+async def _streamed(client: openai.AsyncOpenAI, endpoint: str, **body: Any) -> Streamed:
+    """A streamed request through the SDK: its x-cache, text, finish reasons and usage."""
+    create = (
+        client.chat.completions.with_raw_response.create
+        if endpoint == "chat"
+        else client.completions.with_raw_response.create
+    )
+    raw = await create(stream=True, stream_options={"include_usage": True}, **body)
+    text, finishes, usage = "", [], None
+    async for chunk in raw.parse():
+        for choice in chunk.choices:
+            text += (choice.delta.content or "") if endpoint == "chat" else choice.text
+            finishes += [choice.finish_reason] if choice.finish_reason else []
+        usage = chunk.usage or usage
+    assert usage is not None
+    return Streamed(raw.headers["x-cache"], text, finishes, usage.model_dump(exclude_none=True))
+
+
+async def test_answers_cut_at_max_tokens_are_cached_and_replayed_alike(env: Running) -> None:
+    """A deterministic answer that ends at `max_tokens` is the whole answer to the request as
+    asked: it is stored, whether it was streamed or not, and every replay is the same."""
     _, key = await env.user()
-    body = chat_body(f"Write a long essay about rivers {nonce()}", max_tokens=1, stop=None)
+    client = env.client(key)
+    # Whole response first: then a whole hit and a streamed hit.
+    body = chat_body(f"Write a long essay about rivers {nonce()}", max_tokens=6, stop=None)
     state, first = await post(env, key, body)
-    assert first["choices"][0]["finish_reason"] == "length"
-    state, _ = await post(env, key, body)
-    assert state == "miss"
+    assert (state, first["choices"][0]["finish_reason"]) == ("miss", "length")
+    assert first["usage"]["completion_tokens"] == 6
+    state, second = await post(env, key, body)
+    assert state == "hit"
+    assert second["choices"] == first["choices"] and second["usage"] == first["usage"]
+    replay = await _streamed(client, "chat", **body)
+    assert replay == Streamed(
+        "hit", first["choices"][0]["message"]["content"], ["length"], first["usage"]
+    )
+    # A stream first: then a streamed hit and a whole hit.
+    body = chat_body(f"Describe the sea at length {nonce()}", max_tokens=5, stop=None)
+    live = await _streamed(client, "chat", **body)
+    assert (live.cache, live.finishes) == ("miss", ["length"])
+    again = await _streamed(client, "chat", **body)
+    assert again == Streamed("hit", live.text, live.finishes, live.usage)
+    state, whole = await post(env, key, body)
+    assert state == "hit"
+    assert whole["choices"][0]["message"]["content"] == live.text
+    assert whole["choices"][0]["finish_reason"] == "length"
+    assert whole["usage"] == live.usage
+    # Legacy completions alike.
+    prompt = {"model": MODEL, "prompt": f"Once upon a time {nonce()}", "max_tokens": 4}
+    live = await _streamed(client, "completions", temperature=0, **prompt)
+    assert (live.cache, live.finishes) == ("miss", ["length"])
+    completion = await client.completions.with_raw_response.create(temperature=0, **prompt)
+    assert completion.headers["x-cache"] == "hit"
+    parsed = completion.parse()
+    assert (parsed.choices[0].text, parsed.choices[0].finish_reason) == (live.text, "length")
 
 
 async def test_errors_are_not_cached(env: Running) -> None:

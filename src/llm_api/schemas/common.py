@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -31,44 +32,81 @@ UNSUPPORTED_FIELDS = (
 
 def reject_forbidden_fields(data: Any) -> None:
     """Walk a decoded JSON body; raise on a routing/secret field at any depth (`param` is its
-    path, as `messages[0].metadata.base_url`), or on nesting deeper than MAX_JSON_DEPTH."""
+    path, as `messages[0].metadata.base_url`), on nesting deeper than MAX_JSON_DEPTH, or on text
+    that is not valid Unicode (a lone UTF-16 surrogate such as `"\\ud800"`, which JSON's
+    escapes allow but UTF-8 cannot encode: it would fail wherever the text is encoded, in the
+    tokenizer, an upstream's body or a log line)."""
     found = _find_forbidden(data, 0)
     if found is None:
         return
-    key, parts = found
+    problem, parts = found
     path = ""
     for part in reversed(parts):
+        if isinstance(part, str):
+            part = _printable(part)
         path = f"{path}[{part}]" if isinstance(part, int) else f"{path}.{part}" if path else part
-    if key is None:
+    if problem == _TOO_DEEP:
         raise InvalidRequestError("Request body is nested too deeply.", param=path or None)
+    if problem == _SURROGATE:
+        raise InvalidRequestError(
+            f"`{path}` is not valid Unicode: it holds a lone UTF-16 surrogate (such as "
+            "`\\ud800`), which cannot be encoded as UTF-8.",
+            param=path,
+        )
     raise InvalidRequestError(
-        f"`{key}` cannot be set by a client; upstreams are configured by the operator.",
+        f"`{problem}` cannot be set by a client; upstreams are configured by the operator.",
         param=path,
     )
 
 
-def _find_forbidden(data: Any, depth: int) -> tuple[str | None, list[str | int]] | None:
-    """The first forbidden key (None: too deep) and its path, innermost part first. Only dicts
-    and lists are visited, and the path is only made for a finding: this runs on every
-    request, and almost every value is a string or a number."""
+_TOO_DEEP = "too deep"
+_SURROGATE = "surrogate"
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _bad_text(text: str) -> bool:
+    # isascii() is a flag check in CPython: almost every string costs nothing more.
+    return not text.isascii() and _SURROGATES.search(text) is not None
+
+
+def _printable(text: str) -> str:
+    """A key as it can be put in an error message (lone surrogates written as `\\udXXX`)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _find_forbidden(data: Any, depth: int) -> tuple[str, list[str | int]] | None:
+    """The first problem (a forbidden key, _TOO_DEEP or _SURROGATE) and its path, innermost
+    part first. Only dicts, lists and non-ASCII strings cost anything, and the path is only made
+    for a finding: this runs on every request."""
     if depth > MAX_JSON_DEPTH:
-        return None, []
+        return _TOO_DEEP, []
     if isinstance(data, dict):
         for key, value in data.items():
-            if isinstance(key, str) and key.lower() in FORBIDDEN_FIELDS:
-                return key, [key]
-            if isinstance(value, dict | list):
+            if isinstance(key, str):
+                if key.lower() in FORBIDDEN_FIELDS:
+                    return key, [key]
+                if _bad_text(key):
+                    return _SURROGATE, [key]
+            if isinstance(value, str):
+                if _bad_text(value):
+                    return _SURROGATE, [str(key)]
+            elif isinstance(value, dict | list):
                 found = _find_forbidden(value, depth + 1)
                 if found is not None:
                     found[1].append(str(key))
                     return found
     elif isinstance(data, list):
         for i, value in enumerate(data):
-            if isinstance(value, dict | list):
+            if isinstance(value, str):
+                if _bad_text(value):
+                    return _SURROGATE, [i]
+            elif isinstance(value, dict | list):
                 found = _find_forbidden(value, depth + 1)
                 if found is not None:
                     found[1].append(i)
                     return found
+    elif isinstance(data, str) and _bad_text(data):
+        return _SURROGATE, []
     return None
 
 

@@ -6,9 +6,11 @@ request may be cached, answers hits from the store (replayed as a stream when as
 and stores complete, deterministic responses after a miss. It also hands each finished response
 to `response_hooks` (the conversation log).
 
-Only deterministic requests are cached: effective temperature 0 or an explicit seed. Errors,
-truncated (`length`) and cancelled responses are never stored: a stream is stored only after its
-last chunk went out and every choice ended with `stop`.
+Only deterministic requests are cached: effective temperature 0 or an explicit seed. A response
+is stored once it is whole: a stream only after its last chunk went out, and only when every
+choice finished with `stop` or `length` (an answer cut at `max_tokens` or the context window is
+the same, repeatable answer to the same request). Errors and cancelled or incomplete responses
+raise or lack a finish, and are never stored.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from llm_api.services.llm.types import CompletionRecord, GenerationRequest, Requ
 log = structlog.get_logger(__name__)
 
 C = TypeVar("C", bound=ChatCompletionChunk | Completion | shaping.TextFrame)
+# What a whole answer ends with; a choice without a finish was cut short.
+_STORED_FINISHES = frozenset({"stop", "length"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +194,7 @@ class CachedLLMService:
         finishes: list[str | None],
     ) -> None:
         """After a whole response went out: store it when allowed, and tell the hooks."""
-        complete = len(finishes) == plan.choices and all(f == "stop" for f in finishes)
+        complete = len(finishes) == plan.choices and all(f in _STORED_FINISHES for f in finishes)
         if plan.key is not None and policy.write and complete and self.store is not None:
             entry = CachedResponse(
                 model=plan.config.id,
