@@ -88,6 +88,16 @@ async def _no_auth(request: httpx.Request) -> None:
     request.headers.pop("Authorization", None)
 
 
+@asynccontextmanager
+async def client_for(app: FastAPI, api_key: str) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The openai SDK as one account (for a `routed_app` started with auth on)."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+        yield openai.AsyncOpenAI(
+            base_url="http://127.0.0.1/v1", api_key=api_key, http_client=http, max_retries=0
+        )
+
+
 async def chat(r: Routed, model: str, **kw: Any) -> Any:
     return await r.client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=8, **kw

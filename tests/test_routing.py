@@ -17,9 +17,10 @@ from pydantic import ValidationError
 
 from bench.stub_upstream import StubConfig
 from llm_api.services.llm.registry import Registry
-from tests.conftest import eventually, free_port, require_service
+from tests.conftest import create_account, eventually, free_port, require_service
 from tests.routing_support import (
     chat,
+    client_for,
     closed_port,
     deployment,
     routed,
@@ -171,6 +172,48 @@ async def test_bad_request_does_not_fall_back(tmp_path: Path) -> None:
             with pytest.raises(openai.BadRequestError):
                 await chat(r, "a")
     assert (a.stats.requests, b.stats.requests) == (1, 0)
+
+
+async def test_fallbacks_pass_the_callers_tier_check(tmp_path: Path) -> None:
+    """A free model whose fallbacks list a paid one: a free user who makes the free model fail
+    (here a prompt over its context window, which anyone can send) never gets the paid model's
+    answer; the paid fallback is skipped and the next one the user may use answers. A paid user
+    gets the paid fallback."""
+    async with stubs(
+        StubConfig(context_limit=10),
+        StubConfig(tokens=2, token="paid "),
+        StubConfig(tokens=2, token="free "),
+    ) as (small, premium, spare):
+        models = [
+            routed("small", [deployment(small)], fallbacks=["premium", "spare"]),
+            routed("only-paid", [deployment(small)], fallbacks=["premium"]),
+            routed("premium", [deployment(premium)], tier="paid"),
+            routed("spare", [deployment(spare)]),
+        ]
+        async with routed_app(tmp_path, models, auth_enabled=True) as r:
+            free = await create_account(r.app)
+            paid = await create_account(r.app, tier="paid")
+            async with client_for(r.app, free.api_key) as sdk:
+                r.client = sdk
+                resp = await chat(r, "small")
+                assert (resp.model, resp.choices[0].message.content) == ("spare", "free free ")
+                text, chunks = await stream_text(r, "small")
+                assert (chunks[0].model, text) == ("spare", "free free ")
+                with pytest.raises(openai.BadRequestError) as exc:  # the model's own error
+                    await chat(r, "only-paid")
+                assert exc.value.code == "context_length_exceeded"
+                assert premium.stats.requests == 0
+            async with client_for(r.app, paid.api_key) as sdk:
+                r.client = sdk
+                resp = await chat(r, "only-paid")
+                assert (resp.model, resp.choices[0].message.content) == ("premium", "paid paid ")
+    assert premium.stats.requests == 1
+    assert [(rec.user_id, rec.model, rec.status) for rec in r.records] == [
+        (free.user_id, "spare", 200),
+        (free.user_id, "spare", 200),
+        (free.user_id, "only-paid", 400),
+        (paid.user_id, "premium", 200),
+    ]
 
 
 async def test_breaker_opens_half_opens_and_closes(tmp_path: Path) -> None:

@@ -103,6 +103,37 @@ async def test_replica_dying_mid_stream_is_an_sse_error_not_a_retry(tmp_path: Pa
     assert [(rec.status, rec.completion_tokens) for rec in r.records] == [(502, 4), (502, 4)]
 
 
+async def test_non_streaming_answer_cut_mid_response_is_retried(tmp_path: Path) -> None:
+    """Nothing of a non-streaming answer reaches the client before it is whole, so a replica
+    dying part-way through is retried on another replica (the router), and a model with
+    nowhere to retry (a plain upstream) falls back to the next model (the service), as failures
+    before the first chunk are. A stream cut after its first byte still ends with the in-band
+    error (test above)."""
+    dies = StubConfig(tokens=10, die_after=4, interval=0.02)
+    async with stubs(dies, StubConfig(tokens=3), StubConfig(tokens=2)) as (dying, other, spare):
+        models = [
+            routed("m", [deployment(dying, weight=1000), deployment(other, weight=0.001)]),
+            {"id": "solo", "backend": "openai", "base_url": dying.base_url, "fallbacks": ["spare"]},
+            routed("spare", [deployment(spare)]),
+        ]
+        async with routed_app(tmp_path, models) as r:
+            resp = await chat(r, "m")
+            assert (resp.model, resp.choices[0].message.content) == ("m", "tok tok tok ")
+            assert resp.usage is not None and resp.usage.completion_tokens == 3
+            assert (dying.stats.requests, other.stats.requests) == (1, 1)
+            resp = await chat(r, "solo")
+            assert (resp.model, resp.choices[0].message.content) == ("spare", "tok tok ")
+            with pytest.raises(openai.APIError):  # streaming: cut after its first byte
+                await stream_text(r, "solo")
+    assert (dying.stats.requests, spare.stats.requests) == (3, 1)
+    # One record per request, for the answer the client got.
+    assert [(rec.model, rec.status, rec.completion_tokens) for rec in r.records] == [
+        ("m", 200, 3),
+        ("spare", 200, 2),
+        ("solo", 502, 4),
+    ]
+
+
 async def test_usage_comes_from_the_upstream_usage_chunk(tmp_path: Path) -> None:
     async with (
         stubs(StubConfig(tokens=5)) as (a,),

@@ -99,20 +99,54 @@ async def test_tpm_reservation_settles_to_real_usage(
         first = await post(http, acct, max_tokens=300, temperature=0)
         assert first.status_code == 200
         usage = first.json()["usage"]
-        # Reserved at admission: prompt + max_tokens.
-        assert int(first.headers["x-ratelimit-remaining-tokens"]) == (
-            limit - usage["prompt_tokens"] - 300
-        )
+        # Reserved at admission, before tokenizing: the prompt estimated from its characters
+        # as OpenAI does ("Say hi": 6 // 3 + 1 = 3 tokens), + max_tokens.
+        estimate = 3
+        assert int(first.headers["x-ratelimit-remaining-tokens"]) == limit - estimate - 300
         assert usage["completion_tokens"] < 300  # "Say hi" stops early: settlement matters
         second = await post(http, acct, max_tokens=100, temperature=0)
         assert second.status_code == 200
         # The first is now settled to its real total; the second is reserved.
-        expected = limit - usage["total_tokens"] - second.json()["usage"]["prompt_tokens"] - 100
+        expected = limit - usage["total_tokens"] - estimate - 100
         assert int(second.headers["x-ratelimit-remaining-tokens"]) == expected
         # A request whose reservation does not fit is refused before the model.
         big = await post(http, acct, max_tokens=limit)
         assert big.status_code == 429
         assert "tokens per minute (TPM)" in big.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_requests_failing_in_preparation_count(
+    app: Any, http: httpx.AsyncClient, tmp_path: Path, backend: str
+) -> None:
+    """Admission comes before tokenizing: 70 prompts over the model's context window against
+    60 requests a minute get 60 errors then 429s (failed requests count, as at OpenAI), and
+    the remaining-requests header drops with each. Their reserved tokens come back: no model
+    processed them."""
+    records: list[CompletionRecord] = []
+    tiers = {
+        # Only counting under test: no lease a Redis settlement has yet to free can refuse.
+        "free": {"requests_per_minute": 60, "concurrent_requests": None},
+        "ip": {"tokens_per_minute": None, "concurrent_requests": None},
+    }
+    async with limits_on(app, tmp_path, backend, tiers=tiers):
+        app.state.llm_api.llm.observers.append(records.append)
+        acct = await create_account(app)
+        long = [{"role": "user", "content": "hello " * 2100}]  # past the 2048-token window
+        responses = [await post(http, acct, messages=long) for _ in range(70)]
+        assert [r.status_code for r in responses] == [400] * 60 + [429] * 10
+        assert responses[0].json()["error"]["code"] == "context_length_exceeded"
+        left = [r.headers["x-ratelimit-remaining-requests"] for r in responses]
+        assert left == [str(n) for n in range(59, -1, -1)] + ["0"] * 10
+        assert "requests per minute (RPM)" in responses[-1].json()["error"]["message"]
+        assert [(r.status, r.prompt_tokens, r.completion_tokens) for r in records] == [
+            (400, 0, 0)
+        ] * 60
+        if backend == "memory":  # settled at once (Redis settles in a task of its own)
+            # Each reserved its estimate alone: 12600 characters / 3, capped by the 2048-token
+            # window no prompt can exceed, plus max_tokens 1.
+            tokens = {r.headers["x-ratelimit-remaining-tokens"] for r in responses[:60]}
+            assert tokens == {str(40_000 - 2049)}
 
 
 async def test_forwarded_for_from_untrusted_peer_changes_nothing(

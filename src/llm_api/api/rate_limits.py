@@ -1,5 +1,5 @@
 """Limits of routes without a model (login, key creation), called from their endpoints.
-Completions are limited inside the LLM service (services/rate_limit), after tokenization."""
+Completions are limited inside the LLM service (services/rate_limit), before tokenization."""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -46,8 +47,9 @@ Observer = Callable[[CompletionRecord], Awaitable[None] | None]
 # A request already turned into engine requests (chat_requests / completion_requests), so a
 # caller that validated first (the cache layer) does not build them twice.
 Planned = tuple[ModelConfig, list[GenerationRequest]]
-# Called after tokenization and before the model's gate with the tokens to reserve (prompt +
-# max_tokens); raises to refuse (the rate limiter's 429). Settled through the observers.
+# Called before any preparation (tokenizing, compiling a grammar) with the tokens to reserve
+# (estimated prompt + max_tokens); raises to refuse (the rate limiter's 429). Settled through the
+# observers, whatever happens after it: a request that then fails still counted.
 AdmissionHook = Callable[[RequestContext, int], Awaitable[None]]
 log = structlog.get_logger(__name__)
 
@@ -61,13 +63,12 @@ class _Run:
     endpoint: str
     stream: bool
     started: float = field(default_factory=time.perf_counter)
-    admitted: float | None = None
+    admitted: float | None = None  # the current attempt got its model's slot
     first_token: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
-    prepared: bool = False  # passed validation on some model: the request gets a record
-    limited: bool = False  # passed the admission hooks (rate limits): once per request
+    limited: bool = False  # passed the admission hooks (rate limits): the request gets a record
 
 
 class LLMService:
@@ -107,9 +108,16 @@ class LLMService:
     def get_model_for(self, model_id: str, ctx: RequestContext) -> ModelConfig:
         """The model, if the caller's tier may use it (a paid model answers free users 402)."""
         config = self.get_model(model_id)
-        if config.tier == "paid" and ctx.tier != "paid":
+        if not _entitled(config, ctx):
             raise PaymentRequiredError("Paid subscription required", param="model")
         return config
+
+    def _candidates(self, config: ModelConfig, ctx: RequestContext) -> list[ModelConfig]:
+        """The model asked for, then its fallbacks that the caller may use: a fallback passes the
+        same tier check as a direct request, so a free model's paid fallback never answers a
+        free user (it is skipped, and the free model's own error stands)."""
+        fallbacks = (self.get_model(f) for f in config.fallbacks)
+        return [config, *(f for f in fallbacks if _entitled(f, ctx))]
 
     def _backend(self, config: ModelConfig) -> Backend:
         backend = self.backends[config.id]
@@ -245,24 +253,38 @@ class LLMService:
         stream: bool,
         n: int = 1,
     ) -> AsyncGenerator[tuple[int, GenerationChunk], None]:
-        """Validate, admit, generate. Yields (choice index, chunk). Tells the observers what the
-        request cost whatever happens (success, error, cancellation), once.
+        """Admit, validate, generate. Yields (choice index, chunk). Tells the observers what the
+        request cost whatever happens after admission (success, error, cancellation), once.
+
+        Admission (the hooks: rate, token and concurrency limits) comes before any preparation,
+        so tokenizing an over-long prompt or compiling a grammar is never free: a request that
+        fails after it has still counted against the caller's request limits (OpenAI counts
+        failed requests too), and its reserved tokens come back (no model processed them).
 
         When the model fails before its first chunk (an upstream error or timeout, 429, 503,
-        context too long) and lists `fallbacks`, those models are tried in order. Nothing has
-        reached the client then: streams wait for the first chunk (`_started`)."""
-        candidates = [config, *(self.get_model(f) for f in config.fallbacks)]
+        context too long) and lists `fallbacks`, those the caller may use are tried in order.
+        Nothing has reached the client then: streams wait for the first chunk (`_started`), and
+        a non-streaming answer is held until whole, so a failure anywhere in it falls back too."""
+        candidates = self._candidates(config, ctx)
+        for seq in seqs:
+            seq.buffered = not stream
         pristine = [_copy(s) for s in seqs] if len(candidates) > 1 else seqs
         run = _Run(ctx=ctx, model=config, endpoint=endpoint, stream=stream)
         ctx.model = config.id
         status, cancelled = 200, False
         try:
+            reservation = _reservation(seqs, _window(candidates))
+            for hook in self.admission_hooks:
+                await hook(ctx, reservation)
+            run.limited = True
             for i, model in enumerate(candidates):
                 attempt_seqs = seqs if i == 0 else [_copy(s, model.id) for s in pristine]
                 run.model, ctx.model, seqs = model, model.id, attempt_seqs
                 chunks = self._attempt(model, attempt_seqs, ctx, run)
                 try:
                     first = await anext(chunks, None)
+                    # Non-streaming: the rest too, before anything goes out (see above).
+                    held = [] if stream or first is None else [c async for c in chunks]
                 except APIError as exc:
                     await chunks.aclose()
                     if i + 1 == len(candidates) or not _falls_back(exc):
@@ -274,6 +296,8 @@ class LLMService:
                 try:
                     if first is not None:
                         yield first
+                    for item in held:
+                        yield item
                     async for item in chunks:
                         yield item
                 finally:
@@ -289,25 +313,26 @@ class LLMService:
             status = 500
             raise
         finally:
-            run.prompt_tokens = sum(s.prompt_tokens or 0 for s in seqs[::n])
+            # Prompt tokens count once a model took the request (its slot): a prompt refused in
+            # preparation (too long, a bad grammar) was tokenized but never processed.
+            counted = run.admitted is not None
+            run.prompt_tokens = sum(s.prompt_tokens or 0 for s in seqs[::n]) if counted else 0
             ctx.prompt_tokens, ctx.completion_tokens = run.prompt_tokens, run.completion_tokens
-            # Only admitted requests are recorded: validation errors (plain 4xx) and requests
-            # the rate limiter refused reached no model, and a client hammering 429s must not
-            # turn into a database write per refusal.
-            if run.prepared and run.limited:
+            # Every admitted request is recorded (and so settles its limits), failed or not;
+            # requests the rate limiter refused are not: a client hammering 429s must not turn
+            # into a database write per refusal.
+            if run.limited:
                 await self._notify(run, status, cancelled)
 
     async def _attempt(
         self, config: ModelConfig, seqs: list[GenerationRequest], ctx: RequestContext, run: _Run
     ) -> AsyncGenerator[tuple[int, GenerationChunk], None]:
-        """One model: prepare, admit, generate, keeping `run`'s counts."""
+        """One model: prepare, take its slot, generate, keeping `run`'s counts (a new attempt's
+        replace a failed one's: the record describes the answer the client got)."""
+        run.admitted = run.first_token = run.finish_reason = ctx.ttft_ms = None
+        run.completion_tokens = 0
         backend = self._backend(config)
         await self._prepare(backend, seqs)  # errors here are plain 4xx, raised before streaming
-        run.prepared = True
-        if not run.limited:  # a fallback model is not charged twice
-            for hook in self.admission_hooks:
-                await hook(ctx, _reservation(seqs))
-            run.limited = True
         tokens = [0] * len(seqs)  # per choice; authoritative once its finish chunk arrives
 
         def count(index: int, chunk: GenerationChunk) -> None:
@@ -466,19 +491,32 @@ def _copy(seq: GenerationRequest, model: str | None = None) -> GenerationRequest
     )
 
 
-def _reservation(seqs: list[GenerationRequest]) -> int:
+def _reservation(seqs: list[GenerationRequest], window: int | None) -> int:
     """Tokens a request may use: each distinct prompt once (n choices share it) plus every
-    sequence's max_tokens. Upstream prompts are not counted locally: estimated at 1 token per
-    3 characters (settled to the upstream's real usage afterwards)."""
+    sequence's max_tokens. Reserved before tokenizing, so prompts are estimated from their
+    characters as OpenAI does (1 token per 3 characters), and settled to the real usage
+    afterwards. Where every candidate model's context window is enforced here (`window`, local
+    models), no prompt or completion can be larger than it: an absurd max_tokens is then the
+    400 it deserves (context too long), not a 429 for a request larger than the limit."""
+    cap = window or sys.maxsize
     prompts: dict[int, int] = {}
     for seq in seqs:
         source = seq.messages if seq.messages is not None else seq.prompt
-        if seq.prompt_tokens is not None:
-            prompts[id(source)] = seq.prompt_tokens
-        else:
-            chars = sum(len(m.content) for m in seq.messages or []) + len(seq.prompt or "")
-            prompts[id(source)] = chars // 3 + 1
-    return sum(prompts.values()) + sum(seq.params.max_tokens for seq in seqs)
+        chars = sum(len(m.content) for m in seq.messages or []) + len(seq.prompt or "")
+        prompts[id(source)] = min(chars // 3 + 1, cap)
+    return sum(prompts.values()) + sum(min(seq.params.max_tokens, cap) for seq in seqs)
+
+
+def _window(candidates: list[ModelConfig]) -> int | None:
+    """The largest context window among the candidates, if this service enforces each one."""
+    if all(c.backend == "llama_cpp" for c in candidates):
+        return max(c.context_length for c in candidates)
+    return None
+
+
+def _entitled(config: ModelConfig, ctx: RequestContext) -> bool:
+    """Whether the caller's tier may use the model: paid models are for paid callers."""
+    return config.tier != "paid" or ctx.tier == "paid"
 
 
 def _falls_back(exc: APIError) -> bool:

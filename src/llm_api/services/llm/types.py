@@ -44,6 +44,9 @@ class GenerationRequest:
     # Set by backend.prepare() when it can count the prompt (local models).
     prompt_tokens: int | None = None
     user: str | None = None
+    # The whole answer is collected before any of it reaches the client (a non-streaming
+    # request): a failure part-way through may still be retried elsewhere.
+    buffered: bool = False
     # Private to the backend between prepare() and generate() (token ids, compiled grammar).
     engine_state: dict[str, Any] = field(default_factory=dict)
 

@@ -8,7 +8,7 @@ from llm_api.services.rate_limit.limiter import RateLimiter, build_rate_limiter
 
 
 async def start_rate_limiter(settings: Settings, llm: LLMService) -> RateLimiter:
-    """Build the limiter and hook it into the LLM service: checked after tokenization and before
+    """Build the limiter and hook it into the LLM service: checked before tokenization and before
     the model's admission gate; settled by the first observer (before any observer that awaits,
     so a cancelled request still frees its slot)."""
     limiter = build_rate_limiter(settings)

@@ -2,7 +2,7 @@
 real token count when it ends (however it ends), and the Redis-failure policy.
 
 Wiring: the lifespan builds it (`build_rate_limiter`), registers `admit_completion` as the
-LLMService's admission hook (called after tokenization, before the model's admission gate) and
+LLMService's admission hook (called before tokenization and the model's admission gate) and
 `on_completion` as its first observer. Key creation calls `check_route`; login attempts go
 through `login` (login.py).
 

@@ -3,7 +3,9 @@ local model), with retries before the first chunk, circuit breakers and optional
 
 Retries happen only until the first chunk has come back: the service waits for that chunk before
 it sends the client anything (`LLMService._started`), so a retry here is invisible to the client.
-Once a chunk has been yielded, a failure propagates: a stream is never restarted mid-way.
+Once a chunk has been yielded, a failure propagates: a stream is never restarted mid-way. A
+non-streaming request (`buffered`) sends nothing until its answer is whole, so its answer is
+collected here first and a failure anywhere in it is retried like one before the first chunk.
 """
 
 from __future__ import annotations
@@ -139,6 +141,8 @@ class RoutedBackend:
             try:
                 try:
                     first = await anext(stream)
+                    dep.observe_ttft(time.monotonic() - started)
+                    rest = [chunk async for chunk in stream] if request.buffered else []
                 except StopAsyncIteration:
                     raise UpstreamError("The upstream sent an empty response.") from None
                 except APIError as exc:
@@ -155,8 +159,9 @@ class RoutedBackend:
                         error=exc.code,
                     )
                     continue
-                dep.observe_ttft(time.monotonic() - started)
                 yield first
+                for chunk in rest:
+                    yield chunk
                 async for chunk in stream:
                     yield chunk
                 verdict = True
