@@ -170,5 +170,16 @@ async def test_sigterm_with_ten_open_streams(tmp_path: Path) -> None:
         streamed = {r["generation_id"]: r["completion_tokens"] for r in chat if r["status"] == 200}
         assert len(streamed) == 10
         assert rows == streamed
+        # The server's cut is told apart from a client leaving: 503, not a 499 disconnect.
+        with contextlib.closing(sqlite3.connect(tmp_path / "llm-api.db")) as db:
+            outcome_of = {
+                rid: (status, disconnected)
+                for rid, status, disconnected in db.execute(
+                    "SELECT request_id, status, disconnected FROM usage_records"
+                )
+            }
+        cut_ids = {r["generation_id"] for r in chat if r.get("drain_cut")}
+        assert cut_ids and all(outcome_of[rid] == (503, 0) for rid in cut_ids), outcome_of
+        assert all(outcome_of[rid] == (200, 0) for rid in streamed.keys() - cut_ids)
     finally:
         server.stop()

@@ -42,11 +42,20 @@ class _Flag(Protocol):
 class Drainer:
     """Lives on AppState as `state.drainer`; `state.draining` is the flag it raises."""
 
-    def __init__(self, flag: _Flag, timeout: float, hooks: list[DrainHook]) -> None:
+    def __init__(
+        self,
+        flag: _Flag,
+        timeout: float,
+        hooks: list[DrainHook],
+        cutting: asyncio.Event | None = None,
+    ) -> None:
         self.flag = flag
         self.timeout = timeout
         self.hooks = hooks
-        self.cut = False  # set when the drain timeout passed and in-flight work was cancelled
+        # Set when the drain timeout passed and in-flight work is being cancelled. Shared with
+        # the LLM service, which then records a cancellation as the server's cut (503), not as
+        # a client that left (499).
+        self.cutting = cutting or asyncio.Event()
         self.inflight: set[asyncio.Task[Any]] = set()
         self.cut_tasks: set[asyncio.Task[Any]] = set()  # the ones cancelled by the cut
         self._hooks_done = False
@@ -114,7 +123,7 @@ class Drainer:
         while self.inflight and loop.time() < deadline:
             await asyncio.sleep(0.05)
         if self.inflight:
-            self.cut = True
+            self.cutting.set()
             log.warning("drain_timeout_cutting", inflight=len(self.inflight))
             for task in list(self.inflight):
                 self.cut_tasks.add(task)
@@ -124,6 +133,10 @@ class Drainer:
                 await asyncio.sleep(0.05)
         await self.run_hooks()
         log.info("drain_finished", cut=self.cut)
+
+    @property
+    def cut(self) -> bool:
+        return self.cutting.is_set()
 
     async def run_hooks(self) -> None:
         """Run every on_drain hook once (also called from the lifespan's shutdown)."""

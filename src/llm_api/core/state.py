@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,4 +37,4 @@ class AppState:
     drainer: Drainer = field(init=False)
 
     def __post_init__(self) -> None:
-        self.drainer = Drainer(self, self.settings.drain_timeout, self.on_drain)
+        self.drainer = Drainer(self, self.settings.drain_timeout, self.on_drain, self.llm.drain_cut)

@@ -82,6 +82,9 @@ class LLMService:
         self.observers: list[Observer] = []
         self.admission_hooks: list[AdmissionHook] = []
         self.started_at = int(time.time())
+        # Set by the drainer (core/drain.py) when it cuts in-flight work at the drain deadline:
+        # a cancellation after that is the server's, recorded as 503, not a client's 499.
+        self.drain_cut = asyncio.Event()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -304,7 +307,8 @@ class LLMService:
                     await chunks.aclose()
                 return
         except (asyncio.CancelledError, GeneratorExit):
-            status, cancelled = 499, True
+            # The drain's cut, or the client going away (which is what cancels us otherwise).
+            status, cancelled = (503, False) if self.drain_cut.is_set() else (499, True)
             raise
         except APIError as exc:
             status = exc.status_code
