@@ -1,4 +1,5 @@
-"""Rate limits of routes without a model (login, key creation), called from their endpoints.
+"""Rate limits of routes without a model (login, key creation, batches and files), called from
+their endpoints.
 Completions are limited inside the LLM service (services/rate_limit), after tokenization."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from typing import Literal
 from fastapi import Request
 
 from llm_api.core.state import AppState
+from llm_api.services.llm.types import RequestContext
 
 
 async def limit_route(
@@ -19,3 +21,10 @@ async def limit_route(
         return
     client_ip = request.client.host if request.client else None
     await state.rate_limiter.check_route(route, client_ip, account)
+
+
+async def limit_request(state: AppState, ctx: RequestContext) -> None:
+    """Work without a model (a batch created, a file uploaded) counts against the caller's
+    requests-per-minute limits: 429 when they are used up."""
+    if state.rate_limiter is not None:
+        await state.rate_limiter.admit_request(ctx)
