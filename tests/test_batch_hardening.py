@@ -114,6 +114,23 @@ async def test_batch_creation_and_uploads_count_against_request_limits(tmp_path:
             await upload(client, chat_lines(1))
 
 
+async def test_uploads_may_be_as_large_as_the_file_limit_not_the_body_limit(
+    tmp_path: Path,
+) -> None:
+    """Request bodies are capped at LLM_API_MAX_BODY_BYTES (1 MB), but /v1/files at the batch
+    file limit: a 1.5 MB file is accepted, a body over the file limit is still a 413."""
+    limit = 2 * 1024 * 1024
+    settings = make_settings(tmp_path, warmup=False, batch_max_file_bytes=limit)
+    async with running_app(settings) as app:
+        client = sdk(app, await create_account(app))
+        data = big_input(4000)
+        assert 1024 * 1024 < len(data) < limit
+        assert (await upload(client, data)).bytes == len(data)
+        with pytest.raises(openai.APIStatusError) as exc:
+            await upload(client, big_input(9000))
+        assert exc.value.status_code == 413
+
+
 # --- validation off the event loop --------------------------------------------------------------
 
 
