@@ -6,6 +6,7 @@ batch dispatcher."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
@@ -61,15 +62,25 @@ def create(client: openai.AsyncOpenAI, file_id: str) -> Any:
 # --- quotas -----------------------------------------------------------------------------------
 
 
-async def test_storage_file_count_and_active_batch_quotas_answer_400(tmp_path: Path) -> None:
-    settings = make_settings(
-        tmp_path,
-        warmup=False,
-        files_max_bytes_per_user=8192,
-        files_max_count_per_user=3,
-        batch_max_active_per_user=1,
-    )
-    async with running_app(settings) as app:
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+async def test_storage_file_count_and_active_batch_quotas_answer_400(
+    tmp_path: Path, database: str
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        url = None
+        if database == "postgresql":  # the quota check takes a row lock there
+            require_service("PostgreSQL", "127.0.0.1", PG_PORT)
+            url = await stack.enter_async_context(postgres_database())
+        settings = make_settings(
+            tmp_path,
+            warmup=False,
+            database_url=url,
+            db_auto_migrate=True,
+            files_max_bytes_per_user=8192,
+            files_max_count_per_user=3,
+            batch_max_active_per_user=1,
+        )
+        app = await stack.enter_async_context(running_app(settings))
         client = sdk(app, await create_account(app))
         long = chat_lines(20, max_tokens=48)
         assert 4096 < len(long) <= 8192
@@ -94,6 +105,30 @@ async def test_storage_file_count_and_active_batch_quotas_answer_400(tmp_path: P
         # Another user has quotas of their own.
         other = sdk(app, await create_account(app))
         assert (await upload(other, long)).bytes == len(long)
+
+
+async def test_concurrent_uploads_cannot_both_pass_the_quota_on_postgresql(
+    tmp_path: Path,
+) -> None:
+    require_service("PostgreSQL", "127.0.0.1", PG_PORT)
+    async with postgres_database() as url:
+        settings = make_settings(
+            tmp_path,
+            warmup=False,
+            database_url=url,
+            db_auto_migrate=True,
+            files_max_count_per_user=1,
+        )
+        async with running_app(settings) as app:
+            client = sdk(app, await create_account(app))
+            results = await asyncio.gather(
+                *(upload(client, chat_lines(200, prefix=f"c{i}")) for i in range(12)),
+                return_exceptions=True,
+            )
+            stored = (await client.files.list()).data
+    assert len(stored) == 1, results
+    refused = [r for r in results if isinstance(r, openai.BadRequestError)]
+    assert len(refused) == 11 and all(r.code == "file_quota_exceeded" for r in refused)
 
 
 async def test_batch_creation_and_uploads_count_against_request_limits(tmp_path: Path) -> None:
