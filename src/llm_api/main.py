@@ -125,7 +125,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-Request-ID", "Cache-Control"],
         )
     app.add_middleware(ResponseHeadersMiddleware)  # x-ratelimit-* on every completion
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        # A batch input file may be up to its own limit (plus the multipart envelope).
+        per_path={"/v1/files": settings.batch_max_file_bytes + 64 * 1024},
+    )
     app.add_middleware(DrainMiddleware)  # 503 while draining; cuts streams at the deadline
     # One log line and the HTTP metrics per request, after its last byte.
     app.add_middleware(AccessLogMiddleware)

@@ -20,7 +20,7 @@ from llm_api.core.state import AppState
 from llm_api.middleware.access_log import CTX_KEY as ACCESS_LOG_CTX_KEY
 from llm_api.middleware.request_id import GENERATED_KEY as GENERATED_REQUEST_ID_KEY
 from llm_api.services.auth.principal import AuthServices, Principal
-from llm_api.services.batches.service import BatchService
+from llm_api.services.batches.service import BatchService, StorageQuotas
 from llm_api.services.cache.service import CachedLLMService, CachePolicy
 from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.types import RequestContext
@@ -147,6 +147,11 @@ async def get_batch_service(state: StateDep, db: DbSession) -> BatchService:
         state.files,
         max_bytes=settings.batch_max_file_bytes,
         max_lines=settings.batch_max_lines,
+        quotas=StorageQuotas(
+            max_stored_bytes=settings.files_max_bytes_per_user,
+            max_files=settings.files_max_count_per_user,
+            max_active_batches=settings.batch_max_active_per_user,
+        ),
     )
 
 

@@ -1,5 +1,6 @@
-"""Limits of routes without a model (login, key creation), called from their endpoints.
-Completions are limited inside the LLM service (services/rate_limit), before tokenization."""
+"""Rate limits of routes without a model (login, key creation, batches and files), called from
+their endpoints. Completions are limited inside the LLM service (services/rate_limit), before
+tokenization."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Literal
 from fastapi import Request
 
 from llm_api.core.state import AppState
+from llm_api.services.llm.types import RequestContext
 from llm_api.services.rate_limit.login import LoginThrottle
 
 
@@ -42,3 +44,10 @@ async def login_succeeded(request: Request, username: str) -> None:
     throttle = _login_throttle(request)
     if throttle is not None:
         await throttle.succeeded(username, request.client.host if request.client else None)
+
+
+async def limit_request(state: AppState, ctx: RequestContext) -> None:
+    """Work without a model (a batch created, a file uploaded) counts against the caller's
+    requests-per-minute limits: 429 when they are used up."""
+    if state.rate_limiter is not None:
+        await state.rate_limiter.admit_request(ctx)

@@ -155,6 +155,26 @@ class Settings(BaseSettings):
         None,
         description="Run batches inside the API process (default: only when no Redis is set).",
     )
+    # Per-user quotas (OpenAI caps an organisation's stored files at 100 GB and answers 400;
+    # a self-hosted server is smaller). Exceeding one is a 400 in the OpenAI error shape.
+    files_max_bytes_per_user: int = Field(
+        1024 * 1024 * 1024,
+        ge=1024,
+        description="Most bytes of files one user may store (uploads and batch results).",
+    )
+    files_max_count_per_user: int = Field(
+        1000, ge=1, description="Most files one user may store (uploads and batch results)."
+    )
+    batch_max_active_per_user: int = Field(
+        10, ge=1, description="Most batches of one user not yet finished (queued or running)."
+    )
+    batch_lease_seconds: float = Field(
+        6.0,
+        ge=2,
+        le=300,
+        description="A batch worker's lease, renewed every sixth of it while the worker lives: "
+        "how soon another worker resumes the batch of one that died.",
+    )
 
     # --- security ---------------------------------------------------------------------------
     auth_enabled: bool = Field(

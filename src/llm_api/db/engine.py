@@ -7,6 +7,7 @@ busy timeout so several workers can share the file. PostgreSQL gets the guide's 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
@@ -19,6 +20,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from llm_api.core.config import Settings
+from llm_api.core.private_files import private_dir, private_file
 
 
 def is_sqlite(url: str) -> bool:
@@ -34,12 +36,21 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _private_sqlite_files(database: Path) -> None:
+    """The database file is made 0600 before SQLite opens it: SQLite creates it with the
+    umask (0644), and gives its -wal and -shm files the database file's mode."""
+    private_dir(database.parent, tighten=False)
+    private_file(database)
+    for suffix in ("-wal", "-shm", ".migrate.lock"):
+        private_file(database.with_name(database.name + suffix), create=False)
+
+
 def build_engine(settings: Settings, url: str | None = None) -> AsyncEngine:
     url = url or settings.resolved_database_url
     if is_sqlite(url):
         database = make_url(url).database
-        if database and database != ":memory:":
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if database and database != ":memory:" and not database.startswith("file:"):
+            _private_sqlite_files(Path(database))
         engine = create_async_engine(url, connect_args={"timeout": 5})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine

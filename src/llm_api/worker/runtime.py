@@ -45,7 +45,10 @@ class WorkerRuntime:
             self.sessions,
             self.llm,
             FileStore(settings.data_dir / "files"),
-            BatchRunnerConfig(concurrency=settings.batch_concurrency),
+            BatchRunnerConfig(
+                concurrency=settings.batch_concurrency,
+                lease_seconds=settings.batch_lease_seconds,
+            ),
         )
 
     async def _observers(self) -> tuple[UsagePipeline, RateLimiter]:

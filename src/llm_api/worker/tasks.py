@@ -33,7 +33,12 @@ def _start_reaper(**_: Any) -> None:
     async def enqueue(batch_id: str) -> None:
         run_batch.delay(batch_id)
 
-    runtime.submit(dispatch_forever(runtime.sessions, enqueue, interval=10.0, stranded_only=True))
+    # Polled at a third of the lease, so a dead worker's batch is re-enqueued within about
+    # 1.3 leases of its last heartbeat (an indexed query per round).
+    interval = runtime.settings.batch_lease_seconds / 3
+    runtime.submit(
+        dispatch_forever(runtime.sessions, enqueue, interval=interval, stranded_only=True)
+    )
 
 
 @worker_shutting_down.connect  # type: ignore[untyped-decorator]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import os
 from typing import IO
 
 import structlog
@@ -67,6 +68,7 @@ def _sqlite_migration_lock(db: Database) -> IO[str] | None:
     path = db.engine.url.database
     if not path or path == ":memory:":
         return None
-    handle = open(f"{path}.migrate.lock", "w")  # noqa: SIM115 - held until closed by the caller
+    lock = os.open(f"{path}.migrate.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    handle = os.fdopen(lock, "w")  # held until closed by the caller
     fcntl.flock(handle, fcntl.LOCK_EX)
     return handle

@@ -9,17 +9,23 @@ broker's visibility timeout.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import structlog
 from sqlalchemy import ColumnElement, select
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from llm_api.db.tables import Batch
 from llm_api.services.batches.runner import ACTIVE
 
 log = structlog.get_logger(__name__)
+
+# What a database outage raises (connection refused or reset, timeouts), as opposed to a bug.
+UNREACHABLE = (OperationalError, InterfaceError, OSError, TimeoutError)
 
 
 async def runnable_batches(
@@ -42,20 +48,71 @@ async def runnable_batches(
         return list(rows)
 
 
+@dataclass
+class DispatchHealth:
+    """Whether the dispatcher can reach the database. An outage is logged once as a warning
+    when it starts and once as info when it ends, not as a traceback every round."""
+
+    failing_since: float | None = None
+    failed_rounds: int = 0  # in the current outage
+    outages: int = 0
+    rounds: int = 0
+
+    def failed(self, exc: BaseException) -> None:
+        self.rounds += 1
+        self.failed_rounds += 1
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+            self.outages += 1
+            log.warning("batch_dispatch_unavailable", error=_describe(exc))
+
+    def succeeded(self) -> None:
+        self.rounds += 1
+        if self.failing_since is not None:
+            seconds = round(time.monotonic() - self.failing_since, 1)
+            log.info("batch_dispatch_recovered", seconds=seconds, rounds=self.failed_rounds)
+            self.failing_since = None
+            self.failed_rounds = 0
+
+
+def _describe(exc: BaseException) -> str:
+    # The exception's class and first line: a driver's message, never the query's parameters.
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
+
+
 async def dispatch_forever(
     sessions: async_sessionmaker[AsyncSession],
     handle: Callable[[str], Awaitable[object]],
     interval: float = 1.0,
     *,
     stranded_only: bool = False,
+    health: DispatchHealth | None = None,
 ) -> None:
     """Poll for runnable batches and hand each to `handle` (run it, or enqueue it)."""
+    health = health or DispatchHealth()
+    reported: set[str] = set()  # batches whose failure was logged (once each, until they run)
     while True:
         try:
-            for batch_id in await runnable_batches(sessions, stranded_only=stranded_only):
-                await handle(batch_id)
+            batch_ids = await runnable_batches(sessions, stranded_only=stranded_only)
         except asyncio.CancelledError:
             raise
-        except Exception:  # the database may be briefly down: try again next round
-            log.warning("batch_dispatch_failed", exc_info=True)
+        except Exception as exc:  # the database may be down: try again next round
+            health.failed(exc)
+        else:
+            health.succeeded()
+            for batch_id in batch_ids:  # one batch failing does not hold up the others
+                try:
+                    await handle(batch_id)
+                except asyncio.CancelledError:
+                    raise
+                except UNREACHABLE as exc:  # the database went away mid-batch: same outage
+                    health.failed(exc)
+                    break
+                except Exception:
+                    if batch_id not in reported:
+                        reported.add(batch_id)
+                        log.warning("batch_dispatch_failed", batch_id=batch_id, exc_info=True)
+                else:
+                    reported.discard(batch_id)
         await asyncio.sleep(interval)

@@ -71,7 +71,13 @@ def start_batches(
         embedded = not settings.redis_url
     if embedded or not settings.redis_url:
         runner = BatchRunner(
-            sessions, llm, files, BatchRunnerConfig(concurrency=settings.batch_concurrency)
+            sessions,
+            llm,
+            files,
+            BatchRunnerConfig(
+                concurrency=settings.batch_concurrency,
+                lease_seconds=settings.batch_lease_seconds,
+            ),
         )
         return files, EmbeddedBatchQueue(sessions, runner)
     return files, CeleryBatchQueue(settings.redis_url)

@@ -1,9 +1,12 @@
 """Runs one batch: the body of the Celery task, and of the embedded dispatcher.
 
 Exactly-once output without distributed transactions:
-- A lease row (`batches.lease_owner/lease_until`, renewed by a heartbeat) lets one worker run a
-  batch at a time; a killed worker's lease expires and another worker (or the same one after a
-  restart) takes over.
+- A lease row (`batches.lease_owner/lease_until`) lets one worker run a batch at a time. The
+  lease is short (`batch_lease_seconds`, 6 s) and a heartbeat renews it every sixth of that while
+  the worker lives, so a killed worker's batch is free again within seconds and another worker
+  (or the same one after a restart) takes over. A worker writes a result only while its own
+  clock says the lease still holds (`Lease.held`), so after a takeover the old one never adds a
+  line the new one could also write.
 - The output and error files are the record of what is done. On resume the runner reads them
   (cutting a torn last line), skips every custom_id already there, and runs the rest, so each
   custom_id appears exactly once.
@@ -14,6 +17,7 @@ Exactly-once output without distributed transactions:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
@@ -39,7 +43,7 @@ from llm_api.services.llm.types import RequestContext
 
 log = structlog.get_logger(__name__)
 
-LEASE_SECONDS = 30
+LEASE_SECONDS = 6.0  # the default of `batch_lease_seconds`
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 _MAX_ATTEMPTS = APIError("Maximum attempts exceeded for this request.", code="max_attempts")
 
@@ -57,6 +61,28 @@ class BatchRunnerConfig:
     concurrency: int = 4
     max_attempts: int = 3  # per line, across worker crashes and retryable errors
     retry_base_seconds: float = 0.5
+    lease_seconds: float = LEASE_SECONDS
+
+
+class Lease:
+    """This worker's hold on one batch as its own clock sees it. Each renewal moves `deadline`
+    to when the renewal was *sent* plus the lease, less a margin, so the worker stops believing
+    it holds the batch before the database lets another worker take it (however long the
+    renewal took, or if it failed: a database outage or a stalled event loop)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.margin = min(1.0, seconds / 4)
+        self.deadline = 0.0
+        self.lost = asyncio.Event()
+
+    def renewed(self, sent: float) -> None:
+        self.deadline = sent + self.seconds - self.margin
+
+    def held(self) -> bool:
+        if not self.lost.is_set() and time.monotonic() >= self.deadline:
+            self.lost.set()
+        return not self.lost.is_set()
 
 
 class BatchRunner:
@@ -75,8 +101,8 @@ class BatchRunner:
 
     # --- lease ----------------------------------------------------------------------------------
 
-    async def _acquire(self, batch_id: str) -> bool:
-        now = _now()
+    async def _acquire(self, batch_id: str, lease: Lease) -> bool:
+        sent, now = time.monotonic(), _now()
         async with self.sessions.begin() as s:
             result = await s.execute(
                 update(Batch)
@@ -87,22 +113,36 @@ class BatchRunner:
                     | (Batch.lease_until < now)
                     | (Batch.lease_owner == self.owner),
                 )
-                .values(lease_owner=self.owner, lease_until=now + timedelta(seconds=LEASE_SECONDS))
-            )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
-
-    async def _heartbeat(self, batch_id: str, lost: asyncio.Event) -> None:
-        while True:
-            await asyncio.sleep(LEASE_SECONDS / 3)
-            async with self.sessions.begin() as s:
-                result = await s.execute(
-                    update(Batch)
-                    .where(Batch.id == batch_id, Batch.lease_owner == self.owner)
-                    .values(lease_until=_now() + timedelta(seconds=LEASE_SECONDS))
+                .values(
+                    lease_owner=self.owner,
+                    lease_until=now + timedelta(seconds=lease.seconds),
                 )
-            if not result.rowcount:  # type: ignore[attr-defined]
-                lost.set()
+            )
+        if not result.rowcount:  # type: ignore[attr-defined]
+            return False
+        lease.renewed(sent)
+        return True
+
+    async def _heartbeat(self, batch_id: str, lease: Lease) -> None:
+        while True:
+            await asyncio.sleep(lease.seconds / 6)
+            if not lease.held():
                 return
+            sent = time.monotonic()
+            try:
+                async with self.sessions.begin() as s:
+                    result = await s.execute(
+                        update(Batch)
+                        .where(Batch.id == batch_id, Batch.lease_owner == self.owner)
+                        .values(lease_until=_now() + timedelta(seconds=lease.seconds))
+                    )
+            except Exception as exc:  # database unreachable: retry; the lease lapses meanwhile
+                log.debug("batch_lease_renew_failed", batch_id=batch_id, error=type(exc).__name__)
+                continue
+            if not result.rowcount:  # type: ignore[attr-defined]
+                lease.lost.set()  # another worker took it over
+                return
+            lease.renewed(sent)
 
     async def _release(self, batch_id: str) -> None:
         # An expired lease (not a cleared one) marks an unfinished batch as ready to resume.
@@ -118,18 +158,18 @@ class BatchRunner:
     async def run(self, batch_id: str) -> str | None:
         """Run (or resume) a batch. Returns its final status, or None when another worker holds
         it or it is already finished."""
-        if not await self._acquire(batch_id):
+        lease = Lease(self.config.lease_seconds)
+        if not await self._acquire(batch_id, lease):
             return None
-        lost = asyncio.Event()
-        heartbeat = asyncio.create_task(self._heartbeat(batch_id, lost))
+        heartbeat = asyncio.create_task(self._heartbeat(batch_id, lease))
         try:
-            return await self._run(batch_id, lost)
+            return await self._run(batch_id, lease)
         finally:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
             await self._release(batch_id)
 
-    async def _run(self, batch_id: str, lost: asyncio.Event) -> str:
+    async def _run(self, batch_id: str, lease: Lease) -> str:
         async with self.sessions.begin() as s:
             batch = await s.get(Batch, batch_id)
             assert batch is not None
@@ -154,6 +194,9 @@ class BatchRunner:
             user_id, endpoint = batch.user_id, batch.endpoint
             owner = await s.get(User, user_id)
             tier = owner.tier if owner is not None else "free"
+            if (owner is None or not owner.is_active) and batch.status != "cancelling":
+                # Deactivation cancels a user's batches; this catches any that slipped past.
+                batch.status, batch.cancelling_at = "cancelling", batch.cancelling_at or _now()
             input_id, out_id, err_id = (
                 batch.input_file_id,
                 batch.output_file_id,
@@ -162,9 +205,11 @@ class BatchRunner:
             status = batch.status
         assert out_id is not None and err_id is not None
         out_path, err_path = self.files.path(out_id), self.files.path(err_id)
-        done_ok = _custom_ids(LineAppender.recover(out_path))
-        done_err = _custom_ids(LineAppender.recover(err_path))
-        lines = iter_lines(self.files.read(input_id))
+        # Reading and parsing files is blocking work: off the event loop (in embedded mode it
+        # is the API's).
+        done_ok = _custom_ids(await asyncio.to_thread(LineAppender.recover, out_path))
+        done_err = _custom_ids(await asyncio.to_thread(LineAppender.recover, err_path))
+        lines = await asyncio.to_thread(lambda: iter_lines(self.files.read(input_id)))
         pending = [
             ln for ln in lines if ln.custom_id not in done_ok and ln.custom_id not in done_err
         ]
@@ -175,11 +220,11 @@ class BatchRunner:
                 owner_ctx = RequestContext(
                     request_id="", user_id=user_id, tier=tier, batch_id=batch_id
                 )
-                await self._run_lines(owner_ctx, endpoint, pending, out, err, lost)
+                await self._run_lines(owner_ctx, endpoint, pending, out, err, lease)
             finally:
                 out.close()
                 err.close()
-        return await self._finalize(batch_id, out_id, err_id, lost)
+        return await self._finalize(batch_id, out_id, err_id, lease)
 
     async def _run_lines(
         self,
@@ -188,7 +233,7 @@ class BatchRunner:
         pending: list[BatchLine],
         out: LineAppender,
         err: LineAppender,
-        lost: asyncio.Event,
+        lease: Lease,
     ) -> None:
         batch_id = owner.batch_id
         assert batch_id is not None
@@ -203,9 +248,12 @@ class BatchRunner:
             partial is written), so a cancel takes effect within about a second."""
             while not stop.is_set():
                 await asyncio.sleep(1.0)
-                async with self.sessions() as s:
-                    status = await s.scalar(select(Batch.status).where(Batch.id == batch_id))
-                if status in ("cancelling", "cancelled") or lost.is_set():
+                status = None
+                # Database unreachable: the lease decides whether to go on.
+                with contextlib.suppress(Exception):
+                    async with self.sessions() as s:
+                        status = await s.scalar(select(Batch.status).where(Batch.id == batch_id))
+                if status in ("cancelling", "cancelled") or not lease.held():
                     stop.set()
                     for task in workers:
                         task.cancel()
@@ -223,6 +271,9 @@ class BatchRunner:
                     return
                 record, ok = await self._run_line(owner, endpoint, line, stop)
                 if record is None:  # cancelled before it finished: not written, not counted
+                    return
+                if not lease.held():  # another worker may own the batch now: it runs the line
+                    stop.set()
                     return
                 (out if ok else err).append(record)
                 counts["completed" if ok else "failed"] += 1
@@ -307,14 +358,16 @@ class BatchRunner:
         ok, failed = counts["completed"], counts["failed"]
         counts["completed"] = counts["failed"] = 0
         async with self.sessions.begin() as s:
+            # Only while this worker owns the batch: a worker that took it over counted these
+            # lines from the output files already.
             await s.execute(
                 update(Batch)
-                .where(Batch.id == batch_id)
+                .where(Batch.id == batch_id, Batch.lease_owner == self.owner)
                 .values(completed=Batch.completed + ok, failed=Batch.failed + failed)
             )
 
-    async def _finalize(self, batch_id: str, out_id: str, err_id: str, lost: asyncio.Event) -> str:
-        if lost.is_set():
+    async def _finalize(self, batch_id: str, out_id: str, err_id: str, lease: Lease) -> str:
+        if not lease.held():
             return "in_progress"  # another worker owns it now
         async with self.sessions.begin() as s:
             batch = await s.get(Batch, batch_id)

@@ -2,17 +2,25 @@
 
 Every lookup is scoped to the owner, so another user's id is simply "not found" (404, never 403).
 The session is the request's; this service never commits (the DbSession dependency does).
+
+Quotas (per user; `StorageQuotas`): stored bytes and file count (uploads and batch results), and
+batches not yet finished. Exceeding one is a 400 `invalid_request_error` with a code naming it,
+as OpenAI answers an organisation over its file storage quota. Parsing and validating a file is
+CPU work of up to seconds (50 MB), and writing it an fsync: both run in a thread, never on the
+event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from llm_api.core.exceptions import InvalidRequestError, NotFoundError
-from llm_api.db.tables import Batch, StoredFile
+from llm_api.db.tables import Batch, StoredFile, User
 from llm_api.schemas.batches import (
     BatchErrorItem,
     BatchErrors,
@@ -26,6 +34,16 @@ from llm_api.services.batches.input_file import iter_lines, validate_input
 from llm_api.services.batches.storage import FileStore, new_batch_id, new_file_id
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+
+@dataclass(frozen=True, slots=True)
+class StorageQuotas:
+    """Per-user limits (settings `files_max_bytes_per_user`, `files_max_count_per_user`,
+    `batch_max_active_per_user`)."""
+
+    max_stored_bytes: int = 1024 * 1024 * 1024
+    max_files: int = 1000
+    max_active_batches: int = 10
 
 
 def _ts(value: datetime | None) -> int | None:
@@ -78,11 +96,68 @@ def batch_object(row: Batch, files: FileStore) -> BatchObject:
 
 
 class BatchService:
-    def __init__(self, session: AsyncSession, files: FileStore, *, max_bytes: int, max_lines: int):
+    def __init__(
+        self,
+        session: AsyncSession,
+        files: FileStore,
+        *,
+        max_bytes: int,
+        max_lines: int,
+        quotas: StorageQuotas | None = None,
+    ):
         self.session = session
         self.files = files
         self.max_bytes = max_bytes
         self.max_lines = max_lines
+        self.quotas = quotas or StorageQuotas()
+
+    # --- quotas ---------------------------------------------------------------------------------
+
+    async def _check_storage(
+        self, user_id: str, new_files: int, new_bytes: int, *, lock: bool = True
+    ) -> None:
+        """Refuse when `new_files` more files of `new_bytes` would exceed the user's quotas.
+        Batch results count from when their batch ends (their size is recorded then); a
+        running batch's results are bounded by its lines and the owner's token quota."""
+        if lock:
+            # Serialises one user's uploads on PostgreSQL (a row lock until commit), so two at
+            # once cannot both pass; SQLite has no row locks (it compiles to a plain SELECT).
+            await self.session.execute(select(User.id).where(User.id == user_id).with_for_update())
+        count, stored = (
+            await self.session.execute(
+                select(func.count(), func.coalesce(func.sum(StoredFile.bytes), 0)).where(
+                    StoredFile.user_id == user_id, StoredFile.deleted_at.is_(None)
+                )
+            )
+        ).one()
+        q = self.quotas
+        if count + new_files > q.max_files:
+            raise InvalidRequestError(
+                f"You have reached your file quota of {q.max_files} files (batch output and "
+                "error files count too). Delete files you no longer need and try again.",
+                code="file_quota_exceeded",
+            )
+        if stored + new_bytes > q.max_stored_bytes:
+            raise InvalidRequestError(
+                f"You have exceeded your file storage quota of {q.max_stored_bytes} bytes "
+                f"({stored} stored). Delete files you no longer need or upload a smaller file.",
+                param="file",
+                code="storage_quota_exceeded",
+            )
+
+    async def _check_active_batches(self, user_id: str) -> None:
+        active = await self.session.scalar(
+            select(func.count())
+            .select_from(Batch)
+            .where(Batch.user_id == user_id, Batch.status.not_in(TERMINAL))
+        )
+        limit = self.quotas.max_active_batches
+        if (active or 0) >= limit:
+            raise InvalidRequestError(
+                f"Active batch limit reached: you have {active} batches not yet finished "
+                f"(limit {limit}). Try again once some of them have completed, or cancel one.",
+                code="batch_limit_exceeded",
+            )
 
     # --- files ----------------------------------------------------------------------------------
 
@@ -93,7 +168,10 @@ class BatchService:
             raise InvalidRequestError(
                 f"The file is larger than {self.max_bytes} bytes.", param="file"
             )
-        validate_input(data, max_lines=self.max_lines)
+        # Refused before the (costly) validation, and checked again under the lock after it.
+        await self._check_storage(user_id, 1, len(data), lock=False)
+        await asyncio.to_thread(validate_input, data, max_lines=self.max_lines)
+        await self._check_storage(user_id, 1, len(data))
         row = StoredFile(
             id=new_file_id(),
             user_id=user_id,
@@ -101,7 +179,7 @@ class BatchService:
             purpose=purpose,
             bytes=len(data),
         )
-        self.files.write(row.id, data)
+        await asyncio.to_thread(self.files.write, row.id, data)
         self.session.add(row)
         return row
 
@@ -133,7 +211,7 @@ class BatchService:
 
     async def file_content(self, user_id: str, file_id: str) -> bytes:
         await self.get_file(user_id, file_id)
-        return self.files.read(file_id)
+        return await asyncio.to_thread(self.files.read, file_id)
 
     async def delete_file(self, user_id: str, file_id: str) -> None:
         row = await self.get_file(user_id, file_id)
@@ -148,7 +226,9 @@ class BatchService:
             raise InvalidRequestError(
                 "The input file must have purpose `batch`.", param="input_file_id"
             )
-        lines = iter_lines(self.files.read(source.id))
+        await self._check_active_batches(user_id)
+        await self._check_storage(user_id, 2, 0)  # the batch's output and error files
+        lines = await asyncio.to_thread(lambda: iter_lines(self.files.read(source.id)))
         if any(line.url != req.endpoint for line in lines):
             raise InvalidRequestError(
                 f"Every line's `url` must be {req.endpoint}.", param="endpoint"
@@ -218,3 +298,22 @@ class BatchService:
             last_id=data[-1].id if data else None,
             has_more=has_more,
         )
+
+
+async def cancel_user_batches(session: AsyncSession, user_id: str) -> int:
+    """Cancel every unfinished batch of a user (on deactivation): unstarted ones at once, running
+    ones through `cancelling`, which their worker sees within a second and stops. Returns how
+    many were cancelled."""
+    now = datetime.now(UTC)
+    unfinished = (Batch.user_id == user_id) & Batch.status.not_in(TERMINAL)
+    unstarted = await session.execute(
+        update(Batch)
+        .where(unfinished, Batch.status == "validating", Batch.lease_owner.is_(None))
+        .values(status="cancelled", cancelling_at=now, cancelled_at=now)
+    )
+    running = await session.execute(
+        update(Batch)
+        .where(unfinished, Batch.status != "cancelling")
+        .values(status="cancelling", cancelling_at=func.coalesce(Batch.cancelling_at, now))
+    )
+    return int(unstarted.rowcount + running.rowcount)  # type: ignore[attr-defined]

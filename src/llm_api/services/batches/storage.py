@@ -1,5 +1,6 @@
 """File contents on disk, under `data_dir/files/`. Metadata and ownership live in the database;
 this module only reads and writes bytes, and never builds a path from user input (ids are ours).
+The directory is 0700 and every file 0600 (core/private_files.py).
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ import os
 import re
 import secrets
 from pathlib import Path
+
+from llm_api.core.private_files import open_private, private_dir, private_file
 
 _ID = re.compile(r"^(file|batch)-[0-9a-f]{24,32}$")
 
@@ -23,7 +26,9 @@ def new_batch_id() -> str:
 class FileStore:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
+        for existing in self.root.iterdir():  # files an older version made with the umask
+            private_file(existing, create=False)
 
     def path(self, file_id: str) -> Path:
         if not _ID.match(file_id):
@@ -32,7 +37,7 @@ class FileStore:
 
     def write(self, file_id: str, data: bytes) -> None:
         tmp = self.path(file_id).with_suffix(".tmp")
-        with tmp.open("wb") as fh:
+        with open_private(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -57,7 +62,7 @@ class LineAppender:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fh = path.open("ab")
+        self._fh = open_private(path, "ab")
 
     def append(self, line: bytes) -> None:
         self._fh.write(line.rstrip(b"\n") + b"\n")

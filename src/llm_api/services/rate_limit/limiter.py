@@ -164,6 +164,25 @@ class RateLimiter:
             _count_rejection(spec)
             raise rejection(spec, decision, {})
 
+    async def admit_request(self, ctx: RequestContext) -> None:
+        """A request without a model that is still work (a batch created, a file uploaded):
+        it counts against the caller's requests-per-minute limits like a completion does,
+        or raises 429. It takes no token reservation and no concurrency slot."""
+        if not self.enabled:
+            return
+        specs = [s for s in self.policy.for_completion(ctx, 0) if s.metric == "requests"]
+        if not specs:
+            return
+        decision, _, specs = await self._decide(ctx.request_id, specs)
+        if decision is None:
+            return
+        headers = rate_limit_headers(specs, decision)
+        if not decision.allowed:
+            spec = specs[decision.rejected or 0]
+            _count_rejection(spec)
+            raise rejection(spec, decision, headers)
+        ctx.response_headers.update(headers)
+
     # --- settlement -----------------------------------------------------------------------------
 
     def on_completion(self, record: CompletionRecord) -> None:

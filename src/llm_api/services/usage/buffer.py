@@ -30,6 +30,8 @@ from typing import Any
 import orjson
 import structlog
 
+from llm_api.core.private_files import private_dir
+
 log = structlog.get_logger(__name__)
 
 OPEN_SUFFIX = ".open"
@@ -39,7 +41,7 @@ CLOSED_SUFFIX = ".jsonl"
 class DurableBuffer:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)  # 0700; segments are created 0600
         self._prefix = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._seq = 0
         self._fd = -1

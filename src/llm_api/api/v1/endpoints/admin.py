@@ -1,5 +1,6 @@
-"""Administration under /v1/admin: list, create, deactivate users, change tiers and roles,
-revoke any key. Every route depends on AdminUser (403 for everyone else)."""
+"""Administration under /v1/admin: list, create, deactivate users (which cancels their
+unfinished batches), change tiers and roles, revoke any key. Every route depends on AdminUser
+(403 for everyone else)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from llm_api.schemas.accounts import (
 )
 from llm_api.services.auth import api_keys
 from llm_api.services.auth.principal import Principal
+from llm_api.services.batches.service import cancel_user_batches
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(get_admin)])
 Admin = Annotated[Principal, Depends(get_admin)]
@@ -71,6 +73,8 @@ async def update_user(
     if body.role is not None:
         user.role = body.role
     if body.is_active is not None:
+        if user.is_active and not body.is_active:
+            await cancel_user_batches(db, user.id)  # no more work runs for them
         user.is_active = body.is_active
     await db.flush()
     auth.authenticator.forget(db)  # cached API keys carry the old tier, role and status

@@ -6,7 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Query
 
-from llm_api.api.deps import BatchServiceDep, StateDep, UserId
+from llm_api.api.deps import BatchServiceDep, RequestCtx, StateDep, UserId
+from llm_api.api.rate_limits import limit_request
 from llm_api.api.scopes import requires_scope
 from llm_api.schemas.batches import BatchList, BatchObject, CreateBatchRequest
 from llm_api.services.batches.service import batch_object
@@ -21,8 +22,10 @@ async def create_batch(
     user_id: UserId,
     batches: BatchServiceDep,
     state: StateDep,
+    ctx: RequestCtx,
     background: BackgroundTasks,
 ) -> BatchObject:
+    await limit_request(state, ctx)
     row = await batches.create_batch(user_id, body)
     # Dispatched after the response, i.e. after the session committed: a worker never sees a
     # batch that is not in the database yet.

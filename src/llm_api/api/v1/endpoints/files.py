@@ -7,7 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import Response
 
-from llm_api.api.deps import BatchServiceDep, UserId
+from llm_api.api.deps import BatchServiceDep, RequestCtx, StateDep, UserId
+from llm_api.api.rate_limits import limit_request
 from llm_api.api.scopes import requires_scope
 from llm_api.schemas.batches import FileDeleted, FileList, FileObject
 from llm_api.services.batches.service import file_object
@@ -20,9 +21,12 @@ router = APIRouter(tags=["files"])
 async def upload_file(
     user_id: UserId,
     batches: BatchServiceDep,
+    state: StateDep,
+    ctx: RequestCtx,
     file: Annotated[UploadFile, File()],
     purpose: Annotated[str, Form()],
 ) -> FileObject:
+    await limit_request(state, ctx)
     data = await file.read(batches.max_bytes + 1)
     row = await batches.upload(user_id, file.filename or "input.jsonl", purpose, data)
     return file_object(row)
