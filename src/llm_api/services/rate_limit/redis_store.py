@@ -13,6 +13,9 @@ Data, per limit (all keys share one hash tag so the scripts also run on Redis Cl
   costs in the window. Entries older than the window are trimmed (and subtracted) on access.
 - concurrency limits: a sorted set of request ids scored by lease expiry.
 Every key is written with a PEXPIRE in the same script: no key ever lives without a TTL.
+Counts are exact: Lua numbers are doubles, so every count is capped (types.MAX_UNITS) and every
+member is written with `string.format('%d')`; Lua's own `..` would write 1e+15, which the cost
+pattern cannot read back (that made every later script call for the subject fail).
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ for i = 1, n do
     remaining = remaining - cost
     if kind == 'w' then
       if cost > 0 then
-        redis.call('ZADD', z, now, rid .. ':' .. cost)
+        redis.call('ZADD', z, now, string.format('%s:%d', rid, cost))
         redis.call('INCRBY', tk, cost)
         redis.call('PEXPIRE', z, period)
         redis.call('PEXPIRE', tk, period)
@@ -124,8 +127,8 @@ for i = 1, n do
   local a = 4 + (i - 1) * 3
   local reserved, used = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   local period = tonumber(ARGV[a + 2])
-  if redis.call('ZREM', z, rid .. ':' .. reserved) == 1 then
-    if used > 0 then redis.call('ZADD', z, at, rid .. ':' .. used) end
+  if redis.call('ZREM', z, string.format('%s:%d', rid, reserved)) == 1 then
+    if used > 0 then redis.call('ZADD', z, at, string.format('%s:%d', rid, used)) end
     local total = redis.call('INCRBY', tk, used - reserved)
     if redis.call('ZCARD', z) == 0 then
       redis.call('DEL', tk)
