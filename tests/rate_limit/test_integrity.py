@@ -8,17 +8,23 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import httpx
 import orjson
+import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
+from llm_api.services.rate_limit.memory_store import MemoryStore, StoreFull
+from llm_api.services.rate_limit.policy import ip_subject
 from llm_api.services.rate_limit.types import LimitSpec
-from tests.conftest import eventually, free_port, require_service
+from tests.conftest import MODEL, create_account, eventually, free_port, require_service
 from tests.core_apps import registry_app
 from tests.rate_limit.conftest import (
     REDIS_URL,
     delete_prefix,
+    limits_on,
     unique_prefix,
 )
 
@@ -119,3 +125,81 @@ async def test_absurd_upstream_usage_cannot_poison_the_shared_limiter(tmp_path: 
             assert all(re.fullmatch(rb"[^:]+:\d+", m) for m in members), members
     finally:
         await delete_prefix(prefix)
+
+
+# --- memory bound and IPv6 --------------------------------------------------------------------
+
+
+async def test_memory_store_never_drops_a_live_count() -> None:
+    """Full of live counts, the store refuses a new subject (503) instead of dropping one, which
+    would hand that subject a fresh quota; expired keys make room again, oldest first."""
+    store = MemoryStore(max_keys=50)
+    assert (await store.admit(rid(), [rpm(1, "victim")])).allowed
+    for i in range(24):  # live for a minute
+        assert (await store.admit(rid(), [rpm(1, f"long{i}")])).allowed
+    for i in range(25):  # live for 300 ms
+        assert (await store.admit(rid(), [rpm(1, f"short{i}", 300)])).allowed
+    for i in range(200):  # rotating addresses: every new subject is refused, none admitted
+        with pytest.raises(StoreFull) as full:
+            await store.admit(rid(), [rpm(1, f"rotating{i}")])
+        assert 1000 <= full.value.retry_ms <= 60_000
+    assert not (await store.admit(rid(), [rpm(1, "victim")])).allowed  # its count is intact
+    assert store.keys == 50
+
+    async def room() -> bool:
+        try:
+            return (await store.admit(rid(), [rpm(1, "new")])).allowed
+        except StoreFull:
+            return False
+
+    await eventually(room)  # once the short-lived keys expired
+    assert not (await store.admit(rid(), [rpm(1, "victim")])).allowed
+    assert store.keys <= 50
+
+
+async def test_full_memory_store_is_a_503_through_the_app(
+    app: Any, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    async with limits_on(app, tmp_path, tiers={"free": {"requests_per_minute": 100}}) as limiter:
+        assert isinstance(limiter.store, MemoryStore)
+        limiter.store.max_keys = limiter.store.keys  # full of other clients' live counts
+        acct = await create_account(app)
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+        r = await http.post("/v1/chat/completions", json=body, headers=acct.headers)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "service_unavailable"
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+
+
+@pytest.mark.parametrize(
+    ("address", "subject"),
+    [
+        ("2001:db8:1:2:aaaa:bbbb:cccc:dddd", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("::ffff:192.0.2.7", "192.0.2.7"),
+        ("192.0.2.7", "192.0.2.7"),
+        ("testclient", "testclient"),
+    ],
+)
+def test_ipv6_clients_count_by_their_64(address: str, subject: str) -> None:
+    assert ip_subject(address) == subject
+
+
+async def test_rotating_ipv6_addresses_share_one_quota(app: Any, tmp_path: Path) -> None:
+    """Four addresses of one /64 (any host can use 2**64 of them) are one client for the per-IP
+    limits; another /64 is another client."""
+    tiers = {"free": {"requests_per_minute": 100}, "ip": {"requests_per_minute": 3}}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+
+    async def post_from(address: str, headers: dict[str, str]) -> int:
+        transport = httpx.ASGITransport(app=app, client=(address, 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as h:
+            r = await h.post("/v1/chat/completions", json=body, headers=headers)
+            return r.status_code
+
+    async with limits_on(app, tmp_path, tiers=tiers):
+        acct = await create_account(app)
+        codes = [await post_from(f"2001:db8:5:6::{i:x}", acct.headers) for i in range(1, 5)]
+        assert codes == [200, 200, 200, 429]
+        assert await post_from("2001:db8:5:7::1", acct.headers) == 200

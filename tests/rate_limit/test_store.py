@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from llm_api.services.rate_limit.memory_store import MemoryStore
+from llm_api.services.rate_limit.memory_store import MemoryStore, StoreFull
 from llm_api.services.rate_limit.types import LimitSpec, Settlement, Store
 
 
@@ -130,10 +130,14 @@ async def test_leases_lapse_unless_renewed(store: Store) -> None:
 
 
 async def test_memory_store_is_bounded() -> None:
+    """Bounded in keys, without dropping a live one (test_integrity.py has the rest)."""
     store = MemoryStore(max_keys=50)
-    for i in range(200):
+    for i in range(50):
         assert (await store.admit(rid(), [rpm(1, subject=f"s{i}")])).allowed
-    assert len(store._windows) <= 50
+    for i in range(50, 200):
+        with pytest.raises(StoreFull):
+            await store.admit(rid(), [rpm(1, subject=f"s{i}")])
+    assert len(store._windows) == 50
 
 
 @pytest.mark.parametrize("divisor,expected", [(1, 10), (3, 4), (20, 1)])

@@ -239,6 +239,13 @@ class Settings(BaseSettings):
     rate_limit_key_prefix: str = Field(
         "llm-api:rl", min_length=1, description="Prefix of the limiter's Redis keys."
     )
+    rate_limit_memory_max_keys: int = Field(
+        100_000,
+        ge=100,
+        description="Most limit keys the in-memory store (no Redis, or the fallback while Redis "
+        "is down) holds; expired ones are swept, live ones never dropped: beyond it a new client "
+        "gets 503 until keys expire.",
+    )
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -27,7 +27,7 @@ from llm_api.core.ids import new_request_id
 from llm_api.core.metrics import RATE_LIMIT_REJECTIONS
 from llm_api.services.llm.types import CompletionRecord, RequestContext
 from llm_api.services.rate_limit.headers import rate_limit_headers, rejection
-from llm_api.services.rate_limit.memory_store import MemoryStore
+from llm_api.services.rate_limit.memory_store import MemoryStore, StoreFull
 from llm_api.services.rate_limit.policy import LimitPolicy
 from llm_api.services.rate_limit.redis_store import RedisStore, StoreUnavailable, build_redis
 from llm_api.services.rate_limit.types import Decision, LimitSpec, Settlement, Store
@@ -38,6 +38,13 @@ log = structlog.get_logger(__name__)
 def _count_rejection(spec: LimitSpec) -> None:
     # A short fixed set of labels (scope_rule: user_rpm, ip_tpm, account_login, ...), never an id.
     RATE_LIMIT_REJECTIONS.labels(limit=f"{spec.scope}_{spec.name}").inc()
+
+
+def _memory_full(full: StoreFull) -> ServiceUnavailableError:
+    return ServiceUnavailableError(
+        "Rate limiting is at capacity; retry shortly.",
+        retry_after=max(1, -(-full.retry_ms // 1000)),
+    )
 
 
 @dataclass(slots=True)
@@ -57,6 +64,7 @@ class RateLimiter:
         failure_mode: str = "local",
         processes: int = 1,
         enabled: bool = True,
+        memory_max_keys: int = 100_000,
     ) -> None:
         self.policy = policy
         self.store = store
@@ -64,7 +72,7 @@ class RateLimiter:
         self.processes = max(1, processes)
         self.enabled = enabled
         # The local fallback (a MemoryStore as primary needs none: it cannot fail).
-        self.fallback = MemoryStore() if isinstance(store, RedisStore) else None
+        self.fallback = MemoryStore(memory_max_keys) if isinstance(store, RedisStore) else None
         self._tickets: dict[str, _Ticket] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
@@ -97,6 +105,8 @@ class RateLimiter:
             decision = await self.store.admit(request_id, specs)
         except StoreUnavailable:
             return self._degrade(request_id, specs)
+        except StoreFull as full:
+            raise _memory_full(full) from None
         if self._degraded:
             self._degraded = False
             log.warning("rate_limit_redis_recovered")
@@ -115,7 +125,10 @@ class RateLimiter:
         if self.failure_mode == "open" or self.fallback is None:
             return None, self.store, specs
         shared = [spec.scaled(self.processes) for spec in specs]
-        return self.fallback.admit_now(request_id, shared), self.fallback, shared
+        try:
+            return self.fallback.admit_now(request_id, shared), self.fallback, shared
+        except StoreFull as full:
+            raise _memory_full(full) from None
 
     async def admit_completion(self, ctx: RequestContext, tokens: int) -> None:
         """Check and take every limit of this request, or raise 429 (or 503 when closed).
@@ -224,7 +237,7 @@ def build_rate_limiter(settings: Settings) -> RateLimiter:
             build_redis(settings.redis_url, timeout), settings.rate_limit_key_prefix, timeout
         )
     else:
-        store = MemoryStore()
+        store = MemoryStore(settings.rate_limit_memory_max_keys)
         if settings.workers > 1 and settings.rate_limit_enabled:
             log.warning(
                 "rate_limit_memory_with_workers",
@@ -238,4 +251,5 @@ def build_rate_limiter(settings: Settings) -> RateLimiter:
         failure_mode=settings.rate_limit_failure_mode,
         processes=settings.workers * settings.rate_limit_replicas,
         enabled=settings.rate_limit_enabled,
+        memory_max_keys=settings.rate_limit_memory_max_keys,
     )
