@@ -3,7 +3,10 @@ usage, clients rotating IPv6 addresses, a stalled event loop, and a network part
 
 from __future__ import annotations
 
+import asyncio
 import re
+import signal
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,11 +21,13 @@ from redis.asyncio import Redis
 
 from llm_api.services.rate_limit.memory_store import MemoryStore, StoreFull
 from llm_api.services.rate_limit.policy import ip_subject
+from llm_api.services.rate_limit.redis_store import RedisStore, StoreUnavailable, build_redis
 from llm_api.services.rate_limit.types import LimitSpec
 from tests.conftest import MODEL, create_account, eventually, free_port, require_service
 from tests.core_apps import registry_app
 from tests.rate_limit.conftest import (
     REDIS_URL,
+    RedisServer,
     delete_prefix,
     limits_on,
     unique_prefix,
@@ -203,3 +208,51 @@ async def test_rotating_ipv6_addresses_share_one_quota(app: Any, tmp_path: Path)
         codes = [await post_from(f"2001:db8:5:6::{i:x}", acct.headers) for i in range(1, 5)]
         assert codes == [200, 200, 200, 429]
         assert await post_from("2001:db8:5:7::1", acct.headers) == 200
+
+
+# --- a stalled event loop ---------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def fast_store(url: str = REDIS_URL) -> AsyncIterator[RedisStore]:
+    """A store with production's 100 ms timeout."""
+    prefix = unique_prefix()
+    store = RedisStore(build_redis(url, 0.1), prefix, 0.1)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+        await delete_prefix(prefix, url)
+
+
+async def test_a_stalled_loop_is_not_a_slow_redis() -> None:
+    """A burst whose replies arrive while the event loop is stalled (standing in for a process
+    starved of CPU: the loop does not run for 600 ms) is answered from Redis; Redis is not
+    declared down."""
+    require_service("Redis", "127.0.0.1", 6379)
+    async with fast_store() as store:
+        assert (await store.admit(rid(), [rpm(1000, "warm")])).allowed  # connected
+        burst = [asyncio.create_task(store.admit(rid(), [rpm(1000, "s")])) for _ in range(50)]
+        await asyncio.sleep(0)  # every call has started and sent (or queued for a connection)
+        time.sleep(0.6)  # the loop stalls past every call's 200 ms budget
+        results = await asyncio.gather(*burst, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert failed == [], failed[:3]
+        assert not store.down
+        assert (await store.admit(rid(), [rpm(1000, "s")])).states[0].remaining == 1000 - 51
+
+
+async def test_a_slow_redis_is_still_declared_down(private_redis: RedisServer) -> None:
+    """The loop runs freely while Redis does not answer (its process is stopped): three
+    timeouts in a row mark it down."""
+    async with fast_store(private_redis.url) as store:
+        assert (await store.admit(rid(), [rpm(10, "s")])).allowed
+        assert private_redis.proc is not None
+        private_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            for _ in range(3):
+                with pytest.raises(StoreUnavailable):
+                    await store.admit(rid(), [rpm(10, "s")])
+            assert store.down
+        finally:
+            private_redis.proc.send_signal(signal.SIGCONT)

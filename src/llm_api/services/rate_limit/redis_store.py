@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -30,6 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from llm_api.services.rate_limit.loop_lag import LoopLag
 from llm_api.services.rate_limit.types import Decision, LimitSpec, LimitState, Settlement
 
 log = structlog.get_logger(__name__)
@@ -161,16 +163,21 @@ class StoreUnavailable(Exception):
 
 
 def build_redis(url: str, timeout_s: float, max_connections: int = 64) -> Redis:
-    """A client for the limiter: short timeouts, no retries (a retry would multiply the
-    timeout), periodic health checks; the pool reconnects by itself when Redis is back. A
-    blocking pool: a burst of requests queues for one of `max_connections` connections (one
-    script call is ~0.1 ms) instead of opening a connection each."""
+    """A client for the limiter: no retries (a retry would multiply the timeout), periodic
+    health checks; the pool reconnects by itself when Redis is back. A blocking pool: a burst of
+    requests queues for one of `max_connections` connections (one script call is ~0.1 ms)
+    instead of opening a connection each.
+
+    The client's own timeouts are only a backstop, beyond the longest wait `_Deadline` allows:
+    each of them is a bare timer that a stalled event loop fires before the reply it raced with
+    is read. RedisStore times every call itself, telling a stalled loop from a slow Redis."""
+    backstop = 2 * timeout_s * (_Deadline.MAX_EXTENSIONS + 2)
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
-        timeout=timeout_s,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
+        timeout=backstop,
+        socket_timeout=backstop,
+        socket_connect_timeout=backstop,
         health_check_interval=15,
         retry=Retry(NoBackoff(), 0),
         client_name="llm-api-rate-limit",
@@ -178,10 +185,57 @@ def build_redis(url: str, timeout_s: float, max_connections: int = 64) -> Redis:
     return Redis.from_pool(pool)
 
 
+class _Deadline:
+    """The time limit of one Redis call. When it is reached and the wait was this process's own
+    doing, not Redis's, the call gets another budget (up to MAX_EXTENSIONS times):
+    - the loop was late by half the budget or more (stalled: the reply may be sitting unread);
+    - or Redis answered another call since this one started (it is up; this call was queued
+      behind this process's own work: a burst, new connections, a busy loop).
+    Otherwise it expires on the next loop iteration, after any wake-up already queued (so a
+    reply that arrived with the timer still wins)."""
+
+    MAX_EXTENSIONS = 5
+
+    def __init__(
+        self,
+        timeout: asyncio.Timeout,
+        budget: float,
+        lag: LoopLag,
+        last_reply: Callable[[], float],
+    ) -> None:
+        self._timeout = timeout
+        self._budget = budget
+        self._lag = lag
+        self._last_reply = last_reply
+        self._loop = asyncio.get_running_loop()
+        self._started = self._loop.time()
+        self._when = self._started + budget
+        self.extensions = 0
+        # Set when it expires: whether the wait was Redis's (which counts toward marking it
+        # down) rather than this process's (which fails this call only).
+        self.redis_to_blame = False
+        self._handle = self._loop.call_at(self._when, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        stall = max(now - self._when, self._lag.since(self._started))
+        ours = stall >= self._budget / 4 or self._last_reply() >= self._started
+        if ours and self.extensions < self.MAX_EXTENSIONS:
+            self.extensions += 1
+            self._when = now + self._budget
+            self._handle = self._loop.call_at(self._when, self._check)
+        else:
+            self.redis_to_blame = not ours
+            self._timeout.reschedule(now)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
 class RedisStore:
     # After FAILURES_TO_TRIP timeouts in a row (or one refused connection), skip Redis for
-    # BACKOFF_S instead of paying the timeout on every request; then try again. A single slow
-    # reply (an event loop stalled by a burst) does not trip it.
+    # BACKOFF_S instead of paying the timeout on every request; then try again. Only timeouts
+    # that were Redis's doing count (`_Deadline`): not those of a stalled or saturated loop.
     BACKOFF_S = 1.0
     FAILURES_TO_TRIP = 3
 
@@ -194,6 +248,8 @@ class RedisStore:
         self._renew = redis.register_script(RENEW)
         self._down_until = 0.0
         self._failures = 0
+        self._lag = LoopLag()
+        self._last_reply = 0.0  # loop time of the latest reply from Redis
 
     def _key(self, spec: LimitSpec, suffix: str) -> str:
         return f"{{{self.prefix}}}:{spec.key}:{suffix}"
@@ -205,10 +261,26 @@ class RedisStore:
     async def _call(self, script: object, keys: list[str], args: list[str | int]) -> object:
         if self.down:
             raise StoreUnavailable("redis marked down")
+        self._lag.start()
+        deadline: _Deadline | None = None
         try:
-            async with asyncio.timeout(self.timeout_s * 2):  # connect + command
-                result = await script(keys=keys, args=args)  # type: ignore[operator]
+            async with asyncio.timeout(None) as timeout:
+                deadline = _Deadline(
+                    timeout,
+                    self.timeout_s * 2,  # connect + command
+                    self._lag,
+                    lambda: self._last_reply,
+                )
+                try:
+                    result = await script(keys=keys, args=args)  # type: ignore[operator]
+                finally:
+                    deadline.cancel()
         except (RedisError, OSError, TimeoutError) as exc:
+            timed_out = isinstance(exc, TimeoutError) and deadline is not None
+            if timed_out and deadline is not None and not deadline.redis_to_blame:
+                # This process was too slow, not Redis: fail this call only.
+                log.info("rate_limit_redis_call_late", extensions=deadline.extensions)
+                raise StoreUnavailable("the event loop was too slow") from exc
             self._failures += 1
             refused = isinstance(exc, (RedisConnectionError, OSError)) and not isinstance(
                 exc,
@@ -220,6 +292,7 @@ class RedisStore:
                 self._down_until = time.monotonic() + self.BACKOFF_S
             raise StoreUnavailable(str(exc)) from exc
         self._failures = 0
+        self._last_reply = asyncio.get_running_loop().time()
         return result
 
     async def admit(self, request_id: str, specs: list[LimitSpec]) -> Decision:
@@ -273,4 +346,5 @@ class RedisStore:
             return False
 
     async def aclose(self) -> None:
+        await self._lag.aclose()
         await self.redis.aclose()
