@@ -27,6 +27,7 @@ from tests.conftest import MODEL, create_account, eventually, free_port, require
 from tests.core_apps import registry_app
 from tests.rate_limit.conftest import (
     REDIS_URL,
+    NetworkCut,
     RedisServer,
     delete_prefix,
     limits_on,
@@ -256,3 +257,93 @@ async def test_a_slow_redis_is_still_declared_down(private_redis: RedisServer) -
             assert store.down
         finally:
             private_redis.proc.send_signal(signal.SIGCONT)
+
+
+# --- a network partition ----------------------------------------------------------------------
+
+
+async def live_leases(url: str, prefix: str, user_id: str) -> int:
+    """The user's concurrency leases held in Redis, read past the cut network."""
+    client = Redis.from_url(url)
+    try:
+        t = await client.time()
+        key = f"{{{prefix}}}:user:{user_id}:concurrency:z"
+        return int(await client.zcount(key, t[0] * 1000 + t[1] // 1000, "+inf"))
+    finally:
+        await client.aclose()
+
+
+async def test_releases_that_fail_in_a_partition_are_settled_after_it(
+    app: Any, http: httpx.AsyncClient, tmp_path: Path, private_redis: RedisServer
+) -> None:
+    """Two requests hold the user's 2 slots; they end while the network to Redis is cut, so
+    their releases fail. Once it heals the releases go through: the slots come back at once,
+    not when the 60 s leases lapse."""
+    prefix = unique_prefix()
+    tiers = {"free": {**UNLIMITED, "concurrent_requests": 2}, "ip": UNLIMITED}
+    async with (
+        NetworkCut(private_redis.port) as net,
+        limits_on(
+            app, tmp_path, "redis", tiers=tiers, redis_url=net.url, rate_limit_key_prefix=prefix
+        ) as limiter,
+    ):
+        acct = await create_account(app)
+        counting = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 1500}
+        long = [
+            asyncio.create_task(http.post("/v1/completions", json=counting, headers=acct.headers))
+            for _ in range(2)
+        ]
+
+        async def held() -> int:
+            return await live_leases(private_redis.url, prefix, acct.user_id)
+
+        await eventually(lambda: _equals(held(), 2))
+        net.cut()
+        for task in long:  # the clients go away during the partition
+            task.cancel()
+        await asyncio.gather(*long, return_exceptions=True)
+        await eventually(lambda: limiter.in_flight == 0 and not limiter._tasks)
+        assert await held() == 2  # the releases did not get through
+        net.heal()
+        await eventually(lambda: _equals(held(), 0), timeout=10)  # the leases last 60 s
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+        r = await http.post("/v1/chat/completions", json=body, headers=acct.headers)
+        assert r.status_code == 200, r.text
+
+
+async def _equals(value: Any, expected: int) -> bool:
+    return bool(await value == expected)
+
+
+async def test_no_flapping_after_the_network_heals(private_redis: RedisServer) -> None:
+    """After a partition the pool's connections are gone; the first burst once Redis is back
+    opens them all at once. Its wait is this process's own (connecting, queueing for one of
+    the pool's connections), never Redis being down again: before, redis-py's own 100 ms
+    pool-wait and connect timeouts counted as a refused connection and flapped the limiter
+    back to local mode for a second, again with each burst."""
+    async with NetworkCut(private_redis.port) as net, fast_store(net.url) as store:
+        spec = rpm(10**6, "s")
+        # Connections for a burst (whether it was served or not is not under test here).
+        await asyncio.gather(
+            *(store.admit(rid(), [spec]) for _ in range(100)), return_exceptions=True
+        )
+        net.cut()
+        for _ in range(3):
+            with pytest.raises(StoreUnavailable):
+                await store.admit(rid(), [spec])
+        assert store.down
+        net.heal()
+
+        async def back() -> bool:
+            try:
+                return (await store.admit(rid(), [spec])).allowed
+            except StoreUnavailable:
+                return False
+
+        await eventually(back)
+        for _ in range(3):  # bursts of 300, as clients come back
+            results = await asyncio.gather(
+                *(store.admit(rid(), [spec]) for _ in range(300)), return_exceptions=True
+            )
+            failed = [r for r in results if isinstance(r, BaseException)]
+            assert failed == [] and not store.down, (len(failed), failed[:3])

@@ -16,6 +16,7 @@ Redis failures (`LLM_API_RATE_LIMIT_FAILURE_MODE`):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from dataclasses import dataclass
 
@@ -56,6 +57,9 @@ class _Ticket:
 
 
 class RateLimiter:
+    MAX_UNSETTLED = 100_000
+    RECONCILE_S = 0.5
+
     def __init__(
         self,
         policy: LimitPolicy,
@@ -77,6 +81,11 @@ class RateLimiter:
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
         self._degraded = False
+        # Settlements (and so releases of concurrency slots) that Redis did not take, retried
+        # until it does: dropped, each would hold its slot there for the whole lease.
+        self._unsettled: dict[str, tuple[_Ticket, list[Settlement]]] = {}
+        self._reconciler: asyncio.Task[None] | None = None
+        self._redis_back = asyncio.Event()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -84,11 +93,16 @@ class RateLimiter:
         self._renewer = asyncio.create_task(self._renew_leases(), name="rate-limit-leases")
 
     async def aclose(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            await asyncio.gather(self._renewer, return_exceptions=True)
+        for task in (self._renewer, self._reconciler):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=2)
+        if self._unsettled:  # one last try, so a clean restart leaves no slot held
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await self._settle_deferred()
         await self.store.aclose()
 
     @property
@@ -110,6 +124,8 @@ class RateLimiter:
         if self._degraded:
             self._degraded = False
             log.warning("rate_limit_redis_recovered")
+        if self._unsettled:
+            self._redis_back.set()  # settle what failed during the outage now
         return decision, self.store, specs
 
     def _degrade(
@@ -203,10 +219,47 @@ class RateLimiter:
         try:
             await ticket.store.settle(request_id, ticket.admitted_ms, settlements, ticket.leases)
         except StoreUnavailable:
-            # The leases expire by their TTL; the reservation ages out with its window.
-            log.warning("rate_limit_settle_failed", request_id=request_id)
+            log.warning("rate_limit_settle_deferred", request_id=request_id)
+            self._defer(request_id, ticket, settlements)
         except Exception:
             log.exception("rate_limit_settle_error", request_id=request_id)
+
+    def _defer(self, request_id: str, ticket: _Ticket, settlements: list[Settlement]) -> None:
+        """Keep a settlement Redis did not take, to retry once it answers. Bounded: beyond
+        MAX_UNSETTLED the oldest goes (its lease has long lapsed by then)."""
+        if len(self._unsettled) >= self.MAX_UNSETTLED:
+            self._unsettled.pop(next(iter(self._unsettled)))
+        self._unsettled[request_id] = (ticket, settlements)
+        if self._reconciler is None or self._reconciler.done():
+            self._reconciler = asyncio.get_running_loop().create_task(
+                self._reconcile(), name="rate-limit-reconcile"
+            )
+
+    async def _reconcile(self) -> None:
+        """Retry the deferred settlements: as soon as an admission reaches Redis again, else
+        every RECONCILE_S (a try while Redis is marked down costs nothing, and one while it is
+        unreachable costs one timeout before it is marked down again)."""
+        while self._unsettled:
+            self._redis_back.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._redis_back.wait(), self.RECONCILE_S)
+            await self._settle_deferred()
+
+    async def _settle_deferred(self) -> None:
+        settled = 0
+        for request_id, (ticket, settlements) in list(self._unsettled.items()):
+            try:
+                await ticket.store.settle(
+                    request_id, ticket.admitted_ms, settlements, ticket.leases
+                )
+            except StoreUnavailable:
+                break  # still unreachable: the rest wait for the next try
+            except Exception:
+                log.exception("rate_limit_settle_error", request_id=request_id)
+            self._unsettled.pop(request_id, None)
+            settled += 1
+        if settled:
+            log.warning("rate_limit_settlements_reconciled", settled=settled)
 
     async def _renew_leases(self) -> None:
         """Keep the concurrency leases of long requests alive (one script call per tick for
