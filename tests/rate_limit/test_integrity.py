@@ -34,6 +34,7 @@ from tests.rate_limit.conftest import (
     unique_prefix,
 )
 
+CHAT = "/v1/chat/completions"
 UNLIMITED: dict[str, int | None] = {
     "requests_per_minute": None,
     "tokens_per_minute": None,
@@ -347,3 +348,39 @@ async def test_no_flapping_after_the_network_heals(private_redis: RedisServer) -
             )
             failed = [r for r in results if isinstance(r, BaseException)]
             assert failed == [] and not store.down, (len(failed), failed[:3])
+
+
+async def test_an_admission_delivered_after_the_partition_takes_nothing(
+    app: Any, http: httpx.AsyncClient, tmp_path: Path, private_redis: RedisServer
+) -> None:
+    """What was sent before a partition arrives when it heals (TCP retransmits it): an
+    admission whose caller gave up on it (and was served from the local share) then ran in
+    Redis, holding a slot for the 60 s lease with nothing in flight. It is voided instead."""
+    prefix = unique_prefix()
+    tiers = {"free": {**UNLIMITED, "concurrent_requests": 2}, "ip": UNLIMITED}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    async with (
+        NetworkCut(private_redis.port, hold=True) as net,
+        limits_on(
+            app, tmp_path, "redis", tiers=tiers, redis_url=net.url, rate_limit_key_prefix=prefix
+        ) as limiter,
+    ):
+        acct = await create_account(app)
+        assert (await http.post(CHAT, json=body, headers=acct.headers)).status_code == 200
+        # Settled: the next admission goes out on the pool's idle connection (a new one would
+        # hang in its handshake, and the admission would never be sent).
+        await eventually(lambda: limiter.in_flight == 0 and not limiter._tasks)
+        net.cut()
+        r = await http.post(CHAT, json=body, headers=acct.headers)
+        assert r.status_code == 200  # the admission timed out: served from the local share
+        await eventually(lambda: limiter.in_flight == 0 and not limiter._tasks)
+        net.heal()  # the admission reaches Redis now
+
+        async def held() -> int:
+            return await live_leases(private_redis.url, prefix, acct.user_id)
+
+        await eventually(lambda: limiter.store.down is False)
+        assert (await http.post(CHAT, json=body, headers=acct.headers)).status_code == 200
+        await eventually(lambda: _equals(held(), 0), timeout=10)  # the lease lasts 60 s
+        for _ in range(2):  # both slots are free
+            assert (await http.post(CHAT, json=body, headers=acct.headers)).status_code == 200

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
@@ -81,9 +83,10 @@ class RateLimiter:
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
         self._degraded = False
-        # Settlements (and so releases of concurrency slots) that Redis did not take, retried
-        # until it does: dropped, each would hold its slot there for the whole lease.
-        self._unsettled: dict[str, tuple[_Ticket, list[Settlement]]] = {}
+        # Settlements (and so releases of concurrency slots) that Redis did not take, and
+        # admissions whose reply never came (to void), retried until Redis takes them: dropped,
+        # each would hold its slot there for the whole lease.
+        self._unsettled: dict[str, Callable[[], Awaitable[None]]] = {}
         self._reconciler: asyncio.Task[None] | None = None
         self._redis_back = asyncio.Event()
 
@@ -117,7 +120,12 @@ class RateLimiter:
     ) -> tuple[Decision | None, Store, list[LimitSpec]]:
         try:
             decision = await self.store.admit(request_id, specs)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
+            if exc.sent and isinstance(self.store, RedisStore):
+                # It may have run, or may yet (delivered late): undo it once Redis answers.
+                self._defer(
+                    f"void:{request_id}", functools.partial(self.store.void, request_id, specs)
+                )
             return self._degrade(request_id, specs)
         except StoreFull as full:
             raise _memory_full(full) from None
@@ -220,16 +228,21 @@ class RateLimiter:
             await ticket.store.settle(request_id, ticket.admitted_ms, settlements, ticket.leases)
         except StoreUnavailable:
             log.warning("rate_limit_settle_deferred", request_id=request_id)
-            self._defer(request_id, ticket, settlements)
+            self._defer(
+                request_id,
+                functools.partial(
+                    ticket.store.settle, request_id, ticket.admitted_ms, settlements, ticket.leases
+                ),
+            )
         except Exception:
             log.exception("rate_limit_settle_error", request_id=request_id)
 
-    def _defer(self, request_id: str, ticket: _Ticket, settlements: list[Settlement]) -> None:
-        """Keep a settlement Redis did not take, to retry once it answers. Bounded: beyond
-        MAX_UNSETTLED the oldest goes (its lease has long lapsed by then)."""
+    def _defer(self, key: str, call: Callable[[], Awaitable[None]]) -> None:
+        """Keep a call Redis did not take (settle or void: both idempotent), to retry once it
+        answers. Bounded: beyond MAX_UNSETTLED the oldest goes (its lease has long lapsed)."""
         if len(self._unsettled) >= self.MAX_UNSETTLED:
             self._unsettled.pop(next(iter(self._unsettled)))
-        self._unsettled[request_id] = (ticket, settlements)
+        self._unsettled[key] = call
         if self._reconciler is None or self._reconciler.done():
             self._reconciler = asyncio.get_running_loop().create_task(
                 self._reconcile(), name="rate-limit-reconcile"
@@ -247,16 +260,14 @@ class RateLimiter:
 
     async def _settle_deferred(self) -> None:
         settled = 0
-        for request_id, (ticket, settlements) in list(self._unsettled.items()):
+        for key, call in list(self._unsettled.items()):
             try:
-                await ticket.store.settle(
-                    request_id, ticket.admitted_ms, settlements, ticket.leases
-                )
+                await call()
             except StoreUnavailable:
                 break  # still unreachable: the rest wait for the next try
             except Exception:
-                log.exception("rate_limit_settle_error", request_id=request_id)
-            self._unsettled.pop(request_id, None)
+                log.exception("rate_limit_settle_error", request_id=key)
+            self._unsettled.pop(key, None)
             settled += 1
         if settled:
             log.warning("rate_limit_settlements_reconciled", settled=settled)

@@ -42,6 +42,7 @@ ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rid = ARGV[1]
+if redis.call('EXISTS', KEYS[#KEYS]) == 1 then return {-1, now, 0, 0} end  -- voided (see VOID)
 local n = (#ARGV - 1) / 4
 local used, waits = {}, {}
 local reject, retry = 0, 0
@@ -141,9 +142,20 @@ for i = 1, n do
     end
   end
 end
-for j = 2 * n + 1, #KEYS do redis.call('ZREM', KEYS[j], rid) end
+for j = 2 * n + 1, LAST do redis.call('ZREM', KEYS[j], rid) end
 return 1
 """
+
+# An admission whose reply never came (a timeout) may have run, or may yet run: what was sent
+# before a partition is delivered when it heals (TCP retransmits it), long after its caller
+# moved on. Its id is marked void, so that a late arrival takes nothing (ADMIT checks), and
+# whatever it took if it did run is given back (SETTLE to 0). Either order ends the same.
+VOID = "redis.call('SET', KEYS[#KEYS], '1', 'PX', ARGV[#ARGV])\n" + SETTLE.replace(
+    "LAST", "#KEYS - 1"
+)
+SETTLE = SETTLE.replace("LAST", "#KEYS")
+# Long enough for TCP to give up retransmitting what an abandoned connection sent.
+VOID_TTL_MS = 600_000
 
 RENEW = """
 local t = redis.call('TIME')
@@ -159,7 +171,12 @@ return 1
 
 
 class StoreUnavailable(Exception):
-    """Redis did not answer in time (or is known to be down); the limiter applies its policy."""
+    """Redis did not answer in time (or is known to be down); the limiter applies its policy.
+    `sent`: the call may have reached Redis (it timed out), so it may yet take effect."""
+
+    def __init__(self, message: str = "", sent: bool = False) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 def build_redis(url: str, timeout_s: float, max_connections: int = 64) -> Redis:
@@ -245,6 +262,7 @@ class RedisStore:
         self.timeout_s = timeout_s
         self._admit = redis.register_script(ADMIT)
         self._settle = redis.register_script(SETTLE)
+        self._void = redis.register_script(VOID)
         self._renew = redis.register_script(RENEW)
         self._down_until = 0.0
         self._failures = 0
@@ -280,7 +298,7 @@ class RedisStore:
             if timed_out and deadline is not None and not deadline.redis_to_blame:
                 # This process was too slow, not Redis: fail this call only.
                 log.info("rate_limit_redis_call_late", extensions=deadline.extensions)
-                raise StoreUnavailable("the event loop was too slow") from exc
+                raise StoreUnavailable("the event loop was too slow", sent=True) from exc
             self._failures += 1
             refused = isinstance(exc, (RedisConnectionError, OSError)) and not isinstance(
                 exc,
@@ -290,7 +308,7 @@ class RedisStore:
                 if not self.down:
                     log.warning("rate_limit_redis_unavailable", error=type(exc).__name__)
                 self._down_until = time.monotonic() + self.BACKOFF_S
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(str(exc), sent=not refused) from exc
         self._failures = 0
         self._last_reply = asyncio.get_running_loop().time()
         return result
@@ -302,9 +320,11 @@ class RedisStore:
             keys += [self._key(spec, "z"), self._key(spec, "t")]
             kind = "w" if spec.kind == "window" else "c"
             args += [kind, spec.limit, spec.period_ms, spec.cost]
-        raw = await self._call(self._admit, keys, args)
+        raw = await self._call(self._admit, [*keys, self._void_key(request_id)], args)
         assert isinstance(raw, list)
         out = [int(x) for x in raw]
+        if out[0] == -1:  # an id voided before: only a reused request id gets here
+            raise StoreUnavailable("request id voided")
         states = [LimitState(out[i], out[i + 1]) for i in range(4, len(out), 2)]
         return Decision(
             allowed=out[0] == 1,
@@ -321,13 +341,33 @@ class RedisStore:
         settlements: list[Settlement],
         leases: list[LimitSpec],
     ) -> None:
+        keys, args = self._settle_args(request_id, admitted_ms, settlements, leases)
+        await self._call(self._settle, keys, args)
+
+    def _settle_args(
+        self,
+        request_id: str,
+        admitted_ms: int,
+        settlements: list[Settlement],
+        leases: list[LimitSpec],
+    ) -> tuple[list[str], list[str | int]]:
         keys: list[str] = []
         args: list[str | int] = [request_id, admitted_ms, len(settlements)]
         for s in settlements:
             keys += [self._key(s.spec, "z"), self._key(s.spec, "t")]
             args += [s.reserved, s.used, s.spec.period_ms]
         keys += [self._key(spec, "z") for spec in leases]
-        await self._call(self._settle, keys, args)
+        return keys, args
+
+    async def void(self, request_id: str, specs: list[LimitSpec]) -> None:
+        """Undo an admission whose reply never came, now or whenever it arrives (VOID)."""
+        windows = [Settlement(s, s.cost, 0) for s in specs if s.kind == "window"]
+        leases = [s for s in specs if s.kind == "concurrency"]
+        keys, args = self._settle_args(request_id, 0, windows, leases)
+        await self._call(self._void, [*keys, self._void_key(request_id)], [*args, VOID_TTL_MS])
+
+    def _void_key(self, request_id: str) -> str:
+        return f"{{{self.prefix}}}:void:{request_id}"
 
     async def renew(self, leases: list[tuple[str, LimitSpec]]) -> None:
         if not leases:
