@@ -229,9 +229,9 @@ class Settings(BaseSettings):
         100,
         ge=5,
         le=1000,
-        description="Timeout of each limiter call to Redis; a slower call counts as Redis "
-        "being down. Raise it where CPU-bound work (an in-process model on few cores) can stall "
-        "the event loop past 100 ms.",
+        description="Timeout of each limiter call to Redis; a slower call counts toward marking "
+        "Redis down, unless the event loop itself was lagging (CPU-bound work, a starved "
+        "process), which extends the call instead.",
     )
     rate_limit_lease_seconds: int = Field(
         60, ge=3, description="Concurrency slots of a crashed worker free themselves after this."

@@ -6,9 +6,9 @@ a reply that arrived in time sits unread in the socket; when the loop runs again
 timer fires before the task that would read the reply (asyncio runs due timers before the
 wake-ups they race with). Judged by that timer alone, a healthy Redis looks down.
 
-`LoopLag` is a task that sleeps INTERVAL_S at a time and records how late it woke: the loop lag
-Node's `perf_hooks.monitorEventLoopDelay` and aiomonitor measure the same way. One wake-up per
-50 ms costs nothing measurable.
+`LoopLag` is a task that sleeps INTERVAL_S at a time and records how late it woke, the event
+loop delay that Node's `perf_hooks.monitorEventLoopDelay` samples with a timer the same way. One
+wake-up per 50 ms costs nothing measurable.
 """
 
 from __future__ import annotations

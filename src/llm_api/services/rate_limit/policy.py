@@ -55,8 +55,9 @@ class RateLimitOverrides(BaseModel):
 def ip_subject(address: str) -> str:
     """Who a per-IP limit counts: an IPv4 address as it is, an IPv6 address by its /64. One
     host (or home, or VM) is given a whole /64 and can pick any address in it, so counting
-    single IPv6 addresses would give it 2**64 quotas; nginx's, Envoy's and Cloudflare's
-    limiters group IPv6 the same way. An IPv4-mapped IPv6 address counts as its IPv4 address."""
+    single IPv6 addresses would give it 2**64 quotas (GitLab Pages' and AdGuard Home's limiters
+    group IPv6 by prefix the same way). An IPv4-mapped IPv6 address counts as its IPv4
+    address."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
