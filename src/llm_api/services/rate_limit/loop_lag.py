@@ -27,9 +27,9 @@ class LoopLag:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        """Start measuring on the running loop (again, if a previous loop's task ended)."""
-        if self._task is None or self._task.done():
-            loop = asyncio.get_running_loop()
+        """Start measuring on the running loop (again, when it is another loop than before)."""
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
             self._due = loop.time() + self.INTERVAL_S
             self._task = loop.create_task(self._run(), name="rate-limit-loop-lag")
 
@@ -57,7 +57,7 @@ class LoopLag:
         return worst
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None and task.get_loop() is asyncio.get_running_loop():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
