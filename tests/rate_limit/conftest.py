@@ -3,6 +3,7 @@ deleted after) and in memory, and a way to switch limits on for the shared app."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import subprocess
 import time
@@ -167,3 +168,73 @@ def private_redis() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+class NetworkCut:
+    """A TCP proxy in front of a Redis, standing in for the network between us and it. `cut()`
+    partitions it: nothing is forwarded in either direction, connections stay open and new ones
+    are accepted but answered by nothing. What is sent meanwhile is lost (`hold=False`: TCP gave
+    up) or delivered when the network heals (`hold=True`: TCP's retransmissions get through).
+    `heal()` forwards again. Runs on the test's event loop."""
+
+    def __init__(self, target_port: int, hold: bool = False) -> None:
+        self.target_port = target_port
+        self.hold = hold
+        self.port = 0
+        self.cut_off = False
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._held: list[tuple[asyncio.StreamWriter, bytearray]] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def __aenter__(self) -> NetworkCut:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def cut(self) -> None:
+        self.cut_off = True
+
+    def heal(self) -> None:
+        self.cut_off = False
+        for dst, held in self._held:
+            if held and not dst.is_closing():
+                dst.write(bytes(held))
+            held.clear()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            held = bytearray()
+            self._held.append((dst, held))
+            task = asyncio.create_task(self._pump(src, dst, held))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pump(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, held: bytearray
+    ) -> None:
+        try:
+            while data := await src.read(65536):
+                if self.cut_off:
+                    if self.hold:
+                        held += data
+                    continue
+                dst.write(data)
+                await dst.drain()
+            while self.cut_off and self.hold:  # the sender closed: deliver, then close
+                await asyncio.sleep(0.01)
+        except OSError:
+            pass
+        finally:
+            dst.close()

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from llm_api.services.rate_limit.memory_store import MemoryStore
+from llm_api.services.rate_limit.memory_store import MemoryStore, StoreFull
 from llm_api.services.rate_limit.types import LimitSpec, Settlement, Store
 
 
@@ -130,12 +130,36 @@ async def test_leases_lapse_unless_renewed(store: Store) -> None:
 
 
 async def test_memory_store_is_bounded() -> None:
+    """Bounded in keys, without dropping a live one (test_integrity.py has the rest)."""
     store = MemoryStore(max_keys=50)
-    for i in range(200):
+    for i in range(50):
         assert (await store.admit(rid(), [rpm(1, subject=f"s{i}")])).allowed
-    assert len(store._windows) <= 50
+    for i in range(50, 200):
+        with pytest.raises(StoreFull):
+            await store.admit(rid(), [rpm(1, subject=f"s{i}")])
+    assert len(store._windows) == 50
 
 
 @pytest.mark.parametrize("divisor,expected", [(1, 10), (3, 4), (20, 1)])
 def test_scaled_share(divisor: int, expected: int) -> None:
     assert rpm(10).scaled(divisor).limit == expected
+
+
+async def test_large_counts_stay_exact(store: Store) -> None:
+    """Counts of 1e14 and more (Lua's own number formatting writes them as 1e+15) settle and
+    read back exactly: the subject is refused by its limit, never by a script error."""
+    big = 10**15
+    first = rid()
+    d = await store.admit(first, [tpm(big, 10)])
+    assert d.allowed
+    await store.settle(first, d.now_ms, [Settlement(tpm(big, 10), 10, big - 3)], [])
+    d = await store.admit(rid(), [tpm(big, 3)])
+    assert d.allowed and d.states[0].remaining == 0
+    refused = await store.admit(rid(), [tpm(big, 1)])
+    assert not refused.allowed and 59_000 < refused.retry_ms <= 60_000
+    # Past the cap (an upstream's absurd usage): held at the cap, still exact.
+    second = rid()
+    d = await store.admit(second, [tpm(big, 1, subject="u2")])
+    await store.settle(second, d.now_ms, [Settlement(tpm(big, 1, subject="u2"), 1, 2 * big)], [])
+    refused = await store.admit(rid(), [tpm(big, 1, subject="u2")])
+    assert not refused.allowed and refused.states[0].remaining == 0

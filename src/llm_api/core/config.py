@@ -285,15 +285,22 @@ class Settings(BaseSettings):
         100,
         ge=5,
         le=1000,
-        description="Timeout of each limiter call to Redis; a slower call counts as Redis "
-        "being down. Raise it where CPU-bound work (an in-process model on few cores) can stall "
-        "the event loop past 100 ms.",
+        description="Timeout of each limiter call to Redis; a slower call counts toward marking "
+        "Redis down, unless the event loop itself was lagging (CPU-bound work, a starved "
+        "process), which extends the call instead.",
     )
     rate_limit_lease_seconds: int = Field(
         60, ge=3, description="Concurrency slots of a crashed worker free themselves after this."
     )
     rate_limit_key_prefix: str = Field(
         "llm-api:rl", min_length=1, description="Prefix of the limiter's Redis keys."
+    )
+    rate_limit_memory_max_keys: int = Field(
+        100_000,
+        ge=100,
+        description="Most limit keys the in-memory store (no Redis, or the fallback while Redis "
+        "is down) holds; expired ones are swept, live ones never dropped: beyond it a new client "
+        "gets 503 until keys expire.",
     )
 
     @field_validator("trusted_proxies", mode="before")

@@ -23,14 +23,18 @@ def configure_logging(settings: Settings) -> None:
         if settings.json_logs
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    # Updated in place: loggers cached under an earlier configuration (a second app in one
+    # process, as the tests make) follow this one too, and structlog's capture_logs reaches them.
+    processors = structlog.get_config()["processors"]
+    # filter_by_level first: a call below the level is dropped before the other processors
+    # (timestamp, names) run, not after them in the stdlib handler.
+    processors[:] = [
+        structlog.stdlib.filter_by_level,
+        *shared,
+        structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+    ]
     structlog.configure(
-        # filter_by_level first: a call below the level is dropped before the other processors
-        # (timestamp, names) run, not after them in the stdlib handler.
-        processors=[
-            structlog.stdlib.filter_by_level,
-            *shared,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
+        processors=processors,
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,

@@ -16,7 +16,10 @@ Redis failures (`LLM_API_RATE_LIMIT_FAILURE_MODE`):
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
@@ -28,7 +31,7 @@ from llm_api.core.metrics import RATE_LIMIT_REJECTIONS
 from llm_api.services.llm.types import CompletionRecord, RequestContext
 from llm_api.services.rate_limit.headers import rate_limit_headers, rejection
 from llm_api.services.rate_limit.login import LoginPolicy, LoginThrottle
-from llm_api.services.rate_limit.memory_store import MemoryStore
+from llm_api.services.rate_limit.memory_store import MemoryStore, StoreFull
 from llm_api.services.rate_limit.policy import LimitPolicy
 from llm_api.services.rate_limit.redis_store import RedisStore, StoreUnavailable, build_redis
 from llm_api.services.rate_limit.types import Decision, LimitSpec, Settlement, Store
@@ -41,6 +44,13 @@ def _count_rejection(spec: LimitSpec) -> None:
     RATE_LIMIT_REJECTIONS.labels(limit=f"{spec.scope}_{spec.name}").inc()
 
 
+def _memory_full(full: StoreFull) -> ServiceUnavailableError:
+    return ServiceUnavailableError(
+        "Rate limiting is at capacity; retry shortly.",
+        retry_after=max(1, -(-full.retry_ms // 1000)),
+    )
+
+
 @dataclass(slots=True)
 class _Ticket:
     store: Store
@@ -50,6 +60,9 @@ class _Ticket:
 
 
 class RateLimiter:
+    MAX_UNSETTLED = 100_000
+    RECONCILE_S = 0.5
+
     def __init__(
         self,
         policy: LimitPolicy,
@@ -59,6 +72,7 @@ class RateLimiter:
         processes: int = 1,
         enabled: bool = True,
         login: LoginThrottle | None = None,
+        memory_max_keys: int = 100_000,
     ) -> None:
         self.policy = policy
         self.store = store
@@ -66,13 +80,19 @@ class RateLimiter:
         self.processes = max(1, processes)
         self.enabled = enabled
         # The local fallback (a MemoryStore as primary needs none: it cannot fail).
-        self.fallback = MemoryStore() if isinstance(store, RedisStore) else None
+        self.fallback = MemoryStore(memory_max_keys) if isinstance(store, RedisStore) else None
         self._tickets: dict[str, _Ticket] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
         self._degraded = False
         # Login attempts: growing delays per (account, client), not windows (login.py).
         self.login = login
+        # Settlements (and so releases of concurrency slots) that Redis did not take, and
+        # admissions whose reply never came (to void), retried until Redis takes them: dropped,
+        # each would hold its slot there for the whole lease.
+        self._unsettled: dict[str, Callable[[], Awaitable[None]]] = {}
+        self._reconciler: asyncio.Task[None] | None = None
+        self._redis_back = asyncio.Event()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -80,11 +100,16 @@ class RateLimiter:
         self._renewer = asyncio.create_task(self._renew_leases(), name="rate-limit-leases")
 
     async def aclose(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            await asyncio.gather(self._renewer, return_exceptions=True)
+        for task in (self._renewer, self._reconciler):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=2)
+        if self._unsettled:  # one last try, so a clean restart leaves no slot held
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await self._settle_deferred()
         await self.store.aclose()
 
     @property
@@ -99,11 +124,20 @@ class RateLimiter:
     ) -> tuple[Decision | None, Store, list[LimitSpec]]:
         try:
             decision = await self.store.admit(request_id, specs)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
+            if exc.sent and isinstance(self.store, RedisStore):
+                # It may have run, or may yet (delivered late): undo it once Redis answers.
+                self._defer(
+                    f"void:{request_id}", functools.partial(self.store.void, request_id, specs)
+                )
             return self._degrade(request_id, specs)
+        except StoreFull as full:
+            raise _memory_full(full) from None
         if self._degraded:
             self._degraded = False
             log.warning("rate_limit_redis_recovered")
+        if self._unsettled:
+            self._redis_back.set()  # settle what failed during the outage now
         return decision, self.store, specs
 
     def _degrade(
@@ -119,7 +153,10 @@ class RateLimiter:
         if self.failure_mode == "open" or self.fallback is None:
             return None, self.store, specs
         shared = [spec.scaled(self.processes) for spec in specs]
-        return self.fallback.admit_now(request_id, shared), self.fallback, shared
+        try:
+            return self.fallback.admit_now(request_id, shared), self.fallback, shared
+        except StoreFull as full:
+            raise _memory_full(full) from None
 
     async def admit_completion(self, ctx: RequestContext, tokens: int) -> None:
         """Check and take every limit of this request, or raise 429 (or 503 when closed).
@@ -213,10 +250,50 @@ class RateLimiter:
         try:
             await ticket.store.settle(request_id, ticket.admitted_ms, settlements, ticket.leases)
         except StoreUnavailable:
-            # The leases expire by their TTL; the reservation ages out with its window.
-            log.warning("rate_limit_settle_failed", request_id=request_id)
+            log.warning("rate_limit_settle_deferred", request_id=request_id)
+            self._defer(
+                request_id,
+                functools.partial(
+                    ticket.store.settle, request_id, ticket.admitted_ms, settlements, ticket.leases
+                ),
+            )
         except Exception:
             log.exception("rate_limit_settle_error", request_id=request_id)
+
+    def _defer(self, key: str, call: Callable[[], Awaitable[None]]) -> None:
+        """Keep a call Redis did not take (settle or void: both idempotent), to retry once it
+        answers. Bounded: beyond MAX_UNSETTLED the oldest goes (its lease has long lapsed)."""
+        if len(self._unsettled) >= self.MAX_UNSETTLED:
+            self._unsettled.pop(next(iter(self._unsettled)))
+        self._unsettled[key] = call
+        if self._reconciler is None or self._reconciler.done():
+            self._reconciler = asyncio.get_running_loop().create_task(
+                self._reconcile(), name="rate-limit-reconcile"
+            )
+
+    async def _reconcile(self) -> None:
+        """Retry the deferred settlements: as soon as an admission reaches Redis again, else
+        every RECONCILE_S (a try while Redis is marked down costs nothing, and one while it is
+        unreachable costs one timeout before it is marked down again)."""
+        while self._unsettled:
+            self._redis_back.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._redis_back.wait(), self.RECONCILE_S)
+            await self._settle_deferred()
+
+    async def _settle_deferred(self) -> None:
+        settled = 0
+        for key, call in list(self._unsettled.items()):
+            try:
+                await call()
+            except StoreUnavailable:
+                break  # still unreachable: the rest wait for the next try
+            except Exception:
+                log.exception("rate_limit_settle_error", request_id=key)
+            self._unsettled.pop(key, None)
+            settled += 1
+        if settled:
+            log.warning("rate_limit_settlements_reconciled", settled=settled)
 
     async def _renew_leases(self) -> None:
         """Keep the concurrency leases of long requests alive (one script call per tick for
@@ -247,7 +324,7 @@ def build_rate_limiter(settings: Settings) -> RateLimiter:
             build_redis(settings.redis_url, timeout), settings.rate_limit_key_prefix, timeout
         )
     else:
-        store = MemoryStore()
+        store = MemoryStore(settings.rate_limit_memory_max_keys)
         if settings.workers > 1 and settings.rate_limit_enabled:
             log.warning(
                 "rate_limit_memory_with_workers",
@@ -267,4 +344,5 @@ def build_rate_limiter(settings: Settings) -> RateLimiter:
         processes=settings.workers * settings.rate_limit_replicas,
         enabled=settings.rate_limit_enabled,
         login=login,
+        memory_max_keys=settings.rate_limit_memory_max_keys,
     )

@@ -1,8 +1,16 @@
 """The in-process store: the same sliding logs and leases as the Redis scripts, in memory.
 
 Used when no Redis is configured (one process only) and as the bounded local fallback while Redis
-is unreachable. Atomic because it never awaits between checking and taking. Bounded: at most
-`max_keys` limit keys are kept; expired ones are swept first, then the oldest are dropped.
+is unreachable. Atomic because it never awaits between checking and taking.
+
+Bounded without ever forgetting a live count: at most `max_keys` limit keys
+(`LLM_API_RATE_LIMIT_MEMORY_MAX_KEYS`) are kept. Expired keys are swept first, oldest expiry
+first (each period's keys are kept in the order they were last written, which is their order of
+expiry, so a sweep costs only what it removes). When every key is still live, a request that
+needs a new key is refused (StoreFull: 503 with Retry-After) and the subjects already counted
+keep their counts. Dropping a live key instead would hand its subject a fresh quota, which a
+client with many addresses could trigger at will. Memory is then at most `max_keys` keys plus
+one entry per request admitted within each key's window.
 """
 
 from __future__ import annotations
@@ -36,6 +44,9 @@ class _Window:
     def expired(self, now: int) -> bool:
         return self.newest_ms <= now - self.period_ms
 
+    def expires_ms(self) -> int:
+        return self.newest_ms + self.period_ms
+
 
 @dataclass(slots=True)
 class _Leases:
@@ -50,12 +61,34 @@ class _Leases:
     def expired(self, now: int) -> bool:
         return self.newest_ms <= now
 
+    def expires_ms(self) -> int:
+        return self.newest_ms
+
+
+class StoreFull(Exception):
+    """Every one of the store's `max_keys` keys holds a live count: a request that needs a new
+    key is refused rather than any subject's count dropped."""
+
+    def __init__(self, retry_ms: int) -> None:
+        super().__init__("rate-limit memory full")
+        self.retry_ms = retry_ms
+
 
 class MemoryStore:
+    # A full scan for expired keys (those the ordered sweep cannot reach yet) at most this often
+    # while full, so a client that keeps asking for new keys cannot make every request O(keys).
+    FULL_SCAN_INTERVAL_MS = 1000
+    # The longest Retry-After a full store asks for (its oldest key may live for a day).
+    MAX_FULL_RETRY_MS = 60_000
+
     def __init__(self, max_keys: int = 100_000) -> None:
         self.max_keys = max_keys
         self._windows: dict[str, _Window] = {}
         self._leases: dict[str, _Leases] = {}
+        # Per period, every key in the order it was last written (its expiry order).
+        self._order: dict[int, dict[str, None]] = {}
+        self._last_full_scan = -self.FULL_SCAN_INTERVAL_MS
+        self._full = False
 
     @staticmethod
     def now_ms() -> int:
@@ -64,32 +97,73 @@ class MemoryStore:
     def _window(self, spec: LimitSpec) -> _Window:
         w = self._windows.get(spec.key)
         if w is None:
-            self._make_room()
             w = self._windows[spec.key] = _Window(spec.period_ms)
+            self._touch(spec.key, w.period_ms)
         return w
 
     def _lease(self, spec: LimitSpec) -> _Leases:
         c = self._leases.get(spec.key)
         if c is None:
-            self._make_room()
             c = self._leases[spec.key] = _Leases(spec.period_ms)
+            self._touch(spec.key, c.period_ms)
         return c
 
-    def _make_room(self) -> None:
-        if len(self._windows) + len(self._leases) < self.max_keys:
+    def _touch(self, key: str, period_ms: int) -> None:
+        """`key` was just written: it now expires after every other key of its period."""
+        order = self._order.setdefault(period_ms, {})
+        order.pop(key, None)
+        order[key] = None
+
+    def _get(self, key: str) -> _Window | _Leases | None:
+        return self._windows.get(key) or self._leases.get(key)
+
+    def _drop(self, key: str, period_ms: int) -> None:
+        self._windows.pop(key, None)
+        self._leases.pop(key, None)
+        self._order[period_ms].pop(key, None)
+
+    @property
+    def keys(self) -> int:
+        return len(self._windows) + len(self._leases)
+
+    def _make_room(self, needed: int, now: int) -> None:
+        """Room for `needed` new keys, by removing expired ones only; StoreFull when there is
+        none."""
+        if self.keys + needed <= self.max_keys:
             return
-        now = self.now_ms()
-        for table in (self._windows, self._leases):
-            for key in [k for k, v in table.items() if v.expired(now)]:
-                del table[key]
-        while len(self._windows) + len(self._leases) >= self.max_keys:
-            table = self._windows if len(self._windows) >= len(self._leases) else self._leases
-            dropped = next(iter(table))
-            del table[dropped]  # the oldest key: its subject's count starts over
-            log.warning("rate_limit_memory_full", dropped=dropped.split(":", 1)[0])
+        for period_ms, order in self._order.items():
+            gone = []
+            for key in order:  # oldest expiry first: stop at the first live key
+                obj = self._get(key)
+                if obj is not None and not obj.expired(now):
+                    break
+                gone.append(key)
+            for key in gone:
+                self._drop(key, period_ms)
+        if self.keys + needed > self.max_keys and (
+            now - self._last_full_scan >= self.FULL_SCAN_INTERVAL_MS
+        ):
+            # Keys that expired out of order (a window that never took an entry).
+            self._last_full_scan = now
+            for period_ms, order in self._order.items():
+                for key in [k for k in order if (o := self._get(k)) is None or o.expired(now)]:
+                    self._drop(key, period_ms)
+        if self.keys + needed <= self.max_keys:
+            self._full = False
+            return
+        # The first key of each period expires first: room comes back then.
+        fronts = [self._get(next(iter(order))) for order in self._order.values() if order]
+        retry = min((o.expires_ms() for o in fronts if o is not None), default=now) - now
+        if not self._full:
+            self._full = True
+            log.warning("rate_limit_memory_full", keys=self.keys, max_keys=self.max_keys)
+        raise StoreFull(min(max(retry, 1000), self.MAX_FULL_RETRY_MS))
 
     def admit_now(self, request_id: str, specs: list[LimitSpec]) -> Decision:
         now = self.now_ms()
+        new_keys = sum(1 for s in specs if s.key not in self._windows and s.key not in self._leases)
+        if new_keys:
+            self._make_room(new_keys, now)  # before anything is taken: all or nothing
         used: list[int] = []
         held: list[_Window | _Leases] = []
         reject, retry = None, 0
@@ -133,10 +207,12 @@ class MemoryStore:
                         w.costs[request_id] = cost
                         w.used += cost
                         w.newest_ms = now
+                        self._touch(spec.key, w.period_ms)
                     reset = spec.period_ms
                 else:
                     c = obj
                     c.expiry[request_id] = c.newest_ms = now + spec.period_ms
+                    self._touch(spec.key, c.period_ms)
             elif isinstance(last := held[i], _Window) and last.entries:
                 reset = last.entries[-1][0] + spec.period_ms - now
             states.append(LimitState(max(0, remaining), reset))
@@ -173,6 +249,7 @@ class MemoryStore:
             c = self._leases.get(spec.key)
             if c is not None and request_id in c.expiry:
                 c.expiry[request_id] = c.newest_ms = now + spec.period_ms
+                self._touch(spec.key, c.period_ms)
 
     def in_flight(self, spec: LimitSpec) -> int:
         c = self._leases.get(spec.key)
@@ -184,3 +261,4 @@ class MemoryStore:
     async def aclose(self) -> None:
         self._windows.clear()
         self._leases.clear()
+        self._order.clear()

@@ -15,10 +15,14 @@ A completion is checked against: its user's limits (across all of the user's key
 limits when the key has an override of its own (otherwise they equal the user's and could never
 bind first, so they are skipped); and the `ip` aggregate over everything from its client IP.
 Without a user (auth disabled) the tier's limits apply to the client IP instead.
+
+Per-IP limits count an IPv6 client by its /64 (`ip_subject`).
 """
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 from pathlib import Path
 
 import yaml
@@ -45,6 +49,24 @@ class RateLimitOverrides(BaseModel):
         if path is None:
             return cls()
         return cls.model_validate(yaml.safe_load(path.read_text()) or {})
+
+
+@functools.lru_cache(maxsize=4096)
+def ip_subject(address: str) -> str:
+    """Who a per-IP limit counts: an IPv4 address as it is, an IPv6 address by its /64. One
+    host (or home, or VM) is given a whole /64 and can pick any address in it, so counting
+    single IPv6 addresses would give it 2**64 quotas (GitLab Pages' and AdGuard Home's limiters
+    group IPv6 by prefix the same way). An IPv4-mapped IPv6 address counts as its IPv4
+    address."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address  # not an IP (a test client's name): as it is
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
 
 
 def _item(text: str) -> tuple[int, int]:
@@ -127,9 +149,10 @@ class LimitPolicy:
                 key = tier.merged(override or TierLimits())
                 specs += self._specs(key, "key", ctx.key_id, tokens)
         if ctx.client_ip is not None:
+            ip = ip_subject(ctx.client_ip)
             if ctx.user_id is None and ctx.key_id is None:
-                specs += self._specs(tier, "client", ctx.client_ip, tokens)
-            specs += self._specs(self.tiers["ip"], "ip", ctx.client_ip, tokens)
+                specs += self._specs(tier, "client", ip, tokens)
+            specs += self._specs(self.tiers["ip"], "ip", ip, tokens)
         return specs
 
     def for_route(self, route: str, client_ip: str | None, account: str | None) -> list[LimitSpec]:
@@ -138,7 +161,8 @@ class LimitPolicy:
         label = route.replace("_", " ") + " attempts"
         specs: list[LimitSpec] = []
         if per_ip is not None and client_ip is not None:
-            specs.append(LimitSpec(route, label, "ip", client_ip, "window", "requests", *per_ip))
+            ip = ip_subject(client_ip)
+            specs.append(LimitSpec(route, label, "ip", ip, "window", "requests", *per_ip))
         if account is not None:
             specs.append(
                 LimitSpec(route, label, "account", account, "window", "requests", *per_account)

@@ -13,12 +13,16 @@ Data, per limit (all keys share one hash tag so the scripts also run on Redis Cl
   costs in the window. Entries older than the window are trimmed (and subtracted) on access.
 - concurrency limits: a sorted set of request ids scored by lease expiry.
 Every key is written with a PEXPIRE in the same script: no key ever lives without a TTL.
+Counts are exact: Lua numbers are doubles, so every count is capped (types.MAX_UNITS) and every
+member is written with `string.format('%d')`; Lua's own `..` would write 1e+15, which the cost
+pattern cannot read back (that made every later script call for the subject fail).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -27,6 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from llm_api.services.rate_limit.loop_lag import LoopLag
 from llm_api.services.rate_limit.types import Decision, LimitSpec, LimitState, Settlement
 
 log = structlog.get_logger(__name__)
@@ -37,6 +42,7 @@ ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rid = ARGV[1]
+if redis.call('EXISTS', KEYS[#KEYS]) == 1 then return {-1, now, 0, 0} end  -- voided (see VOID)
 local n = (#ARGV - 1) / 4
 local used, waits = {}, {}
 local reject, retry = 0, 0
@@ -96,7 +102,7 @@ for i = 1, n do
     remaining = remaining - cost
     if kind == 'w' then
       if cost > 0 then
-        redis.call('ZADD', z, now, rid .. ':' .. cost)
+        redis.call('ZADD', z, now, string.format('%s:%d', rid, cost))
         redis.call('INCRBY', tk, cost)
         redis.call('PEXPIRE', z, period)
         redis.call('PEXPIRE', tk, period)
@@ -124,8 +130,8 @@ for i = 1, n do
   local a = 4 + (i - 1) * 3
   local reserved, used = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   local period = tonumber(ARGV[a + 2])
-  if redis.call('ZREM', z, rid .. ':' .. reserved) == 1 then
-    if used > 0 then redis.call('ZADD', z, at, rid .. ':' .. used) end
+  if redis.call('ZREM', z, string.format('%s:%d', rid, reserved)) == 1 then
+    if used > 0 then redis.call('ZADD', z, at, string.format('%s:%d', rid, used)) end
     local total = redis.call('INCRBY', tk, used - reserved)
     if redis.call('ZCARD', z) == 0 then
       redis.call('DEL', tk)
@@ -136,9 +142,20 @@ for i = 1, n do
     end
   end
 end
-for j = 2 * n + 1, #KEYS do redis.call('ZREM', KEYS[j], rid) end
+for j = 2 * n + 1, LAST do redis.call('ZREM', KEYS[j], rid) end
 return 1
 """
+
+# An admission whose reply never came (a timeout) may have run, or may yet run: what was sent
+# before a partition is delivered when it heals (TCP retransmits it), long after its caller
+# moved on. Its id is marked void, so that a late arrival takes nothing (ADMIT checks), and
+# whatever it took if it did run is given back (SETTLE to 0). Either order ends the same.
+VOID = "redis.call('SET', KEYS[#KEYS], '1', 'PX', ARGV[#ARGV])\n" + SETTLE.replace(
+    "LAST", "#KEYS - 1"
+)
+SETTLE = SETTLE.replace("LAST", "#KEYS")
+# Long enough for TCP to give up retransmitting what an abandoned connection sent.
+VOID_TTL_MS = 600_000
 
 RENEW = """
 local t = redis.call('TIME')
@@ -154,20 +171,30 @@ return 1
 
 
 class StoreUnavailable(Exception):
-    """Redis did not answer in time (or is known to be down); the limiter applies its policy."""
+    """Redis did not answer in time (or is known to be down); the limiter applies its policy.
+    `sent`: the call may have reached Redis (it timed out), so it may yet take effect."""
+
+    def __init__(self, message: str = "", sent: bool = False) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 def build_redis(url: str, timeout_s: float, max_connections: int = 64) -> Redis:
-    """A client for the limiter: short timeouts, no retries (a retry would multiply the
-    timeout), periodic health checks; the pool reconnects by itself when Redis is back. A
-    blocking pool: a burst of requests queues for one of `max_connections` connections (one
-    script call is ~0.1 ms) instead of opening a connection each."""
+    """A client for the limiter: no retries (a retry would multiply the timeout), periodic
+    health checks; the pool reconnects by itself when Redis is back. A blocking pool: a burst of
+    requests queues for one of `max_connections` connections (one script call is ~0.1 ms)
+    instead of opening a connection each.
+
+    The client's own timeouts are only a backstop, beyond the longest wait `_Deadline` allows:
+    each of them is a bare timer that a stalled event loop fires before the reply it raced with
+    is read. RedisStore times every call itself, telling a stalled loop from a slow Redis."""
+    backstop = 2 * timeout_s * (_Deadline.MAX_EXTENSIONS + 2)
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
-        timeout=timeout_s,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
+        timeout=backstop,
+        socket_timeout=backstop,
+        socket_connect_timeout=backstop,
         health_check_interval=15,
         retry=Retry(NoBackoff(), 0),
         client_name="llm-api-rate-limit",
@@ -175,10 +202,57 @@ def build_redis(url: str, timeout_s: float, max_connections: int = 64) -> Redis:
     return Redis.from_pool(pool)
 
 
+class _Deadline:
+    """The time limit of one Redis call. When it is reached and the wait was this process's own
+    doing, not Redis's, the call gets another budget (up to MAX_EXTENSIONS times):
+    - the loop was late by half the budget or more (stalled: the reply may be sitting unread);
+    - or Redis answered another call since this one started (it is up; this call was queued
+      behind this process's own work: a burst, new connections, a busy loop).
+    Otherwise it expires on the next loop iteration, after any wake-up already queued (so a
+    reply that arrived with the timer still wins)."""
+
+    MAX_EXTENSIONS = 5
+
+    def __init__(
+        self,
+        timeout: asyncio.Timeout,
+        budget: float,
+        lag: LoopLag,
+        last_reply: Callable[[], float],
+    ) -> None:
+        self._timeout = timeout
+        self._budget = budget
+        self._lag = lag
+        self._last_reply = last_reply
+        self._loop = asyncio.get_running_loop()
+        self._started = self._loop.time()
+        self._when = self._started + budget
+        self.extensions = 0
+        # Set when it expires: whether the wait was Redis's (which counts toward marking it
+        # down) rather than this process's (which fails this call only).
+        self.redis_to_blame = False
+        self._handle = self._loop.call_at(self._when, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        stall = max(now - self._when, self._lag.since(self._started))
+        ours = stall >= self._budget / 4 or self._last_reply() >= self._started
+        if ours and self.extensions < self.MAX_EXTENSIONS:
+            self.extensions += 1
+            self._when = now + self._budget
+            self._handle = self._loop.call_at(self._when, self._check)
+        else:
+            self.redis_to_blame = not ours
+            self._timeout.reschedule(now)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
 class RedisStore:
     # After FAILURES_TO_TRIP timeouts in a row (or one refused connection), skip Redis for
-    # BACKOFF_S instead of paying the timeout on every request; then try again. A single slow
-    # reply (an event loop stalled by a burst) does not trip it.
+    # BACKOFF_S instead of paying the timeout on every request; then try again. Only timeouts
+    # that were Redis's doing count (`_Deadline`): not those of a stalled or saturated loop.
     BACKOFF_S = 1.0
     FAILURES_TO_TRIP = 3
 
@@ -188,9 +262,12 @@ class RedisStore:
         self.timeout_s = timeout_s
         self._admit = redis.register_script(ADMIT)
         self._settle = redis.register_script(SETTLE)
+        self._void = redis.register_script(VOID)
         self._renew = redis.register_script(RENEW)
         self._down_until = 0.0
         self._failures = 0
+        self._lag = LoopLag()
+        self._last_reply = 0.0  # loop time of the latest reply from Redis
 
     def _key(self, spec: LimitSpec, suffix: str) -> str:
         return f"{{{self.prefix}}}:{spec.key}:{suffix}"
@@ -202,10 +279,26 @@ class RedisStore:
     async def _call(self, script: object, keys: list[str], args: list[str | int]) -> object:
         if self.down:
             raise StoreUnavailable("redis marked down")
+        self._lag.start()
+        deadline: _Deadline | None = None
         try:
-            async with asyncio.timeout(self.timeout_s * 2):  # connect + command
-                result = await script(keys=keys, args=args)  # type: ignore[operator]
+            async with asyncio.timeout(None) as timeout:
+                deadline = _Deadline(
+                    timeout,
+                    self.timeout_s * 2,  # connect + command
+                    self._lag,
+                    lambda: self._last_reply,
+                )
+                try:
+                    result = await script(keys=keys, args=args)  # type: ignore[operator]
+                finally:
+                    deadline.cancel()
         except (RedisError, OSError, TimeoutError) as exc:
+            timed_out = isinstance(exc, TimeoutError) and deadline is not None
+            if timed_out and deadline is not None and not deadline.redis_to_blame:
+                # This process was too slow, not Redis: fail this call only.
+                log.info("rate_limit_redis_call_late", extensions=deadline.extensions)
+                raise StoreUnavailable("the event loop was too slow", sent=True) from exc
             self._failures += 1
             refused = isinstance(exc, (RedisConnectionError, OSError)) and not isinstance(
                 exc,
@@ -215,8 +308,9 @@ class RedisStore:
                 if not self.down:
                     log.warning("rate_limit_redis_unavailable", error=type(exc).__name__)
                 self._down_until = time.monotonic() + self.BACKOFF_S
-            raise StoreUnavailable(str(exc)) from exc
+            raise StoreUnavailable(str(exc), sent=not refused) from exc
         self._failures = 0
+        self._last_reply = asyncio.get_running_loop().time()
         return result
 
     async def admit(self, request_id: str, specs: list[LimitSpec]) -> Decision:
@@ -226,9 +320,11 @@ class RedisStore:
             keys += [self._key(spec, "z"), self._key(spec, "t")]
             kind = "w" if spec.kind == "window" else "c"
             args += [kind, spec.limit, spec.period_ms, spec.cost]
-        raw = await self._call(self._admit, keys, args)
+        raw = await self._call(self._admit, [*keys, self._void_key(request_id)], args)
         assert isinstance(raw, list)
         out = [int(x) for x in raw]
+        if out[0] == -1:  # an id voided before: only a reused request id gets here
+            raise StoreUnavailable("request id voided")
         states = [LimitState(out[i], out[i + 1]) for i in range(4, len(out), 2)]
         return Decision(
             allowed=out[0] == 1,
@@ -245,13 +341,33 @@ class RedisStore:
         settlements: list[Settlement],
         leases: list[LimitSpec],
     ) -> None:
+        keys, args = self._settle_args(request_id, admitted_ms, settlements, leases)
+        await self._call(self._settle, keys, args)
+
+    def _settle_args(
+        self,
+        request_id: str,
+        admitted_ms: int,
+        settlements: list[Settlement],
+        leases: list[LimitSpec],
+    ) -> tuple[list[str], list[str | int]]:
         keys: list[str] = []
         args: list[str | int] = [request_id, admitted_ms, len(settlements)]
         for s in settlements:
             keys += [self._key(s.spec, "z"), self._key(s.spec, "t")]
             args += [s.reserved, s.used, s.spec.period_ms]
         keys += [self._key(spec, "z") for spec in leases]
-        await self._call(self._settle, keys, args)
+        return keys, args
+
+    async def void(self, request_id: str, specs: list[LimitSpec]) -> None:
+        """Undo an admission whose reply never came, now or whenever it arrives (VOID)."""
+        windows = [Settlement(s, s.cost, 0) for s in specs if s.kind == "window"]
+        leases = [s for s in specs if s.kind == "concurrency"]
+        keys, args = self._settle_args(request_id, 0, windows, leases)
+        await self._call(self._void, [*keys, self._void_key(request_id)], [*args, VOID_TTL_MS])
+
+    def _void_key(self, request_id: str) -> str:
+        return f"{{{self.prefix}}}:void:{request_id}"
 
     async def renew(self, leases: list[tuple[str, LimitSpec]]) -> None:
         if not leases:
@@ -270,4 +386,5 @@ class RedisStore:
             return False
 
     async def aclose(self) -> None:
+        await self._lag.aclose()
         await self.redis.aclose()

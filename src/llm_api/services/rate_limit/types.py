@@ -9,6 +9,16 @@ from typing import Literal, Protocol
 Kind = Literal["window", "concurrency"]
 Metric = Literal["requests", "tokens", "concurrency"]
 
+# The most one limit, reservation or settled usage may count. Lua (the Redis scripts) computes
+# in doubles, exact for integers below 2**53: capped here, a window's sum stays exact, and no
+# number is ever written in exponent notation (1e+15) that the scripts could not read back.
+MAX_UNITS = 10**15
+
+
+def units(value: int) -> int:
+    """`value` as a count the stores can hold exactly: an integer in [0, MAX_UNITS]."""
+    return min(max(int(value), 0), MAX_UNITS)
+
 
 @dataclass(frozen=True, slots=True)
 class LimitSpec:
@@ -27,6 +37,11 @@ class LimitSpec:
     limit: int
     period_ms: int
     cost: int = 1
+
+    def __post_init__(self) -> None:
+        # Every count a store sees is exact (MAX_UNITS), whoever built the spec.
+        object.__setattr__(self, "limit", units(self.limit))
+        object.__setattr__(self, "cost", units(self.cost))
 
     @property
     def key(self) -> str:
@@ -59,6 +74,10 @@ class Settlement:
     spec: LimitSpec
     reserved: int
     used: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reserved", units(self.reserved))
+        object.__setattr__(self, "used", units(self.used))
 
 
 class Store(Protocol):

@@ -174,6 +174,7 @@ class OpenAIUpstreamBackend:
         if self._session is None:
             raise UpstreamError("Upstream is not connected.")
         path, body = self._body(request)
+        payload = orjson.dumps(body)
         # One deadline covers the response headers, an error body, and the first content.
         deadline = asyncio.get_running_loop().time() + self.config.first_token_timeout
         try:
@@ -181,7 +182,7 @@ class OpenAIUpstreamBackend:
                 # Never follow a redirect: it would send the prompt and our key to wherever the
                 # `Location` points. A 3xx is the upstream's error (`_map_error`).
                 resp = await self._session.post(
-                    self._urls[path], data=orjson.dumps(body), allow_redirects=False
+                    self._urls[path], data=payload, allow_redirects=False
                 )
         except TimeoutError:
             raise UpstreamTimeoutError(
@@ -196,10 +197,34 @@ class OpenAIUpstreamBackend:
                 raise UpstreamError("The upstream sent a compressed stream, which we refused.")
             if resp.headers.get("Content-Type", "").startswith("application/json"):
                 # One whole answer: the upstream ignored `stream` (some do).
-                yield await _whole(resp, deadline, _estimate_prompt_tokens(request))
+                whole = await _whole(resp, deadline, _estimate_prompt_tokens(request))
+                self._bound_usage(whole, request.params.max_tokens, len(payload))
+                yield whole
                 return
             async for chunk in self._read(resp, deadline, _estimate_prompt_tokens(request)):
+                if chunk.finish_reason is not None:
+                    self._bound_usage(chunk, request.params.max_tokens, len(payload))
                 yield chunk
+
+    def _bound_usage(self, chunk: GenerationChunk, max_tokens: int, payload_bytes: int) -> None:
+        """Usage as reported, unless it is more than the request could have produced: then the
+        most it could have (usage feeds the rate limits and the ledger, which must not take an
+        upstream's 2e15 at its word). No tokenizer makes more prompt tokens than the bytes it is
+        given (the JSON framing outweighs a chat template's few tokens per message), and the
+        upstream was asked for at most `max_tokens`."""
+        prompt, completion = chunk.prompt_tokens or 0, chunk.completion_tokens or 0
+        if prompt <= payload_bytes and completion <= max_tokens:
+            return
+        log.warning(
+            "upstream_usage_implausible",
+            model=self.config.id,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            max_prompt_tokens=payload_bytes,
+            max_completion_tokens=max_tokens,
+        )
+        chunk.prompt_tokens = min(prompt, payload_bytes)
+        chunk.completion_tokens = min(completion, max_tokens)
 
     async def _read(
         self, resp: aiohttp.ClientResponse, deadline: float, prompt_estimate: int
