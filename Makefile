@@ -57,10 +57,13 @@ bench: install-dev
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # Re-lock after editing requirements/*.in (needs pip-tools; run where PyPI is reachable).
+# Extras stay in the locks (no --strip-extras): fastapi-cli asks for uvicorn[standard], and in
+# --require-hashes mode an older pip (a fresh venv's, as in the Dockerfile) then wants
+# `uvicorn[standard]` itself pinned, or it picks the newest uvicorn and refuses it as unpinned.
 lock:
-	$(PYTHON) -m piptools compile -q --generate-hashes --allow-unsafe --strip-extras -o requirements/base.txt requirements/base.in
-	$(PYTHON) -m piptools compile -q --generate-hashes --allow-unsafe --strip-extras -o requirements/prod.txt requirements/prod.in
-	$(PYTHON) -m piptools compile -q --generate-hashes --allow-unsafe --strip-extras -o requirements/dev.txt requirements/dev.in
+	$(PYTHON) -m piptools compile -q --generate-hashes --allow-unsafe -o requirements/base.txt requirements/base.in
+	$(PYTHON) -m piptools compile -q --generate-hashes --allow-unsafe -o requirements/prod.txt requirements/prod.in
+	$(PYTHON) -m piptools compile -q --generate-hashes --allow-unsafe -o requirements/dev.txt requirements/dev.in
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

@@ -82,9 +82,11 @@ async def test_auth_off_serves_loopback_callers_only(
 async def test_database_failure_is_503_never_anonymous(tmp_path: Path, env: AuthEnv) -> None:
     if env.kind != "sqlite":
         pytest.skip("one database is enough: the failure is injected by closing the engine")
-    # Cache of verified keys off: every request needs the database here (a key verified less
-    # than LLM_API_API_KEY_CACHE_SECONDS ago keeps working through an outage: test_key_cache).
-    settings = settings_for(tmp_path, warmup=False, api_key_cache_seconds=0)
+    # Cache of verified keys and the outage grace period off: every request needs the database
+    # here (a key verified within the grace period keeps working: test_database_outage).
+    settings = settings_for(
+        tmp_path, warmup=False, api_key_cache_seconds=0, api_key_outage_grace_seconds=0
+    )
     async with running_app(settings) as app:
         state = app.state.llm_api
         from tests.conftest import create_account

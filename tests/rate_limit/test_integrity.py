@@ -95,7 +95,8 @@ async def test_absurd_upstream_usage_cannot_poison_the_shared_limiter(tmp_path: 
     require_service("Redis", "127.0.0.1", 6379)
     prefix = unique_prefix()
     limit = 100_000
-    tiers = {"paid": {**UNLIMITED, "tokens_per_minute": limit}, "ip": UNLIMITED}
+    # The keyless loopback caller of these apps is on the `anonymous` tier.
+    tiers = {"anonymous": {**UNLIMITED, "tokens_per_minute": limit}, "ip": UNLIMITED}
     body = {"model": "absurd", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
     try:
         async with (
