@@ -85,6 +85,13 @@ class Settings(BaseSettings):
     )
     max_stop_sequences: int = Field(4, ge=1, le=64, description="Most stop sequences.")
     max_n: int = Field(4, ge=1, le=16, description="Largest `n` (choices per request).")
+    embedding_upstream_batch: int = Field(
+        256,
+        ge=1,
+        le=2048,
+        description="Most inputs per embeddings call to an upstream; a larger request is split "
+        "(each part routed, retried and bounded on its own).",
+    )
     sse_keepalive_seconds: float = Field(
         15.0, gt=0, description="Interval of SSE keep-alive comments on idle streams."
     )

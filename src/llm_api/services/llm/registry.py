@@ -44,6 +44,7 @@ class ModelConfig(BaseModel):
 
     id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
     backend: Literal["llama_cpp", "openai", "router"]
+    kind: Literal["chat", "embedding"] = "chat"
     context_length: int = Field(8192, ge=64)
     defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
     concurrency: int = Field(1, ge=1, description="Requests generating at once.")
@@ -86,6 +87,15 @@ class ModelConfig(BaseModel):
         "stops where it could change a logit (llama.cpp picks kernels by micro-batch shape; "
         "see engine/exact_reuse.py), so a request gives the same output as a cold run. "
         "`llm_api:prefix_cache_hits` counts the prompt tokens reused.",
+    )
+
+    # embedding models
+    matryoshka: bool = Field(
+        False,
+        description="Embedding models trained to be shortened (Matryoshka representation "
+        "learning, e.g. OpenAI's text-embedding-3, nomic-embed-text-v1.5): a request's "
+        "`dimensions` keeps the first N components, re-normalised. Other models refuse "
+        "`dimensions` (400): cutting their vectors would silently lose quality.",
     )
 
     # openai (any OpenAI-compatible upstream)
@@ -163,11 +173,17 @@ class Registry(BaseModel):
         local = {m.id for m in self.models if m.backend == "llama_cpp"}
         for m in self.models:
             for fb in m.fallbacks:
-                if self.get(fb) is None or fb == m.id:
+                found = self.get(fb)
+                if found is None or fb == m.id:
                     raise ValueError(f"model {m.id}: unknown fallback `{fb}`")
+                if found.kind != m.kind:  # a chat answer is no embedding, and the reverse
+                    raise ValueError(f"model {m.id}: fallback `{fb}` is not a {m.kind} model")
             for d in m.deployments:
                 if d.model is not None and d.model not in local:
                     raise ValueError(f"model {m.id}: `{d.model}` is not a local model")
+                target = self.get(d.model) if d.model is not None else None
+                if target is not None and target.kind != m.kind:
+                    raise ValueError(f"model {m.id}: `{d.model}` is not a {m.kind} model")
         return self
 
     def get(self, model_id: str) -> ModelConfig | None:
@@ -176,7 +192,9 @@ class Registry(BaseModel):
 
     @property
     def default(self) -> ModelConfig:
-        return self.get(self.default_model or "") or self.models[0]
+        """`default_model`, else the first chat model (an embedding model cannot generate)."""
+        chat = next((m for m in self.models if m.kind == "chat"), self.models[0])
+        return self.get(self.default_model or "") or chat
 
 
 def resolve_gguf(spec: str) -> Path:
