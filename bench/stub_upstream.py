@@ -51,6 +51,7 @@ class StubConfig:
     embedding_dims: int = 64  # /v1/embeddings: vector size (bag of hashed words, unit length)
     embedding_usage: bool = True  # /v1/embeddings: report usage.prompt_tokens
     embedding_shuffle: bool = False  # /v1/embeddings: list the vectors in reverse index order
+    embedding_drop_last: bool = False  # /v1/embeddings: a malformed answer, one vector short
 
 
 @dataclass
@@ -193,6 +194,8 @@ class StubUpstream:
                 data.append({"object": "embedding", "index": i, "embedding": value})
             if cfg.embedding_shuffle:
                 data.reverse()
+            if cfg.embedding_drop_last:
+                data.pop()
             answer: dict[str, Any] = {"object": "list", "data": data, "model": body.get("model")}
             if cfg.embedding_usage:
                 tokens = sum(len(x.split()) if isinstance(x, str) else len(x) for x in items)

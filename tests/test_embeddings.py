@@ -158,6 +158,31 @@ async def test_too_long_input_is_a_400_naming_input(tmp_path: Path) -> None:
     assert resp.json()["error"]["param"] == "input"
 
 
+async def test_one_failing_part_fails_the_request(tmp_path: Path) -> None:
+    config = StubConfig(context_limit=20)
+    async with embedding_app(tmp_path, config, embedding_upstream_batch=1) as (stub, r):
+        resp = await post(r, {"model": "emb", "input": ["short", "word " * 50, "also short"]})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "input"
+
+
+async def test_malformed_upstream_answer_is_a_502_and_retried_elsewhere(tmp_path: Path) -> None:
+    async with embedding_app(tmp_path, StubConfig(embedding_drop_last=True)) as (stub, r):
+        resp = await post(r, {"model": "emb", "input": ["a", "b"]})
+    assert resp.status_code == 502
+    assert resp.json()["error"]["message"] == "The upstream sent a malformed embeddings response."
+    async with stubs(StubConfig(embedding_drop_last=True), StubConfig()) as (bad, good):
+        model = routed(
+            "emb",
+            [deployment(bad, weight=1000), deployment(good, weight=0.001)],
+            kind="embedding",
+            routing={"backoff_base": 0},
+        )
+        async with routed_app(tmp_path / "routed", [model]) as r:
+            ok = await post(r, {"model": "emb", "input": ["a", "b"]})
+    assert ok.status_code == 200 and len(ok.json()["data"]) == 2
+    assert (bad.stats.requests, good.stats.requests) == (1, 1)
+
+
 async def test_dimensions_shortens_and_renormalises_matryoshka_models(tmp_path: Path) -> None:
     async with embedding_app(tmp_path, entry={"matryoshka": True}) as (stub, r):
         text = "alpha beta gamma delta epsilon zeta eta theta"

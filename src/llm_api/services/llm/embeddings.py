@@ -23,7 +23,7 @@ import asyncio
 import base64
 import inspect
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -290,7 +290,7 @@ class EmbeddingService:
             ]
         else:
             parts = [self._upstream(backend, part) for part in _parts(items, self.upstream_batch)]
-        done = await asyncio.gather(*parts)
+        done = await _all_or_nothing(parts)
         return _Computed([v for c in done for v in c.vectors], [t for c in done for t in c.tokens])
 
     async def _on_deployment(self, config: ModelConfig, dep: Any, items: list[Item]) -> _Computed:
@@ -383,6 +383,22 @@ async def _tokenize(backend: LocalEmbedder, items: list[Item]) -> list[list[int]
 
     chars = sum(len(x) for x in items if isinstance(x, str))
     return work() if chars <= _TOKENIZE_INLINE_CHARS else await asyncio.to_thread(work)
+
+
+async def _all_or_nothing(parts: list[Coroutine[Any, Any, _Computed]]) -> list[_Computed]:
+    """Every part, or the first failure with the other parts cancelled: the request has failed
+    (or falls back), so nothing should go on calling upstreams for it. (A TaskGroup would wrap
+    the failure in an ExceptionGroup, which no error handler matches.)"""
+    if len(parts) == 1:
+        return [await parts[0]]
+    tasks = [asyncio.ensure_future(p) for p in parts]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _parts(items: list[Item], size: int) -> list[list[Item]]:
