@@ -106,6 +106,15 @@ def test_embedding_config_is_validated() -> None:
         ModelConfig(
             id="e", backend="llama_cpp", kind="embedding", weights="/x", context_length=1024
         )
+    with pytest.raises(ValueError, match="multiple of slots"):  # llama.cpp would abort
+        ModelConfig(
+            id="e",
+            backend="llama_cpp",
+            kind="embedding",
+            weights="/x",
+            context_length=512,
+            slots=24,
+        )
 
 
 def test_conversion_is_cached(tmp_path: Path) -> None:

