@@ -67,6 +67,11 @@ class Settings(BaseSettings):
         None,
         description="YAML or TOML model registry. Unset: the built-in registry (embedded SmolLM2).",
     )
+    model_cache_dir: Path = Field(
+        Path("~/.cache/llm-api"),
+        description="Where models converted at first start are kept (the built-in embedding "
+        "model's GGUF, ~45 MiB); outside the repository, shared by workers.",
+    )
     llama_threads: int | None = Field(
         None,
         ge=1,
