@@ -312,14 +312,6 @@ class EmbeddingService:
                     f"has {len(seq)} tokens. Please shorten it.",
                     param="input",
                 )
-        vocab = getattr(backend, "vocab_size", None)
-        if vocab is not None:
-            for i, seq in enumerate(ids):
-                if isinstance(items[i], list) and max(seq) >= vocab:
-                    raise InvalidRequestError(
-                        f"`input` holds a token id outside the model's vocabulary (0-{vocab - 1}).",
-                        param="input",
-                    )
         vectors = await backend.embed(ids)
         return _Computed([np.asarray(v, dtype=np.float32) for v in vectors], [len(s) for s in ids])
 
