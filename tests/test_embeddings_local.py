@@ -177,3 +177,29 @@ async def test_langchain_openai_embeddings(app: Any, http: httpx.AsyncClient) ->
     assert cos(query, docs[0]) > cos(query, docs[1])
     metrics_hits = metrics.EMBEDDING_INPUTS.labels(embedding_model())._value.get()
     assert metrics_hits >= 3
+
+
+async def test_router_over_the_local_model_and_a_failing_upstream(tmp_path: Any) -> None:
+    """A routed embedding model whose deployments are the local model and an upstream that
+    fails: the upstream's breaker opens after its failures and every request is answered by the
+    local model (retried there, invisibly to the client)."""
+    from bench.stub_upstream import StubConfig
+    from tests.routing_support import deployment, routed, routed_app, stubs
+
+    builtin = next(m for m in builtin_registry().models if m.kind == "embedding")
+    local = builtin.model_dump(exclude_unset=True) | {"id": "local-emb"}
+    async with stubs(StubConfig(fail_status=500)) as [down]:
+        model = routed(
+            "emb",
+            [{"model": "local-emb"}, deployment(down, weight=1000)],
+            kind="embedding",
+            routing={"breaker_failures": 2, "breaker_cooldown": 600, "backoff_base": 0},
+        )
+        async with routed_app(tmp_path, [local, model]) as r:
+            direct = await r.client.embeddings.create(model="local-emb", input="x")
+            for i in range(6):
+                resp = await r.client.embeddings.create(
+                    model="emb", input=f"routed {i}", encoding_format="float"
+                )
+                assert len(resp.data[0].embedding) == len(direct.data[0].embedding) == 384
+    assert down.stats.requests == 2  # then its breaker stayed open
