@@ -95,6 +95,7 @@ async def test_builtin_entry_and_factory(tmp_path: Path) -> None:
     config = registry.get(DEFAULT_EMBEDDING_MODEL_ID)
     assert config is not None and config.kind == "embedding" and config.backend == "llama_cpp"
     assert registry.default.kind == "chat"  # chat requests without a model still go to SmolLM2
+    assert config.weights_file().name == "model.safetensors" and config.weights_file().is_file()
     b = build_backend(config, make_settings(tmp_path, model_cache_dir=tmp_path / "cache"))
     assert isinstance(b, LlamaEmbeddingBackend)
 

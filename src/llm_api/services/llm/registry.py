@@ -179,6 +179,13 @@ class ModelConfig(BaseModel):
         assert self.weights is not None
         return cached_gguf(resolve_package_path(self.weights), cache_dir, self.id)
 
+    def weights_file(self) -> Path:
+        """The file whose size and mtime identify a local model's weights (cache keys): its
+        GGUF, or for a `weights` directory (converted at start) its model.safetensors."""
+        if self.gguf or not self.weights:
+            return self.gguf_path()
+        return resolve_package_path(self.weights) / "model.safetensors"
+
     def gguf_path(self) -> Path:
         if not self.gguf:
             raise ValueError(f"model {self.id}: gguf is required for the llama_cpp backend")
