@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from llm_api.services.llm.registry import ModelConfig, resolve_package_path
+from llm_api.services.llm.registry import ModelConfig
 
 _PRESENTATION_FIELDS = frozenset({"stream", "stream_options", "user"})
 KEY_SCHEMA = "v1"  # bump when the entry format or key recipe changes
@@ -28,21 +28,10 @@ def model_version(config: ModelConfig) -> str:
     registry entry never serves answers cached from the old one. Size + mtime rather than a hash of
     the file: hashing a multi-GB GGUF at start would cost seconds to minutes."""
     parts: dict[str, Any] = {"config": config.model_dump(mode="json")}
-    if config.backend == "llama_cpp" and config.gguf:
-        stat = config.gguf_path().stat()
+    if config.backend == "llama_cpp":
+        # The GGUF, or the weights a local embedding model is converted from at start.
+        stat = config.weights_file().stat()
         parts["gguf"] = [stat.st_size, stat.st_mtime_ns]
-    elif config.backend == "llama_cpp" and config.weights:
-        # A local embedding model converted from its weights at first start: the weights' files.
-        root = resolve_package_path(config.weights)
-        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-        parts["weights"] = [
-            [
-                str(p.relative_to(root)) if p != root else p.name,
-                p.stat().st_size,
-                p.stat().st_mtime_ns,
-            ]
-            for p in files
-        ]
     digest = hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)).hexdigest()
     return digest[:16]
 
