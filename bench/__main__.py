@@ -1,6 +1,8 @@
 """`python -m bench` (what `make bench` runs): see bench/serving/run.py and `--help`.
 `python -m bench gateway [...]` runs the gateway-overhead benchmark (bench/gateway.py);
-`python -m bench neighbour [...]` what a busy neighbour process costs local inference."""
+`python -m bench neighbour [...]` what a busy neighbour process costs local inference;
+`python -m bench embeddings [...]` embedding throughput against llama-server
+(bench/embeddings.py)."""
 
 import sys
 
@@ -10,6 +12,10 @@ if sys.argv[1:2] == ["gateway"]:
     sys.argv = [sys.argv[0], *sys.argv[2:]]
     gateway()
     raise SystemExit(0)
+if sys.argv[1:2] == ["embeddings"]:
+    from bench.embeddings import main as embeddings
+
+    raise SystemExit(embeddings(sys.argv[2:]))
 if sys.argv[1:2] == ["neighbour"]:
     from bench.neighbour import main as neighbour
 

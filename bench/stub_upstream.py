@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import hashlib
+import math
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +48,10 @@ class StubConfig:
     redirect_to: str | None = None  # answer 307 with this Location (completions and /models)
     endless_error: bool = False  # with fail_status: an error body that never ends
     stream: bool = True  # False: answer with one JSON completion even when asked to stream
+    embedding_dims: int = 64  # /v1/embeddings: vector size (bag of hashed words, unit length)
+    embedding_usage: bool = True  # /v1/embeddings: report usage.prompt_tokens
+    embedding_shuffle: bool = False  # /v1/embeddings: list the vectors in reverse index order
+    embedding_drop_last: bool = False  # /v1/embeddings: a malformed answer, one vector short
 
 
 @dataclass
@@ -74,6 +82,7 @@ class StubUpstream:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._complete)
         app.router.add_post("/v1/completions", self._complete)
+        app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
         return app
 
@@ -139,6 +148,64 @@ class StubUpstream:
             stats.cancelled += 1
             raise
 
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        """OpenAI's embeddings endpoint with deterministic vectors: each word (or token id) is
+        hashed into one of `embedding_dims` buckets, so texts sharing words are close, as a
+        similarity search needs. The same failure knobs as completions apply."""
+        cfg, stats = self.config, self.stats
+        stats.requests += 1
+        body = orjson.loads(await request.read())
+        if self.keep_bodies:
+            stats.bodies.append(body)
+            stats.headers.append(dict(request.headers))
+        try:
+            if cfg.redirect_to is not None:
+                return web.Response(status=307, headers={"Location": cfg.redirect_to})
+            if cfg.hang:
+                await asyncio.sleep(3600)
+            if cfg.delay:
+                await asyncio.sleep(cfg.delay)
+            if cfg.fail_status is not None and (
+                cfg.fail_times is None or stats.requests <= cfg.fail_times
+            ):
+                stats.failed += 1
+                headers = {"Retry-After": cfg.retry_after} if cfg.retry_after else None
+                err = {"message": f"stub failure {cfg.fail_status}", "type": "server_error"}
+                return web.json_response({"error": err}, status=cfg.fail_status, headers=headers)
+            raw = body.get("input")
+            if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
+                raw = [raw]
+            items: list[str | list[int]] = raw or []
+            longest = max((len(x) for x in items), default=0)
+            if cfg.context_limit is not None and longest > cfg.context_limit:
+                stats.failed += 1
+                err = {
+                    "message": f"input is longer than the maximum context length "
+                    f"{cfg.context_limit}",
+                    "type": "invalid_request_error",
+                }
+                return web.json_response({"error": err}, status=400)
+            data = []
+            for i, item in enumerate(items):
+                vec = stub_embedding(item, cfg.embedding_dims)
+                value: list[float] | str = vec
+                if body.get("encoding_format") == "base64":
+                    value = base64.b64encode(array("f", vec).tobytes()).decode()
+                data.append({"object": "embedding", "index": i, "embedding": value})
+            if cfg.embedding_shuffle:
+                data.reverse()
+            if cfg.embedding_drop_last:
+                data.pop()
+            answer: dict[str, Any] = {"object": "list", "data": data, "model": body.get("model")}
+            if cfg.embedding_usage:
+                tokens = sum(len(x.split()) if isinstance(x, str) else len(x) for x in items)
+                answer["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
+            stats.completed += 1
+            return web.json_response(answer)
+        except asyncio.CancelledError:
+            stats.cancelled += 1
+            raise
+
     async def _endless_error(self, request: web.Request, status: int) -> web.StreamResponse:
         resp = web.StreamResponse(status=status, headers={"Content-Type": "application/json"})
         await resp.prepare(request)
@@ -200,6 +267,18 @@ class StubUpstream:
         await resp.write_eof()
         self.stats.completed += 1
         return resp
+
+
+def stub_embedding(item: str | list[int], dims: int) -> list[float]:
+    """A bag of hashed words (or token ids), unit length: deterministic, and close for texts
+    that share words."""
+    vec = [0.0] * dims
+    words = item.lower().split() if isinstance(item, str) else [str(t) for t in item]
+    for word in words:
+        digest = hashlib.blake2b(word.strip(".,;:!?").encode(), digest_size=4).digest()
+        vec[int.from_bytes(digest, "little") % dims] += 1.0
+    norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+    return [v / norm for v in vec]
 
 
 def _frame_head(model: str, chat: bool) -> bytes:

@@ -37,6 +37,7 @@ from llm_api.services.auth.startup import start_accounts
 from llm_api.services.batches.queue import start_batches
 from llm_api.services.cache.service import CachedLLMService, build_cache_store
 from llm_api.services.llm.backends.factory import build_backends
+from llm_api.services.llm.embeddings import EmbeddingService
 from llm_api.services.llm.registry import load_registry
 from llm_api.services.llm.service import LLMService
 from llm_api.services.observability import observability
@@ -60,10 +61,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.llm_api = state
     state.db, state.auth = await start_accounts(settings)
     responses = state.responses = CachedLLMService(llm, build_cache_store(settings), settings)
+    embeddings = state.embeddings = EmbeddingService(llm, responses.store, settings)
     usage = state.usage = UsagePipeline(settings, responses, state.db.sessions)
     usage.start(state.on_drain)  # replays what a previous process left unflushed
     limiter = state.rate_limiter = await start_rate_limiter(settings, llm)
-    state.files, state.batch_queue = start_batches(settings, state.db.sessions, llm)
+    state.files, state.batch_queue = start_batches(settings, state.db.sessions, llm, embeddings)
 
     async def load_models() -> None:
         try:

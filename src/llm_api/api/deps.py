@@ -22,6 +22,7 @@ from llm_api.middleware.request_id import GENERATED_KEY as GENERATED_REQUEST_ID_
 from llm_api.services.auth.principal import AuthServices, Principal
 from llm_api.services.batches.service import BatchService, StorageQuotas
 from llm_api.services.cache.service import CachedLLMService, CachePolicy
+from llm_api.services.llm.embeddings import EmbeddingService
 from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.types import RequestContext
 
@@ -94,6 +95,29 @@ async def get_inference(request: Request) -> Inference:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    """What the embeddings route needs: the service, the request's context and cache policy."""
+
+    service: EmbeddingService
+    ctx: RequestContext
+    cache_policy: CachePolicy
+
+
+async def get_embeddings(request: Request) -> Embeddings:
+    """As `get_inference`: the caller that `authenticate` left in the scope state."""
+    principal = request.scope.get("state", {}).get(PRINCIPAL_KEY)
+    if not isinstance(principal, Principal):
+        raise AuthenticationError()
+    state: AppState = request.app.state.llm_api
+    assert state.embeddings is not None, "built in the lifespan"
+    return Embeddings(
+        service=state.embeddings,
+        ctx=_request_context(request, principal),
+        cache_policy=CachePolicy.from_header(request.headers.get("cache-control")),
+    )
+
+
 async def get_db(state: Annotated[AppState, Depends(get_state)]) -> AsyncIterator[AsyncSession]:
     """One session per request: commit on success, roll back on error. Services never commit.
     (An error may ask to keep its changes, e.g. a refresh-token family revoked on reuse.)"""
@@ -122,6 +146,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 LLMServiceDep = Annotated[LLMService, Depends(get_llm_service)]
 RequestCtx = Annotated[RequestContext, Depends(get_request_context)]
 InferenceDep = Annotated[Inference, Depends(get_inference)]
+EmbeddingsDep = Annotated[Embeddings, Depends(get_embeddings)]
 # scope="function": commit before the response is sent, so a 2xx means the write is durable.
 DbSession = Annotated[AsyncSession, Depends(get_db, scope="function")]
 AuthDep = Annotated[AuthServices, Depends(get_auth)]

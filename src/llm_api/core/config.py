@@ -67,6 +67,11 @@ class Settings(BaseSettings):
         None,
         description="YAML or TOML model registry. Unset: the built-in registry (embedded SmolLM2).",
     )
+    model_cache_dir: Path = Field(
+        Path("~/.cache/llm-api"),
+        description="Where models converted at first start are kept (the built-in embedding "
+        "model's GGUF, ~45 MiB); outside the repository, shared by workers.",
+    )
     llama_threads: int | None = Field(
         None,
         ge=1,
@@ -85,6 +90,13 @@ class Settings(BaseSettings):
     )
     max_stop_sequences: int = Field(4, ge=1, le=64, description="Most stop sequences.")
     max_n: int = Field(4, ge=1, le=16, description="Largest `n` (choices per request).")
+    embedding_upstream_batch: int = Field(
+        256,
+        ge=1,
+        le=2048,
+        description="Most inputs per embeddings call to an upstream; a larger request is split "
+        "(each part routed, retried and bounded on its own).",
+    )
     sse_keepalive_seconds: float = Field(
         15.0, gt=0, description="Interval of SSE keep-alive comments on idle streams."
     )

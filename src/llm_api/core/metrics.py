@@ -77,6 +77,14 @@ REQUESTS = Counter(
 )
 """Updated by MetricsObserver. finished_reason ∈ stop, length, cancelled, error."""
 
+EMBEDDING_INPUTS = Counter(
+    "llm_api:embedding_inputs",
+    "Inputs embedded by /v1/embeddings (and batch lines), cached or computed.",
+    MODEL,
+)
+"""Updated by the embeddings service per request (registry ids only: bounded); the per-input
+cache's share is `llm_api:cache_hits{cache="embedding"}`."""
+
 PREFIX_CACHE_QUERIES = Counter(
     "llm_api:prefix_cache_queries",
     "Prompt tokens admitted by the batched engine (looked up in its slots' KV caches).",

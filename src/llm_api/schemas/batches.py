@@ -18,7 +18,7 @@ BatchStatus = Literal[
     "cancelling",
     "cancelled",
 ]
-BatchEndpoint = Literal["/v1/chat/completions", "/v1/completions"]
+BatchEndpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
 
 
 class FileObject(BaseModel):

@@ -18,6 +18,7 @@ from llm_api.db.engine import build_engine, build_sessionmaker
 from llm_api.services.batches.runner import BatchRunner, BatchRunnerConfig
 from llm_api.services.batches.storage import FileStore
 from llm_api.services.cache.service import CachedLLMService
+from llm_api.services.llm.embeddings import EmbeddingService
 from llm_api.services.rate_limit import RateLimiter, start_rate_limiter
 from llm_api.services.usage.pipeline import UsagePipeline
 
@@ -49,6 +50,8 @@ class WorkerRuntime:
                 concurrency=settings.batch_concurrency,
                 lease_seconds=settings.batch_lease_seconds,
             ),
+            # No per-input cache in workers: batch lines are rarely repeated.
+            EmbeddingService(self.llm, None, settings),
         )
 
     async def _observers(self) -> tuple[UsagePipeline, RateLimiter]:

@@ -12,6 +12,7 @@ from llm_api.api.v1.endpoints import (
     chat,
     completions,
     dashboard,
+    embeddings,
     files,
     keys,
     models,
@@ -24,6 +25,7 @@ from llm_api.api.v1.endpoints import (
 V1_ROUTERS = (
     chat.router,
     completions.router,
+    embeddings.router,
     models.router,
     simple.router,
     auth.router,

@@ -14,12 +14,14 @@ from pydantic import ValidationError
 
 from llm_api.core.exceptions import APIError, InvalidRequestError
 from llm_api.schemas.chat import ChatCompletionRequest
-from llm_api.schemas.common import SamplingFields
+from llm_api.schemas.common import OpenAIRequest
 from llm_api.schemas.completions import CompletionRequest
+from llm_api.schemas.embeddings import EmbeddingRequest
 
-ENDPOINT_TYPES: dict[str, type[SamplingFields]] = {
+ENDPOINT_TYPES: dict[str, type[OpenAIRequest]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
+    "/v1/embeddings": EmbeddingRequest,
 }
 MAX_REPORTED_ERRORS = 20
 

@@ -13,6 +13,7 @@ from llm_api.core.config import Settings
 from llm_api.services.batches.dispatcher import dispatch_forever
 from llm_api.services.batches.runner import BatchRunner, BatchRunnerConfig
 from llm_api.services.batches.storage import FileStore
+from llm_api.services.llm.embeddings import EmbeddingService
 from llm_api.services.llm.service import LLMService
 
 log = structlog.get_logger(__name__)
@@ -61,7 +62,10 @@ class EmbeddedBatchQueue:
 
 
 def start_batches(
-    settings: Settings, sessions: async_sessionmaker[AsyncSession], llm: LLMService
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    llm: LLMService,
+    embeddings: EmbeddingService | None = None,
 ) -> tuple[FileStore, BatchQueue]:
     """Built in the lifespan. With Redis, batches go to Celery workers (`llm-api worker`);
     without it, or when LLM_API_BATCH_EMBEDDED_WORKER=true, this process runs them."""
@@ -78,6 +82,7 @@ def start_batches(
                 concurrency=settings.batch_concurrency,
                 lease_seconds=settings.batch_lease_seconds,
             ),
+            embeddings,
         )
         return files, EmbeddedBatchQueue(sessions, runner)
     return files, CeleryBatchQueue(settings.redis_url)

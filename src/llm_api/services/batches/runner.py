@@ -36,8 +36,10 @@ from llm_api.core.ids import new_request_id
 from llm_api.db.tables import Batch, BatchAttempt, StoredFile, User
 from llm_api.schemas.chat import ChatCompletionRequest
 from llm_api.schemas.completions import CompletionRequest
+from llm_api.schemas.embeddings import EmbeddingRequest
 from llm_api.services.batches.input_file import BatchLine, iter_lines
 from llm_api.services.batches.storage import FileStore, LineAppender, new_file_id
+from llm_api.services.llm.embeddings import EmbeddingService
 from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.types import RequestContext
 
@@ -92,9 +94,11 @@ class BatchRunner:
         llm: LLMService,
         files: FileStore,
         config: BatchRunnerConfig | None = None,
+        embeddings: EmbeddingService | None = None,
     ) -> None:
         self.sessions = sessions
         self.llm = llm
+        self.embeddings = embeddings
         self.files = files
         self.config = config or BatchRunnerConfig()
         self.owner = worker_id()
@@ -333,6 +337,10 @@ class BatchRunner:
         if endpoint == "/v1/completions":
             comp = await self.llm.completion(CompletionRequest.model_validate(body), ctx)
             return comp.model_dump(mode="json")
+        if endpoint == "/v1/embeddings" and self.embeddings is not None:
+            result = await self.embeddings.embed(EmbeddingRequest.model_validate(body), ctx)
+            data: dict[str, Any] = orjson.loads(result.body(body.get("encoding_format", "float")))
+            return data
         raise InvalidRequestError(f"Unsupported endpoint {endpoint}")
 
     async def _bump_attempt(self, batch_id: str, custom_id: str) -> int:

@@ -29,7 +29,8 @@ def model_version(config: ModelConfig) -> str:
     the file: hashing a multi-GB GGUF at start would cost seconds to minutes."""
     parts: dict[str, Any] = {"config": config.model_dump(mode="json")}
     if config.backend == "llama_cpp":
-        stat = config.gguf_path().stat()
+        # The GGUF, or the weights a local embedding model is converted from at start.
+        stat = config.weights_file().stat()
         parts["gguf"] = [stat.st_size, stat.st_mtime_ns]
     digest = hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)).hexdigest()
     return digest[:16]

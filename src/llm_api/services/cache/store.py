@@ -44,6 +44,12 @@ class CacheStore(Protocol):
 
     async def set(self, key: str, value: bytes) -> None: ...
 
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        """One look-up for many keys (per-input embedding entries): one round trip to Redis."""
+        ...
+
+    async def set_many(self, items: list[tuple[str, bytes]]) -> None: ...
+
     async def aclose(self) -> None: ...
 
 
@@ -84,6 +90,13 @@ class MemoryCacheStore:
         if len(stored) + 64 > self.max_bytes:
             return
         self._entries[key] = stored
+
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        return [await self.get(key) for key in keys]
+
+    async def set_many(self, items: list[tuple[str, bytes]]) -> None:
+        for key, value in items:
+            await self.set(key, value)
 
     async def aclose(self) -> None:
         self._entries.clear()
@@ -137,6 +150,31 @@ class RedisCacheStore:
                 await self.redis.set(KEY_PREFIX + key, wrap(key, value), ex=self.ttl)
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed("set", exc)
+
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        if not keys or not self._available():
+            return [None] * len(keys)
+        try:
+            async with asyncio.timeout(self.timeout):
+                found = cast(
+                    list[bytes | None], await self.redis.mget([KEY_PREFIX + k for k in keys])
+                )
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed("mget", exc)
+            return [None] * len(keys)
+        return [unwrap(k, v) for k, v in zip(keys, found, strict=True)]
+
+    async def set_many(self, items: list[tuple[str, bytes]]) -> None:
+        if not items or not self._available():
+            return
+        try:
+            async with asyncio.timeout(self.timeout):
+                pipe = self.redis.pipeline(transaction=False)  # one round trip, no MULTI
+                for key, value in items:
+                    pipe.set(KEY_PREFIX + key, wrap(key, value), ex=self.ttl)
+                await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed("set_many", exc)
 
     async def aclose(self) -> None:
         await self.redis.aclose()

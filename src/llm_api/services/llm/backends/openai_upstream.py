@@ -14,8 +14,11 @@ waits for later bytes, so this adds no latency; the token count travels with the
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import os
 import re
+from array import array
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -48,6 +51,9 @@ MAX_LINE_BYTES = 1024 * 1024  # one SSE line larger than this is refused
 MAX_READ_BYTES = 64 * 1024  # below MAX_LINE_BYTES: a line within one read always fits
 MAX_ERROR_BYTES = 64 * 1024
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a whole JSON answer, from an upstream that ignored `stream`
+# An embeddings answer: the service sends at most `embedding_upstream_batch` inputs per call
+# (256 by default), and 256 vectors of 4,096 floats as JSON are ~25 MiB.
+MAX_EMBEDDINGS_BYTES = 64 * 1024 * 1024
 
 
 # Typed views of the upstream's chunks, holding only what we read. msgspec decodes a read's
@@ -96,7 +102,7 @@ class OpenAIUpstreamBackend:
         # and joined to a base on every request.
         self._urls = {
             path: yarl.URL(f"{config.base_url.rstrip('/')}/{path}")
-            for path in ("chat/completions", "completions")
+            for path in ("chat/completions", "completions", "embeddings")
         }
         self._session: aiohttp.ClientSession | None = None
 
@@ -169,6 +175,43 @@ class OpenAIUpstreamBackend:
             return "chat/completions", body
         body["prompt"] = request.prompt or ""
         return "completions", body
+
+    async def embed(self, inputs: list[str] | list[list[int]]) -> UpstreamEmbeddings:
+        """POST /embeddings: one vector per input, in input order (the upstream's `index` decides,
+        not its list order). Floats are asked for: every OpenAI-compatible server (Ollama and
+        older llama.cpp servers included) answers them; base64 is this server's to make."""
+        if self._session is None:
+            raise UpstreamError("Upstream is not connected.")
+        body = {"model": self.config.upstream_model or self.config.id, "input": inputs}
+        deadline = asyncio.get_running_loop().time() + self.config.first_token_timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                resp = await self._session.post(
+                    self._urls["embeddings"], data=orjson.dumps(body), allow_redirects=False
+                )
+        except TimeoutError:
+            raise UpstreamTimeoutError(
+                "The upstream model server did not answer in time."
+            ) from None
+        except aiohttp.ClientError:
+            raise UpstreamError("Could not connect to the upstream model server.") from None
+        async with resp:
+            if resp.status >= 300:
+                exc = await _map_error(resp, deadline)
+                if isinstance(exc, InvalidRequestError):  # the client's input, not messages
+                    exc.param = "input"
+                raise exc
+            try:
+                raw = await _read_at_most(resp, deadline, MAX_EMBEDDINGS_BYTES + 1)
+            except TimeoutError:
+                raise UpstreamTimeoutError(
+                    "The upstream model server did not answer in time."
+                ) from None
+            except aiohttp.ClientError:
+                raise UpstreamError("The upstream connection failed mid-response.") from None
+        if len(raw) > MAX_EMBEDDINGS_BYTES:
+            raise UpstreamError("The upstream sent an oversized response.")
+        return _embeddings(raw, len(inputs))
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         if self._session is None:
@@ -539,6 +582,60 @@ async def _whole(
         # ~4 characters a token when the upstream does not say, as for prompts.
         completion_tokens=completion if completion is not None else -(-len(text) // 4),
     )
+
+
+@dataclass(slots=True)
+class UpstreamEmbeddings:
+    vectors: list[list[float]]  # in input order
+    prompt_tokens: int | None  # None when the upstream reports no usage
+
+
+class _Embedding(msgspec.Struct, gc=False):
+    index: Annotated[int, msgspec.Meta(ge=0)]
+    embedding: list[float] | str  # floats, or base64 little-endian float32
+
+
+class _EmbeddingUsage(msgspec.Struct, gc=False):
+    prompt_tokens: _Tokens | None = None
+
+
+class _Embeddings(msgspec.Struct, gc=False):
+    data: list[_Embedding]
+    usage: _EmbeddingUsage | None = None
+
+
+_EMBEDDINGS = msgspec.json.Decoder(_Embeddings)
+
+
+def _embeddings(raw: bytes, count: int) -> UpstreamEmbeddings:
+    """The upstream's embeddings answer, checked: one vector per input, each index once, every
+    vector the same non-zero length. Anything else is the upstream's fault (502)."""
+    try:
+        answer = _EMBEDDINGS.decode(raw)
+    except msgspec.DecodeError:
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict) and "error" in obj:
+            raise UpstreamError(_clean(_error_message(obj))) from None
+        raise UpstreamError("The upstream sent a malformed embeddings response.") from None
+    vectors: list[list[float] | None] = [None] * count
+    for item in answer.data:
+        if item.index >= count or vectors[item.index] is not None:
+            raise UpstreamError("The upstream sent a malformed embeddings response.")
+        vec = item.embedding
+        if isinstance(vec, str):
+            try:
+                vec = array("f", base64.b64decode(vec, validate=True)).tolist()
+            except (ValueError, binascii.Error):
+                raise UpstreamError("The upstream sent a malformed embeddings response.") from None
+        vectors[item.index] = vec
+    found = [v for v in vectors if v is not None]
+    if len(found) != count or not found[0] or any(len(v) != len(found[0]) for v in found):
+        raise UpstreamError("The upstream sent a malformed embeddings response.")
+    tokens = answer.usage.prompt_tokens if answer.usage is not None else None
+    return UpstreamEmbeddings(found, tokens)
 
 
 async def _map_error(resp: aiohttp.ClientResponse, deadline: float) -> APIError:

@@ -15,7 +15,8 @@ import contextlib
 import os
 import random
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import TypeVar
 
 import aiohttp
 import structlog
@@ -34,6 +35,7 @@ from llm_api.services.llm.routing.strategies import STRATEGIES
 from llm_api.services.llm.types import GenerationChunk, GenerationRequest
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 # Errors after which another attempt may succeed: the deployment failed, timed out, was
 # overloaded or rate limited us. Anything else (400s) is the request's fault and is final.
@@ -180,6 +182,60 @@ class RoutedBackend:
                 if not verdict:  # cancelled by the client, or a bug: no verdict on the replica
                     await self.breakers.release(dep.name, state)
                 await stream.aclose()
+        if last is not None:
+            raise last
+        raise ServiceUnavailableError(
+            f"No healthy deployment of model `{self.config.id}` is available; retry shortly.",
+            retry_after=max(1, int(self._cooling_wait() or 1)),
+        )
+
+    async def call(self, fn: Callable[[Deployment], Awaitable[T]]) -> T:
+        """One non-streaming call (embeddings) on the best deployment, with the same picking,
+        breakers, Retry-After cool-downs and capped, jittered retries as `generate`: the answer
+        is whole before anything reaches the client, so any retryable failure is retried."""
+        tried: set[str] = set()
+        last: APIError | None = None
+        for attempt in range(self.policy.retries + 1):
+            if attempt:
+                await asyncio.sleep(self._backoff(attempt))
+            choice = await self._choose(tried)
+            if choice is None:
+                wait = self._cooling_wait()
+                if wait is None or wait > self.policy.max_retry_after:
+                    break
+                await asyncio.sleep(wait)
+                choice = await self._choose(tried)
+                if choice is None:
+                    break
+            dep, state = choice
+            tried.add(dep.name)
+            dep.inflight += 1
+            started = time.monotonic()
+            verdict = False
+            try:
+                result = await fn(dep)
+                dep.observe_ttft(time.monotonic() - started)
+                verdict = True
+                await self.breakers.success(dep.name, state)
+                return result
+            except APIError as exc:
+                verdict = True
+                if not is_retryable(exc):  # the deployment answered; the request was at fault
+                    await self.breakers.success(dep.name, state)
+                    raise
+                await self._failed(dep, exc)
+                last = exc
+                log.info(
+                    "route_retry",
+                    model=self.config.id,
+                    deployment=dep.name,
+                    attempt=attempt,
+                    error=exc.code,
+                )
+            finally:
+                dep.inflight -= 1
+                if not verdict:  # cancelled, or a bug: no verdict on the replica
+                    await self.breakers.release(dep.name, state)
         if last is not None:
             raise last
         raise ServiceUnavailableError(
