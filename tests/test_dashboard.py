@@ -46,7 +46,8 @@ async def test_summary_counts_running_requests_and_tokens(
         user = bearer((await login(http, user_email))["access_token"])
         before = (await http.get("/v1/admin/summary", headers=admin)).json()
         assert before["requests_running"] == 0
-        assert [m["id"] for m in before["models"]] == [MODEL]
+        # The built-in registry: the chat model and the embedding model.
+        assert [m["id"] for m in before["models"]] == [MODEL, "all-minilm-l6-v2"]
         body = {
             "model": MODEL,
             "messages": [{"role": "user", "content": "Count from one to fifty in words."}],
