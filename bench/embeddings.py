@@ -20,6 +20,7 @@ import logging
 import os
 import platform
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -59,6 +60,7 @@ class Cell:
     errors: int
     embedded: int
     latency_p50_ms: float
+    round: int = 0
 
     @property
     def inputs_per_s(self) -> float:
@@ -84,8 +86,12 @@ async def _http_cell(
                     async with session.post(f"{base_url}/embeddings", json=body) as r:
                         data = await r.json(content_type=None)
                     ok = r.status == 200 and len(data.get("data", [])) == inputs
-                except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError):
+                    if not ok and not errors:
+                        log.warning("first error: %s %s", r.status, str(data)[:300])
+                except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:
                     ok = False
+                    if not errors:
+                        log.warning("first error: %r", exc)
                 done += 1
                 if ok:
                     embedded += inputs
@@ -117,6 +123,11 @@ async def _engine_cell(
 
     await asyncio.gather(*(client() for _ in range(clients)))
     return done, 0, embedded, latencies
+
+
+def _named(cell: Cell, name: str, round_: int) -> Cell:
+    cell.server, cell.round = name, round_
+    return cell
 
 
 def _p50_ms(values: list[float]) -> float:
@@ -154,6 +165,7 @@ def _ours_http(gguf_dir: Path, threads: int, workdir: Path) -> servers.ServerSpe
     )
     spec.env["LLM_API_MODELS_FILE"] = str(registry)
     spec.env["LLM_API_MODEL_CACHE_DIR"] = str(gguf_dir)
+    spec.env["LLM_API_RATE_LIMIT_ENABLED"] = "false"  # llama-server has none either
     spec.flags = f"n_batch={N_BATCH} slots={SLOTS} threads={threads} (one process)"
     return spec
 
@@ -224,7 +236,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--clients", default="1,16")
     p.add_argument("--inputs", default="1,32", help="inputs per request")
-    p.add_argument("--servers", default="llm-api,llama-server")
+    p.add_argument(
+        "--servers",
+        default="llm-api,llama-server",
+        help="in turn, each round; NAME:KEY=VALUE,... adds environment variables",
+    )
     p.add_argument("--ours", choices=("http", "engine"), default="http")
     p.add_argument("--rounds", type=int, default=1, help="alternate the servers this many times")
     p.add_argument("--json", type=Path, help="also write the cells here")
@@ -240,35 +256,52 @@ def main(argv: list[str]) -> int:
     cells: list[Cell] = []
     with tempfile.TemporaryDirectory(prefix="bench-emb-") as tmp:
         workdir = Path(tmp)
-        for _ in range(a.rounds):
+        for r in range(a.rounds):
             for name in names:
-                if name == "llama-server":
+                # `name:KEY=VALUE,...` runs that server with extra environment variables.
+                base, _, extra = name.partition(":")
+                env = dict(kv.split("=", 1) for kv in extra.split(",") if kv)
+                if base == "llama-server":
                     spec = _llama_server(ensure_llama_server(), gguf, a.threads)
-                    cells += _run_server(spec, workdir, grid, a)
                 elif a.ours == "engine":
-                    cells += _run_engine(gguf_dir, a.threads, grid, a)
+                    got = _run_engine(gguf_dir, a.threads, grid, a)
+                    cells += [_named(c, name, r) for c in got]
+                    continue
                 else:
-                    cells += _run_server(_ours_http(gguf_dir, a.threads, workdir), workdir, grid, a)
+                    spec = _ours_http(gguf_dir, a.threads, workdir)
+                spec.env.update(env)
+                cells += [_named(c, name, r) for c in _run_server(spec, workdir, grid, a)]
 
     print(
         f"\nModel {gguf.name} (F16), {a.threads} threads, {a.duration:.0f} s per cell, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs\n"
+        f"{a.rounds} round(s) alternating, {platform.machine()}, {os.cpu_count()} CPUs\n"
     )
-    print("| server | clients | inputs/request | inputs/s | requests | errors | p50 ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("| server | round | clients | inputs/request | inputs/s | requests | errors | p50 ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for c in cells:
         print(
-            f"| {c.server} | {c.clients} | {c.inputs} | {c.inputs_per_s:,.1f} | {c.requests} | "
-            f"{c.errors} | {c.latency_p50_ms:,.1f} |"
+            f"| {c.server} | {c.round + 1} | {c.clients} | {c.inputs} | {c.inputs_per_s:,.1f} | "
+            f"{c.requests} | {c.errors} | {c.latency_p50_ms:,.1f} |"
         )
-    ref = {(c.clients, c.inputs): c for c in cells if c.server == "llama-server"}
-    ratios = [
-        f"{c.clients}×{c.inputs}: {c.inputs_per_s / ref[c.clients, c.inputs].inputs_per_s:.2f}×"
-        for c in cells
-        if c.server != "llama-server" and (c.clients, c.inputs) in ref
-    ]
-    if ratios:
-        print("\nllm-api / llama-server, inputs/s: " + ", ".join(ratios))
+    # Each server against llama-server (plain) in the same round and cell.
+    ref = {
+        (c.round, c.clients, c.inputs): c.inputs_per_s for c in cells if c.server == "llama-server"
+    }
+    print("\n| server | clients × inputs | × llama-server, per round | median |")
+    print("|---|---|---|---|")
+    for name in dict.fromkeys(c.server for c in cells if c.server != "llama-server"):
+        for clients, inputs in grid:
+            ratios = [
+                c.inputs_per_s / ref[c.round, clients, inputs]
+                for c in cells
+                if c.server == name
+                and (c.clients, c.inputs) == (clients, inputs)
+                and (c.round, clients, inputs) in ref
+            ]
+            if ratios:
+                shown = ", ".join(f"{x:.2f}" for x in ratios)
+                med = statistics.median(ratios)
+                print(f"| {name} | {clients} × {inputs} | {shown} | **{med:.2f}×** |")
     if a.json:
         a.json.write_text(json.dumps([c.__dict__ for c in cells], indent=2))
     sys.stdout.flush()
