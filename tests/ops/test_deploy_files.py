@@ -345,8 +345,13 @@ def test_dockerfile_pip_steps_in_a_fresh_venv(tmp_path: Path) -> None:
     may supply the compiled llama-cpp-python wheel), then imports the app."""
     text = (ROOT / "docker/Dockerfile.prod").read_text()
     builder = text.split("AS runtime")[0]
-    steps = re.findall(r"^RUN (pip install [^\n\\]+)", builder, re.M)
-    assert len(steps) == 2, steps
+    # Each RUN instruction with its continuation lines joined.
+    runs = [
+        re.sub(r"\\\n\s*", " ", run)
+        for run in re.findall(r"^RUN ((?:[^\n]*\\\n)*[^\n]*)", builder, re.M)
+    ]
+    steps = [run for run in runs if run.startswith("pip install")]
+    assert len(steps) == 2 and "requirements/models.txt" in steps[0], steps
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"}
@@ -369,6 +374,17 @@ def test_dockerfile_pip_steps_in_a_fresh_venv(tmp_path: Path) -> None:
         text=True,
     )
     assert check.returncode == 0, check.stderr
+    # The build's model step: the embedding model's GGUF made from the wheel the venv holds.
+    assert any("prepare_models(" in run for run in runs)
+    models = tmp_path / "models"
+    code = "from llm_api.services.llm.registry import prepare_models; prepare_models(%r)" % (
+        str(models),
+    )
+    prepared = subprocess.run(
+        [str(venv / "bin/python"), "-c", code], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert prepared.returncode == 0, prepared.stderr
+    assert list(models.rglob("*.gguf"))
 
 
 # --- developer tooling ---------------------------------------------------------------------------
