@@ -377,9 +377,8 @@ def test_dockerfile_pip_steps_in_a_fresh_venv(tmp_path: Path) -> None:
     # The build's model step: the embedding model's GGUF made from the wheel the venv holds.
     assert any("prepare_models(" in run for run in runs)
     models = tmp_path / "models"
-    code = "from llm_api.services.llm.registry import prepare_models; prepare_models(%r)" % (
-        str(models),
-    )
+    code = "from llm_api.services.llm.registry import prepare_models; prepare_models("
+    code += repr(str(models)) + ")"
     prepared = subprocess.run(
         [str(venv / "bin/python"), "-c", code], cwd=tmp_path, capture_output=True, text=True
     )
