@@ -1,14 +1,13 @@
 """`python -m bench neighbour`: what one busy neighbour process costs local inference.
 
 Containers and shared hosts always have neighbours. llama.cpp's CPU backend is built with
-OpenMP here, and libgomp's default is to spin at every barrier (hundreds of thousands of
-iterations) before it sleeps: with a neighbour on the same cores, a spinning thread keeps the
-core while the thread it waits for is descheduled, and throughput collapses instead of falling by
-a fair share. llm-api sets OMP_WAIT_POLICY=PASSIVE (services/llm/__init__.py); this benchmark
-runs the server with that policy and with libgomp's default spin restored (GOMP_SPINCOUNT=300000,
-which is what an unset OMP_WAIT_POLICY means and which overrides the policy: the "before"
-configuration), each alone and next to one busy-loop process, in the same run, and reports
-tokens/s and the share kept.
+OpenMP here, and libgomp's default is to spin ~3 ms at every barrier before it sleeps: with a
+neighbour on the same cores, a spinning thread keeps the core while the thread it waits for is
+descheduled, and throughput falls far below a fair share. Sleeping at once (GOMP_SPINCOUNT=0,
+i.e. OMP_WAIT_POLICY=PASSIVE) costs half the throughput when alone. llm-api spins ~10 µs
+(GOMP_SPINCOUNT=1000, services/llm/__init__.py). This benchmark runs the server with several
+spin counts (`server` = its own default), each alone and next to busy-loop processes, in the
+same run, and reports tokens/s and the share kept.
 
 A fair share on N cores with T inference threads and one neighbour is T / (T + 1) of the CPU
 while all are runnable (2/3 on this 2-core host with 2 threads).
@@ -39,6 +38,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--neighbours", type=int, default=1, help="busy-loop processes")
+    p.add_argument(
+        "--spincounts",
+        default="server,0,300000",
+        help="GOMP_SPINCOUNT values to compare; `server` = the server's own default",
+    )
     p.add_argument("--out", type=Path, help="output directory (default bench/out/<timestamp>)")
     return p.parse_args(argv)
 
@@ -62,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
 
     gguf = builtin_registry().models[0].gguf_path()
     rows: list[tuple[str, float, float]] = []
-    for policy in ("PASSIVE", "SPIN"):
+    for policy in [c.strip() for c in args.spincounts.split(",") if c.strip()]:
         spec = servers.ours(gguf, threads=args.threads, slots=16, ctx=1024, workdir=out)
-        if policy == "SPIN":
-            spec.env["GOMP_SPINCOUNT"] = "300000"  # libgomp's default: ~3 ms of spinning
-        server = servers.Running(spec, out / f"llm-api-{policy.lower()}.log")
+        if policy != "server":
+            spec.env["GOMP_SPINCOUNT"] = policy  # 300000 is libgomp's default: ~3 ms
+        server = servers.Running(spec, out / f"llm-api-{policy}.log")
         try:
             server.wait_ready()
             w = loadgen.Workload(
@@ -101,13 +105,16 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `python -m bench neighbour --streams {args.streams} --requests "
         f"{args.requests} --max-tokens {args.max_tokens} --threads {args.threads} "
-        f"--neighbours {args.neighbours}`",
+        f"--neighbours {args.neighbours} --spincounts {args.spincounts}`",
         "",
-        "| OpenMP wait policy | alone tok/s | with neighbour tok/s | share kept | fair share |",
+        "| OpenMP waits | alone tok/s | with neighbour tok/s | share kept | fair share |",
         "|---|---|---|---|---|",
     ]
     for policy, alone, shared in rows:
-        name = "passive (llm-api)" if policy == "PASSIVE" else "libgomp default (spins ~3 ms)"
+        name = {
+            "server": "llm-api's default",
+            "300000": "GOMP_SPINCOUNT=300000 (libgomp's default, ~3 ms)",
+        }.get(policy, f"GOMP_SPINCOUNT={policy}")
         lines.append(f"| {name} | {alone:.1f} | {shared:.1f} | {shared / alone:.0%} | {fair:.0%} |")
     text = "\n".join(lines) + "\n"
     (out / "neighbour.md").write_text(text)
