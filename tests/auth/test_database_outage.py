@@ -28,6 +28,8 @@ from tests.conftest import (
 )
 from tests.conftest import test_settings as settings_for
 
+APP = {"db_auto_migrate": True, "warmup": False}
+
 
 class Relay:
     """A TCP relay to PostgreSQL that can be cut and restored on the same port."""
@@ -84,8 +86,7 @@ async def test_known_keys_ride_out_a_database_outage(tmp_path: Path) -> None:
         settings = settings_for(
             tmp_path,
             database_url=url,
-            db_auto_migrate=True,
-            warmup=False,
+            **APP,
             api_key_cache_seconds=5,
             api_key_outage_grace_seconds=600,
         )
@@ -141,13 +142,7 @@ async def test_known_keys_ride_out_a_database_outage(tmp_path: Path) -> None:
 async def test_no_grace_period_means_503_during_an_outage(tmp_path: Path) -> None:
     require_service("PostgreSQL", "127.0.0.1", 5432)
     async with relayed_database() as (url, _direct, relay):
-        settings = settings_for(
-            tmp_path,
-            database_url=url,
-            db_auto_migrate=True,
-            warmup=False,
-            api_key_outage_grace_seconds=0,
-        )
+        settings = settings_for(tmp_path, database_url=url, **APP, api_key_outage_grace_seconds=0)
         async with running_app(settings) as app:
             known = await create_account(app)
             transport = httpx.ASGITransport(app=app)
