@@ -176,18 +176,16 @@ class OpenAIUpstreamBackend:
         body["prompt"] = request.prompt or ""
         return "completions", body
 
-    async def embed(self, inputs: list[str] | list[list[int]]) -> UpstreamEmbeddings:
-        """POST /embeddings: one vector per input, in input order (the upstream's `index` decides,
-        not its list order). Floats are asked for: every OpenAI-compatible server (Ollama and
-        older llama.cpp servers included) answers them; base64 is this server's to make."""
+    async def _post(self, path: str, payload: bytes, deadline: float) -> aiohttp.ClientResponse:
+        """POST `payload` to the upstream's `path`, its response head due by `deadline`. Never
+        follows a redirect: it would send the prompt and our key to wherever the `Location`
+        points; a 3xx is the upstream's error (`_map_error`)."""
         if self._session is None:
             raise UpstreamError("Upstream is not connected.")
-        body = {"model": self.config.upstream_model or self.config.id, "input": inputs}
-        deadline = asyncio.get_running_loop().time() + self.config.first_token_timeout
         try:
             async with asyncio.timeout_at(deadline):
-                resp = await self._session.post(
-                    self._urls["embeddings"], data=orjson.dumps(body), allow_redirects=False
+                return await self._session.post(
+                    self._urls[path], data=payload, allow_redirects=False
                 )
         except TimeoutError:
             raise UpstreamTimeoutError(
@@ -195,6 +193,14 @@ class OpenAIUpstreamBackend:
             ) from None
         except aiohttp.ClientError:
             raise UpstreamError("Could not connect to the upstream model server.") from None
+
+    async def embed(self, inputs: list[str] | list[list[int]]) -> UpstreamEmbeddings:
+        """POST /embeddings: one vector per input, in input order (the upstream's `index` decides,
+        not its list order). Floats are asked for: every OpenAI-compatible server (Ollama and
+        older llama.cpp servers included) answers them; base64 is this server's to make."""
+        body = {"model": self.config.upstream_model or self.config.id, "input": inputs}
+        deadline = asyncio.get_running_loop().time() + self.config.first_token_timeout
+        resp = await self._post("embeddings", orjson.dumps(body), deadline)
         async with resp:
             if resp.status >= 300:
                 exc = await _map_error(resp, deadline)
@@ -214,25 +220,11 @@ class OpenAIUpstreamBackend:
         return _embeddings(raw, len(inputs))
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        if self._session is None:
-            raise UpstreamError("Upstream is not connected.")
         path, body = self._body(request)
         payload = orjson.dumps(body)
         # One deadline covers the response headers, an error body, and the first content.
         deadline = asyncio.get_running_loop().time() + self.config.first_token_timeout
-        try:
-            async with asyncio.timeout_at(deadline):
-                # Never follow a redirect: it would send the prompt and our key to wherever the
-                # `Location` points. A 3xx is the upstream's error (`_map_error`).
-                resp = await self._session.post(
-                    self._urls[path], data=payload, allow_redirects=False
-                )
-        except TimeoutError:
-            raise UpstreamTimeoutError(
-                "The upstream model server did not answer in time."
-            ) from None
-        except aiohttp.ClientError:
-            raise UpstreamError("Could not connect to the upstream model server.") from None
+        resp = await self._post(path, payload, deadline)
         async with resp:
             if resp.status >= 300:
                 raise await _map_error(resp, deadline)
