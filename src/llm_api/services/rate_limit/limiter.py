@@ -39,6 +39,16 @@ from llm_api.services.rate_limit.types import Decision, LimitSpec, Settlement, S
 log = structlog.get_logger(__name__)
 
 
+def _refuse_if_rejected(
+    specs: list[LimitSpec], decision: Decision, headers: dict[str, str]
+) -> None:
+    """Raise the 429 for the limit that refused (and count it), if one did."""
+    if not decision.allowed:
+        spec = specs[decision.rejected or 0]
+        _count_rejection(spec)
+        raise rejection(spec, decision, headers)
+
+
 def _count_rejection(spec: LimitSpec) -> None:
     # A short fixed set of labels (scope_rule: user_rpm, ip_tpm, pair_login, ...), never an id.
     RATE_LIMIT_REJECTIONS.labels(limit=f"{spec.scope}_{spec.name}").inc()
@@ -174,10 +184,7 @@ class RateLimiter:
         if decision is None:
             return
         headers = rate_limit_headers(specs, decision)
-        if not decision.allowed:
-            spec = specs[decision.rejected or 0]
-            _count_rejection(spec)
-            raise rejection(spec, decision, headers)
+        _refuse_if_rejected(specs, decision, headers)
         ctx.response_headers.update(headers)
         self._tickets[ctx.request_id] = _Ticket(
             store,
@@ -196,10 +203,8 @@ class RateLimiter:
         if not specs:
             return
         decision, _, specs = await self._decide(new_request_id(), specs)
-        if decision is not None and not decision.allowed:
-            spec = specs[decision.rejected or 0]
-            _count_rejection(spec)
-            raise rejection(spec, decision, {})
+        if decision is not None:
+            _refuse_if_rejected(specs, decision, {})
 
     async def admit_request(self, ctx: RequestContext) -> None:
         """A request without a model that is still work (a batch created, a file uploaded):
@@ -214,10 +219,7 @@ class RateLimiter:
         if decision is None:
             return
         headers = rate_limit_headers(specs, decision)
-        if not decision.allowed:
-            spec = specs[decision.rejected or 0]
-            _count_rejection(spec)
-            raise rejection(spec, decision, headers)
+        _refuse_if_rejected(specs, decision, headers)
         ctx.response_headers.update(headers)
 
     # --- settlement -----------------------------------------------------------------------------
