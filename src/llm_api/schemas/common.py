@@ -18,6 +18,8 @@ FORBIDDEN_FIELDS = frozenset(
 MAX_JSON_DEPTH = 64
 # Beyond any model's context window, and within the 32-bit integers every upstream parses.
 MAX_TOKENS = 2**31 - 1
+# Fields no request type declares that we refuse rather than ignore (a declared field, such as
+# chat's `tools` or `logprobs`, is the request type's own business).
 UNSUPPORTED_FIELDS = (
     "logprobs",
     "top_logprobs",
@@ -27,6 +29,7 @@ UNSUPPORTED_FIELDS = (
     "suffix",
     "tools",
     "functions",
+    "function_call",
 )
 
 

@@ -22,12 +22,37 @@ class SamplingParams:
     # A JSON schema the output must match (json_schema), or {} for "any JSON object"
     # (json_object); None for free text.
     json_schema: dict[str, Any] | None = None
+    # Each sampled token's log-probability, and that many alternatives (0..20) per token.
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass(slots=True)
+class ToolSpec:
+    """A function the model may call (OpenAI's `tools[].function`)."""
+
+    name: str
+    parameters: dict[str, Any]
+    description: str | None = None
+    strict: bool = False
+
+
+@dataclass(slots=True)
+class ToolCall:
+    """A whole call, as it appears in an assistant message of the conversation so far."""
+
+    id: str
+    name: str
+    arguments: str  # JSON text, as the model wrote it
 
 
 @dataclass(slots=True)
 class Message:
-    role: str
+    role: str  # system | developer | user | assistant | tool
     content: str
+    tool_calls: list[ToolCall] | None = None  # assistant messages that called tools
+    tool_call_id: str | None = None  # tool messages: the call this is the result of
+    name: str | None = None
 
 
 @dataclass(slots=True)
@@ -47,23 +72,76 @@ class GenerationRequest:
     # The whole answer is collected before any of it reaches the client (a non-streaming
     # request): a failure part-way through may still be retried elsewhere.
     buffered: bool = False
+    # Tools the model may call; `tool_choice` is none | auto | required | function (then
+    # `tool_name` is the one function it must call).
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["none", "auto", "required", "function"] = "auto"
+    tool_name: str | None = None
+    parallel_tool_calls: bool = True
+    # The client's request body as it came (validated): an upstream forwards it verbatim, with
+    # only the model name and its own stream settings replaced, so no field is lost.
+    wire: dict[str, Any] | None = None
     # Private to the backend between prepare() and generate() (token ids, compiled grammar).
     engine_state: dict[str, Any] = field(default_factory=dict)
 
 
-FinishReason = Literal["stop", "length", "error", "cancelled"]
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "error", "cancelled"]
 
 
 @dataclass(slots=True)
-class GenerationChunk:
-    """A piece of output. The last chunk of a sequence has `finish_reason` set and carries the
-    final token counts."""
+class TopLogprob:
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """One sampled token's log-probability, with the most likely alternatives at that step."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ToolCallDelta:
+    """A piece of a tool call, as OpenAI streams it: the call's `index` among this choice's
+    calls; `id` and `name` in its first piece only; `arguments` (JSON text) in pieces."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass(slots=True)
+class Frame:
+    """The one item every stage of the completion pipeline passes on: a piece of one choice's
+    output. Backends make them; the wire encoders (SSE chunks, whole responses) read them.
+
+    The last frame of a choice has `finish_reason` set and carries the final token counts."""
 
     text: str = ""
     tokens: int = 0  # completion tokens this piece stands for (partial counts on cancel)
     finish_reason: FinishReason | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    index: int = 0  # the choice (n > 1)
+    tool_calls: list[ToolCallDelta] | None = None
+    reasoning: str | None = None  # `reasoning_content` (thinking models)
+    logprobs: list[TokenLogprob] | None = None  # one per token of `text`
+    cached_tokens: int | None = None  # of prompt_tokens, served from a reused prefix
+    # An upstream's fields that we do not interpret, verbatim: the choice's `delta` fields
+    # (refusal, annotations, audio, ...) in `extra`; the usage's details
+    # (prompt_tokens_details, completion_tokens_details, ...) in `usage_extra`.
+    extra: dict[str, Any] | None = None
+    usage_extra: dict[str, Any] | None = None
+
+
+# The pipeline's frame under its older name; backends still say GenerationChunk.
+GenerationChunk = Frame
 
 
 class GenerationStream(Protocol):
