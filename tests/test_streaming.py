@@ -8,14 +8,11 @@ import json
 from collections.abc import AsyncIterator
 
 import httpx
-import orjson
 import pytest
 
 from llm_api.api.streaming import _BATCH, _MAX_BYTES, _batches, ndjson_lines, sse_frames
 from llm_api.core.exceptions import UpstreamTimeoutError
 from llm_api.schemas.chat import ChatCompletionChunk, ChoiceDelta, ChunkChoice
-from llm_api.schemas.completions import Completion, CompletionChoice
-from llm_api.services.llm.shaping import ChatFrames, TextFrames, pieces
 from tests.conftest import MODEL
 
 NO_CACHE = {"Cache-Control": "no-cache, no-store"}
@@ -65,92 +62,10 @@ async def test_sse_frames_keep_model_output_inside_json() -> None:
     assert first["choices"][0]["delta"]["content"] == HOSTILE
 
 
-TEXTS = [HOSTILE, "ok", 'q"uote\\ back', "\u2028\u2029 \x00\x1f\x7f", "héllo 猫 🐈", " ", "text-"]
-
-
-@pytest.mark.parametrize("index", [0, 3])
-def test_a_text_frame_is_the_json_of_its_model(index: int) -> None:
-    """The per-token fast path splices text into a template: the result must be what the chunk
-    model itself serialises, for any text and choice index (chat and completions)."""
-    chat = TextFrames(
-        lambda i, t: ChatCompletionChunk(
-            id="chatcmpl-1",
-            created=5,
-            model="m",
-            choices=[ChunkChoice(index=i, delta=ChoiceDelta(content=t))],
-        )
-    )
-    legacy = TextFrames(
-        lambda i, t: Completion(
-            id="cmpl-1",
-            created=5,
-            model="m",
-            choices=[CompletionChoice(index=i, text=t, finish_reason=None)],
-        )
-    )
-    for text in TEXTS:
-        for frames in (chat, legacy):
-            frame = frames(index, text)
-            model = frames._build(index, text)  # noqa: SLF001 - the reference
-            assert orjson.loads(frame.json) == orjson.loads(model.model_dump_json())
-            assert (frame.index, frame.text) == (index, text)
-
-
-@pytest.mark.parametrize("model", ["m", 'q"uo\\te \u2028 猫', "text-" + '{"content":'])
-def test_chat_frames_are_the_json_of_their_models(model: str) -> None:
-    """A chat choice's role, text and finish frames are spliced from one serialisation: each
-    must be what the chunk model serialises, with what `pieces` reads from it."""
-
-    def make(index: int, delta: ChoiceDelta, finish: str | None) -> ChatCompletionChunk:
-        choice = ChunkChoice(index=index, delta=delta, finish_reason=finish)
-        return ChatCompletionChunk(id="chatcmpl-1", created=5, model=model, choices=[choice])
-
-    def same(frame: object, reference: ChatCompletionChunk) -> bool:
-        return orjson.loads(frame.json) == orjson.loads(reference.model_dump_json())  # type: ignore[attr-defined]
-
-    frames = ChatFrames(make)
-    for index in (0, 3):
-        role = frames.role(index)
-        assert same(role, make(index, ChoiceDelta(role="assistant", content=""), None))
-        assert list(pieces(role)) == [(index, "", None)]
-        for text in TEXTS:
-            frame = frames.text(index, text)
-            assert same(frame, make(index, ChoiceDelta(content=text), None))
-            assert list(pieces(frame)) == [(index, text, None)]
-        for reason in ("stop", "length"):
-            finish = frames.finish(index, reason)
-            assert same(finish, make(index, ChoiceDelta(), reason))
-            assert list(pieces(finish)) == [(index, "", reason)]
-
-
-def test_chat_frames_fall_back_to_the_model_for_another_shape() -> None:
-    """A chunk model whose JSON puts the finish reason before the delta is not spliced."""
-
-    def make(index: int, delta: ChoiceDelta, finish: str | None) -> ChatCompletionChunk:
-        choice = ChunkChoice(index=index, delta=delta, finish_reason=finish)
-        return ChatCompletionChunk(id="c", created=5, model="m", choices=[choice])
-
-    class Reordered(ChatCompletionChunk):
-        def model_dump_json(self, **kw: object) -> str:  # type: ignore[override]
-            c = self.choices[0]
-            return orjson.dumps(
-                {"choices": [{"finish_reason": c.finish_reason, "delta": c.delta.model_dump()}]}
-            ).decode()
-
-    frames = ChatFrames(lambda i, d, f: Reordered.model_validate(make(i, d, f).model_dump()))
-    finish = orjson.loads(frames.finish(0, "length").json)
-    assert finish == {"choices": [{"finish_reason": "length", "delta": {}}]}
-    text = orjson.loads(frames.text(0, "hi").json)
-    assert text == {"choices": [{"finish_reason": None, "delta": {"content": "hi"}}]}
-    assert orjson.loads(frames.role(0).json)["choices"][0]["delta"] == {
-        "role": "assistant",
-        "content": "",
-    }
-
-
-async def test_text_frames_and_models_share_a_stream() -> None:
-    frames = TextFrames(lambda i, t: chunk(t))
-    raw = await collect(sse_frames(items(chunk("a"), frames(0, HOSTILE), chunk("b")), 10))
+async def test_encoded_chunks_and_models_share_a_stream() -> None:
+    """The serving encoders hand over each chunk's JSON; a typed model is serialised here."""
+    encoded = chunk(HOSTILE).model_dump_json().encode()
+    raw = await collect(sse_frames(items(chunk("a"), encoded, chunk("b")), 10))
     evs = events(raw)
     assert len(evs) == 4 and evs[-1] == "data: [DONE]"
     bodies = [json.loads(e.removeprefix("data: ")) for e in evs[:3]]

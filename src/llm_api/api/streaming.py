@@ -1,6 +1,7 @@
 """Turning chunk iterators into HTTP streams: SSE for the OpenAI routes, NDJSON for /v1/stream.
 
-One wrapper per format: it frames each typed chunk, sends keep-alive comments while the model is
+The items are each chunk's JSON (bytes, from the serving modules' encoders) or a typed model.
+One wrapper per format: it frames each chunk, sends keep-alive comments while the model is
 quiet (so proxies do not cut idle streams), turns an exception into an error frame, and ends an
 SSE stream with `data: [DONE]`. JSON encoding escapes newlines and carriage returns, so model
 output such as "\\n\\ndata: [DONE]\\n\\n" stays inside a string and cannot end the stream.
@@ -24,7 +25,6 @@ from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 from llm_api.core.exceptions import APIError, ServerError
-from llm_api.services.llm.shaping import TextFrame
 
 log = structlog.get_logger(__name__)
 
@@ -168,19 +168,20 @@ def error_payload(exc: BaseException) -> dict[str, Any]:
     return ServerError("The server had an error while generating the response.").to_dict()
 
 
-def _sse_event(chunk: BaseModel | TextFrame) -> bytes:
-    body = chunk.json if isinstance(chunk, TextFrame) else chunk.model_dump_json().encode()
+Chunk = bytes | BaseModel  # a chunk's JSON, or a model to serialise
+
+
+def _sse_event(chunk: Chunk) -> bytes:
+    body = chunk if isinstance(chunk, bytes) else chunk.model_dump_json().encode()
     return b"data: " + body + b"\n\n"
 
 
-def _ndjson_line(chunk: BaseModel | TextFrame) -> bytes:
-    body = chunk.json if isinstance(chunk, TextFrame) else chunk.model_dump_json().encode()
+def _ndjson_line(chunk: Chunk) -> bytes:
+    body = chunk if isinstance(chunk, bytes) else chunk.model_dump_json().encode()
     return body + b"\n"
 
 
-async def sse_frames(
-    chunks: AsyncIterator[BaseModel | TextFrame], keepalive: float
-) -> AsyncIterator[bytes]:
+async def sse_frames(chunks: AsyncIterator[Chunk], keepalive: float) -> AsyncIterator[bytes]:
     try:
         async with aclosing(_batches(chunks, keepalive, _sse_event)) as batches:
             async for batch, last in batches:
@@ -197,9 +198,7 @@ async def sse_frames(
     yield FinalFrame(b"data: [DONE]\n\n")
 
 
-async def ndjson_lines(
-    chunks: AsyncIterator[BaseModel | TextFrame], keepalive: float
-) -> AsyncIterator[bytes]:
+async def ndjson_lines(chunks: AsyncIterator[Chunk], keepalive: float) -> AsyncIterator[bytes]:
     try:
         async with aclosing(_batches(chunks, keepalive, _ndjson_line)) as batches:
             async for batch, last in batches:
@@ -288,17 +287,13 @@ class StreamResponse(StreamingResponse):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def sse_response(
-    chunks: AsyncIterator[BaseModel | TextFrame], keepalive: float
-) -> StreamingResponse:
+def sse_response(chunks: AsyncIterator[Chunk], keepalive: float) -> StreamingResponse:
     return StreamResponse(
         sse_frames(chunks, keepalive), media_type="text/event-stream", headers=SSE_HEADERS
     )
 
 
-def ndjson_response(
-    chunks: AsyncIterator[BaseModel | TextFrame], keepalive: float
-) -> StreamingResponse:
+def ndjson_response(chunks: AsyncIterator[Chunk], keepalive: float) -> StreamingResponse:
     return StreamResponse(
         ndjson_lines(chunks, keepalive),
         media_type="application/x-ndjson",

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    Field,
-    StringConstraints,
-    field_validator,
-    model_serializer,
-    model_validator,
-)
+from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from llm_api.schemas.common import (
     MAX_TOKENS,
     ResponseFormat,
+    ResponseModel,
     SamplingFields,
     StrictModel,
     Usage,
@@ -174,21 +168,56 @@ class ChatCompletionRequest(SamplingFields):
 
 
 # --- responses ----------------------------------------------------------------------------------
+# Written by api/v1/chat/serving.py; these types describe them (OpenAPI, typed callers). Fields an
+# upstream sent that are not declared here (annotations, audio, ...) pass through.
 
 
-class AssistantMessage(BaseModel):
+class TopLogprob(ResponseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(ResponseModel):
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
+class CalledFunction(ResponseModel):
+    name: str
+    arguments: str
+
+
+class MessageToolCall(ResponseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class AssistantMessage(ResponseModel):
+    OMIT_NONE = frozenset({"tool_calls", "reasoning_content"})
+
     role: Literal["assistant"] = "assistant"
     content: str | None
+    refusal: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    reasoning_content: str | None = None
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(ResponseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
-class ChatCompletion(BaseModel):
+class ChatCompletion(ResponseModel):
+    OMIT_NONE = frozenset({"system_fingerprint"})
+
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -198,30 +227,46 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
-class ChoiceDelta(BaseModel):
+class DeltaFunction(ResponseModel):
+    OMIT_NONE = frozenset({"name"})
+
+    name: str | None = None
+    arguments: str = ""
+
+
+class DeltaToolCall(ResponseModel):
+    """A piece of a call: `id`, `type` and the name in its first piece only."""
+
+    OMIT_NONE = frozenset({"id", "type"})
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+
+
+class ChoiceDelta(ResponseModel):
     """Only the fields that are set go on the wire: `{"content": "..."}`, and `{}` last."""
+
+    OMIT_NONE = frozenset({"role", "content", "reasoning_content", "tool_calls", "refusal"})
 
     role: Literal["assistant"] | None = None
     content: str | None = None
-
-    @model_serializer(mode="plain")
-    def _set_fields_only(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        if self.role is not None:
-            out["role"] = self.role
-        if self.content is not None:
-            out["content"] = self.content
-        return out
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
+    refusal: str | None = None
 
 
-class ChunkChoice(BaseModel):
+class ChunkChoice(ResponseModel):
     index: int
     delta: ChoiceDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(ResponseModel):
+    OMIT_NONE = frozenset({"system_fingerprint", "usage"})
+
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    model_serializer,
+    model_validator,
+)
 
 from llm_api.core.exceptions import InvalidRequestError
 
@@ -191,10 +199,38 @@ class SamplingFields(OpenAIRequest):
                 raise InvalidRequestError(f"`{name}` is not supported by this server.", param=name)
 
 
-class Usage(BaseModel):
+class ResponseModel(BaseModel):
+    """Base for response bodies: fields an upstream sent that we do not declare pass through
+    (`extra="allow"`), and the optional fields named in `OMIT_NONE` are left out rather than sent
+    as null (OpenAI's spec has them absent, or a string, never null)."""
+
+    model_config = ConfigDict(extra="allow")
+    OMIT_NONE: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        # No return annotation: the serialization schema (OpenAPI) stays the model's fields.
+        data = handler(self)
+        if self.OMIT_NONE and isinstance(data, dict):
+            for key in self.OMIT_NONE:
+                if key in data and data[key] is None:
+                    del data[key]
+        return data
+
+
+class PromptTokensDetails(ResponseModel):
+    cached_tokens: int | None = None
+
+
+class Usage(ResponseModel):
+    OMIT_NONE = frozenset({"prompt_tokens_details", "completion_tokens_details"})
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # Prompt tokens served from a reused prefix; an upstream's details come through verbatim.
+    prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: dict[str, Any] | None = None
 
 
 class ErrorBody(BaseModel):

@@ -6,25 +6,42 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from llm_api.schemas.common import MAX_TOKENS, OpenAIRequest, SamplingFields, Usage
+from llm_api.schemas.common import (
+    MAX_TOKENS,
+    OpenAIRequest,
+    ResponseModel,
+    SamplingFields,
+    Usage,
+)
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=16)]
     response_format: None = None
+    # Legacy logprobs: how many alternatives per token (0..5); each token's own is always given.
+    logprobs: int | None = Field(None, ge=0, le=5)
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
-class CompletionChoice(BaseModel):
+class LegacyLogprobs(ResponseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(ResponseModel):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: LegacyLogprobs | None = None
 
 
-class Completion(BaseModel):
+class Completion(ResponseModel):
+    OMIT_NONE = frozenset({"system_fingerprint", "usage"})
+
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int

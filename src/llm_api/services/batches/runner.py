@@ -31,6 +31,8 @@ import structlog
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from llm_api.api.v1.chat import serving as chat_serving
+from llm_api.api.v1.completions import serving as completions_serving
 from llm_api.core.exceptions import APIError, InvalidRequestError, ServerError
 from llm_api.core.ids import new_request_id
 from llm_api.db.tables import Batch, BatchAttempt, StoredFile, User
@@ -333,10 +335,10 @@ class BatchRunner:
     ) -> dict[str, Any]:
         if endpoint == "/v1/chat/completions":
             chat = await self.llm.chat(ChatCompletionRequest.model_validate(body), ctx)
-            return chat.model_dump(mode="json")
+            return chat_serving.chat_body(ctx.request_id, chat)
         if endpoint == "/v1/completions":
             comp = await self.llm.completion(CompletionRequest.model_validate(body), ctx)
-            return comp.model_dump(mode="json")
+            return completions_serving.completion_body(ctx.request_id, comp)
         if endpoint == "/v1/embeddings" and self.embeddings is not None:
             result = await self.embeddings.embed(EmbeddingRequest.model_validate(body), ctx)
             data: dict[str, Any] = orjson.loads(result.body(body.get("encoding_format", "float")))

@@ -1,109 +1,153 @@
-"""What a cache entry holds, and how a hit becomes a whole response or a replayed stream.
+"""What a cache entry holds, and how a hit becomes frames again.
 
-An entry keeps only the generated text, finish reason and token counts of each choice; ids and
-timestamps are made fresh on every hit, so two clients never see the same response id.
+An entry keeps, per choice, everything the encoders read from a live answer: text, reasoning,
+tool calls, upstream extras, logprobs, finish reason, and the finishing frame's token counts and
+usage details. A hit replays them as frames through the same encoders (api/v1/*/serving.py) as a
+live answer, so the two are equal field for field; ids and timestamps are made fresh on every
+hit, so two clients never see the same response id.
+
+`FORMAT` is part of every entry: an entry of another format (an older release's) is a miss.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from llm_api.schemas.chat import (
-    AssistantMessage,
-    ChatChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChoiceDelta,
-    ChunkChoice,
-)
-from llm_api.schemas.common import Usage
-from llm_api.schemas.completions import Completion, CompletionChoice
+from llm_api.services.llm.shaping import Answer, ChoiceAnswer, UsageCounter
+from llm_api.services.llm.types import Frame, TokenLogprob, ToolCallDelta, TopLogprob
+
+FORMAT = 2
+
+
+class CachedCall(BaseModel):
+    index: int
+    id: str
+    name: str
+    arguments: str
+
+
+class CachedTop(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class CachedLogprob(CachedTop):
+    top_logprobs: list[CachedTop]
 
 
 class CachedChoice(BaseModel):
     text: str
     finish_reason: str
+    reasoning: str | None = None
+    tool_calls: list[CachedCall] = []
+    extra: dict[str, Any] = {}
+    logprobs: list[CachedLogprob] | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    usage_extra: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, choice: ChoiceAnswer) -> CachedChoice:
+        logprobs = None
+        if choice.logprobs is not None:
+            logprobs = [
+                CachedLogprob(
+                    token=t.token,
+                    logprob=t.logprob,
+                    bytes=t.bytes,
+                    top_logprobs=[
+                        CachedTop(token=a.token, logprob=a.logprob, bytes=a.bytes)
+                        for a in t.top_logprobs
+                    ],
+                )
+                for t in choice.logprobs
+            ]
+        return cls(
+            text=choice.text,
+            finish_reason=choice.finish_reason or "stop",
+            reasoning=choice.reasoning,
+            tool_calls=[
+                CachedCall(index=i, id=c.id, name=c.name, arguments=c.arguments)
+                for i, c in zip(sorted(choice.calls), choice.tool_calls, strict=True)
+            ],
+            extra=choice.extra,
+            logprobs=logprobs,
+            prompt_tokens=choice.prompt_tokens,
+            completion_tokens=choice.completion_tokens,
+            cached_tokens=choice.cached_tokens,
+            usage_extra=choice.usage_extra,
+        )
+
+    def frames(self, index: int) -> tuple[Frame, Frame]:
+        """The choice as a live answer would have streamed it: its content in one frame, then
+        the finishing frame with the counts."""
+        logprobs = None
+        if self.logprobs is not None:
+            logprobs = [
+                TokenLogprob(
+                    t.token,
+                    t.logprob,
+                    t.bytes,
+                    [TopLogprob(a.token, a.logprob, a.bytes) for a in t.top_logprobs],
+                )
+                for t in self.logprobs
+            ]
+        calls = [ToolCallDelta(c.index, c.id, c.name, c.arguments) for c in self.tool_calls]
+        content = Frame(
+            text=self.text,
+            index=index,
+            tool_calls=calls or None,
+            reasoning=self.reasoning,
+            logprobs=logprobs,
+            extra=dict(self.extra) or None,
+        )
+        finish = Frame(
+            finish_reason=self.finish_reason,  # type: ignore[arg-type]
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            index=index,
+            cached_tokens=self.cached_tokens,
+            usage_extra=self.usage_extra,
+        )
+        return content, finish
 
 
 class CachedResponse(BaseModel):
+    format: Literal[2]  # FORMAT; required, so an older entry (without it) fails to load
     model: str
     choices: list[CachedChoice]
     prompt_tokens: int
     completion_tokens: int
 
-    @property
-    def usage(self) -> Usage:
-        return Usage(
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            total_tokens=self.prompt_tokens + self.completion_tokens,
+    @classmethod
+    def of(cls, answer: Answer, prompt_tokens: int, completion_tokens: int) -> CachedResponse:
+        return cls(
+            format=FORMAT,
+            model=answer.model,
+            choices=[CachedChoice.of(c) for c in answer.choices],
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
         )
 
-    # --- whole responses ----------------------------------------------------------------------
+    def replay(self) -> list[Frame]:
+        """Every choice's frames, in choice order."""
+        return [f for i, c in enumerate(self.choices) for f in c.frames(i)]
 
-    def chat(self, request_id: str) -> ChatCompletion:
-        return ChatCompletion(
-            id=f"chatcmpl-{request_id}",
-            created=int(time.time()),
-            model=self.model,
-            choices=[
-                ChatChoice(
-                    index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason
-                )
-                for i, c in enumerate(self.choices)
-            ],
-            usage=self.usage,
-        )
+    async def stream(self) -> AsyncIterator[Frame]:
+        for frame in self.replay():
+            yield frame
 
-    def completion(self, request_id: str) -> Completion:
-        return Completion(
-            id=f"cmpl-{request_id}",
-            created=int(time.time()),
-            model=self.model,
-            choices=[
-                CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason)
-                for i, c in enumerate(self.choices)
-            ],
-            usage=self.usage,
-        )
-
-    # --- replayed streams ---------------------------------------------------------------------
-
-    async def chat_chunks(
-        self, request_id: str, include_usage: bool
-    ) -> AsyncIterator[ChatCompletionChunk]:
-        """The same frames a live stream sends: a role chunk, the content, a finish chunk per
-        choice, then the usage chunk when asked for."""
-        cid, created = f"chatcmpl-{request_id}", int(time.time())
-
-        def make(index: int, delta: ChoiceDelta, finish: str | None = None) -> ChatCompletionChunk:
-            choice = ChunkChoice(index=index, delta=delta, finish_reason=finish)
-            return ChatCompletionChunk(id=cid, created=created, model=self.model, choices=[choice])
-
-        for i, c in enumerate(self.choices):
-            yield make(i, ChoiceDelta(role="assistant", content=""))
-            if c.text:
-                yield make(i, ChoiceDelta(content=c.text))
-            yield make(i, ChoiceDelta(), c.finish_reason)
-        if include_usage:
-            yield ChatCompletionChunk(
-                id=cid, created=created, model=self.model, choices=[], usage=self.usage
-            )
-
-    async def completion_chunks(
-        self, request_id: str, include_usage: bool
-    ) -> AsyncIterator[Completion]:
-        cid, created = f"cmpl-{request_id}", int(time.time())
-        for i, c in enumerate(self.choices):
-            if c.text:
-                choice = CompletionChoice(index=i, text=c.text, finish_reason=None)
-                yield Completion(id=cid, created=created, model=self.model, choices=[choice])
-            choice = CompletionChoice(index=i, text="", finish_reason=c.finish_reason)
-            yield Completion(id=cid, created=created, model=self.model, choices=[choice])
-        if include_usage:
-            yield Completion(
-                id=cid, created=created, model=self.model, choices=[], usage=self.usage
-            )
+    def answer(self, n: int) -> Answer:
+        """The whole answer, assembled from the replayed frames as a live one is."""
+        answer = Answer([ChoiceAnswer(i) for i in range(len(self.choices))], UsageCounter(n))
+        answer.model = self.model
+        for frame in self.replay():
+            answer.choices[frame.index].add(frame)
+            if frame.finish_reason is not None:
+                answer.usage.add(frame)
+        return answer

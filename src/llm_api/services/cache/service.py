@@ -6,11 +6,15 @@ request may be cached, answers hits from the store (replayed as a stream when as
 and stores complete, deterministic responses after a miss. It also hands each finished response
 to `response_hooks` (the conversation log).
 
+It deals in the pipeline's frames, not wire chunks: a miss passes the service's frames on (a
+stream) or its `Answer` (a whole response), a hit replays the stored choices as frames
+(entry.py), and the route's serving module encodes either the same way.
+
 Only deterministic requests are cached: effective temperature 0 or an explicit seed. A response
-is stored once it is whole: a stream only after its last chunk went out, and only when every
-choice finished with `stop` or `length` (an answer cut at `max_tokens` or the context window is
-the same, repeatable answer to the same request). Errors and cancelled or incomplete responses
-raise or lack a finish, and are never stored.
+is stored once it is whole: a stream only after its last frame went out, and only when every
+choice finished with `stop`, `length` or `tool_calls` (an answer cut at `max_tokens` or the
+context window is the same, repeatable answer to the same request). Errors and cancelled or
+incomplete responses raise or lack a finish, and are never stored.
 """
 
 from __future__ import annotations
@@ -19,29 +23,28 @@ import inspect
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import structlog
 from pydantic import ValidationError
 
 from llm_api.core import metrics
 from llm_api.core.config import Settings
-from llm_api.schemas.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+from llm_api.schemas.chat import ChatCompletionRequest
 from llm_api.schemas.common import SamplingFields
-from llm_api.schemas.completions import Completion, CompletionRequest
-from llm_api.services.cache.entry import CachedChoice, CachedResponse
+from llm_api.schemas.completions import CompletionRequest
+from llm_api.services.cache.entry import CachedResponse
 from llm_api.services.cache.keys import cache_key, model_version
 from llm_api.services.cache.store import CacheStore
 from llm_api.services.llm import shaping
 from llm_api.services.llm.registry import ModelConfig
 from llm_api.services.llm.service import LLMService
-from llm_api.services.llm.types import CompletionRecord, GenerationRequest, RequestContext
+from llm_api.services.llm.shaping import Answer
+from llm_api.services.llm.types import CompletionRecord, Frame, GenerationRequest, RequestContext
 
 log = structlog.get_logger(__name__)
 
-C = TypeVar("C", bound=ChatCompletionChunk | Completion | shaping.TextFrame)
 # What a whole answer ends with; a choice without a finish was cut short.
-_STORED_FINISHES = frozenset({"stop", "length"})
+_STORED_FINISHES = frozenset({"stop", "length", "tool_calls"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,23 +193,15 @@ class CachedLLMService:
         policy: CachePolicy,
         ctx: RequestContext,
         req: SamplingFields,
-        outputs: list[str],
-        finishes: list[str | None],
+        answer: Answer,
     ) -> None:
         """After a whole response went out: store it when allowed, and tell the hooks."""
-        complete = len(finishes) == plan.choices and all(f in _STORED_FINISHES for f in finishes)
+        choices = answer.choices
+        complete = all(c.finish_reason in _STORED_FINISHES for c in choices)
         if plan.key is not None and policy.write and complete and self.store is not None:
-            entry = CachedResponse(
-                model=plan.config.id,
-                choices=[
-                    CachedChoice(text=t, finish_reason=f or "stop")
-                    for t, f in zip(outputs, finishes, strict=True)
-                ],
-                prompt_tokens=ctx.prompt_tokens,
-                completion_tokens=ctx.completion_tokens,
-            )
+            entry = CachedResponse.of(answer, ctx.prompt_tokens, ctx.completion_tokens)
             await self.store.set(plan.key, entry.model_dump_json().encode())
-        self._emit(plan, ctx, req, outputs, cache_hit=False)
+        self._emit(plan, ctx, req, [c.text for c in choices], cache_hit=False)
 
     def _emit(
         self,
@@ -223,93 +218,91 @@ class CachedLLMService:
             except Exception:  # a hook must never fail the response it observes
                 log.exception("response_hook_failed")
 
-    def _needs_text(self, plan: _Plan, policy: CachePolicy) -> bool:
-        """Whether a miss must remember the streamed text: to store it, or for a response hook
+    def _needs_answer(self, plan: _Plan, policy: CachePolicy) -> bool:
+        """Whether a miss must assemble the streamed answer: to store it, or for a response hook
         (the conversation log). Otherwise the stream passes through untouched: a request that
-        cannot be cached (temperature > 0, no seed) costs no per-chunk work here."""
+        cannot be cached (temperature > 0, no seed) costs no per-frame work here."""
         storable = plan.key is not None and policy.write and self.store is not None
         return storable or bool(self.response_hooks)
 
     async def _tee(
         self,
-        chunks: AsyncIterator[C],
+        frames: AsyncIterator[Frame],
         plan: _Plan,
         policy: CachePolicy,
         ctx: RequestContext,
         req: SamplingFields,
-    ) -> AsyncIterator[C]:
-        """Pass a live stream through, remembering its text; act only if it ends normally (a
+    ) -> AsyncIterator[Frame]:
+        """Pass a live stream through, assembling its answer; act only if it ends normally (a
         cancelled or failed stream raises out of the loop and is neither stored nor logged)."""
-        outputs: list[list[str]] = [[] for _ in range(plan.choices)]
-        finishes: list[str | None] = [None] * plan.choices
+        choices, usage = shaping.collector(plan.choices, req.n)
         try:
-            async for chunk in chunks:
-                for index, text, finish in shaping.pieces(chunk):
-                    outputs[index].append(text)
-                    if finish is not None:
-                        finishes[index] = finish
-                yield chunk
+            async for frame in frames:
+                choices[frame.index].add(frame)
+                if frame.finish_reason is not None:
+                    usage.add(frame)
+                yield frame
         finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
-        await self._finish(plan, policy, ctx, req, ["".join(o) for o in outputs], finishes)
+            await frames.aclose()  # type: ignore[attr-defined]
+        answer = Answer(choices, usage, ctx.model or plan.config.id)
+        await self._finish(plan, policy, ctx, req, answer)
 
-    # --- chat -----------------------------------------------------------------------------------
+    # --- answers --------------------------------------------------------------------------------
+    # Whole answers (`Answer`) or started frame streams, for api/v1/*/serving.py to encode; the
+    # model that answered is `ctx.model`.
+
+    async def _whole(
+        self, endpoint: str, req: SamplingFields, ctx: RequestContext, policy: CachePolicy
+    ) -> Answer:
+        plan = self._plan(endpoint, req, ctx, policy)
+        hit = await self._lookup(plan, policy, ctx, stream=False)
+        if hit is not None:
+            self._emit(plan, ctx, req, [c.text for c in hit.choices], cache_hit=True)
+            return hit.answer(req.n)
+        if isinstance(req, ChatCompletionRequest):
+            answer = await self.llm.chat(req, ctx, (plan.config, plan.seqs))
+        else:
+            assert isinstance(req, CompletionRequest)
+            answer = await self.llm.completion(req, ctx, (plan.config, plan.seqs))
+        await self._finish(plan, policy, ctx, req, answer)
+        return answer
+
+    async def _stream(
+        self, endpoint: str, req: SamplingFields, ctx: RequestContext, policy: CachePolicy
+    ) -> AsyncIterator[Frame]:
+        plan = self._plan(endpoint, req, ctx, policy)
+        hit = await self._lookup(plan, policy, ctx, stream=True)
+        if hit is not None:
+            self._emit(plan, ctx, req, [c.text for c in hit.choices], cache_hit=True)
+            return hit.stream()
+        if isinstance(req, ChatCompletionRequest):
+            frames = await self.llm.chat_stream(req, ctx, (plan.config, plan.seqs))
+        else:
+            assert isinstance(req, CompletionRequest)
+            frames = await self.llm.completion_stream(req, ctx, (plan.config, plan.seqs))
+        if not self._needs_answer(plan, policy):
+            return frames
+        return self._tee(frames, plan, policy, ctx, req)
 
     async def chat(
         self, req: ChatCompletionRequest, ctx: RequestContext, policy: CachePolicy
-    ) -> ChatCompletion:
-        plan = self._plan("chat", req, ctx, policy)
-        hit = await self._lookup(plan, policy, ctx, stream=False)
-        if hit is not None:
-            self._emit(plan, ctx, req, [c.text for c in hit.choices], cache_hit=True)
-            return hit.chat(ctx.request_id)
-        resp = await self.llm.chat(req, ctx, (plan.config, plan.seqs))
-        outputs = [c.message.content or "" for c in resp.choices]
-        await self._finish(plan, policy, ctx, req, outputs, [c.finish_reason for c in resp.choices])
-        return resp
+    ) -> Answer:
+        return await self._whole("chat", req, ctx, policy)
 
     async def chat_stream(
         self, req: ChatCompletionRequest, ctx: RequestContext, policy: CachePolicy
-    ) -> AsyncIterator[ChatCompletionChunk | shaping.TextFrame]:
-        plan = self._plan("chat", req, ctx, policy)
-        include_usage = req.stream_options is not None and req.stream_options.include_usage
-        hit = await self._lookup(plan, policy, ctx, stream=True)
-        if hit is not None:
-            self._emit(plan, ctx, req, [c.text for c in hit.choices], cache_hit=True)
-            return hit.chat_chunks(ctx.request_id, include_usage)
-        chunks = await self.llm.chat_stream(req, ctx, (plan.config, plan.seqs))
-        if not self._needs_text(plan, policy):
-            return chunks
-        return self._tee(chunks, plan, policy, ctx, req)
-
-    # --- completions ----------------------------------------------------------------------------
+    ) -> AsyncIterator[Frame]:
+        return await self._stream("chat", req, ctx, policy)
 
     async def completion(
         self, req: CompletionRequest, ctx: RequestContext, policy: CachePolicy
-    ) -> Completion:
-        plan = self._plan("completions", req, ctx, policy)
-        hit = await self._lookup(plan, policy, ctx, stream=False)
-        if hit is not None:
-            self._emit(plan, ctx, req, [c.text for c in hit.choices], cache_hit=True)
-            return hit.completion(ctx.request_id)
-        resp = await self.llm.completion(req, ctx, (plan.config, plan.seqs))
-        outputs = [c.text for c in resp.choices]
-        await self._finish(plan, policy, ctx, req, outputs, [c.finish_reason for c in resp.choices])
-        return resp
+    ) -> Answer:
+        return await self._whole("completions", req, ctx, policy)
 
     async def completion_stream(
         self, req: CompletionRequest, ctx: RequestContext, policy: CachePolicy
-    ) -> AsyncIterator[Completion | shaping.TextFrame]:
-        plan = self._plan("completions", req, ctx, policy)
-        include_usage = req.stream_options is not None and req.stream_options.include_usage
-        hit = await self._lookup(plan, policy, ctx, stream=True)
-        if hit is not None:
-            self._emit(plan, ctx, req, [c.text for c in hit.choices], cache_hit=True)
-            return hit.completion_chunks(ctx.request_id, include_usage)
-        chunks = await self.llm.completion_stream(req, ctx, (plan.config, plan.seqs))
-        if not self._needs_text(plan, policy):
-            return chunks
-        return self._tee(chunks, plan, policy, ctx, req)
+    ) -> AsyncIterator[Frame]:
+        return await self._stream("completions", req, ctx, policy)
 
 
 def build_cache_store(settings: Settings) -> CacheStore | None:

@@ -1,8 +1,9 @@
-"""The LLM service: turns validated wire requests into engine requests, admits them through each
-model's gate, runs the backend (retries and fallbacks included), and hands its output to
-shaping.py, which makes OpenAI chunks or whole responses of it.
+"""The LLM service: picks the model (tier, kind) for a wire request and has its protocol module
+(api/v1/*/protocol.py) make the engine requests, admits them through each model's gate, and
+runs the backend (retries and fallbacks included), yielding the pipeline's frames. The serving
+modules (api/v1/*/serving.py) make OpenAI chunks or whole responses of them.
 
-Streaming and non-streaming are two consumers of the same chunk iterator.
+Streaming and non-streaming are two consumers of the same frame iterator.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import asyncio
 import inspect
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
 import structlog
 
+from llm_api.api.v1.chat import protocol as chat_protocol
+from llm_api.api.v1.completions import protocol as completions_protocol
 from llm_api.core.config import Settings
 from llm_api.core.exceptions import (
     APIError,
@@ -27,20 +30,18 @@ from llm_api.core.exceptions import (
     RateLimitError,
     ServiceUnavailableError,
 )
-from llm_api.schemas.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
-from llm_api.schemas.common import SamplingFields
-from llm_api.schemas.completions import Completion, CompletionRequest
+from llm_api.schemas.chat import ChatCompletionRequest
+from llm_api.schemas.completions import CompletionRequest
 from llm_api.services.llm import shaping
 from llm_api.services.llm.admission import AdmissionGate
 from llm_api.services.llm.backends.base import Backend
 from llm_api.services.llm.registry import ModelConfig, Registry
+from llm_api.services.llm.shaping import Answer
 from llm_api.services.llm.types import (
     CompletionRecord,
-    GenerationChunk,
+    Frame,
     GenerationRequest,
-    Message,
     RequestContext,
-    SamplingParams,
 )
 
 Observer = Callable[[CompletionRecord], Awaitable[None] | None]
@@ -138,104 +139,21 @@ class LLMService:
             raise ServiceUnavailableError(f"Model `{config.id}` is loading; retry shortly.")
         return backend
 
-    # --- request shaping ------------------------------------------------------------------------
-
-    def _params(
-        self, req: SamplingFields, config: ModelConfig, max_tokens: int | None
-    ) -> SamplingParams:
-        stop = req.stop_list()
-        if len(stop) > self.settings.max_stop_sequences:
-            raise InvalidRequestError(
-                f"At most {self.settings.max_stop_sequences} stop sequences are allowed.",
-                param="stop",
-            )
-        if req.n > self.settings.max_n:
-            raise InvalidRequestError(f"`n` must be at most {self.settings.max_n}.", param="n")
-        if req.stream_options is not None and not req.stream:
-            raise InvalidRequestError(
-                "`stream_options` is only allowed when `stream` is true.", param="stream_options"
-            )
-        req.reject_unsupported()
-        d = config.defaults
-        return SamplingParams(
-            max_tokens=max_tokens or d.max_tokens,
-            temperature=d.temperature if req.temperature is None else req.temperature,
-            top_p=d.top_p if req.top_p is None else req.top_p,
-            stop=stop,
-            seed=req.seed,
-            presence_penalty=req.presence_penalty or 0.0,
-            frequency_penalty=req.frequency_penalty or 0.0,
-        )
-
-    def _check_lengths(self, texts: list[str], param: str) -> None:
-        limit = self.settings.max_message_chars
-        for text in texts:
-            if len(text) > limit:
-                raise InvalidRequestError(
-                    f"A message is longer than {limit} characters.", param=param
-                )
+    # --- requests -----------------------------------------------------------------------------
 
     def chat_requests(
         self, req: ChatCompletionRequest, ctx: RequestContext
     ) -> tuple[ModelConfig, list[GenerationRequest]]:
+        """The model (tier and kind checked here) and its engine requests (the protocol's)."""
         config = self._generative(req.model, ctx)
-        if len(req.messages) > self.settings.max_messages:
-            raise InvalidRequestError(
-                f"At most {self.settings.max_messages} messages are allowed.", param="messages"
-            )
-        messages = [Message(m.role, m.text()) for m in req.messages]
-        self._check_lengths([m.content for m in messages], "messages")
-        params = self._params(req, config, req.requested_max_tokens)
-        rf = req.response_format
-        if rf is not None and rf.type == "json_object":
-            params.json_schema = {}
-        elif rf is not None and rf.type == "json_schema" and rf.json_schema is not None:
-            params.json_schema = rf.json_schema.schema_ or {}
-        explicit = req.requested_max_tokens is not None
-        return config, [
-            self._sequence(ctx, config, params, i, explicit, messages=messages)
-            for i in range(req.n)
-        ]
+        return config, chat_protocol.chat_requests(req, config, self.settings, ctx.request_id)
 
     def completion_requests(
         self, req: CompletionRequest, ctx: RequestContext
     ) -> tuple[ModelConfig, list[GenerationRequest]]:
         config = self._generative(req.model, ctx)
-        prompts = req.prompts()
-        self._check_lengths(prompts, "prompt")
-        params = self._params(req, config, req.max_tokens)
-        if len(prompts) * req.n > self.settings.max_n * 4:
-            raise InvalidRequestError("Too many prompts times `n`.", param="prompt")
-        explicit = req.max_tokens is not None
-        return config, [
-            self._sequence(ctx, config, params, i, explicit, prompt=p)
-            for p in prompts
-            for i in range(req.n)
-        ]
-
-    @staticmethod
-    def _sequence(
-        ctx: RequestContext,
-        config: ModelConfig,
-        params: SamplingParams,
-        index: int,
-        explicit_max: bool,
-        *,
-        messages: list[Message] | None = None,
-        prompt: str | None = None,
-    ) -> GenerationRequest:
-        seq_params = replace(params, stop=list(params.stop))
-        if seq_params.seed is not None and index:
-            seq_params.seed += index  # n>1 with a seed: distinct but reproducible choices
-        return GenerationRequest(
-            request_id=ctx.request_id,
-            model=config.id,
-            params=seq_params,
-            messages=messages,
-            prompt=prompt,
-            explicit_max_tokens=explicit_max,
-            user=ctx.user_id,
-        )
+        seqs = completions_protocol.completion_requests(req, config, self.settings, ctx.request_id)
+        return config, seqs
 
     async def _prepare(self, backend: Backend, seqs: list[GenerationRequest]) -> None:
         for seq in seqs:
@@ -265,9 +183,10 @@ class LLMService:
         endpoint: str,
         stream: bool,
         n: int = 1,
-    ) -> AsyncGenerator[tuple[int, GenerationChunk], None]:
-        """Admit, validate, generate. Yields (choice index, chunk). Tells the observers what the
-        request cost whatever happens after admission (success, error, cancellation), once.
+    ) -> AsyncGenerator[Frame, None]:
+        """Admit, validate, generate. Yields frames, `index` set to their choice. Tells the
+        observers what the request cost whatever happens after admission (success, error,
+        cancellation), once.
 
         Admission (the hooks: rate, token and concurrency limits) comes before any preparation,
         so tokenizing an over-long prompt or compiling a grammar is never free: a request that
@@ -340,7 +259,7 @@ class LLMService:
 
     async def _attempt(
         self, config: ModelConfig, seqs: list[GenerationRequest], ctx: RequestContext, run: _Run
-    ) -> AsyncGenerator[tuple[int, GenerationChunk], None]:
+    ) -> AsyncGenerator[Frame, None]:
         """One model: prepare, take its slot, generate, keeping `run`'s counts (a new attempt's
         replace a failed one's: the record describes the answer the client got)."""
         run.admitted = run.first_token = run.finish_reason = ctx.ttft_ms = None
@@ -349,8 +268,8 @@ class LLMService:
         await self._prepare(backend, seqs)  # errors here are plain 4xx, raised before streaming
         tokens = [0] * len(seqs)  # per choice; authoritative once its finish chunk arrives
 
-        def count(index: int, chunk: GenerationChunk) -> None:
-            if chunk.text and run.first_token is None:
+        def count(index: int, chunk: Frame) -> None:
+            if run.first_token is None and (chunk.text or chunk.tool_calls or chunk.reasoning):
                 run.first_token = time.perf_counter()
                 ctx.ttft_ms = (run.first_token - run.started) * 1000
             tokens[index] += chunk.tokens
@@ -368,11 +287,11 @@ class LLMService:
                 async with aclosing(backend.generate(seqs[0])) as chunks:
                     async for chunk in chunks:
                         count(0, chunk)
-                        yield 0, chunk
+                        yield chunk
                 return
-            async for index, chunk in _choices(backend, seqs):
-                count(index, chunk)
-                yield index, chunk
+            async for chunk in _choices(backend, seqs):
+                count(chunk.index, chunk)
+                yield chunk
 
     async def _notify(self, run: _Run, status: int, cancelled: bool) -> None:
         now = time.perf_counter()
@@ -399,15 +318,16 @@ class LLMService:
             if inspect.isawaitable(result):
                 await result
 
-    # --- OpenAI shapes --------------------------------------------------------------------------
+    # --- answers ------------------------------------------------------------------------------
+    # What the serving layer (api/v1/*/serving.py) encodes: a stream of frames, started (its
+    # first frame in, so errors are still plain HTTP errors), or a whole `Answer`. The model that
+    # answered (after any fallback) is `ctx.model`.
 
     async def chat_stream(
         self, req: ChatCompletionRequest, ctx: RequestContext, planned: Planned | None = None
-    ) -> AsyncIterator[ChatCompletionChunk | shaping.TextFrame]:
+    ) -> AsyncGenerator[Frame, None]:
         config, seqs = planned or self.chat_requests(req, ctx)
-        chunks = await self._started(config, seqs, ctx, "chat", req.n)
-        # The model that answered (after any fallback) names the response.
-        return shaping.chat_chunks(req, ctx, ctx.model or config.id, chunks)
+        return await self._started(config, seqs, ctx, "chat", req.n)
 
     async def _started(
         self,
@@ -416,13 +336,13 @@ class LLMService:
         ctx: RequestContext,
         endpoint: str,
         n: int,
-    ) -> AsyncGenerator[tuple[int, GenerationChunk], None]:
-        """Start a stream and wait for its first chunk, so that validation, admission and
+    ) -> AsyncGenerator[Frame, None]:
+        """Start a stream and wait for its first frame, so that validation, admission and
         upstream errors surface as plain HTTP errors before any byte is sent."""
         chunks = self.run(config, seqs, ctx, endpoint=endpoint, stream=True, n=n)
         first = await anext(chunks, None)
 
-        async def resumed() -> AsyncGenerator[tuple[int, GenerationChunk], None]:
+        async def resumed() -> AsyncGenerator[Frame, None]:
             try:
                 if first is not None:
                     yield first
@@ -435,37 +355,43 @@ class LLMService:
 
     async def chat(
         self, req: ChatCompletionRequest, ctx: RequestContext, planned: Planned | None = None
-    ) -> ChatCompletion:
+    ) -> Answer:
         config, seqs = planned or self.chat_requests(req, ctx)
-        chunks = self.run(config, seqs, ctx, endpoint="chat", stream=False, n=req.n)
-        texts, finish, usage = await shaping.collect(chunks, len(seqs), req.n)
-        return shaping.chat_response(ctx, ctx.model or config.id, texts, finish, usage)
+        return await self._answer(config, seqs, ctx, "chat", req.n)
 
     async def completion_stream(
         self, req: CompletionRequest, ctx: RequestContext, planned: Planned | None = None
-    ) -> AsyncIterator[Completion | shaping.TextFrame]:
+    ) -> AsyncGenerator[Frame, None]:
         config, seqs = planned or self.completion_requests(req, ctx)
-        chunks = await self._started(config, seqs, ctx, "completions", req.n)
-        return shaping.completion_chunks(req, ctx, ctx.model or config.id, chunks)
+        return await self._started(config, seqs, ctx, "completions", req.n)
 
     async def completion(
         self, req: CompletionRequest, ctx: RequestContext, planned: Planned | None = None
-    ) -> Completion:
+    ) -> Answer:
         config, seqs = planned or self.completion_requests(req, ctx)
-        chunks = self.run(config, seqs, ctx, endpoint="completions", stream=False, n=req.n)
-        texts, finish, usage = await shaping.collect(chunks, len(seqs), req.n)
-        return shaping.completion_response(ctx, ctx.model or config.id, texts, finish, usage)
+        return await self._answer(config, seqs, ctx, "completions", req.n)
+
+    async def _answer(
+        self,
+        config: ModelConfig,
+        seqs: list[GenerationRequest],
+        ctx: RequestContext,
+        endpoint: str,
+        n: int,
+    ) -> Answer:
+        frames = self.run(config, seqs, ctx, endpoint=endpoint, stream=False, n=n)
+        answer = await shaping.collect(frames, len(seqs), n)
+        answer.model = ctx.model or config.id
+        return answer
 
 
-async def _choices(
-    backend: Backend, seqs: list[GenerationRequest]
-) -> AsyncGenerator[tuple[int, GenerationChunk], None]:
-    """Every choice of one request (n > 1) at once, chunks tagged with the choice index in
+async def _choices(backend: Backend, seqs: list[GenerationRequest]) -> AsyncGenerator[Frame, None]:
+    """Every choice of one request (n > 1) at once, frames given their choice's index, in
     arrival order: the batched engine decodes n choices in the same steps (n× faster than one
     after another), and upstream choices run as concurrent requests. A failing choice fails the
     request and cancels the others; so does the consumer going away."""
     # Unbounded, but bounded in practice: at most max_tokens chunks per choice.
-    queue: asyncio.Queue[tuple[int, GenerationChunk | None] | BaseException] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, Frame | None] | BaseException] = asyncio.Queue()
 
     async def pump(index: int, seq: GenerationRequest) -> None:
         try:
@@ -487,7 +413,8 @@ async def _choices(
             if piece is None:
                 running -= 1
             else:
-                yield index, piece
+                piece.index = index
+                yield piece
     finally:
         for task in tasks:
             task.cancel()

@@ -10,6 +10,7 @@ from llm_api.api.disconnect import cancel_on_disconnect
 from llm_api.api.lean_route import LeanRoute
 from llm_api.api.scopes import requires_scope
 from llm_api.api.streaming import sse_response
+from llm_api.api.v1.chat import serving
 from llm_api.schemas.chat import ChatCompletion, ChatCompletionRequest
 
 # LeanRoute: FastAPI's route with a shorter per-request handler (api/lean_route.py says why).
@@ -26,10 +27,13 @@ async def create_chat_completion(
 ) -> ChatCompletion | StreamingResponse:
     llm, ctx, policy = call.responses, call.ctx, call.cache_policy
     if body.stream:
-        chunks = await llm.chat_stream(body, ctx, policy)
-        stream = sse_response(chunks, call.keepalive)
+        frames = await llm.chat_stream(body, ctx, policy)
+        model = ctx.model or body.model  # the model that answered, after any fallback
+        stream = sse_response(
+            serving.chat_chunks(body, ctx.request_id, model, frames), call.keepalive
+        )
         stream.headers["x-cache"] = ctx.cache or "miss"
         return stream
-    result = await cancel_on_disconnect(request, llm.chat(body, ctx, policy))
+    answer = await cancel_on_disconnect(request, llm.chat(body, ctx, policy))
     response.headers["x-cache"] = ctx.cache or "miss"
-    return result
+    return serving.chat_completion(ctx.request_id, answer)

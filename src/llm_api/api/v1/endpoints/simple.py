@@ -5,23 +5,20 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
 
 from llm_api.api.deps import LLMServiceDep, RequestCtx, SettingsDep
 from llm_api.api.disconnect import cancel_on_disconnect
 from llm_api.api.scopes import requires_scope
 from llm_api.api.streaming import ndjson_response
+from llm_api.schemas.common import Usage
 from llm_api.schemas.completions import CompletionRequest, GenerateRequest, GenerateResponse
 from llm_api.services.llm.service import LLMService
-from llm_api.services.llm.shaping import pieces
+from llm_api.services.llm.shaping import wire_finish
 
 router = APIRouter(tags=["simple"])
-
-
-class TokenLine(BaseModel):
-    token: str
 
 
 def _as_completion(body: GenerateRequest, llm: LLMService, stream: bool) -> CompletionRequest:
@@ -41,16 +38,20 @@ def _as_completion(body: GenerateRequest, llm: LLMService, stream: bool) -> Comp
 async def generate(
     body: GenerateRequest, request: Request, llm: LLMServiceDep, ctx: RequestCtx
 ) -> GenerateResponse:
-    result = await cancel_on_disconnect(
+    answer = await cancel_on_disconnect(
         request, llm.completion(_as_completion(body, llm, False), ctx)
     )
-    assert result.usage is not None
+    usage = answer.usage
     return GenerateResponse(
-        id=result.id,
-        model=result.model,
-        text=result.choices[0].text,
-        finish_reason=result.choices[0].finish_reason,
-        usage=result.usage,
+        id=f"cmpl-{ctx.request_id}",
+        model=answer.model,
+        text=answer.choices[0].text,
+        finish_reason=wire_finish(answer.choices[0].finish_reason),
+        usage=Usage(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+        ),
     )
 
 
@@ -59,12 +60,14 @@ async def generate(
 async def stream(
     body: GenerateRequest, llm: LLMServiceDep, ctx: RequestCtx, settings: SettingsDep
 ) -> StreamingResponse:
-    chunks = await llm.completion_stream(_as_completion(body, llm, True), ctx)
+    frames = await llm.completion_stream(_as_completion(body, llm, True), ctx)
 
-    async def tokens() -> AsyncIterator[TokenLine]:
-        async for chunk in chunks:
-            for _, text, _ in pieces(chunk):
-                if text:
-                    yield TokenLine(token=text)
+    async def tokens() -> AsyncIterator[bytes]:  # one {"token": ...} per frame with text
+        try:
+            async for frame in frames:
+                if frame.text:
+                    yield orjson.dumps({"token": frame.text})
+        finally:
+            await frames.aclose()
 
     return ndjson_response(tokens(), settings.sse_keepalive_seconds)

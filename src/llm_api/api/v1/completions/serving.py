@@ -1,0 +1,108 @@
+"""Completions serving: the pipeline's frames as legacy `text_completion` chunks (SSE bodies) or
+one whole response, from the same frames (see api/v1/chat/serving.py). A frame with only text is
+spliced into its choice's chunk JSON; any other is built as a dict."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+import orjson
+
+from llm_api.schemas.completions import Completion, CompletionRequest
+from llm_api.services.llm.shaping import Answer, UsageCounter, wire_finish
+from llm_api.services.llm.types import Frame, TokenLogprob
+
+_TEXT_TAIL = b',"logprobs":null,"finish_reason":null}]}'
+
+
+def legacy_logprobs(logprobs: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    """The legacy shape: parallel lists, alternatives as {token: logprob}, and each token's
+    character offset in the choice's text (`offset`: where this piece starts)."""
+    offsets = []
+    for t in logprobs:
+        offsets.append(offset)
+        offset += len(t.token)
+    return {
+        "tokens": [t.token for t in logprobs],
+        "token_logprobs": [t.logprob for t in logprobs],
+        "top_logprobs": [{a.token: a.logprob for a in t.top_logprobs} for t in logprobs],
+        "text_offset": offsets,
+    }
+
+
+def _head(request_id: str, model: str, fingerprint: str | None) -> dict[str, Any]:
+    head: dict[str, Any] = {
+        "id": f"cmpl-{request_id}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+    }
+    if fingerprint is not None:
+        head["system_fingerprint"] = fingerprint
+    return head
+
+
+async def completion_chunks(
+    req: CompletionRequest,
+    request_id: str,
+    model: str,
+    frames: AsyncIterator[Frame],
+    fingerprint: str | None = None,
+) -> AsyncIterator[bytes]:
+    head = _head(request_id, model, fingerprint)
+    prefix = orjson.dumps(head)[:-1] + b',"choices":[{"index":'
+    usage = UsageCounter(req.n)
+    heads: dict[int, bytes] = {}
+    # Characters of each choice sent so far: the logprobs' text offsets, when asked for.
+    offsets: dict[int, int] | None = None if req.logprobs is None else {}
+    async with aclosing(frames) as source:  # type: ignore[type-var]
+        async for frame in source:
+            index = frame.index
+            choice = heads.get(index)
+            if choice is None:
+                choice = heads[index] = prefix + b"%d" % index + b',"text":'
+            if frame.logprobs is None:
+                if frame.text:
+                    yield choice + orjson.dumps(frame.text) + _TEXT_TAIL
+            else:
+                start = 0 if offsets is None else offsets.get(index, 0)
+                logprobs = orjson.dumps(legacy_logprobs(frame.logprobs, start))
+                yield (
+                    choice
+                    + orjson.dumps(frame.text)
+                    + b',"logprobs":'
+                    + logprobs
+                    + b',"finish_reason":null}]}'
+                )
+            if offsets is not None and frame.text:
+                offsets[index] = offsets.get(index, 0) + len(frame.text)
+            if frame.finish_reason is not None:
+                usage.add(frame)
+                reason = orjson.dumps(wire_finish(frame.finish_reason))
+                yield choice + b'"","logprobs":null,"finish_reason":' + reason + b"}]}"
+    if req.stream_options is not None and req.stream_options.include_usage:
+        yield orjson.dumps({**head, "choices": [], "usage": usage.body()})
+
+
+def completion_body(
+    request_id: str, answer: Answer, fingerprint: str | None = None
+) -> dict[str, Any]:
+    body = _head(request_id, answer.model, fingerprint)
+    body["choices"] = [
+        {
+            "index": c.index,
+            "text": c.text,
+            "logprobs": None if c.logprobs is None else legacy_logprobs(c.logprobs, 0),
+            "finish_reason": wire_finish(c.finish_reason),
+        }
+        for c in answer.choices
+    ]
+    body["usage"] = answer.usage.body()
+    return body
+
+
+def completion(request_id: str, answer: Answer, fingerprint: str | None = None) -> Completion:
+    return Completion.model_validate(completion_body(request_id, answer, fingerprint))
