@@ -279,7 +279,12 @@ async def test_whole_answer_equals_the_reassembled_stream() -> None:
             Frame(finish_reason="length", index=1, prompt_tokens=12, completion_tokens=2),
         ],
     )
-    frames = [f for pair in zip(first, second + [None] * (len(first) - len(second)), strict=True) for f in pair if f]
+    frames = [
+        f
+        for pair in zip(first, second + [None] * (len(first) - len(second)), strict=True)
+        for f in pair
+        if f
+    ]
     req = chat_request(n=2)
     chunks = await stream(req, frames)
     body = await whole(req, frames)
