@@ -502,3 +502,10 @@ def test_completion_legacy_logprobs_and_refusals() -> None:
         with pytest.raises(InvalidRequestError) as err:
             completions_protocol.completion_requests(bad, CONFIG, settings(), "r")
         assert err.value.param == field
+
+
+async def test_an_empty_logprobs_list_is_no_logprobs_in_both_shapes() -> None:
+    frames = [Frame(text="", logprobs=[]), Frame(finish_reason="stop", logprobs=[])]
+    chunks = await stream(chat_request(), frames)
+    assert all(ch["logprobs"] is None for c in chunks for ch in c["choices"])
+    assert (await whole(chat_request(), frames))["choices"][0]["logprobs"] is None

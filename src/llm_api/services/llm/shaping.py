@@ -126,7 +126,7 @@ class ChoiceAnswer:
                 old = self.extra.get(key)
                 both_text = isinstance(value, str) and isinstance(old, str)
                 self.extra[key] = old + value if both_text else value
-        if frame.logprobs is not None:
+        if frame.logprobs:  # as the stream: an empty list is no logprobs
             if self.logprobs is None:
                 self.logprobs = []
             self.logprobs.extend(frame.logprobs)

@@ -125,7 +125,7 @@ async def chat_chunks(
                     yield state.text + orjson.dumps(frame.text) + _TEXT_TAIL
             else:
                 delta = _delta(frame, state)
-                logprobs = None if frame.logprobs is None else logprobs_body(frame.logprobs)
+                logprobs = logprobs_body(frame.logprobs) if frame.logprobs else None
                 if delta or logprobs is not None:
                     body = orjson.dumps(delta) + b',"logprobs":' + orjson.dumps(logprobs)
                     yield state.head + body + b',"finish_reason":null}]}'

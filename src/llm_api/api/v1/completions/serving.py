@@ -64,7 +64,7 @@ async def completion_chunks(
             choice = heads.get(index)
             if choice is None:
                 choice = heads[index] = prefix + b"%d" % index + b',"text":'
-            if frame.logprobs is None:
+            if not frame.logprobs:
                 if frame.text:
                     yield choice + orjson.dumps(frame.text) + _TEXT_TAIL
             else:
