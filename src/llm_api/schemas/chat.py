@@ -179,6 +179,7 @@ class ChatCompletionRequest(SamplingFields):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    refusal: str | None = None  # OpenAI's spec requires the key, null when the model complied
 
 
 class ChatChoice(BaseModel):
@@ -195,7 +196,8 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
-    system_fingerprint: str | None = None
+    # A string or absent in OpenAI's spec, never null (services/llm/fingerprint.py).
+    system_fingerprint: str | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChoiceDelta(BaseModel):
@@ -228,4 +230,4 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
-    system_fingerprint: str | None = None
+    system_fingerprint: str | None = Field(None, exclude_if=lambda v: v is None)

@@ -30,8 +30,9 @@ class Completion(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
+    # Absent, never null, in OpenAI's spec (`usage` rides on the last stream chunk only).
+    usage: Usage | None = Field(None, exclude_if=lambda v: v is None)
+    system_fingerprint: str | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class GenerateRequest(OpenAIRequest):

@@ -27,6 +27,18 @@ DEFAULT_MODEL_ID = "smollm2-135m-instruct"
 DEFAULT_EMBEDDING_MODEL_ID = "all-minilm-l6-v2"
 PACKAGE_PREFIX = "package:"
 
+# What a request may ask of a model beyond plain text (services/llm/capabilities.py checks it):
+# tools (function calling), images / audio / files (content parts, and audio output),
+# json_schema (`response_format` json_object / json_schema), logprobs, reasoning
+# (`reasoning_effort`).
+Capability = Literal["tools", "images", "audio", "files", "json_schema", "logprobs", "reasoning"]
+# Upstreams and routers, unless their entry says otherwise: what OpenAI-compatible servers
+# commonly implement. Inputs beyond text and reasoning are only what the operator declares.
+DEFAULT_CAPABILITIES: frozenset[Capability] = frozenset({"tools", "json_schema", "logprobs"})
+# The local engine reads text and constrains output with grammars; it has no vision or audio
+# encoder, and no reasoning split.
+LOCAL_CAPABILITIES: frozenset[Capability] = frozenset({"tools", "json_schema", "logprobs"})
+
 
 class SamplingDefaults(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -56,6 +68,13 @@ class ModelConfig(BaseModel):
     max_queue: int = Field(32, ge=0, description="Requests waiting beyond `concurrency`.")
     tier: Literal["free", "paid"] = "free"
     owned_by: str = "llm-api"
+    capabilities: frozenset[Capability] = Field(
+        DEFAULT_CAPABILITIES,
+        description="What requests may use: tools, images, audio, files, json_schema, "
+        "logprobs, reasoning. A request that needs one the model lacks gets 400 naming the "
+        "field. Default: tools, json_schema and logprobs for chat models (a local model can "
+        "have no others); none for embedding models.",
+    )
 
     # llama_cpp
     gguf: str | None = Field(
@@ -154,6 +173,18 @@ class ModelConfig(BaseModel):
                 self.concurrency = self.slots
             elif self.concurrency > self.slots:
                 raise ValueError("concurrency cannot exceed slots for the batched engine")
+        return self
+
+    @model_validator(mode="after")
+    def _capabilities_fit(self) -> ModelConfig:
+        if self.kind == "embedding":
+            if "capabilities" not in self.model_fields_set:
+                self.capabilities = frozenset()
+            elif self.capabilities:
+                raise ValueError(f"model {self.id}: embedding models have no capabilities")
+        elif self.backend == "llama_cpp" and not self.capabilities <= LOCAL_CAPABILITIES:
+            extra = ", ".join(sorted(self.capabilities - LOCAL_CAPABILITIES))
+            raise ValueError(f"model {self.id}: a local model cannot have {extra}")
         return self
 
     @model_validator(mode="after")

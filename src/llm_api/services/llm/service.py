@@ -33,6 +33,8 @@ from llm_api.schemas.completions import Completion, CompletionRequest
 from llm_api.services.llm import shaping
 from llm_api.services.llm.admission import AdmissionGate
 from llm_api.services.llm.backends.base import Backend
+from llm_api.services.llm.capabilities import check_capabilities
+from llm_api.services.llm.fingerprint import fingerprints
 from llm_api.services.llm.registry import ModelConfig, Registry
 from llm_api.services.llm.types import (
     CompletionRecord,
@@ -82,6 +84,7 @@ class LLMService:
         self.observers: list[Observer] = []
         self.admission_hooks: list[AdmissionHook] = []
         self.started_at = int(time.time())
+        self.fingerprints = fingerprints(registry)  # `system_fingerprint` per local model
         # Set by the drainer (core/drain.py) when it cuts in-flight work at the drain deadline:
         # a cancellation after that is the server's, recorded as 503, not a client's 499.
         self.drain_cut = asyncio.Event()
@@ -179,6 +182,7 @@ class LLMService:
         self, req: ChatCompletionRequest, ctx: RequestContext
     ) -> tuple[ModelConfig, list[GenerationRequest]]:
         config = self._generative(req.model, ctx)
+        check_capabilities(req, config)
         if len(req.messages) > self.settings.max_messages:
             raise InvalidRequestError(
                 f"At most {self.settings.max_messages} messages are allowed.", param="messages"
@@ -201,6 +205,7 @@ class LLMService:
         self, req: CompletionRequest, ctx: RequestContext
     ) -> tuple[ModelConfig, list[GenerationRequest]]:
         config = self._generative(req.model, ctx)
+        check_capabilities(req, config)
         prompts = req.prompts()
         self._check_lengths(prompts, "prompt")
         params = self._params(req, config, req.max_tokens)
@@ -407,7 +412,8 @@ class LLMService:
         config, seqs = planned or self.chat_requests(req, ctx)
         chunks = await self._started(config, seqs, ctx, "chat", req.n)
         # The model that answered (after any fallback) names the response.
-        return shaping.chat_chunks(req, ctx, ctx.model or config.id, chunks)
+        model = ctx.model or config.id
+        return shaping.chat_chunks(req, ctx, model, chunks, self.fingerprints.get(model))
 
     async def _started(
         self,
@@ -439,14 +445,16 @@ class LLMService:
         config, seqs = planned or self.chat_requests(req, ctx)
         chunks = self.run(config, seqs, ctx, endpoint="chat", stream=False, n=req.n)
         texts, finish, usage = await shaping.collect(chunks, len(seqs), req.n)
-        return shaping.chat_response(ctx, ctx.model or config.id, texts, finish, usage)
+        model = ctx.model or config.id
+        return shaping.chat_response(ctx, model, texts, finish, usage, self.fingerprints.get(model))
 
     async def completion_stream(
         self, req: CompletionRequest, ctx: RequestContext, planned: Planned | None = None
     ) -> AsyncIterator[Completion | shaping.TextFrame]:
         config, seqs = planned or self.completion_requests(req, ctx)
         chunks = await self._started(config, seqs, ctx, "completions", req.n)
-        return shaping.completion_chunks(req, ctx, ctx.model or config.id, chunks)
+        model = ctx.model or config.id
+        return shaping.completion_chunks(req, ctx, model, chunks, self.fingerprints.get(model))
 
     async def completion(
         self, req: CompletionRequest, ctx: RequestContext, planned: Planned | None = None
@@ -454,7 +462,8 @@ class LLMService:
         config, seqs = planned or self.completion_requests(req, ctx)
         chunks = self.run(config, seqs, ctx, endpoint="completions", stream=False, n=req.n)
         texts, finish, usage = await shaping.collect(chunks, len(seqs), req.n)
-        return shaping.completion_response(ctx, ctx.model or config.id, texts, finish, usage)
+        model = ctx.model or config.id
+        return shaping.completion_response(ctx, model, texts, finish, usage, self.fingerprints.get(model))
 
 
 async def _choices(

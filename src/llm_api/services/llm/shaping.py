@@ -169,7 +169,11 @@ def wire_finish(reason: str | None) -> str | None:
 
 
 async def chat_chunks(
-    req: ChatCompletionRequest, ctx: RequestContext, model_id: str, chunks: Chunks
+    req: ChatCompletionRequest,
+    ctx: RequestContext,
+    model_id: str,
+    chunks: Chunks,
+    fingerprint: str | None = None,
 ) -> AsyncIterator[ChatCompletionChunk | TextFrame]:
     cid, created = f"chatcmpl-{ctx.request_id}", int(time.time())
     usage = UsageCounter(req.n)
@@ -180,6 +184,7 @@ async def chat_chunks(
             created=created,
             model=model_id,
             choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish)],
+            system_fingerprint=fingerprint,
         )
 
     frames = ChatFrames(make)
@@ -198,12 +203,21 @@ async def chat_chunks(
                 yield frames.finish(index, wire_finish(chunk.finish_reason) or "stop")
     if req.stream_options is not None and req.stream_options.include_usage:
         yield ChatCompletionChunk(
-            id=cid, created=created, model=model_id, choices=[], usage=usage.usage()
+            id=cid,
+            created=created,
+            model=model_id,
+            choices=[],
+            usage=usage.usage(),
+            system_fingerprint=fingerprint,
         )
 
 
 async def completion_chunks(
-    req: CompletionRequest, ctx: RequestContext, model_id: str, chunks: Chunks
+    req: CompletionRequest,
+    ctx: RequestContext,
+    model_id: str,
+    chunks: Chunks,
+    fingerprint: str | None = None,
 ) -> AsyncIterator[Completion | TextFrame]:
     cid, created = f"cmpl-{ctx.request_id}", int(time.time())
     usage = UsageCounter(req.n)
@@ -213,6 +227,7 @@ async def completion_chunks(
             created=created,
             model=model_id,
             choices=[CompletionChoice(index=index, text=text, finish_reason=None)],
+            system_fingerprint=fingerprint,
         )
     )
     async with aclosing(chunks) as source:  # see chat_chunks
@@ -228,9 +243,22 @@ async def completion_chunks(
                     text=chunk.text,
                     finish_reason=wire_finish(chunk.finish_reason),
                 )
-                yield Completion(id=cid, created=created, model=model_id, choices=[choice])
+                yield Completion(
+                    id=cid,
+                    created=created,
+                    model=model_id,
+                    choices=[choice],
+                    system_fingerprint=fingerprint,
+                )
     if req.stream_options is not None and req.stream_options.include_usage:
-        yield Completion(id=cid, created=created, model=model_id, choices=[], usage=usage.usage())
+        yield Completion(
+            id=cid,
+            created=created,
+            model=model_id,
+            choices=[],
+            usage=usage.usage(),
+            system_fingerprint=fingerprint,
+        )
 
 
 async def collect(chunks: Chunks, n_seqs: int, n: int) -> tuple[list[str], list[str | None], Usage]:
@@ -248,7 +276,12 @@ async def collect(chunks: Chunks, n_seqs: int, n: int) -> tuple[list[str], list[
 
 
 def chat_response(
-    ctx: RequestContext, model_id: str, texts: list[str], finish: list[str | None], usage: Usage
+    ctx: RequestContext,
+    model_id: str,
+    texts: list[str],
+    finish: list[str | None],
+    usage: Usage,
+    fingerprint: str | None = None,
 ) -> ChatCompletion:
     return ChatCompletion(
         id=f"chatcmpl-{ctx.request_id}",
@@ -259,11 +292,17 @@ def chat_response(
             for i, text in enumerate(texts)
         ],
         usage=usage,
+        system_fingerprint=fingerprint,
     )
 
 
 def completion_response(
-    ctx: RequestContext, model_id: str, texts: list[str], finish: list[str | None], usage: Usage
+    ctx: RequestContext,
+    model_id: str,
+    texts: list[str],
+    finish: list[str | None],
+    usage: Usage,
+    fingerprint: str | None = None,
 ) -> Completion:
     return Completion(
         id=f"cmpl-{ctx.request_id}",
@@ -274,4 +313,5 @@ def completion_response(
             for i, text in enumerate(texts)
         ],
         usage=usage,
+        system_fingerprint=fingerprint,
     )
