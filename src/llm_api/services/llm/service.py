@@ -463,7 +463,9 @@ class LLMService:
         chunks = self.run(config, seqs, ctx, endpoint="completions", stream=False, n=req.n)
         texts, finish, usage = await shaping.collect(chunks, len(seqs), req.n)
         model = ctx.model or config.id
-        return shaping.completion_response(ctx, model, texts, finish, usage, self.fingerprints.get(model))
+        return shaping.completion_response(
+            ctx, model, texts, finish, usage, self.fingerprints.get(model)
+        )
 
 
 async def _choices(
