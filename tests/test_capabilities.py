@@ -172,3 +172,19 @@ def test_registry_capability_rules() -> None:
         Registry.model_validate({"models": [embedding | {"capabilities": ["tools"]}]})
     with pytest.raises(ValidationError, match="capabilities"):
         Registry.model_validate({"models": [{**embedding, "kind": "chat", "capabilities": ["x"]}]})
+
+
+def test_whatever_answers_for_a_model_supports_what_it_declares() -> None:
+    """A fallback or a router's local deployment answers requests checked against the model
+    asked for: the registry refuses one that lacks a capability of it."""
+    up = {"backend": "openai", "base_url": "http://127.0.0.1:9/v1"}
+    vision = {"id": "v", **up, "capabilities": ["images", "tools"], "fallbacks": ["p"]}
+    with pytest.raises(ValidationError, match="fallback `p` lacks images"):
+        Registry.model_validate({"models": [vision, {"id": "p", **up}]})
+    both = {"id": "p", **up, "capabilities": ["images", "tools", "logprobs"]}
+    assert Registry.model_validate({"models": [vision, both]}).get("v") is not None
+    local = {"id": "l", "backend": "llama_cpp", "gguf": "/models/x.gguf"}
+    router = {"id": "r", "backend": "router", "deployments": [{"model": "l"}]}
+    Registry.model_validate({"models": [local, router]})
+    with pytest.raises(ValidationError, match="deployment `l` lacks reasoning"):
+        Registry.model_validate({"models": [local, router | {"capabilities": ["reasoning"]}]})

@@ -252,12 +252,15 @@ class Registry(BaseModel):
                     raise ValueError(f"model {m.id}: unknown fallback `{fb}`")
                 if found.kind != m.kind:  # a chat answer is no embedding, and the reverse
                     raise ValueError(f"model {m.id}: fallback `{fb}` is not a {m.kind} model")
+                _covers(m, found, f"fallback `{fb}`")
             for d in m.deployments:
                 if d.model is not None and d.model not in local:
                     raise ValueError(f"model {m.id}: `{d.model}` is not a local model")
                 target = self.get(d.model) if d.model is not None else None
                 if target is not None and target.kind != m.kind:
                     raise ValueError(f"model {m.id}: `{d.model}` is not a {m.kind} model")
+                if target is not None:
+                    _covers(m, target, f"deployment `{d.model}`")
         return self
 
     def get(self, model_id: str) -> ModelConfig | None:
@@ -269,6 +272,14 @@ class Registry(BaseModel):
         """`default_model`, else the first chat model (an embedding model cannot generate)."""
         chat = next((m for m in self.models if m.kind == "chat"), self.models[0])
         return self.get(self.default_model or "") or chat
+
+
+def _covers(model: ModelConfig, other: ModelConfig, role: str) -> None:
+    """A model that may answer for `model` supports all it declares: otherwise a request
+    checked against `model` would lose a feature silently when `other` answers it."""
+    missing = model.capabilities - other.capabilities
+    if missing:
+        raise ValueError(f"model {model.id}: {role} lacks {', '.join(sorted(missing))}")
 
 
 def resolve_package_path(spec: str) -> Path:
