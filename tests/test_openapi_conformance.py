@@ -184,12 +184,17 @@ async def test_error_bodies(app: Any, http: httpx.AsyncClient, tmp_path: Path) -
     seen[r.status_code] = r.json()
     r = await http.get("/v1/models/no-such-model")
     seen[r.status_code] = r.json()
+    r = await http.delete("/v1/chat/completions")
+    seen[r.status_code] = r.json()
+    too_big = app.state.llm_api.settings.max_body_bytes + 1
+    r = await http.post("/v1/chat/completions", content=b"x" * too_big)
+    seen[r.status_code] = r.json()
     async with limits_on(app, tmp_path, tiers={"free": {"requests_per_minute": 1}}):
         acct = await create_account(app)
         for _ in range(2):
             r = await http.post("/v1/chat/completions", json=chat_body(), headers=acct.headers)
         seen[r.status_code] = r.json()
-    assert sorted(seen) == [400, 401, 404, 429]
+    assert sorted(seen) == [400, 401, 404, 405, 413, 429]
     for body in seen.values():
         conforms(body, "ErrorResponse")
 
@@ -210,3 +215,9 @@ async def test_upstream_model(tmp_path: Path) -> None:
             conforms(got.json(), "CreateCompletionResponse")
             got = await r.http.get("/v1/models/up")
             conforms(got.json(), "Model")
+            # An upstream that dies mid-stream: the error travels in-band, in the same shape.
+            stub.config.die_after = 1
+            got = await r.http.post("/v1/chat/completions", json=stream)
+            events = [e for e in got.text.split("\n\n") if e.startswith("data: {")]
+            error = json.loads(events[-1].removeprefix("data: "))
+            conforms(error, "ErrorResponse")
