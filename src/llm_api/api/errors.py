@@ -73,7 +73,10 @@ def validation_to_api_error(exc: RequestValidationError) -> APIError:
     err = max(errors, key=lambda e: len(_param(tuple(e.get("loc", ()))) or ""))
     param = _param(tuple(err.get("loc", ())))
     msg = str(err.get("msg", "Invalid value")).removeprefix("Value error, ")
-    if err.get("type") == "missing":
+    if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):  # a content part's
+        param = f"{param}.type" if param else "type"
+        msg = f"Invalid value for '{param}': not a supported type."
+    elif err.get("type") == "missing":
         msg = f"Missing required parameter: '{param}'."
     else:
         msg = f"Invalid value for '{param}': {msg}." if param else f"{msg}."

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StringConstraints, field_validator, model_validator
+from pydantic import Discriminator, Field, StringConstraints, Tag, field_validator, model_validator
 
+from llm_api.core.exceptions import InvalidRequestError
 from llm_api.schemas.common import (
     MAX_TOKENS,
     ResponseFormat,
@@ -51,8 +52,20 @@ class RefusalPart(StrictModel):
     refusal: str
 
 
+def _part_tag(value: Any) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return f"{kind}-part" if isinstance(kind, str) else None
+
+
+# Tagged by `type`. The tags carry a "-" so that api/errors.py leaves them out of `param`
+# (pydantic puts the tag in an error's location: `content[0].text-part.text`).
 ContentPart = Annotated[
-    TextPart | ImagePart | AudioPart | FilePart | RefusalPart, Field(discriminator="type")
+    Annotated[TextPart, Tag("text-part")]
+    | Annotated[ImagePart, Tag("image_url-part")]
+    | Annotated[AudioPart, Tag("input_audio-part")]
+    | Annotated[FilePart, Tag("file-part")]
+    | Annotated[RefusalPart, Tag("refusal-part")],
+    Discriminator(_part_tag),
 ]
 # What each non-text part needs the model to support (registry capabilities).
 PART_CAPABILITY = {"image_url": "images", "input_audio": "audio", "file": "files"}
@@ -152,14 +165,21 @@ class ChatCompletionRequest(SamplingFields):
     def _tools_consistent(self) -> ChatCompletionRequest:
         names = [t.function.name for t in self.tools or []]
         if len(set(names)) != len(names):
-            raise ValueError("tools: function names must be unique")
+            raise InvalidRequestError("Function names in `tools` must be unique.", param="tools")
         choice = self.tool_choice
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-            raise ValueError(f"tool_choice names `{choice.function.name}`, which is not in tools")
+            raise InvalidRequestError(
+                f"`tool_choice` names `{choice.function.name}`, which is not in `tools`.",
+                param="tool_choice",
+            )
         if choice == "required" and not names:
-            raise ValueError("tool_choice `required` needs tools")
+            raise InvalidRequestError(
+                "`tool_choice` `required` needs `tools`.", param="tool_choice"
+            )
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
+            raise InvalidRequestError(
+                "`top_logprobs` requires `logprobs` to be true.", param="top_logprobs"
+            )
         return self
 
     @property
@@ -203,7 +223,7 @@ class AssistantMessage(ResponseModel):
 
     role: Literal["assistant"] = "assistant"
     content: str | None
-    refusal: str | None = None
+    refusal: str | None = None  # OpenAI's spec requires the key, null when the model complied
     tool_calls: list[MessageToolCall] | None = None
     reasoning_content: str | None = None
 
@@ -224,6 +244,7 @@ class ChatCompletion(ResponseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    # A string or absent in OpenAI's spec, never null (services/llm/fingerprint.py).
     system_fingerprint: str | None = None
 
 

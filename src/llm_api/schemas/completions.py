@@ -47,6 +47,7 @@ class Completion(ResponseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
+    # Absent, never null, in OpenAI's spec (`usage` rides on the last stream chunk only).
     usage: Usage | None = None
     system_fingerprint: str | None = None
 

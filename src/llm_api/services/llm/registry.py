@@ -27,6 +27,18 @@ DEFAULT_MODEL_ID = "smollm2-135m-instruct"
 DEFAULT_EMBEDDING_MODEL_ID = "all-minilm-l6-v2"
 PACKAGE_PREFIX = "package:"
 
+# What a request may ask of a model beyond plain text (services/llm/capabilities.py checks it):
+# tools (function calling), images / audio / files (content parts, and audio output),
+# json_schema (`response_format` json_object / json_schema), logprobs, reasoning
+# (`reasoning_effort`).
+Capability = Literal["tools", "images", "audio", "files", "json_schema", "logprobs", "reasoning"]
+# Upstreams and routers, unless their entry says otherwise: what OpenAI-compatible servers
+# commonly implement. Inputs beyond text and reasoning are only what the operator declares.
+DEFAULT_CAPABILITIES: frozenset[Capability] = frozenset({"tools", "json_schema", "logprobs"})
+# The local engine reads text and constrains output with grammars; it has no vision or audio
+# encoder, and no reasoning split.
+LOCAL_CAPABILITIES: frozenset[Capability] = frozenset({"tools", "json_schema", "logprobs"})
+
 
 class SamplingDefaults(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -56,6 +68,13 @@ class ModelConfig(BaseModel):
     max_queue: int = Field(32, ge=0, description="Requests waiting beyond `concurrency`.")
     tier: Literal["free", "paid"] = "free"
     owned_by: str = "llm-api"
+    capabilities: frozenset[Capability] = Field(
+        DEFAULT_CAPABILITIES,
+        description="What requests may use: tools, images, audio, files, json_schema, "
+        "logprobs, reasoning. A request that needs one the model lacks gets 400 naming the "
+        "field. Default: tools, json_schema and logprobs for chat models (a local model can "
+        "have no others); none for embedding models.",
+    )
 
     # llama_cpp
     gguf: str | None = Field(
@@ -157,6 +176,18 @@ class ModelConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _capabilities_fit(self) -> ModelConfig:
+        if self.kind == "embedding":
+            if "capabilities" not in self.model_fields_set:
+                self.capabilities = frozenset()
+            elif self.capabilities:
+                raise ValueError(f"model {self.id}: embedding models have no capabilities")
+        elif self.backend == "llama_cpp" and not self.capabilities <= LOCAL_CAPABILITIES:
+            extra = ", ".join(sorted(self.capabilities - LOCAL_CAPABILITIES))
+            raise ValueError(f"model {self.id}: a local model cannot have {extra}")
+        return self
+
+    @model_validator(mode="after")
     def _embedding_fits(self) -> ModelConfig:
         if self.kind == "embedding" and self.backend == "llama_cpp":
             if not (self.gguf or self.weights):
@@ -221,12 +252,15 @@ class Registry(BaseModel):
                     raise ValueError(f"model {m.id}: unknown fallback `{fb}`")
                 if found.kind != m.kind:  # a chat answer is no embedding, and the reverse
                     raise ValueError(f"model {m.id}: fallback `{fb}` is not a {m.kind} model")
+                _covers(m, found, f"fallback `{fb}`")
             for d in m.deployments:
                 if d.model is not None and d.model not in local:
                     raise ValueError(f"model {m.id}: `{d.model}` is not a local model")
                 target = self.get(d.model) if d.model is not None else None
                 if target is not None and target.kind != m.kind:
                     raise ValueError(f"model {m.id}: `{d.model}` is not a {m.kind} model")
+                if target is not None:
+                    _covers(m, target, f"deployment `{d.model}`")
         return self
 
     def get(self, model_id: str) -> ModelConfig | None:
@@ -238,6 +272,14 @@ class Registry(BaseModel):
         """`default_model`, else the first chat model (an embedding model cannot generate)."""
         chat = next((m for m in self.models if m.kind == "chat"), self.models[0])
         return self.get(self.default_model or "") or chat
+
+
+def _covers(model: ModelConfig, other: ModelConfig, role: str) -> None:
+    """A model that may answer for `model` supports all it declares: otherwise a request
+    checked against `model` would lose a feature silently when `other` answers it."""
+    missing = model.capabilities - other.capabilities
+    if missing:
+        raise ValueError(f"model {model.id}: {role} lacks {', '.join(sorted(missing))}")
 
 
 def resolve_package_path(spec: str) -> Path:

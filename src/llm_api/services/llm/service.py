@@ -35,6 +35,8 @@ from llm_api.schemas.completions import CompletionRequest
 from llm_api.services.llm import shaping
 from llm_api.services.llm.admission import AdmissionGate
 from llm_api.services.llm.backends.base import Backend
+from llm_api.services.llm.capabilities import check_capabilities
+from llm_api.services.llm.fingerprint import fingerprints
 from llm_api.services.llm.registry import ModelConfig, Registry
 from llm_api.services.llm.shaping import Answer
 from llm_api.services.llm.types import (
@@ -83,6 +85,7 @@ class LLMService:
         self.observers: list[Observer] = []
         self.admission_hooks: list[AdmissionHook] = []
         self.started_at = int(time.time())
+        self.fingerprints = fingerprints(registry)  # `system_fingerprint` per local model
         # Set by the drainer (core/drain.py) when it cuts in-flight work at the drain deadline:
         # a cancellation after that is the server's, recorded as 503, not a client's 499.
         self.drain_cut = asyncio.Event()
@@ -146,12 +149,14 @@ class LLMService:
     ) -> tuple[ModelConfig, list[GenerationRequest]]:
         """The model (tier and kind checked here) and its engine requests (the protocol's)."""
         config = self._generative(req.model, ctx)
+        check_capabilities(req, config)
         return config, chat_protocol.chat_requests(req, config, self.settings, ctx.request_id)
 
     def completion_requests(
         self, req: CompletionRequest, ctx: RequestContext
     ) -> tuple[ModelConfig, list[GenerationRequest]]:
         config = self._generative(req.model, ctx)
+        check_capabilities(req, config)
         seqs = completions_protocol.completion_requests(req, config, self.settings, ctx.request_id)
         return config, seqs
 

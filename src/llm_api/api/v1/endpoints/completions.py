@@ -26,14 +26,16 @@ async def create_completion(
     call: InferenceDep,
 ) -> Completion | StreamingResponse:
     llm, ctx, policy = call.responses, call.ctx, call.cache_policy
+    fingerprint = llm.llm.fingerprints.get
     if body.stream:
         frames = await llm.completion_stream(body, ctx, policy)
         model = ctx.model or body.model  # the model that answered, after any fallback
         stream = sse_response(
-            serving.completion_chunks(body, ctx.request_id, model, frames), call.keepalive
+            serving.completion_chunks(body, ctx.request_id, model, frames, fingerprint(model)),
+            call.keepalive,
         )
         stream.headers["x-cache"] = ctx.cache or "miss"
         return stream
     answer = await cancel_on_disconnect(request, llm.completion(body, ctx, policy))
     response.headers["x-cache"] = ctx.cache or "miss"
-    return serving.completion(ctx.request_id, answer)
+    return serving.completion(ctx.request_id, answer, fingerprint(answer.model))

@@ -19,6 +19,7 @@ def _card(config: ModelConfig, created: int) -> ModelCard:
         owned_by=config.owned_by,
         context_length=config.context_length,
         tier=config.tier,
+        capabilities=sorted(config.capabilities),
     )
 
 
