@@ -93,8 +93,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
 
 @pytest.fixture(scope="module")
 async def batched() -> AsyncIterator[LlamaBatchedBackend]:
-    config = builtin_registry().models[0].model_copy(
-        update={"id": "tools-batched", "slots": 4, "context_length": 2048}
+    config = (
+        builtin_registry()
+        .models[0]
+        .model_copy(update={"id": "tools-batched", "slots": 4, "context_length": 2048})
     )
     backend = LlamaBatchedBackend(config, threads=THREADS)
     await backend.start(warmup=False)
@@ -104,8 +106,10 @@ async def batched() -> AsyncIterator[LlamaBatchedBackend]:
 
 @pytest.fixture(scope="module")
 async def simple() -> AsyncIterator[LlamaCppBackend]:
-    config = builtin_registry().models[0].model_copy(
-        update={"id": "tools-simple", "engine": "simple", "context_length": 2048}
+    config = (
+        builtin_registry()
+        .models[0]
+        .model_copy(update={"id": "tools-simple", "engine": "simple", "context_length": 2048})
     )
     backend = LlamaCppBackend(config, threads=THREADS)
     await backend.start(warmup=False)

@@ -101,9 +101,7 @@ class CallTrigger:
     token-to-piece with special tokens rendered), so that the prefix literal matches exactly.
     `push` returns the grammar to engage now, or None; once `active` is False it never will."""
 
-    def __init__(
-        self, rules: str, piece: Callable[[int], bytes], *, restart: bool = False
-    ) -> None:
+    def __init__(self, rules: str, piece: Callable[[int], bytes], *, restart: bool = False) -> None:
         """`restart`: the grammar is for a generation restarted after the current token
         (`continuation_grammar`), not for a sampler fed the output so far."""
         self._rules = rules

@@ -79,8 +79,10 @@ def fallback_messages(
         if m.role == "tool":
             block = f"<tool_response>\n{m.content}\n</tool_response>"
             prev = out[-1] if out else None
-            if prev is not None and prev.role == "user" and prev.content.startswith(
-                "<tool_response>"
+            if (
+                prev is not None
+                and prev.role == "user"
+                and prev.content.startswith("<tool_response>")
             ):  # results of one turn's parallel calls share a user turn
                 out[-1] = Message("user", f"{prev.content}\n{block}")
             else:
