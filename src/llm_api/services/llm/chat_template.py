@@ -21,6 +21,7 @@ from typing import Any
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from llm_api.services.llm.tools.prompt import native_tool_calls
 from llm_api.services.llm.types import Message
 
 # Used when a GGUF carries no template: ChatML, which SmolLM2 and many others use.
@@ -51,24 +52,40 @@ class ChatTemplate:
             trim_blocks=True, lstrip_blocks=True, undefined=StrictUndefined
         )
         env.globals["raise_exception"] = _raise_exception
+        self.source = source
         self._template = env.from_string(source)
         self._bos = bos_token
         self._eos = eos_token
 
-    def render_pieces(self, messages: Sequence[Message]) -> list[PromptPiece]:
+    def render_pieces(
+        self, messages: Sequence[Message], *, tools: list[dict[str, Any]] | None = None
+    ) -> list[PromptPiece]:
+        """`tools` (OpenAI's `tools` array) only for templates that render tools themselves;
+        then assistant calls and tool results are passed to it too (see llm/tools/prompt)."""
         # A random tag per render, so content cannot forge a marker.
         tag = secrets.token_hex(8)
         marker = re.compile(rf"\x00{tag}:(\d+)\x00")
-        placeholders = [
+        placeholders: list[dict[str, Any]] = [
             {"role": m.role if m.role != "developer" else "system", "content": f"\x00{tag}:{i}\x00"}
             for i, m in enumerate(messages)
         ]
+        extra: dict[str, Any] = {}
+        if tools is not None:
+            extra["tools"] = tools
+            for m, p in zip(messages, placeholders, strict=True):
+                if m.tool_calls:
+                    p["tool_calls"] = native_tool_calls(m.tool_calls)
+                if m.tool_call_id is not None:
+                    p["tool_call_id"] = m.tool_call_id
+                if m.name is not None:
+                    p["name"] = m.name
         try:
             rendered = self._template.render(
                 messages=placeholders,
                 add_generation_prompt=True,
                 bos_token=self._bos,
                 eos_token=self._eos,
+                **extra,
             )
         except TemplateError as exc:  # includes SecurityError
             raise TemplateRenderError(f"chat template failed: {exc}") from exc

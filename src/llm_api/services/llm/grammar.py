@@ -59,10 +59,12 @@ def schema_key(schema: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()
 
 
-def _too_complex(detail: str) -> InvalidRequestError:
-    return InvalidRequestError(
-        f"response_format.json_schema is too complex: {detail}", param="response_format"
-    )
+# Where a schema came from, for error messages: (what to call it, the request `param`).
+RESPONSE_FORMAT = ("response_format.json_schema", "response_format")
+
+
+def _too_complex(detail: str, where: tuple[str, str] = RESPONSE_FORMAT) -> InvalidRequestError:
+    return InvalidRequestError(f"{where[0]} is too complex: {detail}", param=where[1])
 
 
 def _pointer(path: list[str]) -> str:
@@ -83,7 +85,7 @@ def _pattern_counts(pattern: str) -> list[int]:
     return counts
 
 
-def check_schema_bounds(schema: Any) -> None:
+def check_schema_bounds(schema: Any, where: tuple[str, str] = RESPONSE_FORMAT) -> None:
     """Before any conversion: remote `$ref`s (llama-cpp-python's converter would fetch them with
     requests.get: SSRF from a request body), nesting, and every count the converter expands."""
     stack: list[tuple[Any, list[str], bool]] = [(schema, [], False)]
@@ -91,29 +93,28 @@ def check_schema_bounds(schema: Any) -> None:
         node, path, is_name_map = stack.pop()
         if len(path) > MAX_SCHEMA_DEPTH:
             raise _too_complex(
-                f"it nests deeper than {MAX_SCHEMA_DEPTH} levels (at {_pointer(path)})."
+                f"it nests deeper than {MAX_SCHEMA_DEPTH} levels (at {_pointer(path)}).", where
             )
         if isinstance(node, list):
             stack.extend((v, [*path, str(i)], False) for i, v in enumerate(node))
             continue
         if not isinstance(node, dict):
             continue
-        _check_ref(node.get("$ref"))  # the converter resolves `$ref` in every object
+        _check_ref(node.get("$ref"), where)  # the converter resolves `$ref` in every object
         if not is_name_map:
-            _check_counts(node, path)
+            _check_counts(node, path, where)
         for key, value in node.items():
             stack.append((value, [*path, str(key)], not is_name_map and key in _NAME_MAPS))
 
 
-def _check_ref(ref: Any) -> None:
+def _check_ref(ref: Any, where: tuple[str, str]) -> None:
     if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
         raise InvalidRequestError(
-            "response_format.json_schema may only use local `$ref`s (`#/...`).",
-            param="response_format",
+            f"{where[0]} may only use local `$ref`s (`#/...`).", param=where[1]
         )
 
 
-def _check_counts(node: dict[str, Any], path: list[str]) -> None:
+def _check_counts(node: dict[str, Any], path: list[str], where: tuple[str, str]) -> None:
     counts: list[tuple[str, Any]] = [(f"`{k}`", node[k]) for k in _COUNT_KEYWORDS if k in node]
     pattern = node.get("pattern")
     if isinstance(pattern, str):
@@ -121,21 +122,20 @@ def _check_counts(node: dict[str, Any], path: list[str]) -> None:
             counts += [("a `{m,n}` in `pattern`", n) for n in _pattern_counts(pattern)]
         except ValueError:
             raise InvalidRequestError(
-                f"response_format.json_schema has an unreadable quantifier in the pattern at "
-                f"{_pointer(path)}.",
-                param="response_format",
+                f"{where[0]} has an unreadable quantifier in the pattern at {_pointer(path)}.",
+                param=where[1],
             ) from None
     for label, value in counts:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise InvalidRequestError(
-                f"response_format.json_schema: {label} at {_pointer(path)} must be a "
-                "non-negative integer.",
-                param="response_format",
+                f"{where[0]}: {label} at {_pointer(path)} must be a non-negative integer.",
+                param=where[1],
             )
         if value > MAX_SCHEMA_COUNT:
             raise _too_complex(
                 f"{label} at {_pointer(path)} is {value}; at most {MAX_SCHEMA_COUNT} is "
-                "supported (each repetition becomes grammar rules)."
+                "supported (each repetition becomes grammar rules).",
+                where,
             )
 
 
@@ -233,6 +233,29 @@ def gbnf_for_schema(schema: dict[str, Any]) -> str:
     with _cache_lock:
         _cache[key] = gbnf
     return gbnf
+
+
+def gbnf_rules_for_schemas(
+    schemas: list[tuple[str, dict[str, Any]]], where: tuple[str, str]
+) -> str:
+    """Rules for several schemas in one grammar (no `root`): rule `name` matches its schema.
+    One converter, on one budget, so rules the schemas share (`string`, `space`, ...) are
+    written once; each schema resolves its own local `$ref`s. Raises 400 naming `where`."""
+    converter = _BoundedConverter()
+    try:
+        for i, (name, schema) in enumerate(schemas):
+            check_schema_bounds(schema, where)
+            resolved = converter.resolve_refs(json.loads(json.dumps(schema)), f"schema{i}")
+            converter.visit(resolved, name)
+        return str(converter.format_grammar())  # type: ignore[no-untyped-call]
+    except _TooComplex as exc:
+        raise _too_complex(f"{exc}.", where) from None
+    except InvalidRequestError:
+        raise
+    except Exception as exc:  # the converter asserts and raises assorted errors on bad schemas
+        raise InvalidRequestError(
+            f"{where[0]} could not be compiled: {type(exc).__name__}", param=where[1]
+        ) from None
 
 
 def build_grammar(gbnf: str) -> LlamaGrammar:

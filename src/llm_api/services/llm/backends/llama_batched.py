@@ -8,6 +8,7 @@ one slot (what one request may use) and the KV cache holds `slots × context_len
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator
 from functools import cache
 from typing import Any
@@ -32,6 +33,15 @@ from llm_api.services.llm.engine.sampling import check_grammar, request_seed
 from llm_api.services.llm.engine.sequence import Sequence, Sink
 from llm_api.services.llm.grammar import gbnf_for_schema
 from llm_api.services.llm.registry import ModelConfig
+from llm_api.services.llm.tools.grammar import CallTrigger, call_grammar
+from llm_api.services.llm.tools.local import (
+    ToolPlan,
+    grammar_piece,
+    plan_tools,
+    render_prompt,
+    tool_frames,
+    uses_tools,
+)
 from llm_api.services.llm.types import GenerationChunk, GenerationRequest
 
 log = structlog.get_logger(__name__)
@@ -95,6 +105,7 @@ class LlamaBatchedBackend:
             model=self._model, params=self._context_params(), verbose=False
         )
         model = self._model
+        self._grammar_piece = grammar_piece(model.vocab)
         bos, eos = model.token_bos(), model.token_eos()
         self._template = ChatTemplate(
             template_from_metadata(model.metadata()),
@@ -159,7 +170,11 @@ class LlamaBatchedBackend:
         add_bos = bool(model.add_bos_token())
         if request.messages is not None:
             try:
-                pieces = template.render_pieces(request.messages)
+                pieces = (
+                    render_prompt(template, request)
+                    if uses_tools(request)
+                    else template.render_pieces(request.messages)
+                )
             except TemplateRenderError as exc:
                 raise InvalidRequestError(str(exc), param="messages") from None
             return tokenize_pieces(
@@ -179,11 +194,33 @@ class LlamaBatchedBackend:
             gbnf = await asyncio.to_thread(gbnf_for_schema, request.params.json_schema)
             await asyncio.to_thread(check_grammar, self._model.vocab, gbnf)
             request.engine_state["gbnf"] = gbnf
+        plan = await asyncio.to_thread(plan_tools, request)
+        if plan is not None:
+            # Let llama.cpp parse the call grammar now: a 400 here, not a failure mid-stream.
+            await asyncio.to_thread(check_grammar, self._model.vocab, call_grammar(plan.rules))
+            request.engine_state["tools"] = plan
+            if plan.gbnf is not None:
+                request.engine_state["gbnf"] = plan.gbnf
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         if not self.ready:
             raise ServiceUnavailableError(f"Model `{self.config.id}` is loading; retry shortly.")
+        if request.tools and request.tool_choice != "none":
+            return self._generate_with_tools(request)
         return self._generate(request)
+
+    async def _generate_with_tools(
+        self, request: GenerationRequest
+    ) -> AsyncGenerator[GenerationChunk, None]:
+        if "tokens" not in request.engine_state:
+            await self.prepare(request)
+        plan: ToolPlan = request.engine_state["tools"]
+        frames = tool_frames(
+            self._generate(request), plan, prompt_tokens=request.prompt_tokens or 0
+        )
+        async with contextlib.aclosing(frames):
+            async for frame in frames:
+                yield frame
 
     async def _generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         if "tokens" not in request.engine_state:
@@ -192,12 +229,18 @@ class LlamaBatchedBackend:
         assert engine is not None
         state = request.engine_state
         sink = Sink(asyncio.get_running_loop())
+        plan: ToolPlan | None = state.get("tools")
         seq = Sequence(
             prompt=state["tokens"],
             params=request.params,
             gbnf=state.get("gbnf"),
             seed=request_seed(request.params),
             sink=sink,
+            trigger=(
+                CallTrigger(plan.rules, self._grammar_piece)
+                if plan is not None and plan.gbnf is None
+                else None
+            ),
         )
         engine.submit(seq)
         try:

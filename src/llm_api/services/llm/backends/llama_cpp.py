@@ -9,9 +9,10 @@ token, so a disconnected client frees the model within a token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import threading
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -30,6 +31,15 @@ from llm_api.services.llm.chat_template import (
 from llm_api.services.llm.grammar import build_grammar, gbnf_for_schema
 from llm_api.services.llm.registry import ModelConfig
 from llm_api.services.llm.text_stream import TextAssembler
+from llm_api.services.llm.tools.grammar import CallTrigger, call_grammar
+from llm_api.services.llm.tools.local import (
+    ToolPlan,
+    grammar_piece,
+    plan_tools,
+    render_prompt,
+    tool_frames,
+    uses_tools,
+)
 from llm_api.services.llm.types import GenerationChunk, GenerationRequest
 
 log = structlog.get_logger(__name__)
@@ -75,6 +85,7 @@ class LlamaCppBackend:
             verbose=False,
         )
         meta = self._llama.metadata
+        self._grammar_piece = grammar_piece(self._llama._model.vocab)
         bos = self._piece(self._llama.token_bos())
         eos = self._piece(self._llama.token_eos())
         self._template = ChatTemplate(template_from_metadata(meta), bos_token=bos, eos_token=eos)
@@ -113,7 +124,11 @@ class LlamaCppBackend:
         add_bos = bool(llama._model.add_bos_token())
         if request.messages is not None:
             try:
-                pieces = template.render_pieces(request.messages)
+                pieces = (
+                    render_prompt(template, request)
+                    if uses_tools(request)
+                    else template.render_pieces(request.messages)
+                )
             except TemplateRenderError as exc:
                 raise InvalidRequestError(str(exc), param="messages") from None
             return tokenize_pieces(
@@ -133,8 +148,32 @@ class LlamaCppBackend:
             gbnf = await asyncio.to_thread(gbnf_for_schema, request.params.json_schema)
             build_grammar(gbnf)
             request.engine_state["gbnf"] = gbnf
+        plan = await asyncio.to_thread(plan_tools, request)
+        if plan is not None:
+            build_grammar(call_grammar(plan.rules))  # a 400 here, not a failure mid-stream
+            request.engine_state["tools"] = plan
+            if plan.gbnf is not None:
+                request.engine_state["gbnf"] = plan.gbnf
 
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        if request.tools and request.tool_choice != "none":
+            return self._generate_with_tools(request)
+        return self._generate(request)
+
+    async def _generate_with_tools(
+        self, request: GenerationRequest
+    ) -> AsyncGenerator[GenerationChunk, None]:
+        if "tokens" not in request.engine_state:
+            await self.prepare(request)
+        plan: ToolPlan = request.engine_state["tools"]
+        frames = tool_frames(
+            self._generate(request), plan, prompt_tokens=request.prompt_tokens or 0
+        )
+        async with contextlib.aclosing(frames):
+            async for frame in frames:
+                yield frame
+
+    async def _generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         if "tokens" not in request.engine_state:
             await self.prepare(request)
         loop = asyncio.get_running_loop()
@@ -191,35 +230,61 @@ class LlamaCppBackend:
         text = TextAssembler(params.stop)
         vocab = llama._model.vocab
         produced, unsent, finish = 0, 0, "length"
-        for token in llama.generate(
-            tokens,
-            top_k=defaults.top_k,
-            top_p=params.top_p,
-            min_p=defaults.min_p,
-            temp=params.temperature,
-            repeat_penalty=defaults.repeat_penalty,
-            frequency_penalty=params.frequency_penalty,
-            presence_penalty=params.presence_penalty,
-            grammar=grammar,
-            reset=True,
-        ):
-            if cancel.is_set():
-                finish = "cancelled"
-                break
-            if llama_vocab_is_eog(vocab, token):
-                finish = "stop"
-                break
-            produced += 1
-            unsent += 1
-            piece = text.push(llama._model.detokenize([token], special=False))
-            if piece:  # text held back (partial stop string, split UTF-8) is counted later
-                emit(GenerationChunk(text=piece, tokens=unsent))
-                unsent = 0
-            if text.stopped:
-                finish = "stop"
-                break
-            if produced >= params.max_tokens:
-                break
+        plan: ToolPlan | None = state.get("tools")
+        trigger = (
+            CallTrigger(plan.rules, self._grammar_piece, restart=True)
+            if plan is not None and plan.gbnf is None
+            else None
+        )
+        generated: list[int] = []
+
+        def run(prompt: list[int], grammar: Any) -> Iterator[int]:
+            return llama.generate(  # type: ignore[no-any-return]
+                prompt,
+                top_k=defaults.top_k,
+                top_p=params.top_p,
+                min_p=defaults.min_p,
+                temp=params.temperature,
+                repeat_penalty=defaults.repeat_penalty,
+                frequency_penalty=params.frequency_penalty,
+                presence_penalty=params.presence_penalty,
+                grammar=grammar,
+                reset=True,
+            )
+
+        stream: Iterator[int] | None = run(tokens, grammar)
+        while stream is not None:
+            current, stream = stream, None
+            for token in current:
+                if cancel.is_set():
+                    finish = "cancelled"
+                    break
+                if llama_vocab_is_eog(vocab, token):
+                    finish = "stop"
+                    break
+                produced += 1
+                unsent += 1
+                piece = text.push(llama._model.detokenize([token], special=False))
+                if piece:  # text held back (partial stop string, split UTF-8) is counted later
+                    emit(GenerationChunk(text=piece, tokens=unsent))
+                    unsent = 0
+                if text.stopped:
+                    finish = "stop"
+                    break
+                if produced >= params.max_tokens:
+                    break
+                if trigger is not None:  # auto tool choice, see tools/grammar.py
+                    generated.append(token)
+                    gbnf = trigger.push(token)
+                    if not trigger.active:
+                        trigger = None
+                    if gbnf is not None:
+                        # Llama's sampler takes no grammar mid-generation: restart after this
+                        # token with the calls' grammar (the KV cache of what is out is reused).
+                        stream = run(tokens + generated, build_grammar(gbnf))
+                        break
+            if hasattr(current, "close"):
+                current.close()
         tail = text.flush() if finish != "cancelled" else ""
         emit(
             GenerationChunk(

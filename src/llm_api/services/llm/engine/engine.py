@@ -22,7 +22,7 @@ import llama_cpp
 import structlog
 
 from llm_api.core import metrics
-from llm_api.core.exceptions import ServerError
+from llm_api.core.exceptions import InvalidRequestError, ServerError
 from llm_api.services.llm.engine.exact_reuse import chunk_kernels, decode_kernel
 from llm_api.services.llm.engine.sampling import build_chain
 from llm_api.services.llm.engine.scheduler import Scheduler, Work, copy_worth
@@ -232,6 +232,34 @@ class BatchEngine:
             self._finish(seq, "length", out)
         else:
             seq.tokens.append(token)
+            if seq.trigger is not None:
+                self._watch_trigger(seq, token)
+
+    def _watch_trigger(self, seq: Sequence, token: int) -> None:
+        """auto tool choice: once the output opens a call, swap in a chain whose grammar
+        matches the output so far and then only valid calls, and feed it that output."""
+        assert seq.trigger is not None
+        gbnf = seq.trigger.push(token)
+        if not seq.trigger.active:
+            seq.trigger = None
+        if gbnf is None:
+            return
+        try:
+            chain = build_chain(
+                seq.params,
+                self._defaults,
+                vocab=self._vocab,
+                n_vocab=self._n_vocab,
+                gbnf=gbnf,
+                seed=seq.seed,
+            )
+        except InvalidRequestError:  # checked in prepare(); stay unconstrained (parser checks)
+            log.warning("tool_grammar_rejected", model=self.name)
+            return
+        for t in seq.tokens[len(seq.prompt) :]:
+            llama_cpp.llama_sampler_accept(chain, t)
+        self._free_chain(seq)
+        seq.chain = chain
 
     def _finish(self, seq: Sequence, reason: FinishReason, out: Outbox, send: bool = True) -> None:
         seq.finish = reason

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm_api.services.llm.text_stream import TextAssembler
+from llm_api.services.llm.tools.grammar import CallTrigger
 from llm_api.services.llm.types import FinishReason, GenerationChunk, SamplingParams
 
 Deliverable = GenerationChunk | BaseException
@@ -43,6 +44,8 @@ class Sequence:
     seed: int
     sink: Sink
     cancelled: bool = False
+    # auto tool choice: engages the call grammar once the output opens a call (tools/grammar)
+    trigger: CallTrigger | None = None
     # --- engine thread only ---
     slot: int = -1
     tokens: list[int] = field(default_factory=list)  # prompt + sampled tokens
