@@ -5,8 +5,8 @@ the openai SDK, LangChain, pydantic-ai, the Vercel AI SDK in Node — talk to it
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import openai
@@ -18,6 +18,7 @@ from tests.clients.tool_upstream import ToolScript, ToolUpstream
 from tests.conftest import LiveServer, start_live_server
 
 STUB_MODEL = "stub-tools"
+DIRECT = os.environ.get("LLM_API_CLIENT_TESTS_DIRECT") == "1"
 
 
 def local_model_entry() -> dict[str, Any]:
@@ -67,6 +68,21 @@ def sdk(tool_server: LiveServer, base_url: str) -> Iterator[openai.OpenAI]:
     client.close()
 
 
+@pytest.fixture(scope="session")
+def gateway_url(base_url: str, tool_upstream: ToolUpstream) -> str:
+    """Where the tests send `stub-tools` requests: llm-api. With LLM_API_CLIENT_TESTS_DIRECT=1,
+    the scripted upstream itself, bypassing llm-api: every gateway test passes so, which tells
+    a failure of llm-api's relay from a fault of a test or its stub."""
+    return tool_upstream.base_url if DIRECT else base_url
+
+
+@pytest.fixture(scope="session")
+def gateway_sdk(tool_server: LiveServer, gateway_url: str) -> Iterator[openai.OpenAI]:
+    client = openai.OpenAI(base_url=gateway_url, api_key=tool_server.api_key, max_retries=0)
+    yield client
+    client.close()
+
+
 @pytest.fixture
 def script(tool_upstream: ToolUpstream) -> Iterator[ToolUpstream]:
     """The stub, its recorded requests cleared; a test sets `.script` before its calls."""
@@ -74,7 +90,3 @@ def script(tool_upstream: ToolUpstream) -> Iterator[ToolUpstream]:
     tool_upstream.recorded.headers.clear()
     yield tool_upstream
     tool_upstream.script = ToolScript(calls=[])
-
-
-def server_log(server: LiveServer) -> str:
-    return Path(server.log).read_text(errors="replace")[-3000:]

@@ -57,17 +57,17 @@ def weather_tool(ran: list[dict[str, Any]]) -> Any:
 
 
 def chat_model(server: LiveServer, base_url: str, model: str, **kw: Any) -> ChatOpenAI:
-    return ChatOpenAI(model=model, base_url=base_url, api_key=server.api_key, max_retries=0, **kw)  # type: ignore[call-arg]
+    return ChatOpenAI(model=model, base_url=base_url, api_key=server.api_key, max_retries=0, **kw)
 
 
 # --- LangChain -----------------------------------------------------------------------------------
 
 
 def test_langchain_bind_tools_invoke_and_stream(
-    tool_server: LiveServer, base_url: str, script: ToolUpstream
+    tool_server: LiveServer, gateway_url: str, script: ToolUpstream
 ) -> None:
     script.script = ToolScript(calls=[PARIS], piece=2)
-    bound = chat_model(tool_server, base_url, STUB_MODEL).bind_tools(
+    bound = chat_model(tool_server, gateway_url, STUB_MODEL).bind_tools(
         [weather_tool([])], tool_choice="get_weather"
     )
     message = bound.invoke("Weather in Paris?")
@@ -95,12 +95,12 @@ def test_langchain_bind_tools_invoke_and_stream(
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["invoke", "streaming"])
 def test_langchain_agent_loop_through_the_gateway(
-    tool_server: LiveServer, base_url: str, script: ToolUpstream, streaming: bool
+    tool_server: LiveServer, gateway_url: str, script: ToolUpstream, streaming: bool
 ) -> None:
     script.script = ToolScript(calls=[PARIS])
     ran: list[dict[str, Any]] = []
     agent = create_agent(
-        chat_model(tool_server, base_url, STUB_MODEL, streaming=streaming), [weather_tool(ran)]
+        chat_model(tool_server, gateway_url, STUB_MODEL, streaming=streaming), [weather_tool(ran)]
     )
     state = agent.invoke(
         {"messages": [{"role": "user", "content": f"Weather in Paris? {streaming}"}]}
@@ -162,14 +162,14 @@ def pydantic_agent(server: LiveServer, base_url: str, model: str) -> Agent[None,
 
 
 async def test_pydantic_ai_tool_output_through_the_gateway(
-    tool_server: LiveServer, base_url: str, script: ToolUpstream
+    tool_server: LiveServer, gateway_url: str, script: ToolUpstream
 ) -> None:
     script.script = ToolScript(
         calls=[
             ScriptedCall("final_result", '{"city": "Paris", "temperature_c": 21, "sky": "sunny"}')
         ]
     )
-    agent = pydantic_agent(tool_server, base_url, STUB_MODEL)
+    agent = pydantic_agent(tool_server, gateway_url, STUB_MODEL)
     expected = CityWeather(city="Paris", temperature_c=21, sky="sunny")
     result = await agent.run("Weather in Paris as an object")
     assert result.output == expected
@@ -218,14 +218,14 @@ def node_ready() -> str:
 
 
 def test_vercel_ai_sdk_tool_loop_through_the_gateway(
-    tool_server: LiveServer, base_url: str, script: ToolUpstream
+    tool_server: LiveServer, gateway_url: str, script: ToolUpstream
 ) -> None:
     node = node_ready()
     tokyo = ScriptedCall("get_weather", '{"city": "Tokyo"}')
     script.script = ToolScript(calls=[ScriptedCall("get_weather", '{"city": "Paris"}'), tokyo])
     env = {
         **os.environ,
-        "LLM_API_BASE_URL": base_url,
+        "LLM_API_BASE_URL": gateway_url,
         "LLM_API_KEY": tool_server.api_key,
         "LLM_API_MODEL": STUB_MODEL,
     }

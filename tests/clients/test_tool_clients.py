@@ -68,7 +68,7 @@ def stream_chunks(sdk: openai.OpenAI, **kw: Any) -> list[Any]:
 
 
 def test_upstream_parallel_calls_streamed_reassemble_to_the_whole_answer(
-    sdk: openai.OpenAI, script: ToolUpstream
+    gateway_sdk: openai.OpenAI, script: ToolUpstream
 ) -> None:
     script.script = ToolScript(calls=PARALLEL, piece=3, interleave=True)
     kw: dict[str, Any] = {
@@ -80,8 +80,10 @@ def test_upstream_parallel_calls_streamed_reassemble_to_the_whole_answer(
         "temperature": 0,
         "seed": 11,
     }
-    whole = sdk.chat.completions.create(**kw, extra_headers=FRESH)
-    chunks = stream_chunks(sdk, **kw, stream_options={"include_usage": True}, extra_headers=FRESH)
+    whole = gateway_sdk.chat.completions.create(**kw, extra_headers=FRESH)
+    chunks = stream_chunks(
+        gateway_sdk, **kw, stream_options={"include_usage": True}, extra_headers=FRESH
+    )
 
     sent = script.recorded.bodies[0]
     expected = [
@@ -106,18 +108,18 @@ def test_upstream_parallel_calls_streamed_reassemble_to_the_whole_answer(
 
     # Deterministic (temperature 0, a seed), so cached: a replay carries the same calls.
     for _ in range(2):
-        assert whole_calls(sdk.chat.completions.create(**kw)) == expected
-        assert streamed_calls(stream_chunks(sdk, **kw)) == expected
+        assert whole_calls(gateway_sdk.chat.completions.create(**kw)) == expected
+        assert streamed_calls(stream_chunks(gateway_sdk, **kw)) == expected
 
 
 def test_upstream_tool_loop_with_the_sdks_own_message_objects(
-    sdk: openai.OpenAI, script: ToolUpstream
+    gateway_sdk: openai.OpenAI, script: ToolUpstream
 ) -> None:
     """The loop as the SDK's docs write it: the assistant message object goes back as it came
     (with its `refusal`, `annotations`... fields), then one `tool` message per call."""
     script.script = ToolScript(calls=PARALLEL)
     messages: list[Any] = user("Weather in São Paulo, and the time in Tokyo? (loop)")
-    first = sdk.chat.completions.create(
+    first = gateway_sdk.chat.completions.create(
         model=STUB_MODEL, messages=messages, tools=[WEATHER_TOOL, TIME_TOOL]
     )
     calls = first.choices[0].message.tool_calls or []
@@ -127,7 +129,9 @@ def test_upstream_tool_loop_with_the_sdks_own_message_objects(
     for c in calls:
         messages.append({"role": "tool", "tool_call_id": c.id, "content": results[c.function.name]})
 
-    final = stream_chunks(sdk, model=STUB_MODEL, messages=messages, tools=[WEATHER_TOOL, TIME_TOOL])
+    final = stream_chunks(
+        gateway_sdk, model=STUB_MODEL, messages=messages, tools=[WEATHER_TOOL, TIME_TOOL]
+    )
     text = "".join(c.choices[0].delta.content or "" for c in final if c.choices)
     assert text == "Tool results: 24 C, clear; 09:30"
     assert [c.choices[0].finish_reason for c in final if c.choices][-1] == "stop"
@@ -142,7 +146,7 @@ def test_upstream_tool_loop_with_the_sdks_own_message_objects(
 
 
 def test_upstream_sdk_tool_helpers_parse_the_arguments(
-    sdk: openai.OpenAI, script: ToolUpstream
+    gateway_sdk: openai.OpenAI, script: ToolUpstream
 ) -> None:
     script.script = ToolScript(
         calls=[ScriptedCall("GetWeather", '{"city": "Paris", "unit": "celsius"}')]
@@ -153,11 +157,11 @@ def test_upstream_sdk_tool_helpers_parse_the_arguments(
         "messages": user("Weather in Paris?"),
         "tools": [tool],
     }
-    parsed = sdk.chat.completions.parse(**kw)
+    parsed = gateway_sdk.chat.completions.parse(**kw)
     [call] = parsed.choices[0].message.tool_calls or []
     assert call.function.parsed_arguments == GetWeather(city="Paris", unit="celsius")
 
-    with sdk.chat.completions.stream(**kw) as stream:
+    with gateway_sdk.chat.completions.stream(**kw) as stream:
         done = [e for e in stream if e.type == "tool_calls.function.arguments.done"]
         final = stream.get_final_completion()
     assert [(e.name, e.parsed_arguments) for e in done] == [
