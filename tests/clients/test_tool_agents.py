@@ -1,8 +1,8 @@
 """Agent frameworks against llm-api, as their users run them: LangChain (`bind_tools`, and an
 agent loop — the model calls a tool, gets the result, answers), pydantic-ai with its default
 tool-based structured output, and the Vercel AI SDK's tool loop from Node. Each runs against a
-gateway model whose scripted upstream calls tools as OpenAI does, and (LangChain, pydantic-ai)
-against the built-in SmolLM2 with the tool call forced.
+gateway model whose scripted upstream calls tools as OpenAI does, and against the built-in
+SmolLM2 with the tool call forced.
 
 Run: PYTHONPATH=src python -m pytest -q -p no:cacheprovider tests/clients"""
 
@@ -217,28 +217,34 @@ def node_ready() -> str:
     return node
 
 
+def run_node(node: str, base_url: str, api_key: str, model: str, *args: str) -> dict[str, Any]:
+    """Run node/tool_clients.mjs; its JSON report."""
+    env = {
+        **os.environ,
+        "LLM_API_BASE_URL": base_url,
+        "LLM_API_KEY": api_key,
+        "LLM_API_MODEL": model,
+    }
+    run = subprocess.run(
+        [node, "tool_clients.mjs", *args],
+        cwd=NODE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report: dict[str, Any] = json.loads(run.stdout.strip().splitlines()[-1])
+    return report
+
+
 def test_vercel_ai_sdk_tool_loop_through_the_gateway(
     tool_server: LiveServer, gateway_url: str, script: ToolUpstream
 ) -> None:
     node = node_ready()
     tokyo = ScriptedCall("get_weather", '{"city": "Tokyo"}')
     script.script = ToolScript(calls=[ScriptedCall("get_weather", '{"city": "Paris"}'), tokyo])
-    env = {
-        **os.environ,
-        "LLM_API_BASE_URL": gateway_url,
-        "LLM_API_KEY": tool_server.api_key,
-        "LLM_API_MODEL": STUB_MODEL,
-    }
-    run = subprocess.run(
-        [node, "tool_clients.mjs"],
-        cwd=NODE_DIR,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    out = run_node(node, gateway_url, tool_server.api_key, STUB_MODEL)
     answer = "Tool results: 21 C and sunny in Paris; 21 C and sunny in Tokyo"
     for name in ("generateText", "streamText", "openaiChat"):
         flow = out[name]
@@ -254,3 +260,15 @@ def test_vercel_ai_sdk_tool_loop_through_the_gateway(
         results = [m for m in body["messages"] if m["role"] == "tool"]
         calls = next(m for m in body["messages"] if m.get("tool_calls"))["tool_calls"]
         assert [r["tool_call_id"] for r in results] == [c["id"] for c in calls]
+
+
+def test_vercel_ai_sdk_tool_loop_on_the_local_model(tool_server: LiveServer, base_url: str) -> None:
+    """generateText with the first step forced to call (`required`) and the next to answer
+    (`none`): the SDK parses the grammar-made call, runs the tool, and gets a text answer."""
+    flow = run_node(node_ready(), base_url, tool_server.api_key, MODEL, "local")["local"]
+    # `required` with parallel calls allowed: one call or more, each run once.
+    assert flow["calls"] and all(flow["calls"]), flow
+    assert [c["name"] for c in flow["toolCalls"]] == ["get_weather"] * len(flow["calls"]), flow
+    assert flow["finishReasons"][0] == "tool-calls", flow
+    assert flow["finishReasons"][1] in ("stop", "length"), flow
+    assert flow["steps"] == 2 and flow["text"].strip(), flow
