@@ -24,6 +24,7 @@ import structlog
 from llm_api.core import metrics
 from llm_api.core.exceptions import ServerError
 from llm_api.services.llm.engine.exact_reuse import chunk_kernels, decode_kernel
+from llm_api.services.llm.engine.logprobs import LogprobReader
 from llm_api.services.llm.engine.sampling import build_chain
 from llm_api.services.llm.engine.scheduler import Scheduler, Work, copy_worth
 from llm_api.services.llm.engine.sequence import DetokenizeFn, Outbox, Sequence
@@ -58,6 +59,7 @@ class BatchEngine:
         self._n_batch = n_batch
         self._defaults = defaults
         self._detokenize = detokenize
+        self._logprobs = LogprobReader(n_vocab, detokenize)
         self._sched = Scheduler(
             slots, n_batch, prefix_cache=prefix_cache, copy_worth=copy_worth(ctx_per_slot)
         )
@@ -149,6 +151,8 @@ class BatchEngine:
             llama_cpp.llama_memory_seq_rm(self._mem, seq.slot, reuse, -1)
             self.prompt_tokens += len(seq.prompt)
             self.prompt_tokens_reused += reuse
+            seq.reused = reuse
+            seq.logprobs = [] if seq.params.logprobs else None
             self._queries.inc(len(seq.prompt))
             self._hits.inc(reuse)
             seq.text = TextAssembler(seq.params.stop)
@@ -221,10 +225,14 @@ class BatchEngine:
             return
         seq.produced += 1
         seq.unsent += 1
+        if seq.logprobs is not None:  # only sequences that asked pay for it
+            # Read before the next llama_decode overwrites this row's logits.
+            seq.logprobs.append(self._logprobs.read(self._ctx, idx, token, seq.params.top_logprobs))
         assert seq.text is not None
         piece = seq.text.push(self._detokenize(token))
         if piece:  # text held back (partial stop string, split UTF-8) is counted later
-            out.put(seq.sink, GenerationChunk(text=piece, tokens=seq.unsent))
+            lps = seq.take_logprobs()  # they travel with the text of their tokens
+            out.put(seq.sink, GenerationChunk(text=piece, tokens=seq.unsent, logprobs=lps))
             seq.unsent = 0
         if seq.text.stopped:
             self._finish(seq, "stop", out)
@@ -236,7 +244,8 @@ class BatchEngine:
     def _finish(self, seq: Sequence, reason: FinishReason, out: Outbox, send: bool = True) -> None:
         seq.finish = reason
         if send:
-            tail = seq.text.flush() if seq.text is not None and reason != "cancelled" else ""
+            cancelled = reason == "cancelled"
+            tail = seq.text.flush() if seq.text is not None and not cancelled else ""
             out.put(
                 seq.sink,
                 GenerationChunk(
@@ -244,6 +253,9 @@ class BatchEngine:
                     finish_reason=reason,
                     prompt_tokens=len(seq.prompt),
                     completion_tokens=seq.produced,
+                    # Tokens whose text was held back to the end (or cut by a stop string).
+                    logprobs=None if cancelled else seq.take_logprobs(),
+                    cached_tokens=seq.reused,
                 ),
             )
         self._free_chain(seq)
