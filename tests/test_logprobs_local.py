@@ -271,7 +271,29 @@ def test_a_token_that_is_part_of_a_character_shows_its_bytes(
     assert lp.top_logprobs[0].token == lp.token and lp.top_logprobs[0].logprob == lp.logprob
     lse = math.log(math.exp(5.0) + (n_vocab - 1))
     assert lp.logprob == pytest.approx(5.0 - lse, abs=1e-6)
-    assert lp.top_logprobs[1].logprob == pytest.approx(-lse, abs=1e-6)  # one of the others
+    # Equal logits: the lowest token id first.
+    assert lp.top_logprobs[1].logprob == pytest.approx(-lse, abs=1e-6)
+    assert lp.top_logprobs[1].bytes == list(token_bytes(0 if partial != 0 else 1))
+
+
+@pytest.mark.parametrize("n_vocab", [49152, 1000, 257, 7])
+def test_top_logprobs_are_those_of_a_full_sort(n_vocab: int) -> None:
+    """The block search finds exactly the k largest logits, ties by token id, and the
+    log-sum-exp matches a float64 one, on many random and tie-heavy rows."""
+    rng = np.random.default_rng(n_vocab)
+    reader = LogprobReader(n_vocab, lambda t: str(t).encode())
+    for trial in range(60):
+        logits = (rng.standard_normal(n_vocab) * rng.uniform(0.1, 12)).astype(np.float32)
+        if trial % 3 == 0:
+            logits = np.round(logits)  # many equal logits, some at the k-th place
+        token = int(rng.integers(n_vocab))
+        wide = logits.astype(np.float64)
+        lse = float(wide.max() + np.log(np.exp(wide - wide.max()).sum()))
+        for k in (1, 5, 20):
+            got = reader.from_logits(logits, token, k)
+            want = np.lexsort((np.arange(n_vocab), -logits))[: min(k, n_vocab)]
+            assert [int(a.token) for a in got.top_logprobs] == want.tolist()
+            assert got.logprob == pytest.approx(wide[token] - lse, abs=1e-5)
 
 
 def _invalid_utf8(raw: bytes) -> bool:
