@@ -84,10 +84,13 @@ def _reader_cost(backend: LlamaBatchedBackend) -> dict[int, float]:
     out = {}
     for top in (0, 5, 20):
         reader.from_logits(logits, token, top)  # fill the token-text cache
-        n = 2000
+
+        def call(top: int = top) -> None:
+            reader.from_logits(logits, token, top)
+
         # This thread's CPU time, not wall time: other load on the machine would dominate.
-        timer = timeit.Timer(lambda t=top: reader.from_logits(logits, token, t), time.thread_time)
-        out[top] = min(timer.repeat(repeat=3, number=n)) / n * 1e6
+        timer = timeit.Timer(call, time.thread_time)
+        out[top] = min(timer.repeat(repeat=3, number=2000)) / 2000 * 1e6
     return out
 
 
