@@ -4,7 +4,8 @@
     longer reusable prefix) → one llama_decode of one token per running sequence, then one per
     prompt chunk of new ones (alone in its call, so llama.cpp computes it with the kernels a
     cold run would use, see `exact_reuse`); after each call, sample each sequence with its own
-    sampler chain → detokenize, apply stop sequences / max_tokens / end-of-generation → hand
+    sampler chain (and, for those that asked, read the logprobs from the same logits row:
+    `logprobs`) → detokenize, apply stop sequences / max_tokens / end-of-generation → hand
     that call's output to the event loop in one call → free the slots of finished sequences.
 
 Hand-written on llama-cpp-python's low-level bindings because its high-level `Llama` decodes one
