@@ -7,7 +7,10 @@
    load from elsewhere on the machine spreads over all of them: logprobs off; logprobs with
    top_logprobs 0; logprobs with top_logprobs 20. Same prompts, temperature 0, fixed
    max_tokens, EOS not ignored (the completion tokens actually produced are counted).
-   Tokens/s = completion tokens of all streams / wall time from submit to the last frame.
+   Tokens/s = completion tokens of all streams / wall time from submit to the last frame;
+   CPU µs/token = the process's CPU time over the round / those tokens. With `--threads 1`
+   llama.cpp has no worker threads spin-waiting, so CPU per token depends little on other
+   load on the machine, where tokens/s does.
 2. The reader alone: CPU microseconds per token for one logits row (the real model's, after
    a prompt), per top_logprobs, as the engine thread spends them (thread CPU time, best of 3).
 
@@ -60,11 +63,15 @@ async def _one(backend: LlamaBatchedBackend, req: GenerationRequest) -> int:
     return n
 
 
-async def _round(backend: LlamaBatchedBackend, mode: str, streams: int, max_tokens: int) -> float:
+async def _round(
+    backend: LlamaBatchedBackend, mode: str, streams: int, max_tokens: int
+) -> tuple[float, float]:
+    """Tokens/s (wall) and CPU µs per token (the whole process) for one round."""
     reqs = [_request(i, mode, max_tokens) for i in range(streams)]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     counts = await asyncio.gather(*(_one(backend, r) for r in reqs))
-    return sum(counts) / (time.perf_counter() - start)
+    n = sum(counts)
+    return n / (time.perf_counter() - start), (time.process_time() - cpu) / n * 1e6
 
 
 def _reader_cost(backend: LlamaBatchedBackend) -> dict[int, float]:
@@ -100,25 +107,30 @@ async def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--threads", type=int, default=available_cpus())
     args = ap.parse_args()
     modes = args.modes.split(",")
     config = builtin_registry().models[0].model_copy(update={"prefix_cache": False})
-    backend = LlamaBatchedBackend(config, threads=available_cpus())
+    backend = LlamaBatchedBackend(config, threads=args.threads)
     await backend.start(warmup=True)
     try:
         for mode in modes:  # warm-up round each
             await _round(backend, mode, args.streams, args.max_tokens)
-        results: dict[str, list[float]] = {m: [] for m in modes}
+        results: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
         for _ in range(args.repeats):
             for mode in modes:
                 results[mode].append(await _round(backend, mode, args.streams, args.max_tokens))
-        print(f"{args.streams} streams × {args.max_tokens} tokens, {available_cpus()} threads")
-        print("mode    median tok/s   min    max    runs")
+        print(f"{args.streams} streams × {args.max_tokens} tokens, {args.threads} threads")
+        print("mode    tok/s: median   min    max | CPU µs/token: median   min    max | runs")
         for mode, values in results.items():
             if not values:
                 continue
-            med = statistics.median(values)
-            print(f"{mode:6} {med:9.1f} {min(values):8.1f} {max(values):6.1f}   {len(values)}")
+            rate, cpu = [v[0] for v in values], [v[1] for v in values]
+            print(
+                f"{mode:6} {statistics.median(rate):14.1f} {min(rate):6.1f} {max(rate):6.1f}"
+                f" | {statistics.median(cpu):19.0f} {min(cpu):6.0f} {max(cpu):6.0f}"
+                f" | {len(values)}"
+            )
         if "top0" in modes or args.repeats == 0:
             cost: dict[Any, float] = _reader_cost(backend)
             print("reader µs/token: " + ", ".join(f"top {k}: {v:.1f}" for k, v in cost.items()))
