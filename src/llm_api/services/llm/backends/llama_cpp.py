@@ -28,6 +28,7 @@ from llm_api.services.llm.chat_template import (
     template_from_metadata,
     tokenize_pieces,
 )
+from llm_api.services.llm.engine.logprobs import LogprobReader
 from llm_api.services.llm.grammar import build_grammar, gbnf_for_schema
 from llm_api.services.llm.registry import ModelConfig
 from llm_api.services.llm.text_stream import TextAssembler
@@ -40,7 +41,7 @@ from llm_api.services.llm.tools.local import (
     tool_frames,
     uses_tools,
 )
-from llm_api.services.llm.types import GenerationChunk, GenerationRequest
+from llm_api.services.llm.types import GenerationChunk, GenerationRequest, TokenLogprob
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +56,7 @@ class LlamaCppBackend:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{config.id}")
         self._llama: Any = None
         self._template: ChatTemplate | None = None
+        self._logprobs: LogprobReader | None = None
         self._ready = False
 
     @property
@@ -89,6 +91,10 @@ class LlamaCppBackend:
         bos = self._piece(self._llama.token_bos())
         eos = self._piece(self._llama.token_eos())
         self._template = ChatTemplate(template_from_metadata(meta), bos_token=bos, eos_token=eos)
+        model = self._llama._model
+        self._logprobs = LogprobReader(
+            self._llama.n_vocab(), lambda t: bytes(model.detokenize([t], special=False))
+        )
         log.info(
             "model_loaded", model=self.config.id, path=path.name, n_ctx=self.config.context_length
         )
@@ -237,6 +243,10 @@ class LlamaCppBackend:
             else None
         )
         generated: list[int] = []
+        # Logprobs of the `unsent` tokens; None when the request did not ask for them.
+        pending: list[TokenLogprob] | None = [] if params.logprobs else None
+        reader = self._logprobs
+        assert reader is not None
 
         def run(prompt: list[int], grammar: Any) -> Iterator[int]:
             return llama.generate(  # type: ignore[no-any-return]
@@ -264,10 +274,16 @@ class LlamaCppBackend:
                     break
                 produced += 1
                 unsent += 1
+                if pending is not None:
+                    # Llama.generate yields a token before evaluating it: the context still
+                    # holds the logits it was sampled from, in its last output row.
+                    pending.append(reader.read(llama._ctx.ctx, -1, token, params.top_logprobs))
                 piece = text.push(llama._model.detokenize([token], special=False))
                 if piece:  # text held back (partial stop string, split UTF-8) is counted later
-                    emit(GenerationChunk(text=piece, tokens=unsent))
+                    emit(GenerationChunk(text=piece, tokens=unsent, logprobs=pending or None))
                     unsent = 0
+                    if pending:
+                        pending = []
                 if text.stopped:
                     finish = "stop"
                     break
@@ -292,5 +308,7 @@ class LlamaCppBackend:
                 finish_reason=finish,  # type: ignore[arg-type]
                 prompt_tokens=len(tokens),
                 completion_tokens=produced,
+                logprobs=(pending or None) if finish != "cancelled" else None,
+                cached_tokens=0,  # every prompt is evaluated whole (see above)
             )
         )

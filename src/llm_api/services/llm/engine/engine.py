@@ -4,7 +4,8 @@
     longer reusable prefix) → one llama_decode of one token per running sequence, then one per
     prompt chunk of new ones (alone in its call, so llama.cpp computes it with the kernels a
     cold run would use, see `exact_reuse`); after each call, sample each sequence with its own
-    sampler chain → detokenize, apply stop sequences / max_tokens / end-of-generation → hand
+    sampler chain (and, for those that asked, read the logprobs from the same logits row:
+    `logprobs`) → detokenize, apply stop sequences / max_tokens / end-of-generation → hand
     that call's output to the event loop in one call → free the slots of finished sequences.
 
 Hand-written on llama-cpp-python's low-level bindings because its high-level `Llama` decodes one
@@ -24,6 +25,7 @@ import structlog
 from llm_api.core import metrics
 from llm_api.core.exceptions import InvalidRequestError, ServerError
 from llm_api.services.llm.engine.exact_reuse import chunk_kernels, decode_kernel
+from llm_api.services.llm.engine.logprobs import LogprobReader
 from llm_api.services.llm.engine.sampling import build_chain
 from llm_api.services.llm.engine.scheduler import Scheduler, Work, copy_worth
 from llm_api.services.llm.engine.sequence import DetokenizeFn, Outbox, Sequence
@@ -58,6 +60,7 @@ class BatchEngine:
         self._n_batch = n_batch
         self._defaults = defaults
         self._detokenize = detokenize
+        self._logprobs = LogprobReader(n_vocab, detokenize)
         self._sched = Scheduler(
             slots, n_batch, prefix_cache=prefix_cache, copy_worth=copy_worth(ctx_per_slot)
         )
@@ -149,6 +152,8 @@ class BatchEngine:
             llama_cpp.llama_memory_seq_rm(self._mem, seq.slot, reuse, -1)
             self.prompt_tokens += len(seq.prompt)
             self.prompt_tokens_reused += reuse
+            seq.reused = reuse
+            seq.logprobs = [] if seq.params.logprobs else None
             self._queries.inc(len(seq.prompt))
             self._hits.inc(reuse)
             seq.text = TextAssembler(seq.params.stop)
@@ -221,10 +226,14 @@ class BatchEngine:
             return
         seq.produced += 1
         seq.unsent += 1
+        if seq.logprobs is not None:  # only sequences that asked pay for it
+            # Read before the next llama_decode overwrites this row's logits.
+            seq.logprobs.append(self._logprobs.read(self._ctx, idx, token, seq.params.top_logprobs))
         assert seq.text is not None
         piece = seq.text.push(self._detokenize(token))
         if piece:  # text held back (partial stop string, split UTF-8) is counted later
-            out.put(seq.sink, GenerationChunk(text=piece, tokens=seq.unsent))
+            lps = seq.take_logprobs()  # they travel with the text of their tokens
+            out.put(seq.sink, GenerationChunk(text=piece, tokens=seq.unsent, logprobs=lps))
             seq.unsent = 0
         if seq.text.stopped:
             self._finish(seq, "stop", out)
@@ -264,7 +273,8 @@ class BatchEngine:
     def _finish(self, seq: Sequence, reason: FinishReason, out: Outbox, send: bool = True) -> None:
         seq.finish = reason
         if send:
-            tail = seq.text.flush() if seq.text is not None and reason != "cancelled" else ""
+            cancelled = reason == "cancelled"
+            tail = seq.text.flush() if seq.text is not None and not cancelled else ""
             out.put(
                 seq.sink,
                 GenerationChunk(
@@ -272,6 +282,9 @@ class BatchEngine:
                     finish_reason=reason,
                     prompt_tokens=len(seq.prompt),
                     completion_tokens=seq.produced,
+                    # Tokens whose text was held back to the end (or cut by a stop string).
+                    logprobs=None if cancelled else seq.take_logprobs(),
+                    cached_tokens=seq.reused,
                 ),
             )
         self._free_chain(seq)

@@ -15,7 +15,12 @@ from typing import Any
 
 from llm_api.services.llm.text_stream import TextAssembler
 from llm_api.services.llm.tools.grammar import CallTrigger
-from llm_api.services.llm.types import FinishReason, GenerationChunk, SamplingParams
+from llm_api.services.llm.types import (
+    FinishReason,
+    GenerationChunk,
+    SamplingParams,
+    TokenLogprob,
+)
 
 Deliverable = GenerationChunk | BaseException
 
@@ -53,6 +58,10 @@ class Sequence:
     kernels: bytearray = field(default_factory=bytearray)  # per cached token, see exact_reuse
     produced: int = 0  # completion tokens (EOG not counted)
     unsent: int = 0  # produced tokens whose text is still held back
+    reused: int = 0  # prompt tokens taken from a KV cache instead of evaluated
+    # Logprobs of the `unsent` tokens (they leave with the frame that carries their text);
+    # None when the request did not ask for logprobs.
+    logprobs: list[TokenLogprob] | None = None
     chain: Any = None  # llama_sampler chain
     text: TextAssembler | None = None
     finish: FinishReason | None = None
@@ -60,6 +69,14 @@ class Sequence:
     @property
     def prefilling(self) -> bool:
         return self.n_past < len(self.prompt)
+
+    def take_logprobs(self) -> list[TokenLogprob] | None:
+        """The pending logprobs, for the frame about to leave (None if there are none)."""
+        pending = self.logprobs
+        if not pending:
+            return None
+        self.logprobs = []
+        return pending
 
 
 class Outbox:
