@@ -385,7 +385,10 @@ async def test_disconnect_frees_its_slot(small_app: Any) -> None:
             "stream": True,
         }
     )
-    streams = [await service.chat_stream(req, RequestContext(request_id=f"d{i}")) for i in (0, 1)]
+    serving = small_app.state.llm_api.responses
+    streams = [
+        (await serving.chat_stream(req, RequestContext(request_id=f"d{i}")))[0] for i in (0, 1)
+    ]
     for stream in streams:
         for _ in range(3):
             await anext(stream)

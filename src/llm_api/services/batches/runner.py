@@ -40,7 +40,7 @@ from llm_api.schemas.embeddings import EmbeddingRequest
 from llm_api.services.batches.input_file import BatchLine, iter_lines
 from llm_api.services.batches.storage import FileStore, LineAppender, new_file_id
 from llm_api.services.llm.embeddings import EmbeddingService
-from llm_api.services.llm.service import LLMService
+from llm_api.services.llm.serving import CompletionServing
 from llm_api.services.llm.types import RequestContext
 
 log = structlog.get_logger(__name__)
@@ -91,7 +91,7 @@ class BatchRunner:
     def __init__(
         self,
         sessions: async_sessionmaker[AsyncSession],
-        llm: LLMService,
+        llm: CompletionServing,
         files: FileStore,
         config: BatchRunnerConfig | None = None,
         embeddings: EmbeddingService | None = None,
@@ -332,10 +332,10 @@ class BatchRunner:
         self, endpoint: str, body: dict[str, Any], ctx: RequestContext
     ) -> dict[str, Any]:
         if endpoint == "/v1/chat/completions":
-            chat = await self.llm.chat(ChatCompletionRequest.model_validate(body), ctx)
+            chat, _ = await self.llm.chat(ChatCompletionRequest.model_validate(body), ctx)
             return chat.model_dump(mode="json")
         if endpoint == "/v1/completions":
-            comp = await self.llm.completion(CompletionRequest.model_validate(body), ctx)
+            comp, _ = await self.llm.completion(CompletionRequest.model_validate(body), ctx)
             return comp.model_dump(mode="json")
         if endpoint == "/v1/embeddings" and self.embeddings is not None:
             result = await self.embeddings.embed(EmbeddingRequest.model_validate(body), ctx)

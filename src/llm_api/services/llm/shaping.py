@@ -28,7 +28,7 @@ from llm_api.schemas.common import Usage
 from llm_api.schemas.completions import Completion, CompletionChoice, CompletionRequest
 from llm_api.services.llm.types import GenerationChunk, RequestContext
 
-Chunks = AsyncGenerator[tuple[int, GenerationChunk], None]
+Chunks = AsyncGenerator[GenerationChunk, None]  # frames, each with its choice `index`
 
 
 class TextFrame:
@@ -187,7 +187,8 @@ async def chat_chunks(
     # aclosing: when the client goes away this generator is closed, and closing must reach
     # the backend now (stop generating, free the model), not whenever the GC gets to it.
     async with aclosing(chunks) as source:
-        async for index, chunk in source:
+        async for chunk in source:
+            index = chunk.index
             if index not in started:
                 started.add(index)
                 yield frames.role(index)
@@ -216,7 +217,8 @@ async def completion_chunks(
         )
     )
     async with aclosing(chunks) as source:  # see chat_chunks
-        async for index, chunk in source:
+        async for chunk in source:
+            index = chunk.index
             if chunk.finish_reason is not None:
                 usage.add(index, chunk)
             elif chunk.text:
@@ -239,7 +241,8 @@ async def collect(chunks: Chunks, n_seqs: int, n: int) -> tuple[list[str], list[
     finish: list[str | None] = [None for _ in range(n_seqs)]
     usage = UsageCounter(n)
     async with aclosing(chunks) as source:
-        async for index, chunk in source:
+        async for chunk in source:
+            index = chunk.index
             parts[index].append(chunk.text)
             if chunk.finish_reason is not None:
                 finish[index] = wire_finish(chunk.finish_reason)

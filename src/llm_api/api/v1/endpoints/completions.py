@@ -8,6 +8,7 @@ from fastapi.responses import StreamingResponse
 from llm_api.api.deps import InferenceDep
 from llm_api.api.disconnect import cancel_on_disconnect
 from llm_api.api.lean_route import LeanRoute
+from llm_api.api.outcome import answer_with
 from llm_api.api.scopes import requires_scope
 from llm_api.api.streaming import sse_response
 from llm_api.schemas.completions import Completion, CompletionRequest
@@ -26,10 +27,10 @@ async def create_completion(
 ) -> Completion | StreamingResponse:
     llm, ctx, policy = call.responses, call.ctx, call.cache_policy
     if body.stream:
-        chunks = await llm.completion_stream(body, ctx, policy)
+        chunks, out = await llm.completion_stream(body, ctx, policy)
         stream = sse_response(chunks, call.keepalive)
-        stream.headers["x-cache"] = ctx.cache or "miss"
+        answer_with(request, stream.headers, out)
         return stream
-    result = await cancel_on_disconnect(request, llm.completion(body, ctx, policy))
-    response.headers["x-cache"] = ctx.cache or "miss"
+    result, out = await cancel_on_disconnect(request, llm.completion(body, ctx, policy))
+    answer_with(request, response.headers, out)
     return result

@@ -9,10 +9,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from llm_api.api.deps import LLMServiceDep, RequestCtx, SettingsDep
+from llm_api.api.deps import RequestCtx, ServingDep, SettingsDep
 from llm_api.api.disconnect import cancel_on_disconnect
 from llm_api.api.scopes import requires_scope
 from llm_api.api.streaming import ndjson_response
+from llm_api.middleware.access_log import log_outcome
 from llm_api.schemas.completions import CompletionRequest, GenerateRequest, GenerateResponse
 from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.shaping import pieces
@@ -39,11 +40,12 @@ def _as_completion(body: GenerateRequest, llm: LLMService, stream: bool) -> Comp
 @router.post("/generate", response_model=GenerateResponse)
 @requires_scope("inference")
 async def generate(
-    body: GenerateRequest, request: Request, llm: LLMServiceDep, ctx: RequestCtx
+    body: GenerateRequest, request: Request, serving: ServingDep, ctx: RequestCtx
 ) -> GenerateResponse:
-    result = await cancel_on_disconnect(
-        request, llm.completion(_as_completion(body, llm, False), ctx)
+    result, out = await cancel_on_disconnect(
+        request, serving.completion(_as_completion(body, serving.llm, False), ctx)
     )
+    log_outcome(request.scope, out)
     assert result.usage is not None
     return GenerateResponse(
         id=result.id,
@@ -57,9 +59,14 @@ async def generate(
 @router.post("/stream")
 @requires_scope("inference")
 async def stream(
-    body: GenerateRequest, llm: LLMServiceDep, ctx: RequestCtx, settings: SettingsDep
+    body: GenerateRequest,
+    request: Request,
+    serving: ServingDep,
+    ctx: RequestCtx,
+    settings: SettingsDep,
 ) -> StreamingResponse:
-    chunks = await llm.completion_stream(_as_completion(body, llm, True), ctx)
+    chunks, out = await serving.completion_stream(_as_completion(body, serving.llm, True), ctx)
+    log_outcome(request.scope, out)
 
     async def tokens() -> AsyncIterator[TokenLine]:
         async for chunk in chunks:
