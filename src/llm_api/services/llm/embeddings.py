@@ -45,7 +45,7 @@ from llm_api.services.cache.service import CachePolicy
 from llm_api.services.cache.store import CacheStore
 from llm_api.services.llm.registry import ModelConfig
 from llm_api.services.llm.service import LLMService
-from llm_api.services.llm.stages import AdmissionStage, Outcome, carry_headers, falls_back
+from llm_api.services.llm.stages import AdmissionStage, Outcome, carry_headers, first_success
 from llm_api.services.llm.types import CompletionRecord, RequestContext
 
 log = structlog.get_logger(__name__)
@@ -222,18 +222,12 @@ class EmbeddingService:
         await self.admission.check(ctx, _reservation(items, candidates), out)
         status, cancelled = 200, False
         try:
-            for i, model in enumerate(candidates):
+
+            async def attempt(model: ModelConfig) -> list[np.ndarray]:
                 run.model = model
-                try:
-                    vectors = await self._attempt(model, items, policy, run)
-                except APIError as exc:
-                    if i + 1 == len(candidates) or not falls_back(exc):
-                        raise
-                    log.warning(
-                        "model_fallback", model=model.id, to=candidates[i + 1].id, error=exc.code
-                    )
-                    continue
-                break
+                return await self._attempt(model, items, policy, run)
+
+            vectors = await first_success(candidates, attempt)  # the completions' fallbacks
             if req.dimensions is not None:
                 self._check_dimensions(run.model, req.dimensions, native=len(vectors[0]))
                 vectors = [_shorten(v, req.dimensions) for v in vectors]

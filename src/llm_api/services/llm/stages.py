@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import structlog
 
@@ -36,6 +36,7 @@ from llm_api.services.llm.streams import first_then_rest
 from llm_api.services.llm.types import CompletionRecord, Frame, GenerationRequest, RequestContext
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 # Told what each request cost, once, in the order given (the rate limiter's settlement first).
 Subscriber = Callable[[CompletionRecord], Awaitable[None] | None]
@@ -183,31 +184,41 @@ class FallbackStage:
         return self._run(call, out)
 
     async def _run(self, call: Call, out: Outcome) -> AsyncGenerator[Frame, None]:
-        candidates = call.candidates
-        pristine = [_copy(s) for s in call.seqs] if len(candidates) > 1 else call.seqs
-        for i, model in enumerate(candidates):
-            attempt = call
-            if i:
-                attempt = replace(call, model=model, seqs=[_copy(s, model.id) for s in pristine])
-            try:
-                frames = await first_then_rest(self.next.run(attempt, out))
-                if not call.stream:  # held until whole, see above
-                    held = [f async for f in frames]
-            except APIError as exc:
-                if i + 1 == len(candidates) or not _falls_back(exc):
-                    raise
-                log.warning(
-                    "model_fallback", model=model.id, to=candidates[i + 1].id, error=exc.code
-                )
-                continue
+        pristine = [_copy(s) for s in call.seqs] if len(call.candidates) > 1 else call.seqs
+
+        async def attempt(model: ModelConfig) -> AsyncGenerator[Frame, None] | list[Frame]:
+            this = call
+            if model is not call.model:
+                this = replace(call, model=model, seqs=[_copy(s, model.id) for s in pristine])
+            frames = await first_then_rest(self.next.run(this, out))
             if call.stream:
-                async with aclosing(frames):
-                    async for frame in frames:
-                        yield frame
-            else:
-                for frame in held:
-                    yield frame
+                return frames
+            return [f async for f in frames]  # held until whole, see above
+
+        answer = await first_success(call.candidates, attempt)
+        if isinstance(answer, list):
+            for frame in answer:
+                yield frame
             return
+        async with aclosing(answer):
+            async for frame in answer:
+                yield frame
+
+
+async def first_success(
+    candidates: Sequence[ModelConfig], attempt: Callable[[ModelConfig], Awaitable[T]]
+) -> T:
+    """`attempt` with each candidate in turn until one succeeds; only failures worth another
+    model (`falls_back`) move on, and the last candidate's error stands. Shared by completions
+    (the fallback stage) and embeddings."""
+    for i, model in enumerate(candidates):
+        try:
+            return await attempt(model)
+        except APIError as exc:
+            if i + 1 == len(candidates) or not falls_back(exc):
+                raise
+            log.warning("model_fallback", model=model.id, to=candidates[i + 1].id, error=exc.code)
+    raise AssertionError("no candidates")  # a call always has its own model
 
 
 class BackendStage:
