@@ -11,6 +11,8 @@ import pytest
 from bench.stub_upstream import StubConfig
 from llm_api.core.exceptions import APIError
 from llm_api.schemas.chat import ChatCompletionRequest
+from llm_api.services.cache.service import CachePolicy
+from llm_api.services.cache.store import MemoryCacheStore
 from llm_api.services.llm.pipeline import PipelineParts, build_pipeline
 from llm_api.services.llm.serving import CompletionServing
 from llm_api.services.llm.streams import first_then_rest
@@ -104,3 +106,45 @@ async def test_first_then_rest_raises_before_the_first_item_and_closes_the_sourc
     assert [await anext(started), await anext(started)] == [0, 1]
     await started.aclose()  # a client that went away: the source is closed at once
     assert closed == ["failing", "counting"]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_the_cache_stage_runs_the_model_once_then_replays(
+    tmp_path: Path, stream: bool
+) -> None:
+    """A miss runs the rest of the pipeline once (one upstream request) and stores the teed
+    frames; the same request then replays them without reaching the model, still admitted and
+    recorded (as a hit), with the same text and usage."""
+    async with (
+        stubs(StubConfig(tokens=3)) as (upstream,),
+        routed_app(tmp_path, [routed("m", [deployment(upstream)])]) as r,
+    ):
+        state = r.app.state.llm_api
+        records: list[CompletionRecord] = []
+        pipeline = build_pipeline(
+            PipelineParts(
+                state.llm,
+                state.settings,
+                store=MemoryCacheStore(1 << 20, 60),
+                subscribers=(records.append,),
+            )
+        )
+        serving = CompletionServing(state.llm, pipeline)
+        body = {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 8,
+            "temperature": 0,
+            "stream": stream,
+        }
+        answers = []
+        for i in range(2):
+            req = ChatCompletionRequest.model_validate(body)
+            ctx = RequestContext(request_id=f"cache-{stream}-{i}")
+            call = serving.plan(req, ctx, CachePolicy(), stream=stream)
+            frames, out = await pipeline.run(call)
+            got = [f async for f in frames]
+            answers.append(("".join(f.text for f in got), out.cache, out.completion_tokens))
+    assert answers == [("tok tok tok ", "miss", 3), ("tok tok tok ", "hit", 3)]
+    assert upstream.stats.requests == 1
+    assert [(rec.cache_hit, rec.completion_tokens) for rec in records] == [(False, 3), (True, 3)]
