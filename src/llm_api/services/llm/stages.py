@@ -173,7 +173,7 @@ class FallbackStage:
     """The model asked for, then its fallbacks the caller may use, while nothing has reached
     the client: a stream until its first frame, a non-streaming answer until whole (it is held,
     so a failure anywhere in it falls back too). Only failures worth another model fall back
-    (`_falls_back`); the last candidate's error stands."""
+    (`falls_back`); the last candidate's error stands."""
 
     def __init__(self, next_stage: Stage) -> None:
         self.next = next_stage
@@ -395,5 +395,3 @@ def falls_back(exc: APIError) -> bool:
     was too long for it. Other 4xx are the request's fault and would fail anywhere."""
     return exc.status_code >= 500 or isinstance(exc, (RateLimitError, ContextLengthExceededError))
 
-
-_falls_back = falls_back
