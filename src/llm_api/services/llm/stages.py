@@ -394,4 +394,3 @@ def falls_back(exc: APIError) -> bool:
     """Worth another model: it failed, timed out, is overloaded or rate limited, or the context
     was too long for it. Other 4xx are the request's fault and would fail anywhere."""
     return exc.status_code >= 500 or isinstance(exc, (RateLimitError, ContextLengthExceededError))
-
