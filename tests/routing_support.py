@@ -21,6 +21,7 @@ from bench.stub_upstream import StubConfig, StubUpstream
 from llm_api.main import create_app
 from llm_api.services.llm.types import CompletionRecord
 from tests.conftest import test_settings
+from tests.pipeline_support import listen
 
 
 @asynccontextmanager
@@ -67,8 +68,7 @@ async def routed_app(
                 break
             await asyncio.sleep(0.05)
         assert llm.ready
-        records: list[CompletionRecord] = []
-        llm.observers.append(records.append)
+        records = listen(app)
         transport = httpx.ASGITransport(app=app)
         # Auth is off on loopback (these tests are about routing): the SDK always sends a
         # bearer token, which an auth-disabled server would still check, so it is dropped.

@@ -385,7 +385,10 @@ async def test_disconnect_frees_its_slot(small_app: Any) -> None:
             "stream": True,
         }
     )
-    streams = [await service.chat_stream(req, RequestContext(request_id=f"d{i}")) for i in (0, 1)]
+    serving = small_app.state.llm_api.responses
+    streams = [
+        (await serving.chat_stream(req, RequestContext(request_id=f"d{i}")))[0] for i in (0, 1)
+    ]
     for stream in streams:
         for _ in range(3):
             await anext(stream)
@@ -399,10 +402,10 @@ async def test_disconnect_frees_its_slot(small_app: Any) -> None:
     assert engine.running == 0 and gate.running == 0
     short = req.model_copy(update={"max_tokens": 4, "stream": False})
     done = await asyncio.wait_for(
-        asyncio.gather(*(service.chat(short, RequestContext(request_id=f"n{i}")) for i in (0, 1))),
+        asyncio.gather(*(serving.chat(short, RequestContext(request_id=f"n{i}")) for i in (0, 1))),
         timeout=60,
     )
-    assert all(c.usage.completion_tokens == 4 for c in done)
+    assert all(c.usage.completion_tokens == 4 for c, _ in done)
 
 
 async def test_requests_beyond_the_kv_budget_wait_instead_of_failing(

@@ -140,7 +140,8 @@ async def test_closing_a_stream_releases_the_admission_slot(app: Any) -> None:
     llm = app.state.llm_api.llm
     gate = llm.gates[MODEL]
     req = ChatCompletionRequest.model_validate({**LONG, "max_tokens": 1000, "stream": True})
-    chunks = await llm.chat_stream(req, RequestContext(request_id="disconnect-test"))
+    serving = app.state.llm_api.responses
+    chunks, _ = await serving.chat_stream(req, RequestContext(request_id="disconnect-test"))
     seen = 0
     async for _ in chunks:
         seen += 1

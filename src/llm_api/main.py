@@ -32,15 +32,16 @@ from llm_api.middleware.body_limit import BodyLimitMiddleware
 from llm_api.middleware.dev_secret_guard import DevSecretGuardMiddleware
 from llm_api.middleware.drain import DrainMiddleware
 from llm_api.middleware.request_id import RequestIdMiddleware
-from llm_api.middleware.response_headers import ResponseHeadersMiddleware
 from llm_api.services.auth.startup import start_accounts
 from llm_api.services.batches.queue import start_batches
-from llm_api.services.cache.service import CachedLLMService, build_cache_store
+from llm_api.services.cache.service import build_cache_store
 from llm_api.services.llm.backends.factory import build_backends
 from llm_api.services.llm.embeddings import EmbeddingService
+from llm_api.services.llm.pipeline import PipelineParts, build_pipeline
 from llm_api.services.llm.registry import load_registry
 from llm_api.services.llm.service import LLMService
-from llm_api.services.observability import observability
+from llm_api.services.llm.serving import CompletionServing
+from llm_api.services.observability import MetricsObserver, observability
 from llm_api.services.rate_limit import start_rate_limiter
 from llm_api.services.usage.pipeline import UsagePipeline
 
@@ -60,12 +61,28 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = AppState(settings=settings, llm=llm)
     app.state.llm_api = state
     state.db, state.auth = await start_accounts(settings)
-    responses = state.responses = CachedLLMService(llm, build_cache_store(settings), settings)
-    embeddings = state.embeddings = EmbeddingService(llm, responses.store, settings)
-    usage = state.usage = UsagePipeline(settings, responses, state.db.sessions)
+    usage = state.usage = UsagePipeline(settings, state.db.sessions)
     usage.start(state.on_drain)  # replays what a previous process left unflushed
-    limiter = state.rate_limiter = await start_rate_limiter(settings, llm)
-    state.files, state.batch_queue = start_batches(settings, state.db.sessions, llm, embeddings)
+    limiter = state.rate_limiter = await start_rate_limiter(settings)
+    # The completion pipeline, composed once (services/llm/pipeline.py): what each request
+    # cost goes to the limiter's settlement, then the usage records, then the metrics.
+    pipeline = build_pipeline(
+        PipelineParts(
+            llm,
+            settings,
+            store=build_cache_store(settings),
+            limiter=limiter,
+            subscribers=(usage.recorder.on_completion, MetricsObserver()),
+            response_hooks=usage.response_hooks,
+        )
+    )
+    responses = state.responses = CompletionServing(llm, pipeline)
+    embeddings = state.embeddings = EmbeddingService(
+        llm, pipeline.cache.store, settings, pipeline.admission
+    )
+    state.files, state.batch_queue = start_batches(
+        settings, state.db.sessions, responses, embeddings
+    )
 
     async def load_models() -> None:
         try:
@@ -91,7 +108,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await llm.aclose()
         await limiter.aclose()
         await usage.aclose()  # after the models: cancelled requests have recorded by now
-        await responses.aclose()
+        await pipeline.aclose()
         await state.db.dispose()
         release_heap()
 
@@ -126,7 +143,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST", "DELETE", "PATCH", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID", "Cache-Control"],
         )
-    app.add_middleware(ResponseHeadersMiddleware)  # x-ratelimit-* on every completion
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,

@@ -21,6 +21,7 @@ from llm_api.services.rate_limit.memory_store import MemoryStore
 from llm_api.services.rate_limit.redis_store import RedisStore, build_redis
 from llm_api.services.rate_limit.types import Store
 from tests.conftest import free_port, require_service, test_settings
+from tests.pipeline_support import limiter_swapped
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -103,25 +104,11 @@ async def limits_on(
         values.setdefault("redis_url", REDIS_URL)
     limiter = build_rate_limiter(test_settings(tmp, **values))
     limiter.policy.minute_ms = minute_ms
-    state = app.state.llm_api
-    llm = state.llm
-    old_hooks, old_observers, old_limiter = (
-        list(llm.admission_hooks),
-        list(llm.observers),
-        state.rate_limiter,
-    )
-    llm.admission_hooks[:] = [limiter.admit_completion]
-    llm.observers[:] = [limiter.on_completion] + [
-        o for o in old_observers if getattr(o, "__self__", None) is not old_limiter
-    ]
-    state.rate_limiter = limiter
     await limiter.start()
     try:
-        yield limiter
+        with limiter_swapped(app, limiter):
+            yield limiter
     finally:
-        llm.admission_hooks[:] = old_hooks
-        llm.observers[:] = old_observers
-        state.rate_limiter = old_limiter
         await limiter.aclose()
         if backend == "redis":
             await delete_prefix(prefix, values["redis_url"])

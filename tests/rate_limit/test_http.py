@@ -12,9 +12,9 @@ import httpx
 import openai
 import pytest
 
-from llm_api.services.llm.types import CompletionRecord
 from llm_api.services.rate_limit.memory_store import MemoryStore
 from tests.conftest import MODEL, Account, create_account, eventually
+from tests.pipeline_support import listen
 from tests.rate_limit.conftest import RedisServer, limits_on
 
 CHAT = "/v1/chat/completions"
@@ -40,9 +40,8 @@ async def post(http: httpx.AsyncClient, acct: Account, **kw: Any) -> httpx.Respo
 async def test_headers_on_200_and_429(
     app: Any, http: httpx.AsyncClient, tmp_path: Path, backend: str
 ) -> None:
-    records: list[CompletionRecord] = []
     async with limits_on(app, tmp_path, backend, tiers={"free": {"requests_per_minute": 3}}):
-        app.state.llm_api.llm.observers.append(records.append)
+        records = listen(app)
         acct = await create_account(app)
         remaining = []
         for stream in (False, True, False):
@@ -123,14 +122,13 @@ async def test_requests_failing_in_preparation_count(
     60 requests a minute get 60 errors then 429s (failed requests count, as at OpenAI), and
     the remaining-requests header drops with each. Their reserved tokens come back: no model
     processed them."""
-    records: list[CompletionRecord] = []
     tiers = {
         # Only counting under test: no lease a Redis settlement has yet to free can refuse.
         "free": {"requests_per_minute": 60, "concurrent_requests": None},
         "ip": {"tokens_per_minute": None, "concurrent_requests": None},
     }
     async with limits_on(app, tmp_path, backend, tiers=tiers):
-        app.state.llm_api.llm.observers.append(records.append)
+        records = listen(app)
         acct = await create_account(app)
         long = [{"role": "user", "content": "hello " * 2100}]  # past the 2048-token window
         responses = [await post(http, acct, messages=long) for _ in range(70)]
@@ -290,9 +288,8 @@ async def test_cache_hits_count_against_the_limits(
 ) -> None:
     """A cached answer is still a request: it takes from RPM (and shows it in the headers), and
     once the limit is spent a request that would hit the cache gets 429 like any other."""
-    records: list[CompletionRecord] = []
     async with limits_on(app, tmp_path, tiers={"free": {"requests_per_minute": 2}}):
-        app.state.llm_api.llm.observers.append(records.append)
+        records = listen(app)
         acct = await create_account(app)
         messages = [{"role": "user", "content": f"Say hi. ({tmp_path.name})"}]
         # Enough room to finish with "stop": one short, repeatable answer.

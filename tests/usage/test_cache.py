@@ -276,14 +276,14 @@ async def test_cancelled_stream_is_not_cached(env: Running) -> None:
     body = chat_body(f"Write a long story about a cat {nonce()}", max_tokens=64, stop=None)
     request = ChatCompletionRequest.model_validate({**body, "stream": True})
     ctx = RequestContext(request_id=nonce(), user_id=user_id)
-    chunks = await responses.chat_stream(request, ctx, CachePolicy())
-    assert ctx.cache == "miss"
+    chunks, out = await responses.chat_stream(request, ctx, CachePolicy())
+    assert out.cache == "miss"
     seen = [await anext(chunks) for _ in range(3)]  # role chunk and some content
     assert seen[1].text  # a content chunk (TextFrame)
     await chunks.aclose()  # what Starlette does when the client disconnects
     again = RequestContext(request_id=nonce(), user_id=user_id)
-    replay = await responses.chat_stream(request, again, CachePolicy(write=False))
-    assert again.cache == "miss"
+    replay, out = await responses.chat_stream(request, again, CachePolicy(write=False))
+    assert out.cache == "miss"
     await replay.aclose()
 
 

@@ -42,7 +42,7 @@ async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Running
 
 
 def use_store(env: Running, store: RedisCacheStore | MemoryCacheStore) -> None:
-    env.state.responses.store = store
+    env.state.responses.pipeline.cache.store = store
 
 
 async def post(env: Running, key: str, body: dict, **headers: str) -> tuple[str, dict]:
@@ -71,8 +71,10 @@ async def test_hits_come_from_redis_with_a_ttl(env: Running, shared_redis_url: s
     assert (await post(env, alice, body))[0] == "miss"
     request = ChatCompletionRequest.model_validate(body)
     ctx = RequestContext(request_id=nonce(), user_id=alice_id)
-    plan = env.state.responses._plan("chat", request, ctx, CachePolicy())
-    assert 0 < await store.redis.ttl(KEY_PREFIX + plan.key) <= 120  # the entry expires
+    serving = env.state.responses
+    key = serving.pipeline.cache.key(serving.plan(request, ctx, CachePolicy(), stream=False))
+    assert key is not None
+    assert 0 < await store.redis.ttl(KEY_PREFIX + key) <= 120  # the entry expires
     state, hit = await post(env, alice, body)
     assert state == "hit"
     assert (await post(env, bob, body))[0] == "miss"  # tenant isolation on Redis too

@@ -21,9 +21,10 @@ from llm_api.middleware.access_log import CTX_KEY as ACCESS_LOG_CTX_KEY
 from llm_api.middleware.request_id import GENERATED_KEY as GENERATED_REQUEST_ID_KEY
 from llm_api.services.auth.principal import AuthServices, Principal
 from llm_api.services.batches.service import BatchService, StorageQuotas
-from llm_api.services.cache.service import CachedLLMService, CachePolicy
+from llm_api.services.cache.service import CachePolicy
 from llm_api.services.llm.embeddings import EmbeddingService
 from llm_api.services.llm.service import LLMService
+from llm_api.services.llm.serving import CompletionServing
 from llm_api.services.llm.types import RequestContext
 
 
@@ -38,6 +39,11 @@ async def get_settings(state: Annotated[AppState, Depends(get_state)]) -> Settin
 
 async def get_llm_service(state: Annotated[AppState, Depends(get_state)]) -> LLMService:
     return state.llm
+
+
+async def get_serving(state: Annotated[AppState, Depends(get_state)]) -> CompletionServing:
+    assert state.responses is not None, "built in the lifespan"
+    return state.responses
 
 
 async def get_request_context(
@@ -69,7 +75,7 @@ class Inference:
     """What a completion route needs: the service behind the cache, the request's context, its
     cache policy and the stream keep-alive interval."""
 
-    responses: CachedLLMService
+    responses: CompletionServing
     ctx: RequestContext
     cache_policy: CachePolicy
     keepalive: float
@@ -144,6 +150,7 @@ async def get_auth(state: Annotated[AppState, Depends(get_state)]) -> AuthServic
 StateDep = Annotated[AppState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 LLMServiceDep = Annotated[LLMService, Depends(get_llm_service)]
+ServingDep = Annotated[CompletionServing, Depends(get_serving)]
 RequestCtx = Annotated[RequestContext, Depends(get_request_context)]
 InferenceDep = Annotated[Inference, Depends(get_inference)]
 EmbeddingsDep = Annotated[Embeddings, Depends(get_embeddings)]

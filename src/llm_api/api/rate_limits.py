@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import Request
+from fastapi import Request, Response
 
 from llm_api.core.state import AppState
 from llm_api.services.llm.types import RequestContext
@@ -46,8 +46,9 @@ async def login_succeeded(request: Request, username: str) -> None:
         await throttle.succeeded(username, request.client.host if request.client else None)
 
 
-async def limit_request(state: AppState, ctx: RequestContext) -> None:
+async def limit_request(state: AppState, ctx: RequestContext, response: Response) -> None:
     """Work without a model (a batch created, a file uploaded) counts against the caller's
-    requests-per-minute limits: 429 when they are used up."""
+    requests-per-minute limits: 429 when they are used up; the x-ratelimit-* headers go on
+    `response`."""
     if state.rate_limiter is not None:
-        await state.rate_limiter.admit_request(ctx)
+        response.headers.update(await state.rate_limiter.admit_request(ctx))

@@ -11,9 +11,9 @@ from llm_api.db.engine import Database
 from llm_api.services.auth.principal import AuthServices
 from llm_api.services.batches.queue import BatchQueue
 from llm_api.services.batches.storage import FileStore
-from llm_api.services.cache.service import CachedLLMService
 from llm_api.services.llm.embeddings import EmbeddingService
 from llm_api.services.llm.service import LLMService
+from llm_api.services.llm.serving import CompletionServing
 from llm_api.services.rate_limit.limiter import RateLimiter
 from llm_api.services.usage.pipeline import UsagePipeline
 
@@ -25,7 +25,7 @@ class AppState:
     draining: bool = False
     db: Database | None = None  # engine + session maker (accounts issue)
     auth: AuthServices | None = None  # passwords, tokens, users, authenticator
-    responses: CachedLLMService | None = None  # `llm` behind the response cache
+    responses: CompletionServing | None = None  # chat/completions through the pipeline
     embeddings: EmbeddingService | None = None  # /v1/embeddings (shares `llm` and the cache)
     usage: UsagePipeline | None = None  # usage records: buffer, recorder, flusher
     rate_limiter: RateLimiter | None = None  # limits and quotas (services/rate_limit)

@@ -5,10 +5,12 @@ and route template, and every middleware that wraps `send` costs each frame a ca
 
 Fields: method, path (the route template, e.g. /v1/files/{file_id}; `UNMATCHED` when no route
 matched, never the raw path, which a client may have put a password or token into), status,
-duration_ms, request_id (X-Request-ID, middleware/request_id.py), and from the request's
-RequestContext (api/deps.get_request_context keeps it in the scope state):
-generation_id (the id in completion ids and usage rows), user_id, model, prompt_tokens,
-completion_tokens, ttft_ms, cache. Never the body, the query string or a header value.
+duration_ms, request_id (X-Request-ID, middleware/request_id.py); from the request's
+RequestContext (who asked; api/deps.get_request_context keeps it in the scope state):
+generation_id (the id in completion ids and usage rows), user_id; and from the pipeline's
+`Outcome`, which the completion routes hand over with `log_outcome` (final by the last byte):
+model, prompt_tokens, completion_tokens, ttft_ms, cache. Never the body, the query string or a
+header value.
 """
 
 from __future__ import annotations
@@ -23,15 +25,22 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_api.core.metrics import observe_http
+from llm_api.services.llm.stages import Outcome
 from llm_api.services.llm.types import RequestContext
 
 CTX_KEY = "llm_api_ctx"  # scope["state"] key under which api/deps stores the RequestContext
+OUTCOME_KEY = "llm_api_outcome"  # and the routes the pipeline's Outcome (`log_outcome`)
 _SKIP = frozenset({"/health", "/ready", "/metrics"})  # probes would drown the log
 _UNMEASURED = "/metrics"  # scrapes do not count themselves
 UNMATCHED = "<unmatched>"  # the path field of a request no route matched
 
 log = structlog.get_logger("llm_api.access")
 _enabled = logging.getLogger("llm_api.access").isEnabledFor
+
+
+def log_outcome(scope: Scope, outcome: Outcome) -> None:
+    """Hand a request's outcome (model, tokens, TTFT, cache) to its access-log line."""
+    scope.setdefault("state", {})[OUTCOME_KEY] = outcome
 
 
 class AccessLogMiddleware:
@@ -98,14 +107,15 @@ class AccessLogMiddleware:
         }
         ctx = state.get(CTX_KEY)
         if isinstance(ctx, RequestContext):
+            fields.update(generation_id=ctx.request_id, user_id=ctx.user_id)
+        out = state.get(OUTCOME_KEY)
+        if isinstance(out, Outcome):
             fields.update(
-                generation_id=ctx.request_id,
-                user_id=ctx.user_id,
-                model=ctx.model,
-                prompt_tokens=ctx.prompt_tokens,
-                completion_tokens=ctx.completion_tokens,
-                ttft_ms=None if ctx.ttft_ms is None else round(ctx.ttft_ms, 2),
-                cache=ctx.cache,
+                model=out.model,
+                prompt_tokens=out.prompt_tokens,
+                completion_tokens=out.completion_tokens,
+                ttft_ms=None if out.ttft_ms is None else round(out.ttft_ms, 2),
+                cache=out.cache,
             )
         if state.get("drain_cut"):
             fields["drain_cut"] = True

@@ -34,7 +34,7 @@ class _ModelMetrics(NamedTuple):
 
 
 class MetricsObserver:
-    """Registered on `LLMService.observers`; runs once per request, never per token."""
+    """A completion pipeline subscriber; runs once per request, never per token."""
 
     def __init__(self) -> None:
         self._models: dict[str, _ModelMetrics] = {}  # registry ids only: bounded
@@ -105,10 +105,9 @@ async def sample_forever(llm: LLMService, interval: float = 1.0) -> None:
 
 @asynccontextmanager
 async def observability(state: AppState) -> AsyncIterator[None]:
-    """Lifespan part: metrics observer, gauge sampler, SIGTERM drain handler. On the way out the
-    on_drain hooks run (once), before the rest of the lifespan closes databases and models."""
-    observer = MetricsObserver()
-    state.llm.observers.append(observer)
+    """Lifespan part: gauge sampler, SIGTERM drain handler. On the way out the on_drain hooks run
+    (once), before the rest of the lifespan closes databases and models. (The per-request
+    metrics are a subscriber of the completion pipeline, given in the lifespan.)"""
     sampler = asyncio.create_task(sample_forever(state.llm), name="metrics-sampler")
     state.drainer.install()
     try:
@@ -119,4 +118,3 @@ async def observability(state: AppState) -> AsyncIterator[None]:
         sampler.cancel()
         await asyncio.gather(sampler, return_exceptions=True)
         await state.drainer.run_hooks()
-        state.llm.observers.remove(observer)

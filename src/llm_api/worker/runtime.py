@@ -17,8 +17,9 @@ from llm_api.core.config import Settings
 from llm_api.db.engine import build_engine, build_sessionmaker
 from llm_api.services.batches.runner import BatchRunner, BatchRunnerConfig
 from llm_api.services.batches.storage import FileStore
-from llm_api.services.cache.service import CachedLLMService
 from llm_api.services.llm.embeddings import EmbeddingService
+from llm_api.services.llm.pipeline import PipelineParts, build_pipeline
+from llm_api.services.llm.serving import CompletionServing
 from llm_api.services.rate_limit import RateLimiter, start_rate_limiter
 from llm_api.services.usage.pipeline import UsagePipeline
 
@@ -38,28 +39,35 @@ class WorkerRuntime:
         self.engine = build_engine(settings)
         self.sessions = build_sessionmaker(self.engine)
         self.llm = build_llm_service(settings)
-        # The same observers as the API process: usage records (with batch_id) through the
-        # durable buffer, and the rate limiter for the owner's daily token quota.
-        self.usage, self.limiter = self.run(self._observers())
+        # The same pipeline as the API process, without the response cache (batch lines are
+        # rarely repeated): the rate limiter for the owner's daily token quota, then usage
+        # records (with batch_id) through the durable buffer.
+        self.usage, self.limiter = self.run(self._accounting())
+        self.pipeline = build_pipeline(
+            PipelineParts(
+                self.llm,
+                settings,
+                limiter=self.limiter,
+                subscribers=(self.usage.recorder.on_completion,),
+            )
+        )
         self.run(self.llm.start())
         self.runner = BatchRunner(
             self.sessions,
-            self.llm,
+            CompletionServing(self.llm, self.pipeline),
             FileStore(settings.data_dir / "files"),
             BatchRunnerConfig(
                 concurrency=settings.batch_concurrency,
                 lease_seconds=settings.batch_lease_seconds,
             ),
             # No per-input cache in workers: batch lines are rarely repeated.
-            EmbeddingService(self.llm, None, settings),
+            EmbeddingService(self.llm, None, settings, self.pipeline.admission),
         )
 
-    async def _observers(self) -> tuple[UsagePipeline, RateLimiter]:
-        usage = UsagePipeline(
-            self.settings, CachedLLMService(self.llm, None, self.settings), self.sessions
-        )
+    async def _accounting(self) -> tuple[UsagePipeline, RateLimiter]:
+        usage = UsagePipeline(self.settings, self.sessions)
         usage.start([])  # needs the running loop: its flusher tasks live on it
-        return usage, await start_rate_limiter(self.settings, self.llm)
+        return usage, await start_rate_limiter(self.settings)
 
     def shutdown(self) -> None:
         """Flush usage records before the process exits (warm shutdown)."""

@@ -14,7 +14,7 @@ from llm_api.services.batches.dispatcher import dispatch_forever
 from llm_api.services.batches.runner import BatchRunner, BatchRunnerConfig
 from llm_api.services.batches.storage import FileStore
 from llm_api.services.llm.embeddings import EmbeddingService
-from llm_api.services.llm.service import LLMService
+from llm_api.services.llm.serving import CompletionServing
 
 log = structlog.get_logger(__name__)
 
@@ -64,7 +64,7 @@ class EmbeddedBatchQueue:
 def start_batches(
     settings: Settings,
     sessions: async_sessionmaker[AsyncSession],
-    llm: LLMService,
+    llm: CompletionServing,
     embeddings: EmbeddingService | None = None,
 ) -> tuple[FileStore, BatchQueue]:
     """Built in the lifespan. With Redis, batches go to Celery workers (`llm-api worker`);

@@ -42,7 +42,7 @@ from llm_api.schemas.embeddings import EmbeddingRequest
 from llm_api.services.batches.input_file import BatchLine, iter_lines
 from llm_api.services.batches.storage import FileStore, LineAppender, new_file_id
 from llm_api.services.llm.embeddings import EmbeddingService
-from llm_api.services.llm.service import LLMService
+from llm_api.services.llm.serving import CompletionServing
 from llm_api.services.llm.types import RequestContext
 
 log = structlog.get_logger(__name__)
@@ -93,7 +93,7 @@ class BatchRunner:
     def __init__(
         self,
         sessions: async_sessionmaker[AsyncSession],
-        llm: LLMService,
+        llm: CompletionServing,
         files: FileStore,
         config: BatchRunnerConfig | None = None,
         embeddings: EmbeddingService | None = None,
@@ -334,11 +334,12 @@ class BatchRunner:
         self, endpoint: str, body: dict[str, Any], ctx: RequestContext
     ) -> dict[str, Any]:
         if endpoint == "/v1/chat/completions":
-            chat = await self.llm.chat(ChatCompletionRequest.model_validate(body), ctx)
-            return chat_serving.chat_body(ctx.request_id, chat)
+            chat, _ = await self.llm.chat(ChatCompletionRequest.model_validate(body), ctx)
+            return chat_serving.chat_body(ctx.request_id, chat, self.llm.fingerprint(chat.model))
         if endpoint == "/v1/completions":
-            comp = await self.llm.completion(CompletionRequest.model_validate(body), ctx)
-            return completions_serving.completion_body(ctx.request_id, comp)
+            comp, _ = await self.llm.completion(CompletionRequest.model_validate(body), ctx)
+            fingerprint = self.llm.fingerprint(comp.model)
+            return completions_serving.completion_body(ctx.request_id, comp, fingerprint)
         if endpoint == "/v1/embeddings" and self.embeddings is not None:
             result = await self.embeddings.embed(EmbeddingRequest.model_validate(body), ctx)
             data: dict[str, Any] = orjson.loads(result.body(body.get("encoding_format", "float")))

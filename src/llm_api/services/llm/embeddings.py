@@ -1,8 +1,9 @@
 """The embeddings service: `/v1/embeddings` requests (and batch lines) → vectors.
 
-It shares the LLM service's registry, backends, admission gates, rate-limit hooks and observers,
-so everything that applies to completions applies here: tier gating, request and token limits
-(tokens = input tokens), one usage record and the metrics per request, fallbacks. On top:
+It shares the LLM service's registry, backends and admission gates, and the completion
+pipeline's admission stage (rate limits) and accounting (its subscribers), so everything that
+applies to completions applies here: tier gating, request and token limits (tokens = input
+tokens), one usage record and the metrics per request, fallbacks. On top:
 
 - a per-input cache: embeddings are deterministic, so each input's vector is cached on its own
   (model version, tenant, input) and a request whose inputs are partly cached computes only the
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import inspect
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +44,8 @@ from llm_api.services.cache.keys import cache_key, model_version
 from llm_api.services.cache.service import CachePolicy
 from llm_api.services.cache.store import CacheStore
 from llm_api.services.llm.registry import ModelConfig
-from llm_api.services.llm.service import LLMService, _falls_back
+from llm_api.services.llm.service import LLMService
+from llm_api.services.llm.stages import AdmissionStage, Outcome, carry_headers, first_success
 from llm_api.services.llm.types import CompletionRecord, RequestContext
 
 log = structlog.get_logger(__name__)
@@ -81,6 +82,7 @@ class EmbeddingResult:
     model: str  # the model that answered (after any fallback)
     vectors: list[np.ndarray]  # float32, in input order, shortened when asked
     prompt_tokens: int
+    outcome: Outcome  # for the route: x-cache, x-ratelimit-*, the access log
 
     def body(self, encoding_format: str) -> bytes:
         """The OpenAI response JSON. Floats are written by orjson straight from the float32
@@ -124,8 +126,15 @@ class _Run:
 
 
 class EmbeddingService:
-    def __init__(self, llm: LLMService, store: CacheStore | None, settings: Settings) -> None:
+    def __init__(
+        self,
+        llm: LLMService,
+        store: CacheStore | None,
+        settings: Settings,
+        admission: AdmissionStage,
+    ) -> None:
         self.llm = llm
+        self.admission = admission  # the completion pipeline's: rate limits and accounting
         self.store = store  # shared with the response cache, which closes it
         self.shared = settings.cache_shared
         self.max_chars = settings.max_message_chars
@@ -206,41 +215,36 @@ class EmbeddingService:
         items = self.inputs(req)
         if req.dimensions is not None:
             self._check_dimensions(config, req.dimensions, self._native(config))
-        candidates = self.llm._candidates(config, ctx)
+        candidates = self.llm.candidates(config, ctx)
         run = _Run(ctx=ctx, model=config)
-        ctx.model = config.id
-        for hook in self.llm.admission_hooks:  # rate limits: a refusal is a 429 before any work
-            await hook(ctx, _reservation(items, candidates))
+        out = Outcome(model=config.id, started=run.started)
+        # Rate limits: a refusal is a 429 before any work.
+        await self.admission.check(ctx, _reservation(items, candidates), out)
         status, cancelled = 200, False
         try:
-            for i, model in enumerate(candidates):
-                run.model, ctx.model = model, model.id
-                try:
-                    vectors = await self._attempt(model, items, policy, run)
-                except APIError as exc:
-                    if i + 1 == len(candidates) or not _falls_back(exc):
-                        raise
-                    log.warning(
-                        "model_fallback", model=model.id, to=candidates[i + 1].id, error=exc.code
-                    )
-                    continue
-                break
+
+            async def attempt(model: ModelConfig) -> list[np.ndarray]:
+                run.model = model
+                return await self._attempt(model, items, policy, run)
+
+            vectors = await first_success(candidates, attempt)  # the completions' fallbacks
             if req.dimensions is not None:
                 self._check_dimensions(run.model, req.dimensions, native=len(vectors[0]))
                 vectors = [_shorten(v, req.dimensions) for v in vectors]
-            ctx.cache = "hit" if run.hits == len(items) else "partial" if run.hits else "miss"
-            return EmbeddingResult(run.model.id, vectors, run.prompt_tokens)
+            out.cache = "hit" if run.hits == len(items) else "partial" if run.hits else "miss"
+            return EmbeddingResult(run.model.id, vectors, run.prompt_tokens, out)
         except asyncio.CancelledError:
             status, cancelled = (503, False) if self.llm.drain_cut.is_set() else (499, True)
             raise
         except APIError as exc:
             status = exc.status_code
+            carry_headers(exc, out.headers)
             raise
         except Exception:
             status = 500
             raise
         finally:
-            ctx.prompt_tokens, ctx.completion_tokens = run.prompt_tokens, 0
+            out.model, out.prompt_tokens = run.model.id, run.prompt_tokens
             await self._notify(run, status, cancelled, len(items))
 
     async def _attempt(
@@ -341,7 +345,7 @@ class EmbeddingService:
             for item in items
         ]
 
-    # --- observers ------------------------------------------------------------------------------
+    # --- accounting -----------------------------------------------------------------------------
 
     async def _notify(self, run: _Run, status: int, cancelled: bool, count: int) -> None:
         now = time.perf_counter()
@@ -363,10 +367,7 @@ class EmbeddingService:
             queue_ms=((run.admitted or now) - run.started) * 1000,
             stream=False,
         )
-        for observer in self.llm.observers:
-            result = observer(record)
-            if inspect.isawaitable(result):
-                await result
+        await self.admission.accounting.record(record)
 
 
 async def _tokenize(backend: LocalEmbedder, items: list[Item]) -> list[list[int]]:

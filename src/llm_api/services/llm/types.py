@@ -162,21 +162,13 @@ class RequestContext:
     tier: str = "free"
     batch_id: str | None = None
     client_ip: str | None = None
-    # Filled in as the request runs, read by the access log and usage recorders.
-    model: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    ttft_ms: float | None = None
-    cache: str | None = None
-    # Headers the response must carry whatever its shape (x-ratelimit-*), set by services
-    # before the first byte; middleware/response_headers.py adds them.
-    response_headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
 class CompletionRecord:
-    """What one finished (or failed, or cancelled) request cost. Observers such as the usage
-    recorder and metrics receive one per request that reached a model."""
+    """What one finished (or failed, or cancelled) request cost. The pipeline's subscribers
+    (the rate limiter's settlement, the usage recorder, metrics) receive one per admitted
+    request."""
 
     request_id: str
     model: str

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 from llm_api.core.config import Settings
-from llm_api.services.llm.service import LLMService
 from llm_api.services.rate_limit.limiter import RateLimiter, build_rate_limiter
 
 
-async def start_rate_limiter(settings: Settings, llm: LLMService) -> RateLimiter:
-    """Build the limiter and hook it into the LLM service: checked before tokenization and before
-    the model's admission gate; settled by the first observer (before any observer that awaits,
-    so a cancelled request still frees its slot)."""
+async def start_rate_limiter(settings: Settings) -> RateLimiter:
+    """Build and start the limiter; `build_pipeline` makes it the completion pipeline's
+    admission check and first subscriber (settled before any subscriber that awaits, so a
+    cancelled request still frees its slot)."""
     limiter = build_rate_limiter(settings)
-    llm.admission_hooks.append(limiter.admit_completion)
-    llm.observers.insert(0, limiter.on_completion)
     await limiter.start()
     return limiter
 

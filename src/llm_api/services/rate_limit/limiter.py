@@ -1,10 +1,10 @@
 """The rate limiter: one atomic check per request before it reaches a model, settlement to the
 real token count when it ends (however it ends), and the Redis-failure policy.
 
-Wiring: the lifespan builds it (`build_rate_limiter`), registers `admit_completion` as the
-LLMService's admission hook (called before tokenization and the model's admission gate) and
-`on_completion` as its first observer. Key creation calls `check_route`; login attempts go
-through `login` (login.py).
+Wiring: the lifespan builds it (`build_rate_limiter`) and hands it to `build_pipeline`
+(services/llm/pipeline.py): `admit_completion` is the admission stage's check (before
+tokenization and the model's admission gate), `on_completion` its first subscriber. Key
+creation calls `check_route`; login attempts go through `login` (login.py).
 
 Redis failures (`LLM_API_RATE_LIMIT_FAILURE_MODE`):
 - `local` (default): each process enforces its share of every limit (limit ÷ processes) in
@@ -168,30 +168,31 @@ class RateLimiter:
         except StoreFull as full:
             raise _memory_full(full) from None
 
-    async def admit_completion(self, ctx: RequestContext, tokens: int) -> None:
+    async def admit_completion(self, ctx: RequestContext, tokens: int) -> dict[str, str]:
         """Check and take every limit of this request, or raise 429 (or 503 when closed).
-        `tokens` is the reservation: prompt tokens + max_tokens of every choice."""
+        `tokens` is the reservation: prompt tokens + max_tokens of every choice. Returns the
+        x-ratelimit-* headers the response carries."""
         if not self.enabled:
-            return
+            return {}
         specs = self.policy.for_completion(ctx, tokens)
         if ctx.batch_id is not None:
             # Batch lines are paced by the batch worker, not per-minute limits; the owner's
             # daily token quota still applies.
             specs = [s for s in specs if s.name == "tpd" and s.scope == "user"]
         if not specs:
-            return
+            return {}
         decision, store, specs = await self._decide(ctx.request_id, specs)
         if decision is None:
-            return
+            return {}
         headers = rate_limit_headers(specs, decision)
         _refuse_if_rejected(specs, decision, headers)
-        ctx.response_headers.update(headers)
         self._tickets[ctx.request_id] = _Ticket(
             store,
             decision.now_ms,
             [s for s in specs if s.metric == "tokens"],
             [s for s in specs if s.kind == "concurrency"],
         )
+        return headers
 
     async def check_route(self, route: str, client_ip: str | None, account: str | None) -> None:
         """Limits of routes without a model (`login`, `key_creation`): 429 when exceeded."""
@@ -206,26 +207,28 @@ class RateLimiter:
         if decision is not None:
             _refuse_if_rejected(specs, decision, {})
 
-    async def admit_request(self, ctx: RequestContext) -> None:
+    async def admit_request(self, ctx: RequestContext) -> dict[str, str]:
         """A request without a model that is still work (a batch created, a file uploaded):
         it counts against the caller's requests-per-minute limits like a completion does,
-        or raises 429. It takes no token reservation and no concurrency slot."""
+        or raises 429. It takes no token reservation and no concurrency slot. Returns the
+        x-ratelimit-* headers the response carries."""
         if not self.enabled:
-            return
+            return {}
         specs = [s for s in self.policy.for_completion(ctx, 0) if s.metric == "requests"]
         if not specs:
-            return
+            return {}
         decision, _, specs = await self._decide(ctx.request_id, specs)
         if decision is None:
-            return
+            return {}
         headers = rate_limit_headers(specs, decision)
         _refuse_if_rejected(specs, decision, headers)
-        ctx.response_headers.update(headers)
+        return headers
 
     # --- settlement -----------------------------------------------------------------------------
 
     def on_completion(self, record: CompletionRecord) -> None:
-        """LLMService observer: settle the reservation to the real usage and free the slot.
+        """The pipeline's first subscriber: settle the reservation to the real usage and free
+        the slot.
 
         Synchronous on purpose: it runs in the `finally` of a request that may be being
         cancelled (client gone), where any await would be cancelled too. The Redis call runs as

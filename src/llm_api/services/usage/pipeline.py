@@ -1,6 +1,6 @@
-"""Wiring of the usage records: buffer → recorder (an LLMService observer and a cache response
-hook) → flusher. Built in the lifespan, closed after the models so that the records of requests
-cancelled at shutdown are written first."""
+"""Wiring of the usage records: buffer → recorder (a completion pipeline subscriber and, with
+the conversation log on, a cache response hook) → flusher. Built in the lifespan, closed after
+the models so that the records of requests cancelled at shutdown are written first."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from llm_api.core.config import Settings
 from llm_api.core.drain import DrainHook
-from llm_api.services.cache.service import CachedLLMService
+from llm_api.services.cache.service import ResponseHook
 from llm_api.services.usage.buffer import DurableBuffer
 from llm_api.services.usage.flusher import UsageFlusher
 from llm_api.services.usage.recorder import UsageRecorder
@@ -20,17 +20,16 @@ class UsagePipeline:
     def __init__(
         self,
         settings: Settings,
-        responses: CachedLLMService,
         sessions: async_sessionmaker[AsyncSession],
     ) -> None:
         self.buffer = DurableBuffer(settings.data_dir / "buffer" / "usage")
         self.recorder = UsageRecorder(self.buffer, conversation_log=settings.conversation_log)
         self.flusher = UsageFlusher(self.buffer, sessions, settings)
-        responses.llm.observers.append(self.recorder.on_completion)
-        if settings.conversation_log:
-            # Only then: with no response hook and no cache key the cache layer passes streams
-            # through untouched (no per-chunk tee).
-            responses.response_hooks.append(self.recorder.on_response)
+        # Only with the conversation log on: with no response hook and no cache key the cache
+        # stage passes streams through untouched (no per-frame tee).
+        self.response_hooks: tuple[ResponseHook, ...] = (
+            (self.recorder.on_response,) if settings.conversation_log else ()
+        )
 
     def start(self, on_drain: list[DrainHook]) -> None:
         """Start the loops; the first flush runs at once and replays whatever a previous

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Query
+from fastapi import APIRouter, BackgroundTasks, Query, Response
 
 from llm_api.api.deps import BatchServiceDep, RequestCtx, StateDep, UserId
 from llm_api.api.rate_limits import limit_request
@@ -23,9 +23,10 @@ async def create_batch(
     batches: BatchServiceDep,
     state: StateDep,
     ctx: RequestCtx,
+    response: Response,
     background: BackgroundTasks,
 ) -> BatchObject:
-    await limit_request(state, ctx)
+    await limit_request(state, ctx, response)
     row = await batches.create_batch(user_id, body)
     # Dispatched after the response, i.e. after the session committed: a worker never sees a
     # batch that is not in the database yet.

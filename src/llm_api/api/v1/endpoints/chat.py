@@ -8,9 +8,10 @@ from fastapi.responses import StreamingResponse
 from llm_api.api.deps import InferenceDep
 from llm_api.api.disconnect import cancel_on_disconnect
 from llm_api.api.lean_route import LeanRoute
+from llm_api.api.outcome import answer_with
 from llm_api.api.scopes import requires_scope
 from llm_api.api.streaming import sse_response
-from llm_api.api.v1.chat import serving
+from llm_api.api.v1.chat import serving as wire
 from llm_api.schemas.chat import ChatCompletion, ChatCompletionRequest
 
 # LeanRoute: FastAPI's route with a shorter per-request handler (api/lean_route.py says why).
@@ -25,17 +26,15 @@ async def create_chat_completion(
     response: Response,
     call: InferenceDep,
 ) -> ChatCompletion | StreamingResponse:
-    llm, ctx, policy = call.responses, call.ctx, call.cache_policy
-    fingerprint = llm.llm.fingerprints.get
+    serving, ctx, policy = call.responses, call.ctx, call.cache_policy
     if body.stream:
-        frames = await llm.chat_stream(body, ctx, policy)
-        model = ctx.model or body.model  # the model that answered, after any fallback
-        stream = sse_response(
-            serving.chat_chunks(body, ctx.request_id, model, frames, fingerprint(model)),
-            call.keepalive,
+        frames, out = await serving.chat_stream(body, ctx, policy)
+        chunks = wire.chat_chunks(
+            body, ctx.request_id, out.model, frames, serving.fingerprint(out.model)
         )
-        stream.headers["x-cache"] = ctx.cache or "miss"
+        stream = sse_response(chunks, call.keepalive)
+        answer_with(request, stream.headers, out)
         return stream
-    answer = await cancel_on_disconnect(request, llm.chat(body, ctx, policy))
-    response.headers["x-cache"] = ctx.cache or "miss"
-    return serving.chat_completion(ctx.request_id, answer, fingerprint(answer.model))
+    answer, out = await cancel_on_disconnect(request, serving.chat(body, ctx, policy))
+    answer_with(request, response.headers, out)
+    return wire.chat_completion(ctx.request_id, answer, serving.fingerprint(answer.model))

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from llm_api.api.deps import EmbeddingsDep
 from llm_api.api.disconnect import cancel_on_disconnect
+from llm_api.api.outcome import answer_with
 from llm_api.api.scopes import requires_scope
 from llm_api.schemas.embeddings import CreateEmbeddingResponse, EmbeddingRequest
 
@@ -20,8 +21,6 @@ async def create_embeddings(
     result = await cancel_on_disconnect(
         request, call.service.embed(body, call.ctx, call.cache_policy)
     )
-    return Response(
-        result.body(body.encoding_format),
-        media_type="application/json",
-        headers={"x-cache": call.ctx.cache or "miss"},
-    )
+    response = Response(result.body(body.encoding_format), media_type="application/json")
+    answer_with(request, response.headers, result.outcome)
+    return response

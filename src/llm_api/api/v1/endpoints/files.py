@@ -23,10 +23,11 @@ async def upload_file(
     batches: BatchServiceDep,
     state: StateDep,
     ctx: RequestCtx,
+    response: Response,
     file: Annotated[UploadFile, File()],
     purpose: Annotated[str, Form()],
 ) -> FileObject:
-    await limit_request(state, ctx)
+    await limit_request(state, ctx, response)
     data = await file.read(batches.max_bytes + 1)
     row = await batches.upload(user_id, file.filename or "input.jsonl", purpose, data)
     return file_object(row)

@@ -9,10 +9,11 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from llm_api.api.deps import LLMServiceDep, RequestCtx, SettingsDep
+from llm_api.api.deps import RequestCtx, ServingDep, SettingsDep
 from llm_api.api.disconnect import cancel_on_disconnect
 from llm_api.api.scopes import requires_scope
 from llm_api.api.streaming import ndjson_response
+from llm_api.middleware.access_log import log_outcome
 from llm_api.schemas.common import Usage
 from llm_api.schemas.completions import CompletionRequest, GenerateRequest, GenerateResponse
 from llm_api.services.llm.service import LLMService
@@ -36,11 +37,12 @@ def _as_completion(body: GenerateRequest, llm: LLMService, stream: bool) -> Comp
 @router.post("/generate", response_model=GenerateResponse)
 @requires_scope("inference")
 async def generate(
-    body: GenerateRequest, request: Request, llm: LLMServiceDep, ctx: RequestCtx
+    body: GenerateRequest, request: Request, serving: ServingDep, ctx: RequestCtx
 ) -> GenerateResponse:
-    answer = await cancel_on_disconnect(
-        request, llm.completion(_as_completion(body, llm, False), ctx)
+    answer, out = await cancel_on_disconnect(
+        request, serving.completion(_as_completion(body, serving.llm, False), ctx)
     )
+    log_outcome(request.scope, out)
     usage = answer.usage
     return GenerateResponse(
         id=f"cmpl-{ctx.request_id}",
@@ -58,9 +60,14 @@ async def generate(
 @router.post("/stream")
 @requires_scope("inference")
 async def stream(
-    body: GenerateRequest, llm: LLMServiceDep, ctx: RequestCtx, settings: SettingsDep
+    body: GenerateRequest,
+    request: Request,
+    serving: ServingDep,
+    ctx: RequestCtx,
+    settings: SettingsDep,
 ) -> StreamingResponse:
-    frames = await llm.completion_stream(_as_completion(body, llm, True), ctx)
+    frames, out = await serving.completion_stream(_as_completion(body, serving.llm, True), ctx)
+    log_outcome(request.scope, out)
 
     async def tokens() -> AsyncIterator[bytes]:  # one {"token": ...} per frame with text
         try:

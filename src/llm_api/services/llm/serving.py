@@ -1,0 +1,103 @@
+"""The OpenAI completion endpoints' serving logic: validate a request once into engine
+requests (the family's protocol, through LLMService), run it through the pipeline, and hand back
+its frames (a stream) or the whole `shaping.Answer`; api/v1/{chat,completions}/serving.py encode
+either in the family's wire shape.
+
+Every method returns the response and the pipeline's `Outcome` (answering model, tokens, cache
+status, rate-limit headers), which the route turns into headers and hands to the access log.
+`policy=None` runs without the response cache (the simple API, batch lines).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+from llm_api.schemas.chat import ChatCompletionRequest
+from llm_api.schemas.completions import CompletionRequest
+from llm_api.services.cache.service import CachePolicy
+from llm_api.services.llm import shaping
+from llm_api.services.llm.pipeline import Pipeline
+from llm_api.services.llm.service import LLMService
+from llm_api.services.llm.stages import Call, Outcome
+from llm_api.services.llm.types import Frame, RequestContext
+
+# A started answer's frames (each with its choice `index`); api/v1/*/serving.py encode them.
+Frames = AsyncGenerator[Frame, None]
+
+
+class CompletionServing:
+    def __init__(self, llm: LLMService, pipeline: Pipeline) -> None:
+        self.llm = llm
+        self.pipeline = pipeline
+
+    def plan(
+        self,
+        req: ChatCompletionRequest | CompletionRequest,
+        ctx: RequestContext,
+        policy: CachePolicy | None,
+        *,
+        stream: bool,
+    ) -> Call:
+        """Validate once (a 4xx before any cache lookup) into the pipeline's call."""
+        if isinstance(req, ChatCompletionRequest):
+            endpoint, (config, seqs) = "chat", self.llm.chat_requests(req, ctx)
+        else:
+            endpoint, (config, seqs) = "completions", self.llm.completion_requests(req, ctx)
+        return Call(
+            ctx=ctx,
+            endpoint=endpoint,
+            model=config,
+            candidates=self.llm.candidates(config, ctx),
+            seqs=seqs,
+            stream=stream,
+            n=req.n,
+            body=req if policy is not None else None,
+            cache_read=policy is not None and policy.read,
+            cache_write=policy is not None and policy.write,
+        )
+
+    def fingerprint(self, model: str) -> str | None:
+        """The answering model's `system_fingerprint` (local models; None: leave it out)."""
+        return self.llm.fingerprints.get(model)
+
+    # chat and completions, streamed or whole: one path each, the family only picks the protocol.
+
+    async def _stream(
+        self,
+        req: ChatCompletionRequest | CompletionRequest,
+        ctx: RequestContext,
+        policy: CachePolicy | None,
+    ) -> tuple[Frames, Outcome]:
+        return await self.pipeline.run(self.plan(req, ctx, policy, stream=True))
+
+    async def _answer(
+        self,
+        req: ChatCompletionRequest | CompletionRequest,
+        ctx: RequestContext,
+        policy: CachePolicy | None,
+    ) -> tuple[shaping.Answer, Outcome]:
+        call = self.plan(req, ctx, policy, stream=False)
+        frames, out = await self.pipeline.run(call)
+        answer = await shaping.collect(frames, len(call.seqs), req.n)
+        answer.model = out.model  # the model that answered, after any fallback
+        return answer, out
+
+    async def chat_stream(
+        self, req: ChatCompletionRequest, ctx: RequestContext, policy: CachePolicy | None = None
+    ) -> tuple[Frames, Outcome]:
+        return await self._stream(req, ctx, policy)
+
+    async def chat(
+        self, req: ChatCompletionRequest, ctx: RequestContext, policy: CachePolicy | None = None
+    ) -> tuple[shaping.Answer, Outcome]:
+        return await self._answer(req, ctx, policy)
+
+    async def completion_stream(
+        self, req: CompletionRequest, ctx: RequestContext, policy: CachePolicy | None = None
+    ) -> tuple[Frames, Outcome]:
+        return await self._stream(req, ctx, policy)
+
+    async def completion(
+        self, req: CompletionRequest, ctx: RequestContext, policy: CachePolicy | None = None
+    ) -> tuple[shaping.Answer, Outcome]:
+        return await self._answer(req, ctx, policy)

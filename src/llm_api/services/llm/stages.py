@@ -1,0 +1,396 @@
+"""The run stages of the completion pipeline, composed in services/llm/pipeline.py:
+
+    cache → admission (rate limits + accounting) → fallbacks → backend (route, prepare, gate, n)
+
+Each stage is a small class holding the next stage (or what it needs), built once in the
+lifespan. `run(call, out)` returns an async iterator of `Frame`s (each carrying its choice
+`index`) and fills `out`, the request's `Outcome`, as it goes: the answering model, token
+counts, TTFT, cache status and rate-limit headers, for the route and the access log. Nothing is
+written into the `RequestContext` (who asked), and nothing is attached from other modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import sys
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
+from typing import Protocol, TypeVar
+
+import structlog
+
+from llm_api.core.exceptions import (
+    APIError,
+    ContextLengthExceededError,
+    RateLimitError,
+    ServiceUnavailableError,
+)
+from llm_api.schemas.common import SamplingFields
+from llm_api.services.llm.admission import AdmissionGate
+from llm_api.services.llm.backends.base import Backend
+from llm_api.services.llm.registry import ModelConfig
+from llm_api.services.llm.streams import first_then_rest
+from llm_api.services.llm.types import CompletionRecord, Frame, GenerationRequest, RequestContext
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+# Told what each request cost, once, in the order given (the rate limiter's settlement first).
+Subscriber = Callable[[CompletionRecord], Awaitable[None] | None]
+# The rate limiter's admission: called before any preparation with the tokens to reserve;
+# raises to refuse (429); returns the x-ratelimit-* headers the response carries.
+Admit = Callable[[RequestContext, int], Awaitable[dict[str, str]]]
+
+
+@dataclass(slots=True)
+class Call:
+    """One validated request: who asked, the engine requests, and how it is to be answered."""
+
+    ctx: RequestContext
+    endpoint: str  # chat | completions
+    model: ModelConfig  # the model asked for; `candidates` adds its allowed fallbacks
+    candidates: list[ModelConfig]
+    seqs: list[GenerationRequest]  # prompt-major: n choices of each prompt
+    stream: bool
+    n: int = 1
+    # The wire request (cache key, conversation log) and whether the client allows the cache
+    # to be read and written (Cache-Control).
+    body: SamplingFields | None = None
+    cache_read: bool = True
+    cache_write: bool = True
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the pipeline tells its caller about one request: final once its frames ended.
+
+    The route turns it into headers (x-cache, x-ratelimit-*) and hands it to the access log."""
+
+    model: str  # the model that answered (after any fallback)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    ttft_ms: float | None = None
+    cache: str = "miss"  # hit | miss
+    headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-*
+    finish_reason: str | None = None
+    # Book-keeping of the current attempt, for the accounting record.
+    started: float = field(default_factory=time.perf_counter)
+    admitted: float | None = None  # the model's slot was taken
+    seqs: list[GenerationRequest] = field(default_factory=list)
+
+
+class Stage(Protocol):
+    def run(self, call: Call, out: Outcome) -> AsyncGenerator[Frame, None]: ...
+
+
+class Accounting:
+    """Hands one `CompletionRecord` per request to the subscribers given here, in order."""
+
+    def __init__(self, subscribers: Sequence[Subscriber]) -> None:
+        self.subscribers = tuple(subscribers)
+
+    async def record(self, record: CompletionRecord) -> None:
+        for subscriber in self.subscribers:
+            result = subscriber(record)
+            if inspect.isawaitable(result):
+                await result
+
+
+class AdmissionStage:
+    """Rate limits before any work, and the request's accounting record after it.
+
+    Admission comes before any preparation, so tokenizing an over-long prompt or compiling a
+    grammar is never free: a request that fails after it still counted against the caller's
+    request limits (OpenAI counts failed requests too), and its reserved tokens come back
+    (no model processed them). Every admitted request is recorded once, failed, cancelled or
+    not; refused ones are not (a client hammering 429s is no database write per refusal)."""
+
+    def __init__(
+        self,
+        next_stage: Stage,
+        admit: Admit | None,
+        accounting: Accounting,
+        drain_cut: asyncio.Event,
+    ) -> None:
+        self.next = next_stage
+        self.admit = admit
+        self.accounting = accounting
+        # Set by the drainer when it cuts in-flight work at the drain deadline: a cancellation
+        # after that is the server's (503), not a client's (499).
+        self.drain_cut = drain_cut
+
+    async def check(self, ctx: RequestContext, tokens: int, out: Outcome) -> None:
+        """The limiter's admission alone (embeddings share it): 429 when refused."""
+        if self.admit is not None:
+            out.headers = await self.admit(ctx, tokens)
+
+    async def run(self, call: Call, out: Outcome) -> AsyncGenerator[Frame, None]:
+        status, cancelled, admitted = 200, False, False
+        try:
+            await self.check(call.ctx, _reservation(call.seqs, _window(call.candidates)), out)
+            admitted = True
+            async with aclosing(self.next.run(call, out)) as frames:
+                async for frame in frames:
+                    yield frame
+        except (asyncio.CancelledError, GeneratorExit):
+            # The drain's cut, or the client going away (which is what cancels us otherwise).
+            status, cancelled = (503, False) if self.drain_cut.is_set() else (499, True)
+            raise
+        except APIError as exc:
+            status = exc.status_code
+            carry_headers(exc, out.headers)
+            raise
+        except Exception:
+            status = 500
+            raise
+        finally:
+            # Prompt tokens count once a model took the request (its slot): a prompt refused in
+            # preparation (too long, a bad grammar) was tokenized but never processed.
+            if out.admitted is not None:
+                out.prompt_tokens = sum(s.prompt_tokens or 0 for s in out.seqs[:: call.n])
+            else:
+                out.prompt_tokens = 0
+            if admitted:
+                await self.accounting.record(_record(call, out, status, cancelled))
+
+    async def replay(
+        self, call: Call, out: Outcome, frames: list[Frame], tokens: int
+    ) -> AsyncGenerator[Frame, None]:
+        """A cached answer: a hit is still a request, counted against the caller's limits like
+        any other (requests, concurrency, the tokens it delivers) and recorded as a hit."""
+        await self.check(call.ctx, tokens, out)
+        out.admitted = out.started
+        await self.accounting.record(_record(call, out, 200, False, cache_hit=True))
+        for frame in frames:
+            yield frame
+
+
+class FallbackStage:
+    """The model asked for, then its fallbacks the caller may use, while nothing has reached
+    the client: a stream until its first frame, a non-streaming answer until whole (it is held,
+    so a failure anywhere in it falls back too). Only failures worth another model fall back
+    (`falls_back`); the last candidate's error stands."""
+
+    def __init__(self, next_stage: Stage) -> None:
+        self.next = next_stage
+
+    def run(self, call: Call, out: Outcome) -> AsyncGenerator[Frame, None]:
+        if len(call.candidates) == 1 and call.stream:
+            return self.next.run(call, out)  # nothing to fall back to: no layer in between
+        return self._run(call, out)
+
+    async def _run(self, call: Call, out: Outcome) -> AsyncGenerator[Frame, None]:
+        pristine = [_copy(s) for s in call.seqs] if len(call.candidates) > 1 else call.seqs
+
+        async def attempt(model: ModelConfig) -> AsyncGenerator[Frame, None] | list[Frame]:
+            this = call
+            if model is not call.model:
+                this = replace(call, model=model, seqs=[_copy(s, model.id) for s in pristine])
+            frames = await first_then_rest(self.next.run(this, out))
+            if call.stream:
+                return frames
+            return [f async for f in frames]  # held until whole, see above
+
+        answer = await first_success(call.candidates, attempt)
+        if isinstance(answer, list):
+            for frame in answer:
+                yield frame
+            return
+        async with aclosing(answer):
+            async for frame in answer:
+                yield frame
+
+
+async def first_success(
+    candidates: Sequence[ModelConfig], attempt: Callable[[ModelConfig], Awaitable[T]]
+) -> T:
+    """`attempt` with each candidate in turn until one succeeds; only failures worth another
+    model (`falls_back`) move on, and the last candidate's error stands. Shared by completions
+    (the fallback stage) and embeddings."""
+    for i, model in enumerate(candidates):
+        try:
+            return await attempt(model)
+        except APIError as exc:
+            if i + 1 == len(candidates) or not falls_back(exc):
+                raise
+            log.warning("model_fallback", model=model.id, to=candidates[i + 1].id, error=exc.code)
+    raise AssertionError("no candidates")  # a call always has its own model
+
+
+class BackendStage:
+    """One model: its backend (an upstream router is one too), preparation (tokenize, context
+    check, grammar), its admission gate's slot, then every choice. Keeps `out`'s counts; a new
+    attempt's replace a failed one's (the record describes the answer the client got)."""
+
+    def __init__(self, backends: dict[str, Backend], gates: dict[str, AdmissionGate]) -> None:
+        self.backends = backends
+        self.gates = gates
+
+    async def run(self, call: Call, out: Outcome) -> AsyncGenerator[Frame, None]:
+        model, seqs = call.model, call.seqs
+        out.model, out.seqs = model.id, seqs
+        out.admitted = out.finish_reason = out.ttft_ms = None
+        out.completion_tokens = out.cached_tokens = 0
+        for seq in seqs:
+            seq.buffered = not call.stream
+        backend = self.backends[model.id]
+        if not backend.ready:
+            raise ServiceUnavailableError(f"Model `{model.id}` is loading; retry shortly.")
+        await _prepare(backend, seqs)  # errors here are plain 4xx, raised before streaming
+        tokens = [0] * len(seqs)  # per choice; authoritative once its finish frame arrives
+
+        def count(frame: Frame) -> None:
+            index = frame.index
+            if frame.text and out.ttft_ms is None:
+                out.ttft_ms = (time.perf_counter() - out.started) * 1000
+            tokens[index] += frame.tokens
+            if frame.finish_reason is not None:
+                out.finish_reason = frame.finish_reason
+                if frame.completion_tokens is not None:
+                    tokens[index] = frame.completion_tokens
+                if frame.prompt_tokens is not None:
+                    seqs[index].prompt_tokens = frame.prompt_tokens
+                if frame.cached_tokens:
+                    out.cached_tokens += frame.cached_tokens
+            out.completion_tokens = sum(tokens)
+
+        async with self.gates[model.id].slot():
+            out.admitted = time.perf_counter()
+            if len(seqs) == 1:  # the common case, without _choices' generator in between
+                async with aclosing(backend.generate(seqs[0])) as frames:
+                    async for frame in frames:
+                        count(frame)
+                        yield frame
+                return
+            async for frame in _choices(backend, seqs):
+                count(frame)
+                yield frame
+
+
+async def _prepare(backend: Backend, seqs: list[GenerationRequest]) -> None:
+    for seq in seqs:
+        await backend.prepare(seq)
+        if seq.prompt_tokens is None:
+            continue  # upstreams check their own context window
+        ctx_len = backend.config.context_length
+        room = ctx_len - seq.prompt_tokens
+        if room < 1 or (seq.explicit_max_tokens and seq.params.max_tokens > room):
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {ctx_len} tokens. However, you "
+                f"requested {seq.prompt_tokens + seq.params.max_tokens} tokens "
+                f"({seq.prompt_tokens} in the messages, {seq.params.max_tokens} in the "
+                "completion). Please reduce the length of the messages or completion.",
+                param="messages",
+            )
+        seq.params.max_tokens = min(seq.params.max_tokens, room)
+
+
+async def _choices(backend: Backend, seqs: list[GenerationRequest]) -> AsyncGenerator[Frame, None]:
+    """Every choice of one request (n > 1) at once, frames tagged with their choice index in
+    arrival order: the batched engine decodes n choices in the same steps (n× faster than one
+    after another), and upstream choices run as concurrent requests. A failing choice fails the
+    request and cancels the others; so does the consumer going away."""
+    # Unbounded, but bounded in practice: at most max_tokens frames per choice.
+    queue: asyncio.Queue[Frame | None | BaseException] = asyncio.Queue()
+
+    async def pump(index: int, seq: GenerationRequest) -> None:
+        try:
+            async with aclosing(backend.generate(seq)) as frames:
+                async for frame in frames:
+                    frame.index = index
+                    queue.put_nowait(frame)
+            queue.put_nowait(None)
+        except Exception as exc:  # re-raised in the consumer, in order
+            queue.put_nowait(exc)
+
+    tasks = [asyncio.create_task(pump(i, seq)) for i, seq in enumerate(seqs)]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                running -= 1
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def carry_headers(exc: APIError, headers: dict[str, str]) -> None:
+    """An error after admission still answers with the request's rate-limit headers (it
+    counted against them)."""
+    for name, value in headers.items():
+        exc.headers.setdefault(name, value)
+
+
+def _record(
+    call: Call, out: Outcome, status: int, cancelled: bool, *, cache_hit: bool = False
+) -> CompletionRecord:
+    now = time.perf_counter()
+    ctx = call.ctx
+    return CompletionRecord(
+        request_id=ctx.request_id,
+        model=out.model,
+        endpoint=call.endpoint,
+        user_id=ctx.user_id,
+        key_id=ctx.key_id,
+        batch_id=ctx.batch_id,
+        prompt_tokens=out.prompt_tokens,
+        completion_tokens=out.completion_tokens,
+        finish_reason=out.finish_reason,
+        status=status,
+        cache_hit=cache_hit,
+        cancelled=cancelled,
+        ttft_ms=out.ttft_ms,
+        latency_ms=(out.ttft_ms if cache_hit and out.ttft_ms else (now - out.started) * 1000),
+        queue_ms=((out.admitted or now) - out.started) * 1000 if not cache_hit else 0.0,
+        stream=call.stream,
+    )
+
+
+def _copy(seq: GenerationRequest, model: str | None = None) -> GenerationRequest:
+    """A fresh sequence for another attempt: params as the client asked, no engine state."""
+    return replace(
+        seq,
+        model=model or seq.model,
+        params=replace(seq.params, stop=list(seq.params.stop)),
+        prompt_tokens=None,
+        engine_state={},
+    )
+
+
+def _reservation(seqs: list[GenerationRequest], window: int | None) -> int:
+    """Tokens a request may use: each distinct prompt once (n choices share it) plus every
+    sequence's max_tokens. Reserved before tokenizing, so prompts are estimated from their
+    characters as OpenAI does (1 token per 3 characters), and settled to the real usage
+    afterwards. Where every candidate model's context window is enforced here (`window`, local
+    models), no prompt or completion can be larger than it: an absurd max_tokens is then the
+    400 it deserves (context too long), not a 429 for a request larger than the limit."""
+    cap = window or sys.maxsize
+    prompts: dict[int, int] = {}
+    for seq in seqs:
+        source = seq.messages if seq.messages is not None else seq.prompt
+        chars = sum(len(m.content) for m in seq.messages or []) + len(seq.prompt or "")
+        prompts[id(source)] = min(chars // 3 + 1, cap)
+    return sum(prompts.values()) + sum(min(seq.params.max_tokens, cap) for seq in seqs)
+
+
+def _window(candidates: list[ModelConfig]) -> int | None:
+    """The largest context window among the candidates, if this service enforces each one."""
+    if all(c.backend == "llama_cpp" for c in candidates):
+        return max(c.context_length for c in candidates)
+    return None
+
+
+def falls_back(exc: APIError) -> bool:
+    """Worth another model: it failed, timed out, is overloaded or rate limited, or the context
+    was too long for it. Other 4xx are the request's fault and would fail anywhere."""
+    return exc.status_code >= 500 or isinstance(exc, (RateLimitError, ContextLengthExceededError))
