@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -174,6 +175,10 @@ class ModelConfig(BaseModel):
             elif self.concurrency > self.slots:
                 raise ValueError("concurrency cannot exceed slots for the batched engine")
         return self
+
+    @field_serializer("capabilities")
+    def _capabilities_list(self, value: frozenset[Capability]) -> list[str]:
+        return sorted(value)  # a registry file (YAML, JSON) holds a list
 
     @model_validator(mode="after")
     def _capabilities_fit(self) -> ModelConfig:
