@@ -1,7 +1,8 @@
 """The app factory and its lifespan.
 
-The lifespan builds every long-lived object (model backends, and later DB engines, Redis and HTTP
-pools) onto `app.state.llm_api`; api/deps.py hands them to routes. Models load in the background
+The lifespan builds every long-lived object (model backends, the database engine, the one Redis
+client, HTTP pools) and then the typed `AppState` holding them, on `app.state.llm_api`;
+api/deps.py hands them to routes. Models load in the background
 so that /health answers at once and /ready turns 200 only after every model has warmed up.
 """
 
@@ -24,6 +25,7 @@ from llm_api.api.v1.router import include_v1
 from llm_api.api.web import install_web_ui
 from llm_api.core import worker_readiness
 from llm_api.core.config import DEFAULT_JWT_SECRET, Settings
+from llm_api.core.drain import DrainHook
 from llm_api.core.gc_tuning import release_heap, settle_heap
 from llm_api.core.logging import configure_logging
 from llm_api.core.state import AppState
@@ -36,36 +38,53 @@ from llm_api.middleware.response_headers import ResponseHeadersMiddleware
 from llm_api.services.auth.startup import start_accounts
 from llm_api.services.batches.queue import start_batches
 from llm_api.services.cache.service import CachedLLMService, build_cache_store
+from llm_api.services.dashboard import SummaryService
 from llm_api.services.llm.backends.factory import build_backends
 from llm_api.services.llm.embeddings import EmbeddingService
 from llm_api.services.llm.registry import load_registry
 from llm_api.services.llm.service import LLMService
 from llm_api.services.observability import observability
 from llm_api.services.rate_limit import start_rate_limiter
+from llm_api.services.redis_pool import SharedRedis
 from llm_api.services.usage.pipeline import UsagePipeline
 
 log = structlog.get_logger(__name__)
 
 
-def build_llm_service(settings: Settings) -> LLMService:
+def build_llm_service(settings: Settings, redis: SharedRedis | None) -> LLMService:
     registry = load_registry(settings.models_file)
-    backends = build_backends(registry, settings)
+    backends = build_backends(registry, settings, redis)
     return LLMService(settings, registry, backends)
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    llm = build_llm_service(settings)
-    state = AppState(settings=settings, llm=llm)
-    app.state.llm_api = state
-    state.db, state.auth = await start_accounts(settings)
-    responses = state.responses = CachedLLMService(llm, build_cache_store(settings), settings)
-    embeddings = state.embeddings = EmbeddingService(llm, responses.store, settings)
-    usage = state.usage = UsagePipeline(settings, responses, state.db.sessions)
-    usage.start(state.on_drain)  # replays what a previous process left unflushed
-    limiter = state.rate_limiter = await start_rate_limiter(settings, llm)
-    state.files, state.batch_queue = start_batches(settings, state.db.sessions, llm, embeddings)
+    # One Redis client (and failure policy) for the cache, the limiter and the breakers.
+    redis = SharedRedis.from_settings(settings)
+    llm = build_llm_service(settings, redis)
+    db, auth = await start_accounts(settings)
+    responses = CachedLLMService(llm, build_cache_store(settings, redis), settings)
+    embeddings = EmbeddingService(llm, responses.store, settings)
+    on_drain: list[DrainHook] = []
+    usage = UsagePipeline(settings, responses, db.sessions)
+    usage.start(on_drain)  # replays what a previous process left unflushed
+    limiter = await start_rate_limiter(settings, llm, redis)
+    files, batch_queue = start_batches(settings, db.sessions, llm, embeddings)
+    state = app.state.llm_api = AppState(
+        settings=settings,
+        llm=llm,
+        db=db,
+        auth=auth,
+        responses=responses,
+        embeddings=embeddings,
+        usage=usage,
+        rate_limiter=limiter,
+        files=files,
+        batch_queue=batch_queue,
+        summary=SummaryService(llm),
+        on_drain=on_drain,
+    )
 
     async def load_models() -> None:
         try:
@@ -87,12 +106,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.draining = True
         loader.cancel()
         await asyncio.gather(loader, return_exceptions=True)
-        await state.batch_queue.aclose()
+        await batch_queue.aclose()
         await llm.aclose()
         await limiter.aclose()
         await usage.aclose()  # after the models: cancelled requests have recorded by now
         await responses.aclose()
-        await state.db.dispose()
+        if redis is not None:
+            await redis.aclose()  # after everything that uses it
+        await db.dispose()
         release_heap()
 
 

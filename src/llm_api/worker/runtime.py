@@ -20,6 +20,7 @@ from llm_api.services.batches.storage import FileStore
 from llm_api.services.cache.service import CachedLLMService
 from llm_api.services.llm.embeddings import EmbeddingService
 from llm_api.services.rate_limit import RateLimiter, start_rate_limiter
+from llm_api.services.redis_pool import SharedRedis
 from llm_api.services.usage.pipeline import UsagePipeline
 
 T = TypeVar("T")
@@ -37,7 +38,8 @@ class WorkerRuntime:
         self._thread.start()
         self.engine = build_engine(settings)
         self.sessions = build_sessionmaker(self.engine)
-        self.llm = build_llm_service(settings)
+        self.redis = SharedRedis.from_settings(settings)
+        self.llm = build_llm_service(settings, self.redis)
         # The same observers as the API process: usage records (with batch_id) through the
         # durable buffer, and the rate limiter for the owner's daily token quota.
         self.usage, self.limiter = self.run(self._observers())
@@ -59,12 +61,14 @@ class WorkerRuntime:
             self.settings, CachedLLMService(self.llm, None, self.settings), self.sessions
         )
         usage.start([])  # needs the running loop: its flusher tasks live on it
-        return usage, await start_rate_limiter(self.settings, self.llm)
+        return usage, await start_rate_limiter(self.settings, self.llm, self.redis)
 
     def shutdown(self) -> None:
         """Flush usage records before the process exits (warm shutdown)."""
         self.run(self.usage.aclose())
         self.run(self.limiter.aclose())
+        if self.redis is not None:
+            self.run(self.redis.aclose())
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.submit(coro).result()

@@ -36,6 +36,7 @@ from llm_api.services.llm import shaping
 from llm_api.services.llm.registry import ModelConfig
 from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.types import CompletionRecord, GenerationRequest, RequestContext
+from llm_api.services.redis_pool import SharedRedis
 
 log = structlog.get_logger(__name__)
 
@@ -312,13 +313,16 @@ class CachedLLMService:
         return self._tee(chunks, plan, policy, ctx, req)
 
 
-def build_cache_store(settings: Settings) -> CacheStore | None:
+def build_cache_store(settings: Settings, redis: SharedRedis | None) -> CacheStore | None:
     from llm_api.services.cache.store import MemoryCacheStore, RedisCacheStore
 
     if not settings.cache_enabled:
         return None
-    if settings.redis_url:
+    if redis is not None:
         return RedisCacheStore(
-            settings.redis_url, settings.cache_ttl_seconds, settings.cache_timeout_ms / 1000
+            redis.client,
+            settings.cache_ttl_seconds,
+            settings.cache_timeout_ms / 1000,
+            redis.health,
         )
     return MemoryCacheStore(settings.cache_max_bytes, settings.cache_ttl_seconds)

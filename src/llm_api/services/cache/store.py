@@ -8,8 +8,9 @@ Redis TTL and grow per process without a byte bound. Here Redis holds the entrie
 in-process fallback is a TTL+LRU map bounded in bytes.
 
 A failing cache only ever means a miss: every Redis call is bounded by a short timeout (100 ms by
-default), errors are logged and swallowed, and after a failure Redis is skipped for a second so a
-dead server costs nothing per request.
+default) and errors are swallowed; when Redis is down is the shared policy's call
+(services/redis_pool.RedisHealth: then Redis is skipped for a second, so a dead server costs
+nothing per request).
 
 Cancellation (RELIABILITY #29, redis-py CVE-2023-28858/9, the March 2023 ChatGPT leak): a command
 cancelled between send and reply used to leave its reply unread on a pooled connection, where the
@@ -21,22 +22,19 @@ stores the key it was written under, and a read whose entry names another key is
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Protocol, cast
 
 import orjson
 import structlog
 from cachetools import TTLCache
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.backoff import NoBackoff
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from redis.retry import Retry
+
+from llm_api.services.redis_pool import RedisHealth
 
 log = structlog.get_logger(__name__)
 
 KEY_PREFIX = "llm-api:cache:"
-_SKIP_AFTER_FAILURE_S = 1.0
-MAX_CONNECTIONS = 64
 
 
 class CacheStore(Protocol):
@@ -107,29 +105,27 @@ class MemoryCacheStore:
 
 
 class RedisCacheStore:
-    def __init__(self, url: str, ttl_seconds: int, timeout_seconds: float) -> None:
+    """Entries in the shared Redis (services/redis_pool.py), each call within `timeout_seconds`
+    (a wait for a free pooled connection included)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        ttl_seconds: int,
+        timeout_seconds: float,
+        health: RedisHealth | None = None,
+    ) -> None:
+        self.redis = redis
         self.ttl = ttl_seconds
         self.timeout = timeout_seconds
-        # A blocking pool: a burst beyond `max_connections` waits (within the same timeout) for
-        # a free connection instead of failing at once with MaxConnectionsError.
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=MAX_CONNECTIONS,
-            timeout=timeout_seconds,
-            socket_timeout=timeout_seconds,
-            socket_connect_timeout=timeout_seconds,
-            retry=Retry(NoBackoff(), 0),  # a retry would blow the latency budget; a miss is fine
-            client_name="llm-api-cache",
-        )
-        self.redis = Redis(connection_pool=pool)
-        self._skip_until = 0.0
+        self.health = health if health is not None else RedisHealth()
 
     def _available(self) -> bool:
-        return time.monotonic() >= self._skip_until
+        return not self.health.down
 
     def _failed(self, op: str, exc: BaseException) -> None:
-        self._skip_until = time.monotonic() + _SKIP_AFTER_FAILURE_S
-        log.warning("cache_unavailable", op=op, error=type(exc).__name__)
+        log.info("cache_redis_failed", op=op, error=type(exc).__name__)
+        self.health.failed("cache", exc)
 
     async def get(self, key: str) -> bytes | None:
         if not self._available():
@@ -140,6 +136,7 @@ class RedisCacheStore:
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed("get", exc)
             return None
+        self.health.succeeded()
         return unwrap(key, stored)
 
     async def set(self, key: str, value: bytes) -> None:
@@ -162,6 +159,7 @@ class RedisCacheStore:
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed("mget", exc)
             return [None] * len(keys)
+        self.health.succeeded()
         return [unwrap(k, v) for k, v in zip(keys, found, strict=True)]
 
     async def set_many(self, items: list[tuple[str, bytes]]) -> None:
@@ -177,5 +175,4 @@ class RedisCacheStore:
             self._failed("set_many", exc)
 
     async def aclose(self) -> None:
-        await self.redis.aclose()
-        await self.redis.connection_pool.disconnect()
+        pass  # the client is shared: its owner closes it

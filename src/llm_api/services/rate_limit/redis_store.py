@@ -21,18 +21,15 @@ pattern cannot read back (that made every later script call for the subject fail
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 
 import structlog
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from llm_api.services.rate_limit.loop_lag import LoopLag
 from llm_api.services.rate_limit.types import Decision, LimitSpec, LimitState, Settlement
+from llm_api.services.redis_pool import RedisHealth
 
 log = structlog.get_logger(__name__)
 
@@ -179,29 +176,6 @@ class StoreUnavailable(Exception):
         self.sent = sent
 
 
-def build_redis(url: str, timeout_s: float, max_connections: int = 64) -> Redis:
-    """A client for the limiter: no retries (a retry would multiply the timeout), periodic
-    health checks; the pool reconnects by itself when Redis is back. A blocking pool: a burst of
-    requests queues for one of `max_connections` connections (one script call is ~0.1 ms)
-    instead of opening a connection each.
-
-    The client's own timeouts are only a backstop, beyond the longest wait `_Deadline` allows:
-    each of them is a bare timer that a stalled event loop fires before the reply it raced with
-    is read. RedisStore times every call itself, telling a stalled loop from a slow Redis."""
-    backstop = 2 * timeout_s * (_Deadline.MAX_EXTENSIONS + 2)
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=backstop,
-        socket_timeout=backstop,
-        socket_connect_timeout=backstop,
-        health_check_interval=15,
-        retry=Retry(NoBackoff(), 0),
-        client_name="llm-api-rate-limit",
-    )
-    return Redis.from_pool(pool)
-
-
 class _Deadline:
     """The time limit of one Redis call. When it is reached and the wait was this process's own
     doing, not Redis's, the call gets another budget (up to MAX_EXTENSIONS times):
@@ -250,22 +224,21 @@ class _Deadline:
 
 
 class RedisStore:
-    # After FAILURES_TO_TRIP timeouts in a row (or one refused connection), skip Redis for
-    # BACKOFF_S instead of paying the timeout on every request; then try again. Only timeouts
-    # that were Redis's doing count (`_Deadline`): not those of a stalled or saturated loop.
-    BACKOFF_S = 1.0
-    FAILURES_TO_TRIP = 3
+    """The limiter's scripts on the shared client. When Redis is down is `health`'s call
+    (services/redis_pool.py, shared with the cache and the breakers); only timeouts that were
+    Redis's doing count toward it (`_Deadline`), not those of a stalled or saturated loop."""
 
-    def __init__(self, redis: Redis, prefix: str, timeout_s: float) -> None:
+    def __init__(
+        self, redis: Redis, prefix: str, timeout_s: float, health: RedisHealth | None = None
+    ) -> None:
         self.redis = redis
         self.prefix = prefix
         self.timeout_s = timeout_s
+        self.health = health if health is not None else RedisHealth()
         self._admit = redis.register_script(ADMIT)
         self._settle = redis.register_script(SETTLE)
         self._void = redis.register_script(VOID)
         self._renew = redis.register_script(RENEW)
-        self._down_until = 0.0
-        self._failures = 0
         self._lag = LoopLag()
         self._last_reply = 0.0  # loop time of the latest reply from Redis
 
@@ -274,7 +247,7 @@ class RedisStore:
 
     @property
     def down(self) -> bool:
-        return time.monotonic() < self._down_until
+        return self.health.down
 
     async def _call(self, script: object, keys: list[str], args: list[str | int]) -> object:
         if self.down:
@@ -299,17 +272,9 @@ class RedisStore:
                 # This process was too slow, not Redis: fail this call only.
                 log.info("rate_limit_redis_call_late", extensions=deadline.extensions)
                 raise StoreUnavailable("the event loop was too slow", sent=True) from exc
-            self._failures += 1
-            refused = isinstance(exc, (RedisConnectionError, OSError)) and not isinstance(
-                exc,
-                TimeoutError,  # the builtin one is an OSError too
-            )
-            if refused or self._failures >= self.FAILURES_TO_TRIP:
-                if not self.down:
-                    log.warning("rate_limit_redis_unavailable", error=type(exc).__name__)
-                self._down_until = time.monotonic() + self.BACKOFF_S
-            raise StoreUnavailable(str(exc), sent=not refused) from exc
-        self._failures = 0
+            sent = self.health.failed("rate_limit", exc)
+            raise StoreUnavailable(str(exc), sent=sent) from exc
+        self.health.succeeded()
         self._last_reply = asyncio.get_running_loop().time()
         return result
 
@@ -386,5 +351,4 @@ class RedisStore:
             return False
 
     async def aclose(self) -> None:
-        await self._lag.aclose()
-        await self.redis.aclose()
+        await self._lag.aclose()  # the client is shared: its owner closes it
