@@ -21,16 +21,15 @@ stores the key it was written under, and a read whose entry names another key is
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 from typing import Protocol, cast
 
 import orjson
 import structlog
 from cachetools import TTLCache
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from llm_api.services.redis_pool import RedisHealth
+from llm_api.services.redis_pool import RedisHealth, RedisUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -118,61 +117,42 @@ class RedisCacheStore:
         self.redis = redis
         self.ttl = ttl_seconds
         self.timeout = timeout_seconds
+        self._own_health = health is None  # a store of its own (tests): closed with it
         self.health = health if health is not None else RedisHealth()
 
-    def _available(self) -> bool:
-        return not self.health.down
-
-    def _failed(self, op: str, exc: BaseException) -> None:
-        log.info("cache_redis_failed", op=op, error=type(exc).__name__)
-        self.health.failed("cache", exc)
-
     async def get(self, key: str) -> bytes | None:
-        if not self._available():
-            return None
         try:
-            async with asyncio.timeout(self.timeout):
-                stored = cast(bytes | None, await self.redis.get(KEY_PREFIX + key))
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._failed("get", exc)
+            call = self.redis.get(KEY_PREFIX + key)
+            stored = cast(bytes | None, await self.health.call("cache", call, self.timeout))
+        except RedisUnavailable:  # a miss; the shared policy logs outages
             return None
-        self.health.succeeded()
         return unwrap(key, stored)
 
     async def set(self, key: str, value: bytes) -> None:
-        if not self._available():
-            return
-        try:
-            async with asyncio.timeout(self.timeout):
-                await self.redis.set(KEY_PREFIX + key, wrap(key, value), ex=self.ttl)
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._failed("set", exc)
+        call = self.redis.set(KEY_PREFIX + key, wrap(key, value), ex=self.ttl)
+        with contextlib.suppress(RedisUnavailable):  # not stored; the policy logs outages
+            await self.health.call("cache", call, self.timeout)
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
-        if not keys or not self._available():
-            return [None] * len(keys)
+        if not keys:
+            return []
         try:
-            async with asyncio.timeout(self.timeout):
-                found = cast(
-                    list[bytes | None], await self.redis.mget([KEY_PREFIX + k for k in keys])
-                )
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._failed("mget", exc)
+            call = self.redis.mget([KEY_PREFIX + k for k in keys])
+            found = cast(list[bytes | None], await self.health.call("cache", call, self.timeout))
+        except RedisUnavailable:  # a miss; the shared policy logs outages
             return [None] * len(keys)
-        self.health.succeeded()
         return [unwrap(k, v) for k, v in zip(keys, found, strict=True)]
 
     async def set_many(self, items: list[tuple[str, bytes]]) -> None:
-        if not items or not self._available():
+        if not items:
             return
-        try:
-            async with asyncio.timeout(self.timeout):
-                pipe = self.redis.pipeline(transaction=False)  # one round trip, no MULTI
-                for key, value in items:
-                    pipe.set(KEY_PREFIX + key, wrap(key, value), ex=self.ttl)
-                await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._failed("set_many", exc)
+        pipe = self.redis.pipeline(transaction=False)  # one round trip, no MULTI
+        for key, value in items:
+            pipe.set(KEY_PREFIX + key, wrap(key, value), ex=self.ttl)
+        with contextlib.suppress(RedisUnavailable):  # not stored; the policy logs outages
+            await self.health.call("cache", pipe.execute(), self.timeout)
 
     async def aclose(self) -> None:
-        pass  # the client is shared: its owner closes it
+        # The client (and, in the app, the health) are shared: their owner closes them.
+        if self._own_health:
+            await self.health.aclose()

@@ -14,7 +14,6 @@ synchronous or have no half-open probe token shared across processes.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -22,18 +21,13 @@ from typing import Literal, Protocol, TypeVar
 
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from llm_api.services.redis_pool import RedisHealth
+from llm_api.services.redis_pool import RedisHealth, RedisUnavailable
 
 log = structlog.get_logger(__name__)
 
 State = Literal["closed", "open", "half_open"]
 T = TypeVar("T")
-
-
-class _Skipped(Exception):
-    """Redis is marked down: the memory store answers without a call."""
 
 
 class Breakers(Protocol):
@@ -161,22 +155,10 @@ class RedisBreakers:
         self._failure = redis.register_script(_FAILURE_LUA)
 
     async def _call(self, op: Awaitable[T]) -> T:
-        """`op` within the timeout, as the shared failure policy says (services/redis_pool.py);
-        raises RedisError (the caller then uses its memory store) when Redis failed or is
-        marked down."""
-        if self.health.down:
-            if asyncio.iscoroutine(op):
-                op.close()  # never started
-            raise _Skipped()
-        try:
-            async with asyncio.timeout(self.timeout):
-                result = await op
-        except (RedisError, OSError, TimeoutError) as exc:
-            log.info("breaker_redis_failed", error=type(exc).__name__)
-            self.health.failed("breakers", exc)
-            raise _Skipped() from exc
-        self.health.succeeded()
-        return result
+        """`op` as the shared failure policy times and judges it (services/redis_pool.py);
+        RedisUnavailable (the caller then uses its memory store) when Redis failed, was too
+        slow or is marked down."""
+        return await self.health.call("breakers", op, self.timeout)
 
     def _keys(self, name: str) -> list[str]:
         base = f"{self.prefix}:{name}"
@@ -186,7 +168,7 @@ class RedisBreakers:
         keys = [k for n in names for k in self._keys(n)[:3]]
         try:
             values = await self._call(self.redis.mget(keys))
-        except _Skipped:
+        except RedisUnavailable:
             return await self.local.states(names)
         out: list[State] = []
         for i, name in enumerate(names):
@@ -204,7 +186,7 @@ class RedisBreakers:
         try:
             token = self.redis.set(self._keys(name)[3], "1", nx=True, px=self.probe_ms)
             return bool(await self._call(token))
-        except _Skipped:
+        except RedisUnavailable:
             return await self.local.acquire(name, state)
 
     async def success(self, name: str, state: State) -> None:
@@ -215,7 +197,7 @@ class RedisBreakers:
         self.local._entry(name).failures = 0
         try:
             await self._call(self.redis.delete(*self._keys(name)))
-        except _Skipped:
+        except RedisUnavailable:
             await self.local.success(name, state)
 
     async def failure(self, name: str) -> None:
@@ -229,7 +211,7 @@ class RedisBreakers:
             self.local._entry(name).failures += 1  # a later success must clear `:f`
             if opened:
                 log.warning("breaker_opened", deployment=name)
-        except _Skipped:
+        except RedisUnavailable:
             await self.local.failure(name)
 
     async def release(self, name: str, state: State) -> None:
@@ -237,7 +219,7 @@ class RedisBreakers:
             return
         try:
             await self._call(self.redis.delete(self._keys(name)[3]))
-        except _Skipped:
+        except RedisUnavailable:
             await self.local.release(name, state)
 
     async def aclose(self) -> None:
