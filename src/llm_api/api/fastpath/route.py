@@ -54,17 +54,34 @@ class _Node:
     children: tuple[_Node, ...]
 
 
-async def _solve(node: _Node, request: Request, solved: dict[DependencyCall, Any]) -> Any:
-    if node.call in solved:  # FastAPI's use_cache: one value per dependency per request
-        return solved[node.call]
-    values: dict[str, Any] = {}
-    for child in node.children:
-        assert child.name is not None
-        values[child.name] = await _solve(child, request, solved)
-    if node.request_name is not None:
-        values[node.request_name] = request
-    value = solved[node.call] = await node.call(**values)
-    return value
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """One dependency call, in the order FastAPI makes them: `args` name the dependencies (solved
+    before it) whose values it takes, by parameter."""
+
+    call: DependencyCall
+    request_name: str | None
+    args: tuple[tuple[str, DependencyCall], ...]
+
+
+def _steps(nodes: list[_Node]) -> list[_Step]:
+    """The graph as a list of calls: depth first, each dependency once (FastAPI's use_cache:
+    one value per dependency per request), decided when the route is built."""
+    steps: list[_Step] = []
+    seen: set[DependencyCall] = set()
+
+    def visit(node: _Node) -> None:
+        if node.call in seen:
+            return
+        for child in node.children:
+            visit(child)
+        seen.add(node.call)
+        args = tuple((child.name, child.call) for child in node.children if child.name)
+        steps.append(_Step(node.call, node.request_name, args))
+
+    for node in nodes:
+        visit(node)
+    return steps
 
 
 class LeanRoute(APIRoute):
@@ -87,6 +104,8 @@ class LeanRoute(APIRoute):
         overrides_provider = route.dependency_overrides_provider
         field = route.response_field
         calls = _calls(dependencies)
+        steps = _steps(dependencies)
+        wanted = [(node.name, node.call) for node in dependencies if node.name is not None]
 
         async def handle(request: Request) -> Response:
             overrides = getattr(overrides_provider, "dependency_overrides", None)
@@ -99,12 +118,14 @@ class LeanRoute(APIRoute):
                 body = model.model_validate_json(raw)
             except ValidationError:
                 return await standard(request)  # FastAPI's error, unchanged
-            values: dict[str, Any] = {body_name: body}
             solved: dict[DependencyCall, Any] = {}
-            for node in dependencies:  # the router's first, as FastAPI orders them
-                value = await _solve(node, request, solved)
-                if node.name is not None:
-                    values[node.name] = value
+            for step in steps:  # the router's first, as FastAPI orders them
+                kwargs = {name: solved[call] for name, call in step.args}
+                if step.request_name is not None:
+                    kwargs[step.request_name] = request
+                solved[step.call] = await step.call(**kwargs)
+            values: dict[str, Any] = {name: solved[call] for name, call in wanted}
+            values[body_name] = body
             if request_name is not None:
                 values[request_name] = request
             sub_response: Response | None = None
