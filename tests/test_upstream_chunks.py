@@ -26,6 +26,8 @@ from llm_api.services.llm.backends.openai_upstream import (
     _split_lines,
     _Totals,
 )
+from llm_api.services.llm.backends.upstream_wire import Rich
+from llm_api.services.llm.types import Frame
 
 
 def _chat(content: object = None, finish: object = None, **extra: object) -> bytes:
@@ -47,8 +49,15 @@ def _chat(content: object = None, finish: object = None, **extra: object) -> byt
 def _via_dicts(payloads: list[bytes]) -> tuple[list[str], _Totals, str | None]:
     texts: list[str] = []
     totals = _Totals()
-    error = _fold_dicts(_decode(payloads), texts, totals)
+    error, _ = _fold_dicts(_decode(payloads), texts, totals)
     return texts, totals, error
+
+
+def _frames(texts: list[str], rich: Rich | None) -> list[Frame]:
+    """What the reader makes of a read: Rich's frames, or the text as one."""
+    if rich is not None:
+        return rich.close()
+    return [Frame(text="".join(texts), tokens=len(texts))] if texts else []
 
 
 FITTING = {
@@ -73,7 +82,7 @@ FITTING = {
     "several choices": [
         orjson.dumps({"choices": [{"delta": {"content": "a"}}, {"delta": {"content": "b"}}]})
     ],
-    "tool calls and other fields we do not read": [
+    "tool calls, logprobs, reasoning, usage details": [
         orjson.dumps(
             {
                 "choices": [
@@ -85,7 +94,39 @@ FITTING = {
                 ],
                 "prompt_logprobs": None,
             }
-        )
+        ),
+        orjson.dumps(
+            {
+                "choices": [
+                    {
+                        "delta": {
+                            "content": "x",
+                            "reasoning_content": "r",
+                            "reasoning": None,
+                            "refusal": None,
+                            "tool_calls": [
+                                {"index": 1, "id": "c", "function": {"arguments": "{}"}}
+                            ],
+                        },
+                        "logprobs": {
+                            "content": [
+                                {
+                                    "token": "x",
+                                    "logprob": -1,
+                                    "bytes": [120],
+                                    "top_logprobs": [{"token": "y", "logprob": -2.5}],
+                                }
+                            ]
+                        },
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": 3,
+                    "prompt_tokens_details": {"cached_tokens": 2},
+                    "completion_tokens_details": None,
+                },
+            }
+        ),
     ],
     "no choices key, null choices, null delta": [
         orjson.dumps({"id": "x"}),
@@ -103,8 +144,12 @@ def test_the_typed_view_finds_what_the_dict_walk_finds(payloads: list[bytes]) ->
     assert typed is not None, "this read should take the fast path"
     texts: list[str] = []
     totals = _Totals()
-    _fold_typed(typed, texts, totals)
+    rich = _fold_typed(typed, texts, totals)
     assert (texts, totals, None) == _via_dicts(payloads)
+    # Tool-call pieces, reasoning and logprobs too: the same frames either way.
+    dict_texts: list[str] = []
+    _, dict_rich = _fold_dicts(_decode(payloads), dict_texts, _Totals())
+    assert _frames(texts, rich) == _frames(dict_texts, dict_rich)
 
 
 REFUSED = {
@@ -127,6 +172,16 @@ REFUSED = {
     "count negative": [orjson.dumps({"usage": {"completion_tokens": -1}})],
     "count a float": [orjson.dumps({"usage": {"completion_tokens": 2.0}})],
     "count a string": [orjson.dumps({"usage": {"prompt_tokens": "many"}})],
+    # Passed on verbatim by the dict walk (Frame.extra, usage_extra), which only it can do.
+    "a delta field we do not read": [orjson.dumps({"choices": [{"delta": {"audio": {}}}]})],
+    "a refusal": [orjson.dumps({"choices": [{"delta": {"refusal": "no"}}]})],
+    "a usage field we do not read": [orjson.dumps({"usage": {"cost": 1}})],
+    "legacy completions logprobs": [
+        orjson.dumps({"choices": [{"text": "a", "logprobs": {"tokens": ["a"]}}]})
+    ],
+    "a tool call without an index": [
+        orjson.dumps({"choices": [{"delta": {"tool_calls": [{"id": "c"}]}}]})
+    ],
 }
 
 
