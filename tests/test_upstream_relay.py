@@ -293,7 +293,7 @@ async def test_a_tool_call_only_stream_starts_with_its_first_piece() -> None:
         _chunk({"tool_calls": [_piece(CALL_PIECES[1])]}),
         _chunk({}, "tool_calls"),
     )
-    cuts = [script.index(b"data: ", 1), script.index(b"data: ", script.index(b"naï"))]
+    cuts = [script.index(b"data: ", 1), script.index(b"data: ", script.index("naï".encode()))]
     async with stubs(StubConfig(script=script, script_cuts=cuts)) as [stub]:
         async with _backend(stub) as backend:
             frames = await _frames(backend, _request())
