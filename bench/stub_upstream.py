@@ -277,7 +277,6 @@ class StubUpstream:
         self.stats.completed += 1
         return resp
 
-
     async def _scripted(
         self, resp: web.StreamResponse, script: bytes, cuts: list[int]
     ) -> web.StreamResponse:

@@ -213,9 +213,11 @@ async def test_the_clients_body_is_forwarded_verbatim() -> None:
 
 async def test_unknown_fields_go_through_where_the_registry_allows() -> None:
     wire = WIRE | {"stream": True, "stream_options": {"continuous_usage_stats": True}}
-    async with stubs(StubConfig(tokens=2)) as [stub]:
-        async with _backend(stub, forward_unknown_fields=True) as backend:
-            await _frames(backend, _request(wire))
+    async with (
+        stubs(StubConfig(tokens=2)) as [stub],
+        _backend(stub, forward_unknown_fields=True) as backend,
+    ):
+        await _frames(backend, _request(wire))
     [body] = stub.stats.bodies
     assert body["top_k"] == 5 and body["chat_template_kwargs"] == {"enable_thinking": True}
     assert body["stream_options"] == {"continuous_usage_stats": True, "include_usage": True}
@@ -295,9 +297,11 @@ async def test_a_tool_call_only_stream_starts_with_its_first_piece() -> None:
     )
     second = script.index(b"data: ", 1)  # a read per event: role, first piece, the rest
     cuts = [second, script.index(b"data: ", second + 1)]
-    async with stubs(StubConfig(script=script, script_cuts=cuts)) as [stub]:
-        async with _backend(stub) as backend:
-            frames = await _frames(backend, _request())
+    async with (
+        stubs(StubConfig(script=script, script_cuts=cuts)) as [stub],
+        _backend(stub) as backend,
+    ):
+        frames = await _frames(backend, _request())
     assert frames[0].tool_calls == [CALL_PIECES[0]] and frames[0].text == ""
     assert _pieces(frames) == CALL_PIECES[:2]
     assert frames[-1].finish_reason == "tool_calls"
@@ -352,9 +356,11 @@ async def test_a_non_streamed_answer_keeps_its_calls_reasoning_and_details() -> 
             "completion_tokens_details": {"reasoning_tokens": 4},
         },
     }
-    async with stubs(StubConfig(stream=False, answer=answer)) as [stub]:
-        async with _backend(stub) as backend:
-            [frame] = await _frames(backend, _request())
+    async with (
+        stubs(StubConfig(stream=False, answer=answer)) as [stub],
+        _backend(stub) as backend,
+    ):
+        [frame] = await _frames(backend, _request())
     assert _calls([frame]) == EXPECTED_CALLS
     assert [d.index for d in frame.tool_calls or ()] == [0, 1]
     assert frame.reasoning == "think first"
@@ -487,9 +493,11 @@ async def test_a_retry_carries_the_same_frames(buffered: bool) -> None:
 @pytest.mark.parametrize("buffered", [False, True], ids=["streamed", "buffered"])
 async def test_a_fallback_carries_the_same_frames(buffered: bool) -> None:
     down = StubConfig(fail_status=500)
-    async with stubs(down, StubConfig(script=RICH_STREAM)) as [a, b]:
-        async with _started(_router(a, b)) as router:
-            frames = await _frames(router, _request(WIRE, buffered=buffered))
+    async with (
+        stubs(down, StubConfig(script=RICH_STREAM)) as [a, b],
+        _started(_router(a, b)) as router,
+    ):
+        frames = await _frames(router, _request(WIRE, buffered=buffered))
     _check_rich(frames)
     assert a.stats.failed == 1 and a.stats.bodies == b.stats.bodies
 
@@ -499,16 +507,18 @@ async def test_a_tool_call_first_frame_counts_as_started() -> None:
     One that dies after a tool call's first piece has started the answer: not retried."""
     role_only = _sse(_chunk({"role": "assistant", "content": ""}), done=False)
     call_first = _sse(_chunk({"tool_calls": [_piece(CALL_PIECES[0])]}), done=False)
-    async with stubs(StubConfig(script=role_only), StubConfig(script=TOOL_STREAM)) as [a, b]:
-        async with _started(_router(a, b, retries=1)) as router:
-            frames = await _frames(router, _request())
-            assert _calls(frames) == EXPECTED_CALLS
-            assert (a.stats.requests, b.stats.requests) == (1, 1)
-            a.config = b.config = StubConfig(script=call_first)
-            got: list[Frame] = []
-            with pytest.raises(UpstreamError, match="before finishing"):
-                async for frame in router.generate(_request()):
-                    got.append(frame)
+    async with (
+        stubs(StubConfig(script=role_only), StubConfig(script=TOOL_STREAM)) as [a, b],
+        _started(_router(a, b, retries=1)) as router,
+    ):
+        frames = await _frames(router, _request())
+        assert _calls(frames) == EXPECTED_CALLS
+        assert (a.stats.requests, b.stats.requests) == (1, 1)
+        a.config = b.config = StubConfig(script=call_first)
+        got: list[Frame] = []
+        with pytest.raises(UpstreamError, match="before finishing"):
+            async for frame in router.generate(_request()):
+                got.append(frame)
     assert got == [Frame(tool_calls=[CALL_PIECES[0]], tokens=1)]
     assert a.stats.requests + b.stats.requests == 3  # the second request was not retried
 

@@ -58,7 +58,10 @@ def request_body(config: ModelConfig, request: GenerationRequest) -> tuple[str, 
     # stream options (vLLM's continuous_usage_stats) stay.
     options = wire.get("stream_options")
     body["stream"] = True
-    body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    body["stream_options"] = {
+        **(options if isinstance(options, dict) else {}),
+        "include_usage": True,
+    }
     # Each choice is its own upstream request (the service runs n of them at once), with its own
     # seed: seed + choice index, as for local models.
     body.pop("n", None)
@@ -115,7 +118,11 @@ def _rebuilt(config: ModelConfig, request: GenerationRequest) -> tuple[str, dict
         msg: dict[str, Any] = {"role": m.role, "content": m.content}
         if m.tool_calls:
             msg["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                }
                 for c in m.tool_calls
             ]
         if m.tool_call_id is not None:
@@ -125,7 +132,9 @@ def _rebuilt(config: ModelConfig, request: GenerationRequest) -> tuple[str, dict
         messages.append(msg)
     body["messages"] = messages
     if request.tools:
-        body["tools"] = [_tool(t.name, t.parameters, t.description, t.strict) for t in request.tools]
+        body["tools"] = [
+            _tool(t.name, t.parameters, t.description, t.strict) for t in request.tools
+        ]
         body["tool_choice"] = (
             {"type": "function", "function": {"name": request.tool_name}}
             if request.tool_choice == "function"
