@@ -1,9 +1,10 @@
 """Any OpenAI-compatible upstream (vLLM, Ollama, llama.cpp's server, OpenAI).
 
 One pooled aiohttp session per upstream (aiohttp sustains several times httpx's request rate on
-this hardware, see PERFORMANCE.md). We always ask the upstream to stream, with usage, and pass
-its output on as it arrives; a non-streaming client request simply collects the same stream.
-Errors are mapped to our taxonomy; messages never carry the upstream URL or key.
+this hardware, see PERFORMANCE.md). The upstream gets the client's body as it came, model name
+and stream settings replaced (upstream_wire.py). We always ask it to stream, with usage, and pass
+its output on as it arrives, every field of it; a non-streaming client request simply collects
+the same stream. Errors are mapped to our taxonomy; messages never carry the upstream URL or key.
 
 Text that arrives in one TCP read leaves as one chunk (vLLM's `--stream-interval` does the
 same at the source): a gateway that has fallen behind catches up with one delta instead of
