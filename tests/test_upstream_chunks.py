@@ -82,7 +82,84 @@ FITTING = {
     "several choices": [
         orjson.dumps({"choices": [{"delta": {"content": "a"}}, {"delta": {"content": "b"}}]})
     ],
-    "tool calls, logprobs, reasoning, usage details": [
+    "nulls where servers send them in text chunks": [
+        orjson.dumps(
+            {
+                "choices": [
+                    {
+                        "delta": {
+                            "role": "assistant",
+                            "content": "a",
+                            "refusal": None,
+                            "tool_calls": None,
+                            "reasoning_content": None,
+                        },
+                        "logprobs": None,
+                    }
+                ]
+            }
+        )
+    ],
+    "usage details": [
+        orjson.dumps(
+            {
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": 3,
+                    "completion_tokens": 1,
+                    "total_tokens": 4,
+                    "prompt_tokens_details": {"cached_tokens": 2},
+                    "completion_tokens_details": None,
+                },
+            }
+        )
+    ],
+    "no choices key, null choices, null delta": [
+        orjson.dumps({"id": "x"}),
+        orjson.dumps({"choices": None}),
+        orjson.dumps({"choices": [{"delta": None, "text": "t"}]}),
+    ],
+    "whitespace around a payload": [b"  " + _chat("a") + b"\r"],
+    "nothing": [],
+}
+
+
+@pytest.mark.parametrize("payloads", FITTING.values(), ids=FITTING.keys())
+def test_the_typed_view_finds_what_the_dict_walk_finds(payloads: list[bytes]) -> None:
+    typed = _decode_typed(payloads)
+    assert typed is not None, "this read should take the fast path"
+    texts: list[str] = []
+    totals = _Totals()
+    _fold_typed(typed, texts, totals)
+    assert (texts, totals, None) == _via_dicts(payloads)
+    # Nothing but text in what the typed view accepts: the dict walk makes the same one frame.
+    dict_texts: list[str] = []
+    _, dict_rich = _fold_dicts(_decode(payloads), dict_texts, _Totals())
+    assert _frames(texts, None) == _frames(dict_texts, dict_rich)
+
+
+REFUSED = {
+    # Reported by the dict walk as errors: the typed view must not swallow them.
+    "error object": [_chat("a"), orjson.dumps({"error": {"message": "overloaded"}})],
+    "error null": [orjson.dumps({"error": None})],
+    "error string": [orjson.dumps({"error": "boom", "choices": []})],
+    "not an object": [_chat("a"), b"5"],
+    "an array": [b"[1, 2]"],
+    "two values in one payload": [b'{"choices": []}, {"choices": []}'],
+    "array breakout": [b"1], [2"],
+    "not JSON": [b"{not json"],
+    # Skipped by the dict walk field by field; the typed view refuses the read instead.
+    "choices not a list": [orjson.dumps({"choices": 3})],
+    "choice not an object": [orjson.dumps({"choices": [7, None]})],
+    "delta a string": [orjson.dumps({"choices": [{"delta": "x", "text": 5}]})],
+    "content not a string": [orjson.dumps({"choices": [{"delta": {"content": ["a"]}}]})],
+    "finish reason not a string": [orjson.dumps({"choices": [{"finish_reason": 1}]})],
+    "count a bool": [orjson.dumps({"usage": {"prompt_tokens": True}})],
+    "count negative": [orjson.dumps({"usage": {"completion_tokens": -1}})],
+    "count a float": [orjson.dumps({"usage": {"completion_tokens": 2.0}})],
+    "count a string": [orjson.dumps({"usage": {"prompt_tokens": "many"}})],
+    # More than text: relayed by the dict walk (upstream_wire.Rich), which only it does.
+    "tool calls, logprobs, reasoning": [
         orjson.dumps(
             {
                 "choices": [
@@ -128,51 +205,6 @@ FITTING = {
             }
         ),
     ],
-    "no choices key, null choices, null delta": [
-        orjson.dumps({"id": "x"}),
-        orjson.dumps({"choices": None}),
-        orjson.dumps({"choices": [{"delta": None, "text": "t"}]}),
-    ],
-    "whitespace around a payload": [b"  " + _chat("a") + b"\r"],
-    "nothing": [],
-}
-
-
-@pytest.mark.parametrize("payloads", FITTING.values(), ids=FITTING.keys())
-def test_the_typed_view_finds_what_the_dict_walk_finds(payloads: list[bytes]) -> None:
-    typed = _decode_typed(payloads)
-    assert typed is not None, "this read should take the fast path"
-    texts: list[str] = []
-    totals = _Totals()
-    rich = _fold_typed(typed, texts, totals)
-    assert (texts, totals, None) == _via_dicts(payloads)
-    # Tool-call pieces, reasoning and logprobs too: the same frames either way.
-    dict_texts: list[str] = []
-    _, dict_rich = _fold_dicts(_decode(payloads), dict_texts, _Totals())
-    assert _frames(texts, rich) == _frames(dict_texts, dict_rich)
-
-
-REFUSED = {
-    # Reported by the dict walk as errors: the typed view must not swallow them.
-    "error object": [_chat("a"), orjson.dumps({"error": {"message": "overloaded"}})],
-    "error null": [orjson.dumps({"error": None})],
-    "error string": [orjson.dumps({"error": "boom", "choices": []})],
-    "not an object": [_chat("a"), b"5"],
-    "an array": [b"[1, 2]"],
-    "two values in one payload": [b'{"choices": []}, {"choices": []}'],
-    "array breakout": [b"1], [2"],
-    "not JSON": [b"{not json"],
-    # Skipped by the dict walk field by field; the typed view refuses the read instead.
-    "choices not a list": [orjson.dumps({"choices": 3})],
-    "choice not an object": [orjson.dumps({"choices": [7, None]})],
-    "delta a string": [orjson.dumps({"choices": [{"delta": "x", "text": 5}]})],
-    "content not a string": [orjson.dumps({"choices": [{"delta": {"content": ["a"]}}]})],
-    "finish reason not a string": [orjson.dumps({"choices": [{"finish_reason": 1}]})],
-    "count a bool": [orjson.dumps({"usage": {"prompt_tokens": True}})],
-    "count negative": [orjson.dumps({"usage": {"completion_tokens": -1}})],
-    "count a float": [orjson.dumps({"usage": {"completion_tokens": 2.0}})],
-    "count a string": [orjson.dumps({"usage": {"prompt_tokens": "many"}})],
-    # Passed on verbatim by the dict walk (Frame.extra, usage_extra), which only it can do.
     "a delta field we do not read": [orjson.dumps({"choices": [{"delta": {"audio": {}}}]})],
     "a refusal": [orjson.dumps({"choices": [{"delta": {"refusal": "no"}}]})],
     "a usage field we do not read": [orjson.dumps({"usage": {"cost": 1}})],

@@ -41,8 +41,6 @@ from llm_api.core.exceptions import (
 from llm_api.services.llm.backends.upstream_connector import upstream_connector
 from llm_api.services.llm.backends.upstream_wire import (
     Rich,
-    TypedLogprobs,
-    TypedToolCall,
     cached_tokens,
     dict_calls,
     dict_extra,
@@ -50,8 +48,6 @@ from llm_api.services.llm.backends.upstream_wire import (
     dict_reasoning,
     finish_reason,
     request_body,
-    typed_calls,
-    typed_logprobs,
     usage_extra,
 )
 from llm_api.services.llm.registry import ModelConfig
@@ -81,28 +77,25 @@ MAX_EMBEDDINGS_BYTES = 64 * 1024 * 1024
 # `gc=False`: decoded JSON cannot form a reference cycle, so the collector need not track these
 # (~20% off the decode, and fewer young-generation collections).
 #
-# Nothing of a delta or a usage object may be lost, so those refuse fields they do not name
-# (`forbid_unknown_fields`): a delta with `audio`, `annotations` or a new field sends its read
-# down the orjson path, which passes such fields on verbatim (Frame.extra). The fields some
-# servers send as null in every chunk are named with type None: null stays on the fast path,
-# anything else does not.
+# This view is for text only, and nothing of a delta may be lost: it refuses delta fields it
+# does not name (`forbid_unknown_fields`), and names with type None those that servers send as
+# null in text chunks (OpenAI's `refusal`, SGLang's `tool_calls` and `reasoning_content`, choice
+# `logprobs`). A read with tool-call pieces, reasoning, logprobs, a refusal or any field nobody
+# knows yet fails it and takes the orjson path, which relays them all (upstream_wire.Rich). Each
+# field named here costs every text chunk's decode ~50 instructions: they are kept few.
 class _Delta(msgspec.Struct, gc=False, forbid_unknown_fields=True):
     content: str | None = None
     role: str | None = None
-    tool_calls: list[TypedToolCall] | None = None
-    reasoning_content: str | None = None
-    reasoning: str | None = None
     refusal: None = None
-    function_call: None = None
-    audio: None = None
-    annotations: None = None
+    tool_calls: None = None
+    reasoning_content: None = None
 
 
 class _Choice(msgspec.Struct, gc=False):
     delta: _Delta | None = None
     text: str | None = None
     finish_reason: str | None = None
-    logprobs: TypedLogprobs | None = None
+    logprobs: None = None
 
 
 _Tokens = Annotated[int, msgspec.Meta(ge=0)]
@@ -319,8 +312,9 @@ class OpenAIUpstreamBackend:
                 payloads, ended = _split_lines(block)
                 typed = _decode_typed(payloads)
             done = done or ended
+            rich = None
             if typed is not None:
-                rich = _fold_typed(typed, texts, totals)
+                _fold_typed(typed, texts, totals)
             else:
                 error, rich = _fold_dicts(_decode(payloads), texts, totals)
             # Text alone (most reads): one frame, as it always was. Otherwise Rich's frames.
@@ -426,39 +420,18 @@ class _Totals:
     usage_extra: dict[str, Any] | None = None  # the usage's details, verbatim
 
 
-def _fold_typed(chunks: list[_Chunk], texts: list[str], totals: _Totals) -> Rich | None:
-    """A read's typed chunks: text pieces appended to `texts`, finish and usage into `totals`;
-    whatever else a delta carries goes to a `Rich`, made at the first chunk that needs one."""
+def _fold_typed(chunks: list[_Chunk], texts: list[str], totals: _Totals) -> None:
+    """A read's typed chunks (text only, by the view's types): text pieces appended to `texts`,
+    finish and usage into `totals`."""
     append = texts.append
-    rich: Rich | None = None
     for chunk in chunks:
         for choice in chunk.choices or ():
             delta = choice.delta
-            if delta is not None:
-                text = delta.content
-                more = (
-                    delta.tool_calls
-                    or delta.reasoning_content
-                    or delta.reasoning
-                    or choice.logprobs is not None
-                )
-            else:
-                text = None
-                more = choice.logprobs is not None
-            if more:
-                if rich is None:
-                    rich = Rich(texts)
-                rich.add(
-                    text or choice.text,
-                    (delta.reasoning_content or delta.reasoning) if delta is not None else None,
-                    typed_calls(delta.tool_calls) if delta is not None else None,
-                    typed_logprobs(choice.logprobs),
-                )
-            else:
-                if not text:
-                    text = choice.text
-                if text:
-                    append(text)
+            text = delta.content if delta is not None else None
+            if not text:
+                text = choice.text
+            if text:
+                append(text)
             if choice.finish_reason:
                 totals.finish = choice.finish_reason
         usage = chunk.usage
@@ -475,7 +448,6 @@ def _fold_typed(chunks: list[_Chunk], texts: list[str], totals: _Totals) -> Rich
                         "completion_tokens_details": usage.completion_tokens_details,
                     },
                 )
-    return rich
 
 
 def _usage_details(totals: _Totals, usage: dict[str, Any]) -> None:

@@ -5,17 +5,15 @@ the stream settings and the per-choice fields replaced; so content parts, tools,
 response formats and anything a newer SDK sends reach the upstream unchanged. Without `wire`
 (/v1/generate, batch lines) the body is rebuilt from the request's fields.
 
-The answer: `openai_upstream` reads plain text on its fast path; a chunk with tool-call pieces,
-reasoning, logprobs or delta fields we do not interpret is assembled here into `Frame`s, field
-by field, without loss (`Rich`). The same converters read the orjson fallback's dicts and a
+The answer: `openai_upstream` reads plain text on its fast path; a read with tool-call pieces,
+reasoning, logprobs or delta fields we do not interpret is decoded as plain JSON and assembled
+here into `Frame`s, field by field, without loss (`Rich`). The same converters read a
 non-streamed answer.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
-
-import msgspec
+from typing import Any
 
 from llm_api.services.llm.registry import ModelConfig
 from llm_api.services.llm.types import (
@@ -153,68 +151,7 @@ def _tool(name: str, parameters: dict[str, Any], description: str | None, strict
     return {"type": "function", "function": function}
 
 
-# --- typed views of the rich fields (decoded only where present) ---------------------------------
-
-
-class TypedFunction(msgspec.Struct, gc=False):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class TypedToolCall(msgspec.Struct, gc=False):
-    index: Annotated[int, msgspec.Meta(ge=0)]  # none: the dict walk numbers them by position
-    id: str | None = None
-    function: TypedFunction | None = None
-
-
-class TypedTop(msgspec.Struct, gc=False):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
-class TypedTokenLogprob(msgspec.Struct, gc=False):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-    top_logprobs: list[TypedTop] | None = None
-
-
-# Chat's shape only: legacy completions' (tokens, token_logprobs, ...) has other fields, fails
-# this view and is read by the dict walk.
-class TypedLogprobs(msgspec.Struct, gc=False, forbid_unknown_fields=True):
-    content: list[TypedTokenLogprob] | None = None
-    refusal: list[TypedTokenLogprob] | None = None
-
-
-def typed_calls(calls: list[TypedToolCall] | None) -> list[ToolCallDelta] | None:
-    if not calls:
-        return None
-    out = []
-    for c in calls:
-        f = c.function
-        if f is None:
-            out.append(ToolCallDelta(c.index, c.id))
-        else:
-            out.append(ToolCallDelta(c.index, c.id, f.name, f.arguments or ""))
-    return out
-
-
-def typed_logprobs(lp: TypedLogprobs | None) -> list[TokenLogprob] | None:
-    if lp is None or not lp.content:
-        return None
-    return [
-        TokenLogprob(
-            t.token,
-            t.logprob,
-            t.bytes,
-            [TopLogprob(a.token, a.logprob, a.bytes) for a in t.top_logprobs or ()],
-        )
-        for t in lp.content
-    ]
-
-
-# --- the same from plain JSON (the dict walk, non-streamed answers) ------------------------------
+# --- from plain JSON (the dict walk, non-streamed answers) ------------------------------------
 
 # Delta (or message) fields read into a Frame's own fields; every other non-null one goes to
 # `extra` as it came. A null says nothing the absence of the field does not.
