@@ -48,8 +48,14 @@ lint: install-dev
 typecheck: install-dev
 	$(BIN)/mypy
 
+# The end-to-end tests, run a second time with the fast path off (src/llm_api/api/fastpath):
+# the stock FastAPI/Starlette/uvicorn code must pass them too.
+E2E_TESTS = tests/test_chat.py tests/test_completions.py tests/test_streaming.py \
+	tests/test_errors.py tests/test_disconnect.py tests/test_smoke.py
+
 test: install-dev lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	LLM_API_FAST_PATH=false $(BIN)/python -m pytest -q -p no:cacheprovider $(E2E_TESTS)
 
 fmt: install-dev
 	$(BIN)/ruff check --fix .

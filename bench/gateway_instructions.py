@@ -37,7 +37,7 @@ async def serve(port: int, stub_port: int, tmp: Path) -> None:
     import uvicorn
 
     from llm_api.core.config import Settings
-    from llm_api.http_server import SERVER_OPTIONS
+    from llm_api.http_server import server_options
     from llm_api.main import create_app
 
     models = [
@@ -66,7 +66,7 @@ async def serve(port: int, stub_port: int, tmp: Path) -> None:
         loop="none",
         log_level="warning",
         access_log=False,
-        **SERVER_OPTIONS,
+        **server_options(settings.fast_path),
     )
     await uvicorn.Server(config).serve()
 

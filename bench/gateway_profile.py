@@ -98,7 +98,7 @@ async def serve(args: argparse.Namespace, tmp: Path, stub_port: int) -> None:
     import uvicorn
 
     from llm_api.core.config import Settings
-    from llm_api.http_server import SERVER_OPTIONS
+    from llm_api.http_server import server_options
     from llm_api.main import create_app
     from llm_api.services.auth import api_keys
 
@@ -134,7 +134,12 @@ async def serve(args: argparse.Namespace, tmp: Path, stub_port: int) -> None:
     port = free_port()
     # `llm-api serve`'s HTTP settings (its protocol; no proxy or server headers).
     config = uvicorn.Config(
-        app, port=port, loop="none", log_level="warning", access_log=False, **SERVER_OPTIONS
+        app,
+        port=port,
+        loop="none",
+        log_level="warning",
+        access_log=False,
+        **server_options(settings.fast_path),
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

@@ -19,6 +19,7 @@ from pathlib import Path
 from llm_api.core.config import Settings
 from llm_api.services.llm.types import CompletionRecord, RequestContext
 from llm_api.services.rate_limit.limiter import RateLimiter, build_rate_limiter
+from llm_api.services.redis_pool import SharedRedis
 
 
 def _settings(redis_url: str | None, prefix: str) -> Settings:
@@ -95,7 +96,9 @@ async def main_async(redis_url: str | None, n: int, repeats: int) -> None:
     for concurrency in (1, 32):
         for name, url in backends:
             prefix = f"bench:{uuid.uuid4().hex[:8]}"
-            limiter = None if name == "none" else build_rate_limiter(_settings(url, prefix))
+            settings = _settings(url, prefix)
+            redis = SharedRedis.from_settings(settings)
+            limiter = None if name == "none" else build_rate_limiter(settings, redis)
             if limiter is not None:
                 await limiter.start()
             await _run(limiter, 500, concurrency)  # warm-up: connections, script load

@@ -20,6 +20,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import itertools
 import math
 import time
 from array import array
@@ -52,6 +53,12 @@ class StubConfig:
     embedding_usage: bool = True  # /v1/embeddings: report usage.prompt_tokens
     embedding_shuffle: bool = False  # /v1/embeddings: list the vectors in reverse index order
     embedding_drop_last: bool = False  # /v1/embeddings: a malformed answer, one vector short
+    # Relay tests: stream exactly these bytes (SSE as some upstream frames it) instead of tokens,
+    # written in pieces cut at `script_cuts` (byte offsets), a moment apart so that each piece
+    # reaches the client as a read of its own; `answer`: the JSON answer when not streaming.
+    script: bytes | None = None
+    script_cuts: list[int] = field(default_factory=list)
+    answer: dict[str, Any] | None = None
 
 
 @dataclass
@@ -142,7 +149,7 @@ class StubUpstream:
                 return web.json_response({"error": err}, status=400)
             if not body.get("stream") or not cfg.stream:
                 stats.completed += 1
-                return web.json_response(_whole(body, cfg))
+                return web.json_response(cfg.answer or _whole(body, cfg))
             return await self._stream(request, body, cfg)
         except asyncio.CancelledError:
             stats.cancelled += 1
@@ -222,6 +229,8 @@ class StubUpstream:
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
+        if cfg.script is not None:
+            return await self._scripted(resp, cfg.script, cfg.script_cuts)
         chat = "messages" in body
         n = min(cfg.tokens, int(body.get("max_tokens") or cfg.tokens))
         head = _frame_head(body.get("model", "stub"), chat)
@@ -264,6 +273,18 @@ class StubUpstream:
             }
             await resp.write(b"data: " + orjson.dumps(usage) + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        self.stats.completed += 1
+        return resp
+
+    async def _scripted(
+        self, resp: web.StreamResponse, script: bytes, cuts: list[int]
+    ) -> web.StreamResponse:
+        bounds = [0, *cuts, len(script)]
+        for i, (start, end) in enumerate(itertools.pairwise(bounds)):
+            if i:
+                await asyncio.sleep(0.002)
+            await resp.write(script[start:end])
         await resp.write_eof()
         self.stats.completed += 1
         return resp

@@ -144,11 +144,6 @@ async def test_upstream_capabilities(routed: Any) -> None:
     assert stub.stats.requests == len(accepted)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the upstream backend sends messages as plain text until it forwards the client's "
-    "body (`wire`, the upstream branch): a declared image still never reaches the model",
-)
 async def test_declared_image_reaches_upstream(routed: Any) -> None:
     r, stub = routed
     got = await r.http.post(CHAT, json=chat_body("vision", with_part(IMAGE)))

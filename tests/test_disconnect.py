@@ -103,7 +103,7 @@ def test_closed_stream_frees_the_model(server: LiveServer) -> None:
 
 
 def test_stream_closed_at_its_first_byte_frees_the_model(server: LiveServer) -> None:
-    """Closed well before the disconnect watcher starts (api/streaming.WATCH_AFTER): the
+    """Closed well before the disconnect watcher starts (api/fastpath/response.WATCH_AFTER): the
     generation is still stopped, once the watcher starts and finds the client gone."""
     baseline = timed_short(server.base_url)
     with long_stream(server.base_url) as r:

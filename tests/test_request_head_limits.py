@@ -89,7 +89,7 @@ def test_requests_within_the_limits_are_served(live_server: LiveServer) -> None:
 
 
 def test_response_head_names_no_server_software(live_server: LiveServer) -> None:
-    """`llm-api serve` runs with http_server.SERVER_OPTIONS: no `server: uvicorn` header (it
+    """`llm-api serve` runs with http_server.server_options(): no `server: uvicorn` header (it
     would advertise the stack to scanners); the `date` header HTTP asks for stays."""
     response, _ = exchange(live_server.port, request("/health"))
     head = response.partition(b"\r\n\r\n")[0].lower().split(b"\r\n")

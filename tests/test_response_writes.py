@@ -1,6 +1,7 @@
-"""A response's head leaves with its first body bytes (http_server._HeadHeld): a uvicorn server in
-this process, with llm-api's protocol, whose transports record every write. Real sockets, a raw
-HTTP client; the app is a small ASGI app whose responses are shaped like llm-api's."""
+"""A response's head leaves with its first body bytes (api/fastpath/http.HeadHeld): a uvicorn
+server in this process, with llm-api's protocol, whose transports record every write. Real
+sockets, a raw HTTP client; the app is a small ASGI app whose responses are shaped like
+llm-api's."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import pytest
 import uvicorn
 from starlette.responses import JSONResponse
 
-from llm_api.api.streaming import FinalFrame, StreamResponse
-from llm_api.http_server import SERVER_OPTIONS, HeadLimitedProtocol
+from llm_api.api.fastpath import FinalFrame, StreamResponse
+from llm_api.api.fastpath.http import OneWriteProtocol
+from llm_api.http_server import server_options
 from tests.conftest import free_port
 
 WRITES: list[tuple[float, bytes]] = []  # (when, what) for every write to a socket
@@ -40,7 +42,7 @@ class _Recording:
         return getattr(self._transport, name)
 
 
-class RecordingProtocol(HeadLimitedProtocol):
+class RecordingProtocol(OneWriteProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_Recording(transport))  # type: ignore[arg-type]
 
@@ -77,7 +79,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 @pytest.fixture(scope="module")
 async def port() -> AsyncIterator[int]:
-    options = {**SERVER_OPTIONS, "http": RecordingProtocol}
+    options = {**server_options(fast_path=True), "http": RecordingProtocol}
     config = uvicorn.Config(app, port=free_port(), log_level="warning", lifespan="off", **options)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

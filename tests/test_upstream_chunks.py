@@ -26,6 +26,8 @@ from llm_api.services.llm.backends.openai_upstream import (
     _split_lines,
     _Totals,
 )
+from llm_api.services.llm.backends.upstream_wire import Rich
+from llm_api.services.llm.types import Frame
 
 
 def _chat(content: object = None, finish: object = None, **extra: object) -> bytes:
@@ -47,8 +49,15 @@ def _chat(content: object = None, finish: object = None, **extra: object) -> byt
 def _via_dicts(payloads: list[bytes]) -> tuple[list[str], _Totals, str | None]:
     texts: list[str] = []
     totals = _Totals()
-    error = _fold_dicts(_decode(payloads), texts, totals)
+    error, _ = _fold_dicts(_decode(payloads), texts, totals)
     return texts, totals, error
+
+
+def _frames(texts: list[str], rich: Rich | None) -> list[Frame]:
+    """What the reader makes of a read: Rich's frames, or the text as one."""
+    if rich is not None:
+        return rich.close()
+    return [Frame(text="".join(texts), tokens=len(texts))] if texts else []
 
 
 FITTING = {
@@ -73,17 +82,35 @@ FITTING = {
     "several choices": [
         orjson.dumps({"choices": [{"delta": {"content": "a"}}, {"delta": {"content": "b"}}]})
     ],
-    "tool calls and other fields we do not read": [
+    "nulls where servers send them in text chunks": [
         orjson.dumps(
             {
                 "choices": [
                     {
-                        "delta": {"tool_calls": [{"index": 0, "function": {"name": "f"}}]},
-                        "logprobs": {"content": [{"token": "a", "logprob": -0.1}]},
-                        "finish_reason": "tool_calls",
+                        "delta": {
+                            "role": "assistant",
+                            "content": "a",
+                            "refusal": None,
+                            "tool_calls": None,
+                            "reasoning_content": None,
+                        },
+                        "logprobs": None,
                     }
-                ],
-                "prompt_logprobs": None,
+                ]
+            }
+        )
+    ],
+    "usage details": [
+        orjson.dumps(
+            {
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": 3,
+                    "completion_tokens": 1,
+                    "total_tokens": 4,
+                    "prompt_tokens_details": {"cached_tokens": 2},
+                    "completion_tokens_details": None,
+                },
             }
         )
     ],
@@ -105,6 +132,10 @@ def test_the_typed_view_finds_what_the_dict_walk_finds(payloads: list[bytes]) ->
     totals = _Totals()
     _fold_typed(typed, texts, totals)
     assert (texts, totals, None) == _via_dicts(payloads)
+    # Nothing but text in what the typed view accepts: the dict walk makes the same one frame.
+    dict_texts: list[str] = []
+    _, dict_rich = _fold_dicts(_decode(payloads), dict_texts, _Totals())
+    assert _frames(texts, None) == _frames(dict_texts, dict_rich)
 
 
 REFUSED = {
@@ -127,6 +158,62 @@ REFUSED = {
     "count negative": [orjson.dumps({"usage": {"completion_tokens": -1}})],
     "count a float": [orjson.dumps({"usage": {"completion_tokens": 2.0}})],
     "count a string": [orjson.dumps({"usage": {"prompt_tokens": "many"}})],
+    # More than text: relayed by the dict walk (upstream_wire.Rich), which only it does.
+    "tool calls, logprobs, reasoning": [
+        orjson.dumps(
+            {
+                "choices": [
+                    {
+                        "delta": {"tool_calls": [{"index": 0, "function": {"name": "f"}}]},
+                        "logprobs": {"content": [{"token": "a", "logprob": -0.1}]},
+                        "finish_reason": "tool_calls",
+                    }
+                ],
+                "prompt_logprobs": None,
+            }
+        ),
+        orjson.dumps(
+            {
+                "choices": [
+                    {
+                        "delta": {
+                            "content": "x",
+                            "reasoning_content": "r",
+                            "reasoning": None,
+                            "refusal": None,
+                            "tool_calls": [
+                                {"index": 1, "id": "c", "function": {"arguments": "{}"}}
+                            ],
+                        },
+                        "logprobs": {
+                            "content": [
+                                {
+                                    "token": "x",
+                                    "logprob": -1,
+                                    "bytes": [120],
+                                    "top_logprobs": [{"token": "y", "logprob": -2.5}],
+                                }
+                            ]
+                        },
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": 3,
+                    "prompt_tokens_details": {"cached_tokens": 2},
+                    "completion_tokens_details": None,
+                },
+            }
+        ),
+    ],
+    "a delta field we do not read": [orjson.dumps({"choices": [{"delta": {"audio": {}}}]})],
+    "a refusal": [orjson.dumps({"choices": [{"delta": {"refusal": "no"}}]})],
+    "a usage field we do not read": [orjson.dumps({"usage": {"cost": 1}})],
+    "legacy completions logprobs": [
+        orjson.dumps({"choices": [{"text": "a", "logprobs": {"tokens": ["a"]}}]})
+    ],
+    "a tool call without an index": [
+        orjson.dumps({"choices": [{"delta": {"tool_calls": [{"id": "c"}]}}]})
+    ],
 }
 
 

@@ -32,7 +32,7 @@ def serve(
     import uvicorn
 
     from llm_api.core.config import Settings, is_loopback_host
-    from llm_api.http_server import SERVER_OPTIONS
+    from llm_api.http_server import server_options
 
     if config is not None:
         os.environ["LLM_API_MODELS_FILE"] = str(config)
@@ -52,7 +52,8 @@ def serve(
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=30,
-        **SERVER_OPTIONS,  # bounded request heads, no proxy headers, no server header
+        # Bounded request heads, no proxy headers, no server header; the fast path's protocol.
+        **server_options(settings.fast_path),
     )
 
 

@@ -1,25 +1,17 @@
-"""The HTTP/1.1 protocol llm-api is served with: uvicorn's httptools protocol, plus two things
-uvicorn has no setting for. `llm-api serve` selects it, and gunicorn through gunicorn_worker.py,
-both with `SERVER_OPTIONS`.
+"""The HTTP/1.1 protocol llm-api is served with: uvicorn's httptools protocol with a bounded
+request head. `llm-api serve` selects it, and gunicorn through gunicorn_worker.py, both with
+`server_options()`.
 
 A bounded request head. uvicorn's httptools protocol parses, buffers and hands to the app a 1 MB
 header or 10,000 headers (the attack behind vLLM's CVE-2025-48956); this subclass answers such a
 request with 431 and closes the connection before the app sees it (uvicorn's h11 protocol has a
-limit, but h11 parses several times slower).
-
-A response's head leaves with its first body bytes. uvicorn writes the status line and headers
-to the socket as soon as the app sends `http.response.start`, and the body in a second write, so
-every response costs two send() calls and two TCP segments, and wakes its client twice. On
-loopback a send() is ~20 µs of kernel time, ~3% of a proxied stream. `_HeadHeld` keeps the head
-until the body's first write or the end of the loop step, whichever comes first: a head and a
-body sent back to back (a JSON response; a stream, whose head `api/streaming` sends with its
-first frame ready) leave in one write, and a head sent alone still leaves a loop step later.
-tests/test_response_writes.py counts the writes.
+limit, but h11 parses several times slower). A limit, not a speed trick: it applies whether or
+not the fast path is on. With the fast path on, api/fastpath/http.py's subclass also writes a
+response's head together with its first body bytes.
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import orjson
@@ -47,51 +39,8 @@ class _HeadTooLarge(Exception):
     pass
 
 
-class _HeadHeld:
-    """The transport as one request/response cycle sees it: its first write (the response head,
-    or a `100 Continue`) is held until its next write or the end of the loop step; everything
-    else passes straight through."""
-
-    __slots__ = ("_transport", "_loop", "_held", "_flush_handle")
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
-        self._loop = loop
-        self._held: bytes | None = None
-        self._flush_handle: asyncio.Handle | None = None  # set by the first write
-
-    def write(self, data: bytes) -> None:
-        if self._flush_handle is None:  # the first write
-            self._held = data
-            self._flush_handle = self._loop.call_soon(self._flush)
-            return
-        held = self._held
-        if held is None:
-            self._transport.write(data)
-            return
-        self._held = None
-        self._flush_handle.cancel()
-        self._transport.writelines((held, data))  # one send() (writev), no copy of the body
-
-    def _flush(self) -> None:
-        held, self._held = self._held, None
-        if held is not None and not self._transport.is_closing():
-            self._transport.write(held)
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def is_closing(self) -> bool:
-        return self._transport.is_closing()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
 class HeadLimitedProtocol(HttpToolsProtocol):
-    """HttpToolsProtocol with a bounded request head (431 beyond it), whose responses' heads
-    leave with their first body bytes."""
+    """HttpToolsProtocol with a bounded request head (431 beyond it)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -117,9 +66,6 @@ class HeadLimitedProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         super().on_headers_complete()
-        cycle = self.cycle  # made just now, its task not yet started (or queued, pipelined)
-        if cycle is not None and cycle.transport is self.transport:
-            cycle.transport = _HeadHeld(self.transport, self.loop)  # type: ignore[assignment]
 
     def _count(self, size: int, headers: int) -> None:
         self._head_bytes += size
@@ -156,13 +102,19 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-# uvicorn settings shared by `llm-api serve`, gunicorn's worker and the benchmarks that profile
-# the server. proxy_headers: X-Forwarded-For is handled in the app, trusted only from
-# LLM_API_TRUSTED_PROXIES (uvicorn's own default believes any loopback peer, gunicorn's any in
-# forwarded_allow_ips). server_header: no `server: uvicorn` advertising the stack on every
-# response (the `date` header stays, as HTTP asks of origin servers).
-SERVER_OPTIONS: dict[str, Any] = {
-    "http": HeadLimitedProtocol,  # 431 for oversized request heads
-    "proxy_headers": False,
-    "server_header": False,
-}
+def server_options(fast_path: bool) -> dict[str, Any]:
+    """uvicorn settings shared by `llm-api serve`, gunicorn's worker and the benchmarks that
+    profile the server. `fast_path` (LLM_API_FAST_PATH): the protocol that also writes a
+    response's head with its first body bytes (api/fastpath/http.py). proxy_headers:
+    X-Forwarded-For is handled in the app, trusted only from LLM_API_TRUSTED_PROXIES (uvicorn's
+    own default believes any loopback peer, gunicorn's any in forwarded_allow_ips).
+    server_header: no `server: uvicorn` advertising the stack on every response (the `date`
+    header stays, as HTTP asks of origin servers)."""
+    # Imported here: fastpath/http.py subclasses this module's protocol.
+    from llm_api.api.fastpath.http import OneWriteProtocol
+
+    return {
+        "http": OneWriteProtocol if fast_path else HeadLimitedProtocol,  # both: 431 on big heads
+        "proxy_headers": False,
+        "server_header": False,
+    }

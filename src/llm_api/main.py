@@ -1,7 +1,8 @@
 """The app factory and its lifespan.
 
-The lifespan builds every long-lived object (model backends, and later DB engines, Redis and HTTP
-pools) onto `app.state.llm_api`; api/deps.py hands them to routes. Models load in the background
+The lifespan builds every long-lived object (model backends, the database engine, the one Redis
+client, HTTP pools) and then the typed `AppState` holding them, on `app.state.llm_api`;
+api/deps.py hands them to routes. Models load in the background
 so that /health answers at once and /ready turns 200 only after every model has warmed up.
 """
 
@@ -24,6 +25,7 @@ from llm_api.api.v1.router import include_v1
 from llm_api.api.web import install_web_ui
 from llm_api.core import worker_readiness
 from llm_api.core.config import DEFAULT_JWT_SECRET, Settings
+from llm_api.core.drain import DrainHook
 from llm_api.core.gc_tuning import release_heap, settle_heap
 from llm_api.core.logging import configure_logging
 from llm_api.core.state import AppState
@@ -35,6 +37,7 @@ from llm_api.middleware.request_id import RequestIdMiddleware
 from llm_api.services.auth.startup import start_accounts
 from llm_api.services.batches.queue import start_batches
 from llm_api.services.cache.service import build_cache_store
+from llm_api.services.dashboard import SummaryService
 from llm_api.services.llm.backends.factory import build_backends
 from llm_api.services.llm.embeddings import EmbeddingService
 from llm_api.services.llm.pipeline import PipelineParts, build_pipeline
@@ -43,45 +46,57 @@ from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.serving import CompletionServing
 from llm_api.services.observability import MetricsObserver, observability
 from llm_api.services.rate_limit import start_rate_limiter
+from llm_api.services.redis_pool import SharedRedis
 from llm_api.services.usage.pipeline import UsagePipeline
 
 log = structlog.get_logger(__name__)
 
 
-def build_llm_service(settings: Settings) -> LLMService:
+def build_llm_service(settings: Settings, redis: SharedRedis | None) -> LLMService:
     registry = load_registry(settings.models_file)
-    backends = build_backends(registry, settings)
+    backends = build_backends(registry, settings, redis)
     return LLMService(settings, registry, backends)
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    llm = build_llm_service(settings)
-    state = AppState(settings=settings, llm=llm)
-    app.state.llm_api = state
-    state.db, state.auth = await start_accounts(settings)
-    usage = state.usage = UsagePipeline(settings, state.db.sessions)
-    usage.start(state.on_drain)  # replays what a previous process left unflushed
-    limiter = state.rate_limiter = await start_rate_limiter(settings)
+    # One Redis client (and failure policy) for the cache, the limiter and the breakers.
+    redis = SharedRedis.from_settings(settings)
+    llm = build_llm_service(settings, redis)
+    db, auth = await start_accounts(settings)
+    on_drain: list[DrainHook] = []
+    usage = UsagePipeline(settings, db.sessions)
+    usage.start(on_drain)  # replays what a previous process left unflushed
+    limiter = await start_rate_limiter(settings, redis)
     # The completion pipeline, composed once (services/llm/pipeline.py): what each request
     # cost goes to the limiter's settlement, then the usage records, then the metrics.
     pipeline = build_pipeline(
         PipelineParts(
             llm,
             settings,
-            store=build_cache_store(settings),
+            store=build_cache_store(settings, redis),
             limiter=limiter,
             subscribers=(usage.recorder.on_completion, MetricsObserver()),
             response_hooks=usage.response_hooks,
         )
     )
-    responses = state.responses = CompletionServing(llm, pipeline)
-    embeddings = state.embeddings = EmbeddingService(
-        llm, pipeline.cache.store, settings, pipeline.admission
-    )
-    state.files, state.batch_queue = start_batches(
-        settings, state.db.sessions, responses, embeddings
+    responses = CompletionServing(llm, pipeline)
+    embeddings = EmbeddingService(llm, pipeline.cache.store, settings, pipeline.admission)
+    files, batch_queue = start_batches(settings, db.sessions, responses, embeddings)
+    state = app.state.llm_api = AppState(
+        settings=settings,
+        llm=llm,
+        db=db,
+        auth=auth,
+        responses=responses,
+        embeddings=embeddings,
+        usage=usage,
+        rate_limiter=limiter,
+        files=files,
+        batch_queue=batch_queue,
+        summary=SummaryService(llm),
+        on_drain=on_drain,
     )
 
     async def load_models() -> None:
@@ -104,12 +119,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.draining = True
         loader.cancel()
         await asyncio.gather(loader, return_exceptions=True)
-        await state.batch_queue.aclose()
+        await batch_queue.aclose()
         await llm.aclose()
         await limiter.aclose()
         await usage.aclose()  # after the models: cancelled requests have recorded by now
         await pipeline.aclose()
-        await state.db.dispose()
+        if redis is not None:
+            await redis.aclose()  # after everything that uses it
+        await db.dispose()
         release_heap()
 
 

@@ -252,11 +252,13 @@ def test_gunicorn_conf_values(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     monkeypatch.setenv("LLM_API_LLAMA_THREADS", "1")
     conf = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
     assert conf["worker_class"] == "llm_api.gunicorn_worker.Worker"
+    from llm_api.api.fastpath.http import OneWriteProtocol
     from llm_api.gunicorn_worker import Worker  # the class gunicorn will load exists
-    from llm_api.http_server import SERVER_OPTIONS, HeadLimitedProtocol
+    from llm_api.http_server import HeadLimitedProtocol, server_options
 
-    assert Worker.CONFIG_KWARGS["http"] is HeadLimitedProtocol
-    assert Worker.CONFIG_KWARGS.items() >= SERVER_OPTIONS.items()  # as `llm-api serve`
+    assert Worker.CONFIG_KWARGS["http"] is OneWriteProtocol
+    assert Worker.CONFIG_KWARGS.items() >= server_options(True).items()  # as `llm-api serve`
+    assert issubclass(OneWriteProtocol, HeadLimitedProtocol)  # 431 either way
     assert conf["wsgi_app"] == "llm_api.asgi:app"
     assert conf["workers"] == 1  # the built-in registry is one local model
     assert conf["graceful_timeout"] >= 40 + 15

@@ -18,8 +18,9 @@ from redis.asyncio import Redis
 from llm_api.core.rate_limits import TierLimits
 from llm_api.services.rate_limit.limiter import RateLimiter, build_rate_limiter
 from llm_api.services.rate_limit.memory_store import MemoryStore
-from llm_api.services.rate_limit.redis_store import RedisStore, build_redis
+from llm_api.services.rate_limit.redis_store import RedisStore
 from llm_api.services.rate_limit.types import Store
+from llm_api.services.redis_pool import SharedRedis, build_redis
 from tests.conftest import free_port, require_service, test_settings
 from tests.pipeline_support import limiter_swapped
 
@@ -63,6 +64,7 @@ async def redis_store_ctx() -> AsyncIterator[RedisStore]:
         assert await keys_without_ttl(prefix) == []  # no key ever lives without a TTL
     finally:
         await store.aclose()
+        await store.redis.aclose()
         await delete_prefix(prefix)
 
 
@@ -102,7 +104,9 @@ async def limits_on(
     if backend == "redis":
         require_service("Redis", "127.0.0.1", 6379)
         values.setdefault("redis_url", REDIS_URL)
-    limiter = build_rate_limiter(test_settings(tmp, **values))
+    settings = test_settings(tmp, **values)
+    redis = SharedRedis.from_settings(settings)
+    limiter = build_rate_limiter(settings, redis)
     limiter.policy.minute_ms = minute_ms
     await limiter.start()
     try:
@@ -110,6 +114,8 @@ async def limits_on(
             yield limiter
     finally:
         await limiter.aclose()
+        if redis is not None:
+            await redis.aclose()
         if backend == "redis":
             await delete_prefix(prefix, values["redis_url"])
 

@@ -21,8 +21,9 @@ from redis.asyncio import Redis
 
 from llm_api.services.rate_limit.memory_store import MemoryStore, StoreFull
 from llm_api.services.rate_limit.policy import ip_subject
-from llm_api.services.rate_limit.redis_store import RedisStore, StoreUnavailable, build_redis
+from llm_api.services.rate_limit.redis_store import RedisStore, StoreUnavailable
 from llm_api.services.rate_limit.types import LimitSpec
+from llm_api.services.redis_pool import build_redis
 from tests.conftest import MODEL, create_account, eventually, free_port, require_service
 from tests.core_apps import registry_app
 from tests.rate_limit.conftest import (
@@ -225,6 +226,7 @@ async def fast_store(url: str = REDIS_URL) -> AsyncIterator[RedisStore]:
         yield store
     finally:
         await store.aclose()
+        await store.redis.aclose()
         await delete_prefix(prefix, url)
 
 

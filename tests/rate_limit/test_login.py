@@ -27,7 +27,8 @@ from llm_api.services.rate_limit.login import (
     account_subject,
     client_subject,
 )
-from llm_api.services.rate_limit.redis_store import RedisStore, build_redis
+from llm_api.services.rate_limit.redis_store import RedisStore
+from llm_api.services.redis_pool import build_redis
 from tests.conftest import create_account
 from tests.rate_limit.conftest import (
     REDIS_URL,
@@ -248,3 +249,4 @@ async def test_redis_outage_follows_the_failure_mode(private_redis: RedisServer,
         assert await waits(throttle, "a@example.com", OWNER) > 0
     finally:
         await store.aclose()
+        await store.redis.aclose()

@@ -67,10 +67,10 @@ def test_reset_duration_format() -> None:
 
 def test_warns_when_workers_share_no_redis(tmp_path: Path) -> None:
     with structlog.testing.capture_logs() as logs:
-        build_rate_limiter(make_settings(tmp_path, workers=2, rate_limit_enabled=True))
+        build_rate_limiter(make_settings(tmp_path, workers=2, rate_limit_enabled=True), None)
     assert any(e["event"] == "rate_limit_memory_with_workers" for e in logs)
     with structlog.testing.capture_logs() as logs:
-        build_rate_limiter(make_settings(tmp_path, workers=1, rate_limit_enabled=True))
+        build_rate_limiter(make_settings(tmp_path, workers=1, rate_limit_enabled=True), None)
     assert logs == []
 
 

@@ -19,6 +19,7 @@ from llm_api.schemas.chat import ChatCompletionRequest
 from llm_api.services.cache.service import CachePolicy, build_cache_store
 from llm_api.services.cache.store import KEY_PREFIX, MemoryCacheStore, RedisCacheStore
 from llm_api.services.llm.types import RequestContext
+from llm_api.services.redis_pool import SharedRedis, build_redis
 from tests.conftest import MODEL
 from tests.conftest import test_settings as make_settings
 from tests.usage.conftest import (
@@ -55,15 +56,22 @@ async def post(env: Running, key: str, body: dict, **headers: str) -> tuple[str,
     return resp.headers["x-cache"], resp.json()
 
 
-def test_redis_is_used_when_configured(tmp_path: Path) -> None:
-    assert isinstance(build_cache_store(make_settings(tmp_path)), MemoryCacheStore)
-    store = build_cache_store(make_settings(tmp_path, redis_url="redis://127.0.0.1:6379/0"))
+async def test_redis_is_used_when_configured(tmp_path: Path) -> None:
+    assert isinstance(build_cache_store(make_settings(tmp_path), None), MemoryCacheStore)
+    settings = make_settings(tmp_path, redis_url="redis://127.0.0.1:6379/0")
+    redis = SharedRedis.from_settings(settings)
+    assert redis is not None
+    store = build_cache_store(settings, redis)
     assert isinstance(store, RedisCacheStore) and store.ttl == 3600 and store.timeout == 0.1
-    assert build_cache_store(make_settings(tmp_path, cache_enabled=False)) is None
+    assert store.redis is redis.client and store.health is redis.health  # the shared ones
+    assert build_cache_store(make_settings(tmp_path, cache_enabled=False), redis) is None
+    await redis.aclose()
 
 
 async def test_hits_come_from_redis_with_a_ttl(env: Running, shared_redis_url: str) -> None:
-    store = RedisCacheStore(shared_redis_url, ttl_seconds=120, timeout_seconds=0.1)
+    store = RedisCacheStore(
+        build_redis(shared_redis_url, 0.1), ttl_seconds=120, timeout_seconds=0.1
+    )
     use_store(env, store)
     alice_id, alice = await env.user()
     _, bob = await env.user()
@@ -91,11 +99,12 @@ async def test_hits_come_from_redis_with_a_ttl(env: Running, shared_redis_url: s
     text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     assert text == hit["choices"][0]["message"]["content"]
     await store.aclose()
+    await store.redis.aclose()
 
 
 async def test_shared_scope_serves_other_tenants(tmp_path: Path, shared_redis_url: str) -> None:
     async with running_app(tmp_path, cache_shared=True) as env:
-        use_store(env, RedisCacheStore(shared_redis_url, 120, 0.1))
+        use_store(env, RedisCacheStore(build_redis(shared_redis_url, 0.1), 120, 0.1))
         _, alice = await env.user()
         _, bob = await env.user()
         body = chat_body("Say ok.")
@@ -108,7 +117,7 @@ async def test_shared_scope_serves_other_tenants(tmp_path: Path, shared_redis_ur
 async def test_redis_down_means_misses_only(env: Running, tmp_path: Path) -> None:
     server = RedisServer(tmp_path)
     server.start()
-    store = RedisCacheStore(server.url, 120, 0.1)
+    store = RedisCacheStore(build_redis(server.url, 0.1), 120, 0.1)
     use_store(env, store)
     _, key = await env.user()
     body = chat_body("Say go.")
@@ -128,6 +137,7 @@ async def test_redis_down_means_misses_only(env: Running, tmp_path: Path) -> Non
     finally:
         server.stop()
         await store.aclose()
+        await store.redis.aclose()
     assert time.perf_counter() - started < 30
 
 
@@ -136,7 +146,7 @@ async def test_slow_redis_times_out_as_a_miss(tmp_path: Path) -> None:
     server.start()
     proxy = TcpProxy(server.port, delay=0.5)  # every read takes half a second
     await proxy.open()
-    store = RedisCacheStore(f"redis://127.0.0.1:{proxy.port}/0", 120, 0.1)
+    store = RedisCacheStore(build_redis(f"redis://127.0.0.1:{proxy.port}/0", 0.1), 120, 0.1)
     try:
         for _ in range(3):
             started = time.perf_counter()
@@ -145,6 +155,7 @@ async def test_slow_redis_times_out_as_a_miss(tmp_path: Path) -> None:
             assert time.perf_counter() - started < 0.35  # two bounded calls, or skipped
     finally:
         await store.aclose()
+        await store.redis.aclose()
         await proxy.close()
         server.stop()
 
@@ -160,7 +171,9 @@ async def test_cancelled_calls_never_return_another_requests_value(tmp_path: Pat
     seeder = Redis.from_url(f"redis://127.0.0.1:{server.port}/0")
     keys = [f"race:{i}" for i in range(200)]
     await seeder.mset({k: orjson.dumps({"owner": k}) for k in keys})
-    store = RedisCacheStore(url, 120, 5.0)  # a long timeout: only our cancellations interrupt
+    store = RedisCacheStore(
+        build_redis(url, 5.0), 120, 5.0
+    )  # a long timeout: only our cancellations interrupt
     rng = random.Random(29)
     wrong: list[tuple[str, object]] = []
     completed = cancelled = 0
@@ -185,6 +198,7 @@ async def test_cancelled_calls_never_return_another_requests_value(tmp_path: Pat
             assert not errors, errors[:3]
     finally:
         await store.aclose()
+        await store.redis.aclose()
         await seeder.aclose()
         await proxy.close()
         server.stop()

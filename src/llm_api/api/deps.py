@@ -12,9 +12,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from llm_api.api.security import PRINCIPAL_KEY, get_admin, get_current_user, get_principal
+from llm_api.api.security import get_admin, get_current_user, get_principal
 from llm_api.core.config import Settings
-from llm_api.core.exceptions import AuthenticationError, ServiceUnavailableError
 from llm_api.core.ids import new_request_id
 from llm_api.core.state import AppState
 from llm_api.middleware.access_log import CTX_KEY as ACCESS_LOG_CTX_KEY
@@ -81,18 +80,13 @@ class Inference:
     keepalive: float
 
 
-async def get_inference(request: Request) -> Inference:
+async def get_inference(
+    request: Request, principal: Annotated[Principal, Depends(get_principal)]
+) -> Inference:
     """One dependency for the hot routes instead of four: FastAPI solves each one with its own
-    bookkeeping, and dependency solving was ~10% of a proxied stream's CPU in py-spy. For the
-    same reason it reads the caller that the router's `authenticate` (which every /v1 route
-    runs first) left in the scope state, rather than depending on it again: FastAPI solves a
-    nested dependency again even when its value is cached, ~45 µs a request (interleaved
-    in-process runs, bench/RESULTS.md)."""
-    principal = request.scope.get("state", {}).get(PRINCIPAL_KEY)
-    if not isinstance(principal, Principal):  # never on a completion route; deny if it were
-        raise AuthenticationError()
+    bookkeeping, and dependency solving was ~10% of a proxied stream's CPU in py-spy (the fast
+    path's route handler solves this graph with none: api/fastpath)."""
     state: AppState = request.app.state.llm_api
-    assert state.responses is not None, "built in the lifespan"
     return Inference(
         responses=state.responses,
         ctx=_request_context(request, principal),
@@ -110,13 +104,10 @@ class Embeddings:
     cache_policy: CachePolicy
 
 
-async def get_embeddings(request: Request) -> Embeddings:
-    """As `get_inference`: the caller that `authenticate` left in the scope state."""
-    principal = request.scope.get("state", {}).get(PRINCIPAL_KEY)
-    if not isinstance(principal, Principal):
-        raise AuthenticationError()
+async def get_embeddings(
+    request: Request, principal: Annotated[Principal, Depends(get_principal)]
+) -> Embeddings:
     state: AppState = request.app.state.llm_api
-    assert state.embeddings is not None, "built in the lifespan"
     return Embeddings(
         service=state.embeddings,
         ctx=_request_context(request, principal),
@@ -127,8 +118,6 @@ async def get_embeddings(request: Request) -> Embeddings:
 async def get_db(state: Annotated[AppState, Depends(get_state)]) -> AsyncIterator[AsyncSession]:
     """One session per request: commit on success, roll back on error. Services never commit.
     (An error may ask to keep its changes, e.g. a refresh-token family revoked on reuse.)"""
-    if state.db is None:
-        raise ServiceUnavailableError("The database is not available yet; retry shortly.")
     async with state.db.sessions() as session:
         try:
             yield session
@@ -142,8 +131,6 @@ async def get_db(state: Annotated[AppState, Depends(get_state)]) -> AsyncIterato
 
 
 async def get_auth(state: Annotated[AppState, Depends(get_state)]) -> AuthServices:
-    if state.auth is None:
-        raise ServiceUnavailableError("Accounts are not available yet; retry shortly.")
     return state.auth
 
 
@@ -171,8 +158,6 @@ UserId = Annotated[str, Depends(get_user_id)]
 
 
 async def get_batch_service(state: StateDep, db: DbSession) -> BatchService:
-    if state.files is None:
-        raise ServiceUnavailableError("Batch jobs are not available yet; retry shortly.")
     settings = state.settings
     return BatchService(
         db,

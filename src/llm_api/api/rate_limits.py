@@ -18,8 +18,6 @@ async def limit_route(
 ) -> None:
     """429 when this client IP or this account has used up the route's limit."""
     state: AppState = request.app.state.llm_api
-    if state.rate_limiter is None:
-        return
     client_ip = request.client.host if request.client else None
     await state.rate_limiter.check_route(route, client_ip, account)
 
@@ -27,7 +25,7 @@ async def limit_route(
 def _login_throttle(request: Request) -> LoginThrottle | None:
     state: AppState = request.app.state.llm_api
     limiter = state.rate_limiter
-    if limiter is None or not limiter.enabled:
+    if not limiter.enabled:
         return None
     return limiter.login
 

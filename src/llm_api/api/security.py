@@ -56,9 +56,6 @@ def bearer_credential(request: Request) -> str | None:
     return credential.strip()
 
 
-PRINCIPAL_KEY = "llm_api_principal"
-
-
 # Headers that a proxy adds: a request carrying one was relayed for someone else, so its
 # loopback peer (a proxy on this host) says nothing about who is calling.
 _FORWARDING_HEADERS = frozenset(
@@ -102,12 +99,10 @@ def _anonymous_allowed(request: Request) -> bool:
 
 
 async def authenticate(request: Request) -> Principal | None:
-    """The caller, or None on a public route. Raises 401/503 otherwise. Also kept in the
-    scope state (`PRINCIPAL_KEY`) for the completion routes' dependency (api/deps.py)."""
+    """The caller, or None on a public route. Raises 401/503 otherwise."""
     principal = await _authenticate(request)
     if principal is not None:
         check_scope(request, principal)  # an API key only within its scopes (api/scopes.py)
-    request.scope.setdefault("state", {})[PRINCIPAL_KEY] = principal
     return principal
 
 
@@ -125,8 +120,6 @@ async def _authenticate(request: Request) -> Principal | None:
         )
     if not credential:
         raise AuthenticationError()
-    if state.db is None or state.auth is None:
-        raise ServiceUnavailableError("Authentication is not available yet; retry shortly.")
     authenticator = state.auth.authenticator
     cached = authenticator.cached(credential) or authenticator.between_outage_retries(credential)
     if cached is not None:  # a recently verified API key: no database session at all

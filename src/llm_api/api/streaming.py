@@ -6,8 +6,9 @@ quiet (so proxies do not cut idle streams), turns an exception into an error fra
 SSE stream with `data: [DONE]`. JSON encoding escapes newlines and carriage returns, so model
 output such as "\\n\\ndata: [DONE]\\n\\n" stays inside a string and cannot end the stream.
 
-Cancellation: under uvicorn (ASGI spec 2.3) Starlette's StreamingResponse races the body against
-`http.disconnect` and cancels it, which closes these generators and so the backend's generation.
+The response class is api/fastpath's `StreamResponse` (Starlette's StreamingResponse when the fast
+path is off). Cancellation: either races the body against `http.disconnect` and cancels it, which
+closes these generators and so the backend's generation.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import orjson
 import structlog
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
-from starlette.types import Receive, Scope, Send
 
+from llm_api.api.fastpath.response import FinalFrame, StreamResponse
 from llm_api.core.exceptions import APIError, ServerError
 
 log = structlog.get_logger(__name__)
@@ -156,11 +157,6 @@ async def _batches(
                 raise  # ours, not just the pump's: it goes on up
 
 
-class FinalFrame(bytes):
-    """The last bytes of a stream: `StreamResponse` sends them with the end of the body (one
-    write, not two). Plain bytes to anything else."""
-
-
 def error_payload(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, APIError):
         return exc.to_dict()
@@ -209,82 +205,6 @@ async def ndjson_lines(chunks: AsyncIterator[Chunk], keepalive: float) -> AsyncI
                     yield FinalFrame(lines) if last else lines
     except Exception as exc:
         yield FinalFrame(orjson.dumps(error_payload(exc)) + b"\n")
-
-
-# A stream still running after this long gets a task that watches for the client leaving.
-WATCH_AFTER = 0.1
-
-
-class StreamResponse(StreamingResponse):
-    """Starlette's StreamingResponse, except that a `FinalFrame` goes out together with the end
-    of the body: one `send` (one socket write) fewer per stream; and the race between the body
-    and the client's disconnect runs on plain asyncio, watched only once a stream lasts."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Starlette races the two in an anyio task group (backend detection, cancel scopes,
-        # a task for the body: ~5% of a proxied stream's CPU). Here the body runs in this task
-        # and one small task waits for `http.disconnect`, then cancels it, as Starlette would.
-        # That task starts after WATCH_AFTER: most proxied streams are over by then and never
-        # need one (it was ~2% of their CPU), and a client that leaves sooner is noticed then,
-        # a few tokens later at most.
-        loop = asyncio.get_running_loop()
-        me = asyncio.current_task()
-        assert me is not None
-        gone = False
-        watcher: asyncio.Task[None] | None = None
-
-        async def watch() -> None:
-            nonlocal gone
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone = True
-            me.cancel()
-
-        def start_watching() -> None:
-            nonlocal watcher
-            watcher = loop.create_task(watch())
-
-        timer = loop.call_later(WATCH_AFTER, start_watching)
-        try:
-            await self.stream_response(send)
-        except asyncio.CancelledError:
-            # Ours alone: the client left, the response is over. Anyone else's (shutdown, the
-            # drain cut) goes on up.
-            if not gone or me.uncancel() > 0:
-                raise
-        finally:
-            timer.cancel()
-            if watcher is not None:
-                watcher.cancel()
-        if self.background is not None:
-            await self.background()
-
-    async def stream_response(self, send: Send) -> None:
-        start = {
-            "type": "http.response.start",
-            "status": self.status_code,
-            "headers": self.raw_headers,
-        }
-        # The head is sent when the first frame is ready, right before it, so that the server
-        # can write both at once (http_server._HeadHeld). The service only returns a stream once
-        # its first chunk is there, so this does not hold the head back.
-        started = False
-        # Closed here rather than by the garbage collector: we stop at a FinalFrame, before the
-        # generator has returned, and asyncio would close it later with a task of its own.
-        async with aclosing(self.body_iterator) as body:  # type: ignore[type-var]
-            async for chunk in body:
-                assert isinstance(chunk, bytes)
-                if not started:
-                    started = True
-                    await send(start)
-                if isinstance(chunk, FinalFrame):
-                    end = {"type": "http.response.body", "body": bytes(chunk), "more_body": False}
-                    await send(end)
-                    return
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        if not started:
-            await send(start)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def sse_response(chunks: AsyncIterator[Chunk], keepalive: float) -> StreamingResponse:

@@ -100,6 +100,12 @@ class Settings(BaseSettings):
     sse_keepalive_seconds: float = Field(
         15.0, gt=0, description="Interval of SSE keep-alive comments on idle streams."
     )
+    fast_path: bool = Field(
+        True,
+        description="Serve the completion routes through api/fastpath (a shorter route "
+        "handler, a stream response with fewer sends, response heads written with their "
+        "first body bytes). Off: FastAPI's, Starlette's and uvicorn's stock code, same answers.",
+    )
 
     # --- storage ----------------------------------------------------------------------------
     database_url: str | None = Field(

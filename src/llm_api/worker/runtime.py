@@ -21,6 +21,7 @@ from llm_api.services.llm.embeddings import EmbeddingService
 from llm_api.services.llm.pipeline import PipelineParts, build_pipeline
 from llm_api.services.llm.serving import CompletionServing
 from llm_api.services.rate_limit import RateLimiter, start_rate_limiter
+from llm_api.services.redis_pool import SharedRedis
 from llm_api.services.usage.pipeline import UsagePipeline
 
 T = TypeVar("T")
@@ -38,7 +39,8 @@ class WorkerRuntime:
         self._thread.start()
         self.engine = build_engine(settings)
         self.sessions = build_sessionmaker(self.engine)
-        self.llm = build_llm_service(settings)
+        self.redis = SharedRedis.from_settings(settings)
+        self.llm = build_llm_service(settings, self.redis)
         # The same pipeline as the API process, without the response cache (batch lines are
         # rarely repeated): the rate limiter for the owner's daily token quota, then usage
         # records (with batch_id) through the durable buffer.
@@ -67,12 +69,14 @@ class WorkerRuntime:
     async def _accounting(self) -> tuple[UsagePipeline, RateLimiter]:
         usage = UsagePipeline(self.settings, self.sessions)
         usage.start([])  # needs the running loop: its flusher tasks live on it
-        return usage, await start_rate_limiter(self.settings)
+        return usage, await start_rate_limiter(self.settings, self.redis)
 
     def shutdown(self) -> None:
         """Flush usage records before the process exits (warm shutdown)."""
         self.run(self.usage.aclose())
         self.run(self.limiter.aclose())
+        if self.redis is not None:
+            self.run(self.redis.aclose())
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.submit(coro).result()

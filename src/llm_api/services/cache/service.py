@@ -32,6 +32,7 @@ from llm_api.services.cache.store import CacheStore
 from llm_api.services.llm import shaping
 from llm_api.services.llm.stages import AdmissionStage, Call, Outcome
 from llm_api.services.llm.types import Frame, RequestContext
+from llm_api.services.redis_pool import SharedRedis
 
 log = structlog.get_logger(__name__)
 
@@ -173,13 +174,16 @@ class CacheStage:
                 log.exception("response_hook_failed")
 
 
-def build_cache_store(settings: Settings) -> CacheStore | None:
+def build_cache_store(settings: Settings, redis: SharedRedis | None) -> CacheStore | None:
     from llm_api.services.cache.store import MemoryCacheStore, RedisCacheStore
 
     if not settings.cache_enabled:
         return None
-    if settings.redis_url:
+    if redis is not None:
         return RedisCacheStore(
-            settings.redis_url, settings.cache_ttl_seconds, settings.cache_timeout_ms / 1000
+            redis.client,
+            settings.cache_ttl_seconds,
+            settings.cache_timeout_ms / 1000,
+            redis.health,
         )
     return MemoryCacheStore(settings.cache_max_bytes, settings.cache_ttl_seconds)

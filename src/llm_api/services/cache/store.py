@@ -8,8 +8,9 @@ Redis TTL and grow per process without a byte bound. Here Redis holds the entrie
 in-process fallback is a TTL+LRU map bounded in bytes.
 
 A failing cache only ever means a miss: every Redis call is bounded by a short timeout (100 ms by
-default), errors are logged and swallowed, and after a failure Redis is skipped for a second so a
-dead server costs nothing per request.
+default) and errors are swallowed; when Redis is down is the shared policy's call
+(services/redis_pool.RedisHealth: then Redis is skipped for a second, so a dead server costs
+nothing per request).
 
 Cancellation (RELIABILITY #29, redis-py CVE-2023-28858/9, the March 2023 ChatGPT leak): a command
 cancelled between send and reply used to leave its reply unread on a pooled connection, where the
@@ -20,23 +21,19 @@ stores the key it was written under, and a read whose entry names another key is
 
 from __future__ import annotations
 
-import asyncio
-import time
+import contextlib
 from typing import Protocol, cast
 
 import orjson
 import structlog
 from cachetools import TTLCache
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-from redis.retry import Retry
+from redis.asyncio import Redis
+
+from llm_api.services.redis_pool import RedisHealth, RedisUnavailable
 
 log = structlog.get_logger(__name__)
 
 KEY_PREFIX = "llm-api:cache:"
-_SKIP_AFTER_FAILURE_S = 1.0
-MAX_CONNECTIONS = 64
 
 
 class CacheStore(Protocol):
@@ -107,75 +104,55 @@ class MemoryCacheStore:
 
 
 class RedisCacheStore:
-    def __init__(self, url: str, ttl_seconds: int, timeout_seconds: float) -> None:
+    """Entries in the shared Redis (services/redis_pool.py), each call within `timeout_seconds`
+    (a wait for a free pooled connection included)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        ttl_seconds: int,
+        timeout_seconds: float,
+        health: RedisHealth | None = None,
+    ) -> None:
+        self.redis = redis
         self.ttl = ttl_seconds
         self.timeout = timeout_seconds
-        # A blocking pool: a burst beyond `max_connections` waits (within the same timeout) for
-        # a free connection instead of failing at once with MaxConnectionsError.
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=MAX_CONNECTIONS,
-            timeout=timeout_seconds,
-            socket_timeout=timeout_seconds,
-            socket_connect_timeout=timeout_seconds,
-            retry=Retry(NoBackoff(), 0),  # a retry would blow the latency budget; a miss is fine
-            client_name="llm-api-cache",
-        )
-        self.redis = Redis(connection_pool=pool)
-        self._skip_until = 0.0
-
-    def _available(self) -> bool:
-        return time.monotonic() >= self._skip_until
-
-    def _failed(self, op: str, exc: BaseException) -> None:
-        self._skip_until = time.monotonic() + _SKIP_AFTER_FAILURE_S
-        log.warning("cache_unavailable", op=op, error=type(exc).__name__)
+        self._own_health = health is None  # a store of its own (tests): closed with it
+        self.health = health if health is not None else RedisHealth()
 
     async def get(self, key: str) -> bytes | None:
-        if not self._available():
-            return None
         try:
-            async with asyncio.timeout(self.timeout):
-                stored = cast(bytes | None, await self.redis.get(KEY_PREFIX + key))
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._failed("get", exc)
+            call = self.redis.get(KEY_PREFIX + key)
+            stored = cast(bytes | None, await self.health.call("cache", call, self.timeout))
+        except RedisUnavailable:  # a miss; the shared policy logs outages
             return None
         return unwrap(key, stored)
 
     async def set(self, key: str, value: bytes) -> None:
-        if not self._available():
-            return
-        try:
-            async with asyncio.timeout(self.timeout):
-                await self.redis.set(KEY_PREFIX + key, wrap(key, value), ex=self.ttl)
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._failed("set", exc)
+        call = self.redis.set(KEY_PREFIX + key, wrap(key, value), ex=self.ttl)
+        with contextlib.suppress(RedisUnavailable):  # not stored; the policy logs outages
+            await self.health.call("cache", call, self.timeout)
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
-        if not keys or not self._available():
-            return [None] * len(keys)
+        if not keys:
+            return []
         try:
-            async with asyncio.timeout(self.timeout):
-                found = cast(
-                    list[bytes | None], await self.redis.mget([KEY_PREFIX + k for k in keys])
-                )
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._failed("mget", exc)
+            call = self.redis.mget([KEY_PREFIX + k for k in keys])
+            found = cast(list[bytes | None], await self.health.call("cache", call, self.timeout))
+        except RedisUnavailable:  # a miss; the shared policy logs outages
             return [None] * len(keys)
         return [unwrap(k, v) for k, v in zip(keys, found, strict=True)]
 
     async def set_many(self, items: list[tuple[str, bytes]]) -> None:
-        if not items or not self._available():
+        if not items:
             return
-        try:
-            async with asyncio.timeout(self.timeout):
-                pipe = self.redis.pipeline(transaction=False)  # one round trip, no MULTI
-                for key, value in items:
-                    pipe.set(KEY_PREFIX + key, wrap(key, value), ex=self.ttl)
-                await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._failed("set_many", exc)
+        pipe = self.redis.pipeline(transaction=False)  # one round trip, no MULTI
+        for key, value in items:
+            pipe.set(KEY_PREFIX + key, wrap(key, value), ex=self.ttl)
+        with contextlib.suppress(RedisUnavailable):  # not stored; the policy logs outages
+            await self.health.call("cache", pipe.execute(), self.timeout)
 
     async def aclose(self) -> None:
-        await self.redis.aclose()
-        await self.redis.connection_pool.disconnect()
+        # The client (and, in the app, the health) are shared: their owner closes them.
+        if self._own_health:
+            await self.health.aclose()

@@ -137,6 +137,11 @@ class ModelConfig(BaseModel):
         None, description="Name of the environment variable holding the upstream key."
     )
     upstream_model: str | None = None
+    forward_unknown_fields: bool = Field(
+        False,
+        description="Pass request fields outside OpenAI's API (the SDKs' `extra_body`, such as "
+        "vLLM's `top_k`) on to the upstream. Off: they are dropped, not refused.",
+    )
     connect_timeout: float = Field(5.0, gt=0)
     first_token_timeout: float = Field(60.0, gt=0)
     idle_timeout: float = Field(30.0, gt=0)

@@ -33,8 +33,9 @@ from llm_api.services.rate_limit.headers import rate_limit_headers, rejection
 from llm_api.services.rate_limit.login import LoginPolicy, LoginThrottle
 from llm_api.services.rate_limit.memory_store import MemoryStore, StoreFull
 from llm_api.services.rate_limit.policy import LimitPolicy
-from llm_api.services.rate_limit.redis_store import RedisStore, StoreUnavailable, build_redis
+from llm_api.services.rate_limit.redis_store import RedisStore, StoreUnavailable
 from llm_api.services.rate_limit.types import Decision, LimitSpec, Settlement, Store
+from llm_api.services.redis_pool import SharedRedis
 
 log = structlog.get_logger(__name__)
 
@@ -319,15 +320,13 @@ class RateLimiter:
                     log.exception("rate_limit_renew_error")
 
 
-def build_rate_limiter(settings: Settings) -> RateLimiter:
-    """Redis when LLM_API_REDIS_URL is set, else this process's memory."""
+def build_rate_limiter(settings: Settings, redis: SharedRedis | None) -> RateLimiter:
+    """The shared Redis when there is one (LLM_API_REDIS_URL), else this process's memory."""
     policy = LimitPolicy.from_settings(settings)
     store: Store
-    if settings.redis_url:
+    if redis is not None:
         timeout = settings.rate_limit_redis_timeout_ms / 1000
-        store = RedisStore(
-            build_redis(settings.redis_url, timeout), settings.rate_limit_key_prefix, timeout
-        )
+        store = RedisStore(redis.client, settings.rate_limit_key_prefix, timeout, redis.health)
     else:
         store = MemoryStore(settings.rate_limit_memory_max_keys)
         if settings.workers > 1 and settings.rate_limit_enabled:

@@ -21,18 +21,13 @@ pattern cannot read back (that made every later script call for the subject fail
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 
 import structlog
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
-from llm_api.services.rate_limit.loop_lag import LoopLag
 from llm_api.services.rate_limit.types import Decision, LimitSpec, LimitState, Settlement
+from llm_api.services.redis_pool import RedisHealth, RedisUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -179,139 +174,37 @@ class StoreUnavailable(Exception):
         self.sent = sent
 
 
-def build_redis(url: str, timeout_s: float, max_connections: int = 64) -> Redis:
-    """A client for the limiter: no retries (a retry would multiply the timeout), periodic
-    health checks; the pool reconnects by itself when Redis is back. A blocking pool: a burst of
-    requests queues for one of `max_connections` connections (one script call is ~0.1 ms)
-    instead of opening a connection each.
-
-    The client's own timeouts are only a backstop, beyond the longest wait `_Deadline` allows:
-    each of them is a bare timer that a stalled event loop fires before the reply it raced with
-    is read. RedisStore times every call itself, telling a stalled loop from a slow Redis."""
-    backstop = 2 * timeout_s * (_Deadline.MAX_EXTENSIONS + 2)
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=backstop,
-        socket_timeout=backstop,
-        socket_connect_timeout=backstop,
-        health_check_interval=15,
-        retry=Retry(NoBackoff(), 0),
-        client_name="llm-api-rate-limit",
-    )
-    return Redis.from_pool(pool)
-
-
-class _Deadline:
-    """The time limit of one Redis call. When it is reached and the wait was this process's own
-    doing, not Redis's, the call gets another budget (up to MAX_EXTENSIONS times):
-    - the loop was late by half the budget or more (stalled: the reply may be sitting unread);
-    - or Redis answered another call since this one started (it is up; this call was queued
-      behind this process's own work: a burst, new connections, a busy loop).
-    Otherwise it expires on the next loop iteration, after any wake-up already queued (so a
-    reply that arrived with the timer still wins)."""
-
-    MAX_EXTENSIONS = 5
+class RedisStore:
+    """The limiter's scripts on the shared client, each call timed and judged by `health`
+    (services/redis_pool.py, shared with the cache and the breakers)."""
 
     def __init__(
-        self,
-        timeout: asyncio.Timeout,
-        budget: float,
-        lag: LoopLag,
-        last_reply: Callable[[], float],
+        self, redis: Redis, prefix: str, timeout_s: float, health: RedisHealth | None = None
     ) -> None:
-        self._timeout = timeout
-        self._budget = budget
-        self._lag = lag
-        self._last_reply = last_reply
-        self._loop = asyncio.get_running_loop()
-        self._started = self._loop.time()
-        self._when = self._started + budget
-        self.extensions = 0
-        # Set when it expires: whether the wait was Redis's (which counts toward marking it
-        # down) rather than this process's (which fails this call only).
-        self.redis_to_blame = False
-        self._handle = self._loop.call_at(self._when, self._check)
-
-    def _check(self) -> None:
-        now = self._loop.time()
-        stall = max(now - self._when, self._lag.since(self._started))
-        ours = stall >= self._budget / 4 or self._last_reply() >= self._started
-        if ours and self.extensions < self.MAX_EXTENSIONS:
-            self.extensions += 1
-            self._when = now + self._budget
-            self._handle = self._loop.call_at(self._when, self._check)
-        else:
-            self.redis_to_blame = not ours
-            self._timeout.reschedule(now)
-
-    def cancel(self) -> None:
-        self._handle.cancel()
-
-
-class RedisStore:
-    # After FAILURES_TO_TRIP timeouts in a row (or one refused connection), skip Redis for
-    # BACKOFF_S instead of paying the timeout on every request; then try again. Only timeouts
-    # that were Redis's doing count (`_Deadline`): not those of a stalled or saturated loop.
-    BACKOFF_S = 1.0
-    FAILURES_TO_TRIP = 3
-
-    def __init__(self, redis: Redis, prefix: str, timeout_s: float) -> None:
         self.redis = redis
         self.prefix = prefix
         self.timeout_s = timeout_s
+        self._own_health = health is None  # a store of its own (tests): closed with it
+        self.health = health if health is not None else RedisHealth()
         self._admit = redis.register_script(ADMIT)
         self._settle = redis.register_script(SETTLE)
         self._void = redis.register_script(VOID)
         self._renew = redis.register_script(RENEW)
-        self._down_until = 0.0
-        self._failures = 0
-        self._lag = LoopLag()
-        self._last_reply = 0.0  # loop time of the latest reply from Redis
 
     def _key(self, spec: LimitSpec, suffix: str) -> str:
         return f"{{{self.prefix}}}:{spec.key}:{suffix}"
 
     @property
     def down(self) -> bool:
-        return time.monotonic() < self._down_until
+        return self.health.down
 
     async def _call(self, script: object, keys: list[str], args: list[str | int]) -> object:
-        if self.down:
-            raise StoreUnavailable("redis marked down")
-        self._lag.start()
-        deadline: _Deadline | None = None
         try:
-            async with asyncio.timeout(None) as timeout:
-                deadline = _Deadline(
-                    timeout,
-                    self.timeout_s * 2,  # connect + command
-                    self._lag,
-                    lambda: self._last_reply,
-                )
-                try:
-                    result = await script(keys=keys, args=args)  # type: ignore[operator]
-                finally:
-                    deadline.cancel()
-        except (RedisError, OSError, TimeoutError) as exc:
-            timed_out = isinstance(exc, TimeoutError) and deadline is not None
-            if timed_out and deadline is not None and not deadline.redis_to_blame:
-                # This process was too slow, not Redis: fail this call only.
-                log.info("rate_limit_redis_call_late", extensions=deadline.extensions)
-                raise StoreUnavailable("the event loop was too slow", sent=True) from exc
-            self._failures += 1
-            refused = isinstance(exc, (RedisConnectionError, OSError)) and not isinstance(
-                exc,
-                TimeoutError,  # the builtin one is an OSError too
-            )
-            if refused or self._failures >= self.FAILURES_TO_TRIP:
-                if not self.down:
-                    log.warning("rate_limit_redis_unavailable", error=type(exc).__name__)
-                self._down_until = time.monotonic() + self.BACKOFF_S
-            raise StoreUnavailable(str(exc), sent=not refused) from exc
-        self._failures = 0
-        self._last_reply = asyncio.get_running_loop().time()
-        return result
+            # Budget: connect + command.
+            call = script(keys=keys, args=args)  # type: ignore[operator]
+            return await self.health.call("rate_limit", call, self.timeout_s * 2)
+        except RedisUnavailable as exc:
+            raise StoreUnavailable(str(exc), sent=exc.sent) from exc
 
     async def admit(self, request_id: str, specs: list[LimitSpec]) -> Decision:
         keys: list[str] = []
@@ -386,5 +279,6 @@ class RedisStore:
             return False
 
     async def aclose(self) -> None:
-        await self._lag.aclose()
-        await self.redis.aclose()
+        # The client (and, in the app, the health) are shared: their owner closes them.
+        if self._own_health:
+            await self.health.aclose()

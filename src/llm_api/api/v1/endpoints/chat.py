@@ -7,14 +7,14 @@ from fastapi.responses import StreamingResponse
 
 from llm_api.api.deps import InferenceDep
 from llm_api.api.disconnect import cancel_on_disconnect
-from llm_api.api.lean_route import LeanRoute
+from llm_api.api.fastpath import LeanRoute
 from llm_api.api.outcome import answer_with
 from llm_api.api.scopes import requires_scope
 from llm_api.api.streaming import sse_response
 from llm_api.api.v1.chat import serving as wire
 from llm_api.schemas.chat import ChatCompletion, ChatCompletionRequest
 
-# LeanRoute: FastAPI's route with a shorter per-request handler (api/lean_route.py says why).
+# LeanRoute: FastAPI's route with a shorter per-request handler (api/fastpath says why).
 router = APIRouter(tags=["chat"], route_class=LeanRoute)
 
 

@@ -16,16 +16,10 @@ from llm_api.services.dashboard import SummaryService
 
 router = APIRouter(tags=["dashboard"])
 
-_SUMMARY_KEY = "dashboard.summary"
-
 
 async def get_summary_service(state: StateDep) -> SummaryService:
     """One SummaryService per app (it keeps the counter samples the rate is taken from)."""
-    service = state.extras.get(_SUMMARY_KEY)
-    if service is None:
-        service = state.extras[_SUMMARY_KEY] = SummaryService(state.llm)
-    assert isinstance(service, SummaryService)
-    return service
+    return state.summary
 
 
 SummaryDep = Annotated[SummaryService, Depends(get_summary_service)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from llm_api.core.config import Settings
 from llm_api.services.llm.backends.base import Backend
 from llm_api.services.llm.registry import ModelConfig, Registry
+from llm_api.services.redis_pool import SharedRedis
 
 
 def build_backend(config: ModelConfig, settings: Settings) -> Backend:
@@ -27,7 +28,9 @@ def build_backend(config: ModelConfig, settings: Settings) -> Backend:
     return OpenAIUpstreamBackend(config)
 
 
-def build_backends(registry: Registry, settings: Settings) -> dict[str, Backend]:
+def build_backends(
+    registry: Registry, settings: Settings, redis: SharedRedis | None = None
+) -> dict[str, Backend]:
     """Every model's backend. Routed models come last: they may share a local model's backend."""
     backends = {m.id: build_backend(m, settings) for m in registry.models if m.backend != "router"}
     if any(m.backend == "router" for m in registry.models):
@@ -35,5 +38,5 @@ def build_backends(registry: Registry, settings: Settings) -> dict[str, Backend]
 
         for m in registry.models:
             if m.backend == "router":
-                backends[m.id] = build_router(m, settings, backends)
+                backends[m.id] = build_router(m, settings, backends, redis)
     return backends

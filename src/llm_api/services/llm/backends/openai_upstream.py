@@ -1,9 +1,10 @@
 """Any OpenAI-compatible upstream (vLLM, Ollama, llama.cpp's server, OpenAI).
 
 One pooled aiohttp session per upstream (aiohttp sustains several times httpx's request rate on
-this hardware, see PERFORMANCE.md). We always ask the upstream to stream, with usage, and pass
-its output on as it arrives; a non-streaming client request simply collects the same stream.
-Errors are mapped to our taxonomy; messages never carry the upstream URL or key.
+this hardware, see PERFORMANCE.md). The upstream gets the client's body as it came, model name
+and stream settings replaced (upstream_wire.py). We always ask it to stream, with usage, and pass
+its output on as it arrives, every field of it; a non-streaming client request simply collects
+the same stream. Errors are mapped to our taxonomy; messages never carry the upstream URL or key.
 
 Text that arrives in one TCP read leaves as one chunk (vLLM's `--stream-interval` does the
 same at the source): a gateway that has fallen behind catches up with one delta instead of
@@ -19,7 +20,7 @@ import binascii
 import os
 import re
 from array import array
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -38,6 +39,17 @@ from llm_api.core.exceptions import (
     UpstreamTimeoutError,
 )
 from llm_api.services.llm.backends.upstream_connector import upstream_connector
+from llm_api.services.llm.backends.upstream_wire import (
+    Rich,
+    cached_tokens,
+    dict_calls,
+    dict_extra,
+    dict_logprobs,
+    dict_reasoning,
+    finish_reason,
+    request_body,
+    usage_extra,
+)
 from llm_api.services.llm.registry import ModelConfig
 from llm_api.services.llm.types import GenerationChunk, GenerationRequest
 
@@ -56,30 +68,45 @@ MAX_BODY_BYTES = 4 * 1024 * 1024  # a whole JSON answer, from an upstream that i
 MAX_EMBEDDINGS_BYTES = 64 * 1024 * 1024
 
 
-# Typed views of the upstream's chunks, holding only what we read. msgspec decodes a read's
-# payloads straight into them: the fields we do not read (ids, timestamps, logprobs, tool calls)
-# are skipped without building objects, and those we read are type-checked in C. That was ~5% of
-# a proxied stream's instructions (bench/RESULTS.md) against orjson dicts walked with a type check
-# per field. A read that does not fit (an error object, a malformed or hostile chunk, a count that
+# Typed views of the upstream's chunks. msgspec decodes a read's payloads straight into them:
+# the chunk and choice fields we do not read (ids, timestamps, system fingerprints) are skipped
+# without building objects, and those we read are type-checked in C. That was ~5% of a proxied
+# stream's instructions (bench/RESULTS.md) against orjson dicts walked with a type check per
+# field. A read that does not fit (an error object, a malformed or hostile chunk, a count that
 # is not a non-negative int) takes the orjson path, which handles every odd case as before.
 # `gc=False`: decoded JSON cannot form a reference cycle, so the collector need not track these
 # (~20% off the decode, and fewer young-generation collections).
-class _Delta(msgspec.Struct, gc=False):
+#
+# This view is for text only, and nothing of a delta may be lost: it refuses delta fields it
+# does not name (`forbid_unknown_fields`), and names with type None those that servers send as
+# null in text chunks (OpenAI's `refusal`, SGLang's `tool_calls` and `reasoning_content`, choice
+# `logprobs`). A read with tool-call pieces, reasoning, logprobs, a refusal or any field nobody
+# knows yet fails it and takes the orjson path, which relays them all (upstream_wire.Rich). Each
+# field named here costs every text chunk's decode ~50 instructions: they are kept few.
+class _Delta(msgspec.Struct, gc=False, forbid_unknown_fields=True):
     content: str | None = None
+    role: str | None = None
+    refusal: None = None
+    tool_calls: None = None
+    reasoning_content: None = None
 
 
 class _Choice(msgspec.Struct, gc=False):
     delta: _Delta | None = None
     text: str | None = None
     finish_reason: str | None = None
+    logprobs: None = None
 
 
 _Tokens = Annotated[int, msgspec.Meta(ge=0)]
 
 
-class _Usage(msgspec.Struct, gc=False):
+class _Usage(msgspec.Struct, gc=False, forbid_unknown_fields=True):
     prompt_tokens: _Tokens | None = None
     completion_tokens: _Tokens | None = None
+    total_tokens: int | None = None
+    prompt_tokens_details: dict[str, Any] | None = None
+    completion_tokens_details: dict[str, Any] | None = None
 
 
 class _Chunk(msgspec.Struct, gc=False):
@@ -143,39 +170,6 @@ class OpenAIUpstreamBackend:
     async def prepare(self, request: GenerationRequest) -> None:
         """Upstreams validate context length themselves; nothing to count locally."""
 
-    def _body(self, request: GenerationRequest) -> tuple[str, dict[str, Any]]:
-        p = request.params
-        body: dict[str, Any] = {
-            "model": self.config.upstream_model or self.config.id,
-            "max_tokens": p.max_tokens,
-            "temperature": p.temperature,
-            "top_p": p.top_p,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if p.stop:
-            body["stop"] = p.stop
-        if p.seed is not None:
-            body["seed"] = p.seed
-        if p.presence_penalty:
-            body["presence_penalty"] = p.presence_penalty
-        if p.frequency_penalty:
-            body["frequency_penalty"] = p.frequency_penalty
-        if p.json_schema is not None:
-            body["response_format"] = (
-                {"type": "json_object"}
-                if not p.json_schema
-                else {
-                    "type": "json_schema",
-                    "json_schema": {"name": "response", "schema": p.json_schema, "strict": True},
-                }
-            )
-        if request.messages is not None:
-            body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
-            return "chat/completions", body
-        body["prompt"] = request.prompt or ""
-        return "completions", body
-
     async def _post(self, path: str, payload: bytes, deadline: float) -> aiohttp.ClientResponse:
         """POST `payload` to the upstream's `path`, its response head due by `deadline`. Never
         follows a redirect: it would send the prompt and our key to wherever the `Location`
@@ -220,7 +214,7 @@ class OpenAIUpstreamBackend:
         return _embeddings(raw, len(inputs))
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        path, body = self._body(request)
+        path, body = request_body(self.config, request)
         payload = orjson.dumps(body)
         # One deadline covers the response headers, an error body, and the first content.
         deadline = asyncio.get_running_loop().time() + self.config.first_token_timeout
@@ -274,12 +268,13 @@ class OpenAIUpstreamBackend:
         # deadline. That is the first-token deadline until the first text arrives (a role-only
         # first chunk, or a keep-alive comment, is no token), then the idle timeout, moved on
         # after each read with complete lines has been handed on: time a slow client takes to
-        # read it is not the upstream's silence.
+        # read it is not the upstream's silence. Anything a model produced counts as started:
+        # text, reasoning, a tool call's first piece, a refusal.
         content = resp.content
         tail = b""
         done = False
-        started = False  # text has arrived: the idle timeout applies
-        last: GenerationChunk | None = None  # the final read's text, held for the end
+        started = False  # content has arrived: the idle timeout applies
+        last: GenerationChunk | None = None  # the final read's last frame, held for the end
         while not done:
             try:
                 data = content.read_nowait(MAX_READ_BYTES)
@@ -317,14 +312,24 @@ class OpenAIUpstreamBackend:
                 payloads, ended = _split_lines(block)
                 typed = _decode_typed(payloads)
             done = done or ended
+            rich = None
             if typed is not None:
                 _fold_typed(typed, texts, totals)
             else:
-                error = _fold_dicts(_decode(payloads), texts, totals)
-            if texts:
+                error, rich = _fold_dicts(_decode(payloads), texts, totals)
+            # Text alone (most reads): one frame, as it always was. Otherwise Rich's frames.
+            frames: Sequence[GenerationChunk] = ()
+            if rich is not None:
+                frames = rich.close()
+            elif texts:
+                frames = (GenerationChunk(text="".join(texts), tokens=len(texts)),)
+            if frames:
                 started = True
-                pieces += len(texts)
-                last = GenerationChunk(text="".join(texts), tokens=len(texts))
+                for frame in frames[:-1]:
+                    pieces += frame.tokens
+                    yield frame
+                last = frames[-1]
+                pieces += last.tokens
                 if not (done and error is None and totals.finish is not None):
                     yield last
                     last = None
@@ -335,16 +340,16 @@ class OpenAIUpstreamBackend:
         if totals.finish is None:
             raise UpstreamError("The upstream closed the stream before finishing.")
         prompt, completion = totals.prompt_tokens, totals.completion_tokens
-        # The text of the read that ended the stream leaves with its end, as one chunk: one item
-        # fewer through every layer up to the socket.
-        yield GenerationChunk(
-            text=last.text if last is not None else "",
-            tokens=last.tokens if last is not None else 0,
-            finish_reason="length" if totals.finish == "length" else "stop",
-            prompt_tokens=prompt if prompt is not None else prompt_estimate,
-            # Counted chunks approximate tokens when an upstream does not report usage.
-            completion_tokens=completion if completion is not None else pieces,
-        )
+        # The last frame of the read that ended the stream leaves with its end, as one chunk:
+        # one item fewer through every layer up to the socket.
+        closing = last if last is not None else GenerationChunk()
+        closing.finish_reason = finish_reason(totals.finish)
+        closing.prompt_tokens = prompt if prompt is not None else prompt_estimate
+        # Counted chunks approximate tokens when an upstream does not report usage.
+        closing.completion_tokens = completion if completion is not None else pieces
+        closing.cached_tokens = totals.cached_tokens
+        closing.usage_extra = totals.usage_extra
+        yield closing
 
 
 _DONE = b"data: [DONE]\n\n"
@@ -406,14 +411,18 @@ def _decode_array(array: bytes, count: int) -> list[_Chunk] | None:
 
 @dataclass(slots=True)
 class _Totals:
-    """What a stream's chunks said so far, besides text: the last finish reason and usage."""
+    """What a stream's chunks said so far, besides content: the last finish reason and usage."""
 
     finish: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    usage_extra: dict[str, Any] | None = None  # the usage's details, verbatim
 
 
 def _fold_typed(chunks: list[_Chunk], texts: list[str], totals: _Totals) -> None:
+    """A read's typed chunks (text only, by the view's types): text pieces appended to `texts`,
+    finish and usage into `totals`."""
     append = texts.append
     for chunk in chunks:
         for choice in chunk.choices or ():
@@ -431,19 +440,37 @@ def _fold_typed(chunks: list[_Chunk], texts: list[str], totals: _Totals) -> None
                 totals.prompt_tokens = usage.prompt_tokens
             if usage.completion_tokens is not None:
                 totals.completion_tokens = usage.completion_tokens
+            if usage.prompt_tokens_details is not None or usage.completion_tokens_details:
+                _usage_details(
+                    totals,
+                    {
+                        "prompt_tokens_details": usage.prompt_tokens_details,
+                        "completion_tokens_details": usage.completion_tokens_details,
+                    },
+                )
 
 
-def _fold_dicts(objs: list[Any], texts: list[str], totals: _Totals) -> str | None:
+def _usage_details(totals: _Totals, usage: dict[str, Any]) -> None:
+    extra = usage_extra(usage)
+    if extra is not None:
+        totals.usage_extra = extra
+        totals.cached_tokens = cached_tokens(extra.get("prompt_tokens_details"))
+
+
+def _fold_dicts(
+    objs: list[Any], texts: list[str], totals: _Totals
+) -> tuple[str | None, Rich | None]:
     """The same for chunks decoded as plain JSON, of any shape: what is not what we expect is
     ignored, except an error object or a chunk that is not an object, whose message is returned
-    (the text before it is kept)."""
+    (the content before it is kept). Delta fields we do not interpret go on verbatim."""
     append = texts.append
+    rich: Rich | None = None
     # `type(x) is` rather than isinstance: a JSON decoder makes exact types.
     for obj in objs:
         if type(obj) is not dict:
             obj = {"error": "The upstream sent a malformed chunk."}
         if "error" in obj:
-            return _clean(_error_message(obj))
+            return _clean(_error_message(obj)), rich
         choices = obj.get("choices")
         for choice in choices if type(choices) is list else ():
             if type(choice) is not dict:
@@ -452,7 +479,19 @@ def _fold_dicts(objs: list[Any], texts: list[str], totals: _Totals) -> str | Non
             text = delta.get("content") if type(delta) is dict else None
             if not text:
                 text = choice.get("text")
-            if text and type(text) is str:
+            text = text if text and type(text) is str else None
+            logprobs = dict_logprobs(choice.get("logprobs"))
+            if type(delta) is dict:
+                reasoning = dict_reasoning(delta)
+                calls = dict_calls(delta.get("tool_calls"))
+                extra = dict_extra(delta)
+            else:
+                reasoning = calls = extra = None
+            if reasoning or calls or logprobs or extra:
+                if rich is None:
+                    rich = Rich(texts)
+                rich.add(text, reasoning, calls, logprobs, extra)
+            elif text:
                 append(text)
             if choice.get("finish_reason"):
                 totals.finish = str(choice["finish_reason"])
@@ -462,7 +501,8 @@ def _fold_dicts(objs: list[Any], texts: list[str], totals: _Totals) -> str | Non
             totals.completion_tokens = _count(
                 usage.get("completion_tokens"), totals.completion_tokens
             )
-    return None
+            _usage_details(totals, usage)
+    return None, rich
 
 
 def _decode(payloads: list[bytes]) -> list[Any]:
@@ -566,14 +606,27 @@ async def _whole(
     usage: dict[str, Any] = found if isinstance(found, dict) else {}
     prompt = _count(usage.get("prompt_tokens"), None)
     completion = _count(usage.get("completion_tokens"), None)
-    return GenerationChunk(
+    details = usage_extra(usage)
+    reason = choice.get("finish_reason")
+    frame = GenerationChunk(
         text=text,
         tokens=1 if text else 0,
-        finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
+        finish_reason=finish_reason(reason if type(reason) is str else None),
         prompt_tokens=prompt if prompt is not None else prompt_estimate,
         # ~4 characters a token when the upstream does not say, as for prompts.
         completion_tokens=completion if completion is not None else -(-len(text) // 4),
+        logprobs=dict_logprobs(choice.get("logprobs")),
+        usage_extra=details,
+        cached_tokens=cached_tokens(details.get("prompt_tokens_details")) if details else None,
     )
+    if type(message) is dict:
+        # Whole calls, in order: each one piece with its id, name and all its arguments.
+        frame.tool_calls = dict_calls(message.get("tool_calls"))
+        frame.reasoning = dict_reasoning(message)
+        frame.extra = dict_extra(message)
+        if frame.tool_calls or frame.reasoning or frame.extra:
+            frame.tokens = 1
+    return frame
 
 
 @dataclass(slots=True)

@@ -5,7 +5,9 @@ fails.
 Two stores with one interface. `MemoryBreakers` keeps the state in this process. `RedisBreakers`
 shares it between workers and pods through tiny keys with TTLs, so a dead replica is skipped
 everywhere after N failures anywhere; it costs one MGET per request and writes only when a
-state changes. When Redis fails, it falls back to the memory store rather than failing requests.
+state changes. When Redis fails or is slow (each call within LLM_API_BREAKER_REDIS_TIMEOUT_MS), or
+the shared policy has marked it down (services/redis_pool.py), it falls back to the memory store
+rather than failing or holding requests.
 Hand-written because the breaker libraries on PyPI (pybreaker, aiobreaker, purgatory) are
 synchronous or have no half-open probe token shared across processes.
 """
@@ -13,16 +15,19 @@ synchronous or have no half-open probe token shared across processes.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+
+from llm_api.services.redis_pool import RedisHealth, RedisUnavailable
 
 log = structlog.get_logger(__name__)
 
 State = Literal["closed", "open", "half_open"]
+T = TypeVar("T")
 
 
 class Breakers(Protocol):
@@ -129,7 +134,14 @@ class RedisBreakers:
     token (SET NX, expires if the probe never reports)."""
 
     def __init__(
-        self, redis: Redis, prefix: str, failures: int, cooldown: float, probe_ttl: float
+        self,
+        redis: Redis,
+        prefix: str,
+        failures: int,
+        cooldown: float,
+        probe_ttl: float,
+        timeout: float = 0.1,
+        health: RedisHealth | None = None,
     ) -> None:
         self.redis = redis
         self.prefix = prefix
@@ -137,8 +149,16 @@ class RedisBreakers:
         self.cooldown_ms = int(cooldown * 1000)
         self.half_ttl_ms = int(cooldown * 1000 * 10 + probe_ttl * 1000)
         self.probe_ms = int(probe_ttl * 1000)
+        self.timeout = timeout
+        self.health = health if health is not None else RedisHealth()
         self.local = MemoryBreakers(failures, cooldown)
         self._failure = redis.register_script(_FAILURE_LUA)
+
+    async def _call(self, op: Awaitable[T]) -> T:
+        """`op` as the shared failure policy times and judges it (services/redis_pool.py);
+        RedisUnavailable (the caller then uses its memory store) when Redis failed, was too
+        slow or is marked down."""
+        return await self.health.call("breakers", op, self.timeout)
 
     def _keys(self, name: str) -> list[str]:
         base = f"{self.prefix}:{name}"
@@ -147,9 +167,8 @@ class RedisBreakers:
     async def states(self, names: list[str]) -> list[State]:
         keys = [k for n in names for k in self._keys(n)[:3]]
         try:
-            values = await self.redis.mget(keys)
-        except RedisError as exc:
-            log.warning("breaker_redis_failed", error=type(exc).__name__)
+            values = await self._call(self.redis.mget(keys))
+        except RedisUnavailable:
             return await self.local.states(names)
         out: list[State] = []
         for i, name in enumerate(names):
@@ -165,8 +184,9 @@ class RedisBreakers:
         if state == "open":
             return False
         try:
-            return bool(await self.redis.set(self._keys(name)[3], "1", nx=True, px=self.probe_ms))
-        except RedisError:
+            token = self.redis.set(self._keys(name)[3], "1", nx=True, px=self.probe_ms)
+            return bool(await self._call(token))
+        except RedisUnavailable:
             return await self.local.acquire(name, state)
 
     async def success(self, name: str, state: State) -> None:
@@ -176,29 +196,31 @@ class RedisBreakers:
             return
         self.local._entry(name).failures = 0
         try:
-            await self.redis.delete(*self._keys(name))
-        except RedisError:
+            await self._call(self.redis.delete(*self._keys(name)))
+        except RedisUnavailable:
             await self.local.success(name, state)
 
     async def failure(self, name: str) -> None:
         try:
-            opened = await self._failure(
-                keys=self._keys(name),
-                args=[self.threshold, self.cooldown_ms, self.half_ttl_ms],
+            opened = await self._call(
+                self._failure(
+                    keys=self._keys(name),
+                    args=[self.threshold, self.cooldown_ms, self.half_ttl_ms],
+                )
             )
             self.local._entry(name).failures += 1  # a later success must clear `:f`
             if opened:
                 log.warning("breaker_opened", deployment=name)
-        except RedisError:
+        except RedisUnavailable:
             await self.local.failure(name)
 
     async def release(self, name: str, state: State) -> None:
         if state != "half_open":
             return
         try:
-            await self.redis.delete(self._keys(name)[3])
-        except RedisError:
+            await self._call(self.redis.delete(self._keys(name)[3]))
+        except RedisUnavailable:
             await self.local.release(name, state)
 
     async def aclose(self) -> None:
-        await self.redis.aclose()
+        pass  # the client is shared: its owner closes it

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from redis.asyncio import Redis
-
 from llm_api.core.config import Settings
 from llm_api.services.llm.backends.base import Backend
 from llm_api.services.llm.backends.openai_upstream import OpenAIUpstreamBackend
@@ -15,10 +13,14 @@ from llm_api.services.llm.registry import ModelConfig
 from llm_api.services.llm.routing.breaker import Breakers, MemoryBreakers, RedisBreakers
 from llm_api.services.llm.routing.deployments import Deployment
 from llm_api.services.llm.routing.router import RoutedBackend
+from llm_api.services.redis_pool import SharedRedis
 
 
 def build_router(
-    config: ModelConfig, settings: Settings, local: Mapping[str, Backend]
+    config: ModelConfig,
+    settings: Settings,
+    local: Mapping[str, Backend],
+    redis: SharedRedis | None,
 ) -> RoutedBackend:
     deployments: list[Deployment] = []
     for i, d in enumerate(config.deployments):
@@ -49,26 +51,21 @@ def build_router(
                 alpha=config.routing.latency_alpha,
             )
         )
-    return RoutedBackend(config, deployments, _breakers(config, settings))
+    return RoutedBackend(config, deployments, _breakers(config, settings, redis))
 
 
-def _breakers(config: ModelConfig, settings: Settings) -> Breakers:
+def _breakers(config: ModelConfig, settings: Settings, redis: SharedRedis | None) -> Breakers:
     policy = config.routing
-    if not settings.redis_url:
+    if redis is None:
         return MemoryBreakers(policy.breaker_failures, policy.breaker_cooldown)
-    # A slow Redis must not hold requests: past the timeout, fall back to memory instead.
-    timeout = settings.breaker_redis_timeout_ms / 1000
-    redis = Redis.from_url(
-        settings.redis_url,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        client_name="llm-api-breakers",
-    )
     probe_ttl = max(d.first_token_timeout for d in config.deployments) + 5.0
     return RedisBreakers(
-        redis,
+        redis.client,
         prefix=f"llm-api:cb:{config.id}",
         failures=policy.breaker_failures,
         cooldown=policy.breaker_cooldown,
         probe_ttl=probe_ttl,
+        # A slow Redis must not hold requests: past the timeout, fall back to memory instead.
+        timeout=settings.breaker_redis_timeout_ms / 1000,
+        health=redis.health,
     )

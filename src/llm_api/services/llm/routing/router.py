@@ -3,6 +3,9 @@ local model), with retries before the first chunk, circuit breakers and optional
 
 Retries happen only until the first chunk has come back: the service waits for that chunk before
 it sends the client anything (`LLMService._started`), so a retry here is invisible to the client.
+Backends yield only chunks with content (text, reasoning, a tool call's first piece, a refusal;
+never an upstream's role-only opening chunk), so any first chunk means the answer has started.
+Every attempt is given the same request, and its chunks are passed on as they are.
 Once a chunk has been yielded, a failure propagates: a stream is never restarted mid-way. A
 non-streaming request (`buffered`) sends nothing until its answer is whole, so its answer is
 collected here first and a failure anywhere in it is retried like one before the first chunk.

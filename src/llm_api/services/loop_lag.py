@@ -31,7 +31,7 @@ class LoopLag:
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done() or self._task.get_loop() is not loop:
             self._due = loop.time() + self.INTERVAL_S
-            self._task = loop.create_task(self._run(), name="rate-limit-loop-lag")
+            self._task = loop.create_task(self._run(), name="redis-loop-lag")
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

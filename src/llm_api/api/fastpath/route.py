@@ -2,26 +2,29 @@
 
 FastAPI's generic handler does per request: content type parsing through `email.message`, stdlib
 JSON decoding and a separate validation pass, dependency solving with its bookkeeping, telemetry
-hooks and closures. Skipping that measured ~13% of the gateway's CPU per proxied stream
-(~300 µs of ~2,300 on a slow 2-core host; bench/RESULTS.md, issue 9). `LeanRoute` is
-FastAPI's documented extension point for this (a custom `APIRoute.get_route_handler`): the route
-is declared as usual (path, body model, response model, dependencies, OpenAPI all unchanged) and
-only the per-request work is shorter:
+hooks and closures. `LeanRoute` is FastAPI's documented extension point for skipping that (a
+custom `APIRoute.get_route_handler`): the route is declared as usual (path, body model, response
+model, dependencies, OpenAPI all unchanged) and only the per-request work is shorter:
 
 - the body is decoded and validated in one pass by the body model's `model_validate_json`;
-- router and endpoint dependencies are awaited directly with the `Request`, once each.
+- the declared dependency graph (the router's `authenticate`, then the endpoint's, and what they
+  depend on) is solved by a small recursive solver: each dependency awaited once, with the
+  `Request` and the values of its own dependencies, cached per request as FastAPI caches them.
 
 It applies only where that is all a route needs: one JSON body model, `Request`/`Response`
-parameters and dependencies that take just the `Request` (api/deps.py, api/security.py). Any
-other route gets FastAPI's handler, decided once when the route is built. Every unusual request
-goes through FastAPI's own handler too, so error responses are exactly FastAPI's: a missing or
-non-JSON body, malformed JSON, a body that fails validation, and any active dependency override.
+parameters and `async` dependencies that take only the `Request` and other such dependencies
+(api/deps.py, api/security.py). Any other route gets FastAPI's handler, decided once when the
+route is built, and so does every route of an app with `LLM_API_FAST_PATH=false`. Every unusual
+request goes through FastAPI's own handler too, so error responses are exactly FastAPI's: a
+missing or non-JSON body, malformed JSON, a body that fails validation, and any active
+dependency override.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import fastapi.routing
@@ -33,9 +36,52 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from llm_api.api.fastpath.switch import enabled
+
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 _CONTEXT_VAR = "_effective_route_context_var"  # FastAPI 0.163's, see _effective
-RequestDependency = Callable[[Request], Awaitable[Any]]
+DependencyCall = Callable[..., Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Node:
+    """One dependency as the lean handler solves it: awaited with the `Request` (as
+    `request_name`, if it takes it) and the values of `children`, each by its parameter name."""
+
+    name: str | None  # the parameter it fills in its parent, None for a router dependency
+    call: DependencyCall
+    request_name: str | None
+    children: tuple[_Node, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """One dependency call, in the order FastAPI makes them: `args` name the dependencies (solved
+    before it) whose values it takes, by parameter."""
+
+    call: DependencyCall
+    request_name: str | None
+    args: tuple[tuple[str, DependencyCall], ...]
+
+
+def _steps(nodes: list[_Node]) -> list[_Step]:
+    """The graph as a list of calls: depth first, each dependency once (FastAPI's use_cache:
+    one value per dependency per request), decided when the route is built."""
+    steps: list[_Step] = []
+    seen: set[DependencyCall] = set()
+
+    def visit(node: _Node) -> None:
+        if node.call in seen:
+            return
+        for child in node.children:
+            visit(child)
+        seen.add(node.call)
+        args = tuple((child.name, child.call) for child in node.children if child.name)
+        steps.append(_Step(node.call, node.request_name, args))
+
+    for node in nodes:
+        visit(node)
+    return steps
 
 
 class LeanRoute(APIRoute):
@@ -45,7 +91,7 @@ class LeanRoute(APIRoute):
         standard = super().get_route_handler()
         self.lean = False
         route = _effective(self)
-        if route is None:
+        if route is None or not enabled(route.dependency_overrides_provider):
             return standard
         dependant: Dependant = route.dependant
         plan = _plan(dependant, route.body_field)
@@ -57,7 +103,9 @@ class LeanRoute(APIRoute):
         request_name, response_name = dependant.request_param_name, dependant.response_param_name
         overrides_provider = route.dependency_overrides_provider
         field = route.response_field
-        calls = {call for _, call in dependencies}
+        calls = _calls(dependencies)
+        steps = _steps(dependencies)
+        wanted = [(node.name, node.call) for node in dependencies if node.name is not None]
 
         async def handle(request: Request) -> Response:
             overrides = getattr(overrides_provider, "dependency_overrides", None)
@@ -70,13 +118,14 @@ class LeanRoute(APIRoute):
                 body = model.model_validate_json(raw)
             except ValidationError:
                 return await standard(request)  # FastAPI's error, unchanged
-            values: dict[str, Any] = {body_name: body}
-            solved: dict[RequestDependency, Any] = {}
-            for name, call in dependencies:  # the router's first, as FastAPI orders them
-                value = solved[call] if call in solved else await call(request)
-                solved[call] = value
-                if name is not None:
-                    values[name] = value
+            solved: dict[DependencyCall, Any] = {}
+            for step in steps:  # the router's first, as FastAPI orders them
+                kwargs = {name: solved[call] for name, call in step.args}
+                if step.request_name is not None:
+                    kwargs[step.request_name] = request
+                solved[step.call] = await step.call(**kwargs)
+            values: dict[str, Any] = {name: solved[call] for name, call in wanted}
+            values[body_name] = body
             if request_name is not None:
                 values[request_name] = request
             sub_response: Response | None = None
@@ -129,16 +178,11 @@ def _effective(route: APIRoute) -> Any:
     return context if context is not None and context.original_route is route else route
 
 
-def _plan(
-    dependant: Dependant, body_field: Any
-) -> tuple[str, type[BaseModel], list[tuple[str | None, RequestDependency]]] | None:
-    """(body parameter, body model, [(parameter or None, dependency)]), or None when the route
-    needs anything the lean handler does not do."""
+def _plan(dependant: Dependant, body_field: Any) -> tuple[str, type[BaseModel], list[_Node]] | None:
+    """(body parameter, body model, dependency graph), or None when the route needs anything
+    the lean handler does not do."""
     if (
-        dependant.path_params
-        or dependant.query_params
-        or dependant.header_params
-        or dependant.cookie_params
+        _has_parameters(dependant)
         or dependant.background_tasks_param_name
         or dependant.security_scopes_param_name
         or dependant.websocket_param_name
@@ -152,31 +196,61 @@ def _plan(
     model = param.field_info.annotation
     if not (isinstance(model, type) and issubclass(model, BaseModel)) or param.alias != param.name:
         return None
-    dependencies: list[tuple[str | None, RequestDependency]] = []
+    dependencies: list[_Node] = []
     for sub in dependant.dependencies:
-        if not _takes_only_request(sub):
+        node = _node(sub)
+        if node is None:
             return None
-        assert sub.call is not None
-        dependencies.append((sub.name, sub.call))
+        dependencies.append(node)
     return param.name, model, dependencies
 
 
-def _takes_only_request(sub: Dependant) -> bool:
-    return (
-        sub.call is not None
-        and inspect.iscoroutinefunction(sub.call)
-        and sub.request_param_name is not None
-        and sub.use_cache
-        and len(inspect.signature(sub.call).parameters) == 1
-        and not (
-            sub.dependencies
-            or sub.path_params
-            or sub.query_params
-            or sub.header_params
-            or sub.cookie_params
-            or sub.body_params
-        )
+def _node(sub: Dependant) -> _Node | None:
+    """`sub` as the lean handler solves it, or None if it takes anything but the `Request` and
+    other such dependencies (FastAPI's handler then serves the route)."""
+    call = sub.call
+    if (
+        call is None
+        or not inspect.iscoroutinefunction(call)
+        or not sub.use_cache
+        or _has_parameters(sub)
+        or sub.body_params
+        or sub.background_tasks_param_name
+        or sub.security_scopes_param_name
+        or sub.websocket_param_name
+        or sub.http_connection_param_name
+        or sub.response_param_name
+    ):
+        return None
+    children: list[_Node] = []
+    for child in sub.dependencies:
+        node = _node(child)
+        if node is None or node.name is None:
+            return None
+        children.append(node)
+    taken = len(children) + (sub.request_param_name is not None)
+    if taken != len(inspect.signature(call).parameters):  # something FastAPI fills otherwise
+        return None
+    return _Node(sub.name, call, sub.request_param_name, tuple(children))
+
+
+def _has_parameters(dependant: Dependant) -> bool:
+    return bool(
+        dependant.path_params
+        or dependant.query_params
+        or dependant.header_params
+        or dependant.cookie_params
     )
+
+
+def _calls(nodes: list[_Node] | tuple[_Node, ...]) -> set[DependencyCall]:
+    """Every dependency of the graph: an override of any of them sends the request to
+    FastAPI's handler."""
+    out: set[DependencyCall] = set()
+    for node in nodes:
+        out.add(node.call)
+        out |= _calls(node.children)
+    return out
 
 
 def _is_json(content_type: str | None) -> bool:
