@@ -151,3 +151,56 @@ async def test_a_model_without_logprobs_refuses_them(tmp_path: Path) -> None:
                 model="no-logprobs", messages=[{"role": "user", "content": "hi"}], max_tokens=2
             )
             assert ok.choices[0].logprobs is None
+
+
+def check_offsets(text: str, tokens: list[str], offsets: list[int], raws: list[bytes]) -> None:
+    """Each legacy `text_offset` is the character of `text` where its token's first byte lies:
+    a whole token starts there; a piece of a multi-byte character is part of that character."""
+    assert offsets == sorted(offsets)
+    for token, offset, raw in zip(tokens, offsets, raws, strict=True):
+        char = text[offset].encode()
+        if raw[0] & 0xC0 == 0x80:  # continues a character begun by an earlier token
+            assert raw in char[1:], (token, offset, text)
+        elif len(raw) < len(char):  # begins a character that a later token completes
+            assert char.startswith(raw), (token, offset, text)
+        else:
+            assert text[offset:].encode().startswith(raw), (token, offset, text)
+
+
+async def test_legacy_offsets_count_characters(client: openai.AsyncOpenAI) -> None:
+    """Tokens that are parts of multi-byte characters (an emoji, fullwidth signs) are shown
+    with `\\xNN` escapes; their offsets still count the text's characters, streamed or not."""
+    kw: dict[str, Any] = {
+        "model": MODEL,
+        "prompt": "Emoji list: 😀 😃 😄 😁",
+        "max_tokens": 12,
+        "temperature": 0,
+        "logprobs": 1,
+        "extra_headers": NO_CACHE,
+    }
+    raw = await client.completions.with_raw_response.create(**kw)
+    whole = raw.http_response.json()["choices"][0]
+    lps = whole["logprobs"]
+    text = whole["text"]
+    assert any("\\x" in t for t in lps["tokens"]), lps["tokens"]  # the case under test
+    raws = [_token_bytes(t) for t in lps["tokens"]]
+    check_offsets(text.rstrip("\ufffd"), lps["tokens"], lps["text_offset"], raws)
+
+    stream = await client.completions.create(**kw, stream=True)
+    offsets = [
+        o
+        for c in [c async for c in stream]
+        for ch in c.choices
+        if ch.logprobs
+        for o in ch.logprobs.text_offset or []
+    ]
+    assert offsets == lps["text_offset"]
+
+
+def _token_bytes(token: str) -> bytes:
+    """A legacy token's bytes: `\\xNN` escapes (a piece of a character) or UTF-8 text."""
+    return (
+        token.encode("latin-1", "backslashreplace").decode("unicode_escape").encode("latin-1")
+        if "\\x" in token
+        else token.encode()
+    )
