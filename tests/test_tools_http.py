@@ -41,7 +41,7 @@ WEATHER = {
         "parameters": CITY_PARAMETERS,
     },
 }
-TWO_CITIES = [{"role": "user", "content": "What is the weather in Paris and in Rome?"}]
+TWO_CITIES: list[Any] = [{"role": "user", "content": "What is the weather in Paris and in Rome?"}]
 
 
 def city(call: dict[str, Any]) -> str:
@@ -139,7 +139,7 @@ async def test_a_model_without_tools_refuses_them(tmp_path: Path) -> None:
     async with stubs(StubConfig(tokens=2)) as (stub,):
         entry = {"backend": "openai", "base_url": stub.base_url, "capabilities": ["logprobs"]}
         async with routed_app(tmp_path, [{"id": "no-tools", **entry}]) as r:
-            refused = [
+            refused: list[tuple[dict[str, Any], str]] = [
                 ({"tools": [WEATHER]}, "tools"),
                 ({"tools": [WEATHER], "tool_choice": "required"}, "tools"),
                 ({"tool_choice": "auto"}, "tool_choice"),
