@@ -60,7 +60,7 @@ async def test_shape_is_openais(client: openai.AsyncOpenAI) -> None:
         assert set(t) == {"token", "logprob", "bytes", "top_logprobs"}
         assert isinstance(t["logprob"], float) and t["logprob"] <= 0.0
         assert all(isinstance(b, int) and 0 <= b < 256 for b in t["bytes"])
-        assert bytes(t["bytes"]).decode("utf-8", "replace") == t["token"]
+        assert bytes(t["bytes"]).decode("utf-8", "backslashreplace") == t["token"]
         alts = t["top_logprobs"]
         assert len(alts) == 3
         assert all(set(a) == {"token", "logprob", "bytes"} for a in alts)
@@ -73,6 +73,23 @@ async def test_shape_is_openais(client: openai.AsyncOpenAI) -> None:
     assert [t.token for t in parsed.choices[0].logprobs.content or []] == [
         t["token"] for t in content
     ]
+
+
+async def test_pieces_of_characters_keep_their_bytes(client: openai.AsyncOpenAI) -> None:
+    """Tokens that split a multi-byte character (this prompt gets emoji back): `token` shows
+    the bytes as `\\xNN`, `bytes` has them exactly, and all the bytes make the text."""
+    raw = await client.chat.completions.with_raw_response.create(
+        **greedy("Emoji list: 😀 😃 😄 😁", max_tokens=12)
+    )
+    [choice] = raw.http_response.json()["choices"]
+    content = choice["logprobs"]["content"]
+    assert any("\\x" in t["token"] for t in content), content  # the case under test
+    for t in content:
+        assert bytes(t["bytes"]).decode("utf-8", "backslashreplace") == t["token"]
+        for a in t["top_logprobs"]:
+            assert bytes(a["bytes"]).decode("utf-8", "backslashreplace") == a["token"]
+    whole = b"".join(bytes(t["bytes"]) for t in content)
+    assert whole.decode("utf-8", "replace") == choice["message"]["content"]
 
 
 async def test_stream_pieces_concatenate_to_the_whole(client: openai.AsyncOpenAI) -> None:
