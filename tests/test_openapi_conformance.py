@@ -461,3 +461,27 @@ async def test_upstream_tool_call_with_extras(tmp_path: Path) -> None:
             assert message["reasoning_content"] == "The user wants the weather."
             assert whole["choices"][0]["finish_reason"] == "tool_calls"
             assert whole["usage"] == UPSTREAM_TOOL_ANSWER["usage"]
+
+            # Replayed from the response cache (deterministic: temperature 0), streamed and
+            # whole: the same call, extras and usage details, in the same shapes.
+            cached = body | {"temperature": 0}
+            for _ in range(2):
+                got = await r.http.post("/v1/chat/completions", json=cached)
+            assert got.headers["x-cache"] == "hit"
+            conforms(got.json(), "CreateChatCompletionResponse")
+            assert got.json()["choices"] == whole["choices"]
+            assert got.json()["usage"] == whole["usage"]
+            got = await r.http.post("/v1/chat/completions", json=cached | stream)
+            assert got.headers["x-cache"] == "hit"
+            replayed = sse_chunks(got.text)
+            for chunk in replayed:
+                conforms(chunk, "CreateChatCompletionStreamResponse")
+            deltas = [c["choices"][0]["delta"] for c in replayed if c["choices"]]
+            pieces = [p for d in deltas for p in d.get("tool_calls", [])]
+            assert pieces[0]["id"] == TOOL_ID
+            assert "".join(p["function"]["arguments"] for p in pieces) == '{"city": "Paris"}'
+            assert "".join(d.get("reasoning_content", "") for d in deltas) == (
+                "The user wants the weather."
+            )
+            assert "".join(d.get("refusal") or "" for d in deltas) == "Partly declined."
+            assert replayed[-1]["usage"] == usage
