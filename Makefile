@@ -51,7 +51,9 @@ typecheck: install-dev
 # The end-to-end tests, run a second time with the fast path off (src/llm_api/api/fastpath):
 # the stock FastAPI/Starlette/uvicorn code must pass them too.
 E2E_TESTS = tests/test_chat.py tests/test_completions.py tests/test_streaming.py \
-	tests/test_errors.py tests/test_disconnect.py tests/test_smoke.py
+	tests/test_errors.py tests/test_disconnect.py tests/test_smoke.py \
+	tests/test_openapi_conformance.py tests/test_logprobs_http.py \
+	tests/test_cached_tokens_http.py tests/test_tools_http.py
 
 test: install-dev lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

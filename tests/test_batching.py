@@ -49,7 +49,7 @@ def _engine(app: Any, model: str = MODEL) -> Any:
 async def small_app(session_tmp: Path) -> AsyncIterator[Any]:
     tmp = session_tmp / "batching"
     tmp.mkdir(parents=True, exist_ok=True)
-    entry = builtin_registry().models[0].model_dump(exclude_none=True)
+    entry = builtin_registry().models[0].model_dump(mode="json", exclude_none=True)
     entry.pop("concurrency")
     # n_batch 64: a prompt of a few hundred tokens needs several steps of prefill.
     entry.update(id=SMALL, slots=2, context_length=1024, max_queue=16, n_batch=64)

@@ -187,7 +187,7 @@ async def test_router_over_the_local_model_and_a_failing_upstream(tmp_path: Any)
     from tests.routing_support import deployment, routed, routed_app, stubs
 
     builtin = next(m for m in builtin_registry().models if m.kind == "embedding")
-    local = builtin.model_dump(exclude_unset=True) | {"id": "local-emb"}
+    local = builtin.model_dump(mode="json", exclude_unset=True) | {"id": "local-emb"}
     async with stubs(StubConfig(fail_status=500)) as [down]:
         model = routed(
             "emb",

@@ -325,7 +325,8 @@ async def test_cached_tokens_count_the_reused_prefix(prefix_cache: bool) -> None
             assert reused >= 40
         else:
             assert reused == 0
-        # Only the final frame carries it.
-        assert all(f.cached_tokens is None for f in second.frames[:-1])
+        # The final frame carries it, and the first one too (for a reader that stops early).
+        assert second.frames[0].cached_tokens == reused
+        assert all(f.cached_tokens is None for f in second.frames[1:-1])
     finally:
         await backend.aclose()

@@ -221,3 +221,267 @@ async def test_upstream_model(tmp_path: Path) -> None:
             events = [e for e in got.text.split("\n\n") if e.startswith("data: {")]
             error = json.loads(events[-1].removeprefix("data: "))
             conforms(error, "ErrorResponse")
+
+
+# --- tools, logprobs, prompt details and upstream extras, end to end ----------------------------
+
+CITY_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 16}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+async def test_local_tool_call(http: httpx.AsyncClient) -> None:
+    """A call forced by `tool_choice: required`: the whole message and every chunk (the call's
+    first delta with id and name, the argument pieces, the finish chunk) as the spec has them."""
+    body = chat_body(
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=[CITY_TOOL],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=0,
+        max_tokens=200,
+    )
+    r = await http.post("/v1/chat/completions", json=body, headers=NO_CACHE)
+    assert r.status_code == 200, r.text
+    whole = r.json()
+    conforms(whole, "CreateChatCompletionResponse")
+    [choice] = whole["choices"]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None
+    assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["get_weather"]
+
+    stream = body | {"stream": True, "stream_options": {"include_usage": True}}
+    r = await http.post("/v1/chat/completions", json=stream, headers=NO_CACHE)
+    assert r.status_code == 200, r.text
+    chunks = sse_chunks(r.text)
+    for chunk in chunks:
+        conforms(chunk, "CreateChatCompletionStreamResponse")
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    pieces = [p for d in deltas for p in d.get("tool_calls", [])]
+    assert pieces[0]["id"] and pieces[0]["function"]["name"] == "get_weather"
+    arguments = "".join(p["function"]["arguments"] for p in pieces)
+    assert arguments == choice["message"]["tool_calls"][0]["function"]["arguments"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "tool_calls"
+    assert chunks[-1]["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"]
+
+
+async def test_chat_logprobs(http: httpx.AsyncClient) -> None:
+    body = chat_body(logprobs=True, top_logprobs=3, temperature=0)
+    r = await http.post("/v1/chat/completions", json=body, headers=NO_CACHE)
+    assert r.status_code == 200, r.text
+    whole = r.json()
+    conforms(whole, "CreateChatCompletionResponse")
+    content = whole["choices"][0]["logprobs"]["content"]
+    assert len(content) == whole["usage"]["completion_tokens"]
+    assert all(len(t["top_logprobs"]) == 3 for t in content)
+
+    r = await http.post("/v1/chat/completions", json=body | {"stream": True}, headers=NO_CACHE)
+    assert r.status_code == 200, r.text
+    chunks = sse_chunks(r.text)
+    for chunk in chunks:
+        conforms(chunk, "CreateChatCompletionStreamResponse")
+    streamed = [
+        t for c in chunks for ch in c["choices"] for t in (ch["logprobs"] or {}).get("content", [])
+    ]
+    assert streamed == content
+
+
+async def test_completion_logprobs(http: httpx.AsyncClient) -> None:
+    body = completion_body(logprobs=2, temperature=0)
+    r = await http.post("/v1/completions", json=body, headers=NO_CACHE)
+    assert r.status_code == 200, r.text
+    whole = r.json()
+    conforms(whole, "CreateCompletionResponse")
+    lps = whole["choices"][0]["logprobs"]
+    assert len(lps["tokens"]) == whole["usage"]["completion_tokens"]
+    assert "".join(lps["tokens"]) == whole["choices"][0]["text"]
+    assert all(len(alts) == 2 for alts in lps["top_logprobs"])
+
+    r = await http.post("/v1/completions", json=body | {"stream": True}, headers=NO_CACHE)
+    assert r.status_code == 200, r.text
+    chunks = sse_chunks(r.text)
+    joined: dict[str, list[Any]] = {k: [] for k in lps}
+    for chunk in chunks:
+        conforms(chunk, "CreateCompletionResponse", completion_stream=True)
+        for choice in chunk["choices"]:
+            for key, values in (choice["logprobs"] or {}).items():
+                joined[key].extend(values)
+    assert joined == lps
+
+
+# Long enough that the second request's prompt is mostly a reused prefix.
+SYSTEM = " ".join(["You answer questions for a public library; be polite, precise and brief."] * 6)
+
+
+async def test_usage_with_prompt_details(http: httpx.AsyncClient) -> None:
+    """`stream_options.include_usage` on a request whose prompt prefix was reused: the usage
+    chunk carries `prompt_tokens_details.cached_tokens`, as the spec has it."""
+    usages = []
+    for question in ("Where are the atlases?", "When do you open on Sundays?"):
+        body = chat_body(
+            messages=[
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": question},
+            ],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        r = await http.post("/v1/chat/completions", json=body, headers=NO_CACHE)
+        assert r.status_code == 200, r.text
+        chunks = sse_chunks(r.text)
+        for chunk in chunks:
+            conforms(chunk, "CreateChatCompletionStreamResponse")
+        usages.append(chunks[-1]["usage"])
+    assert usages[1]["prompt_tokens_details"]["cached_tokens"] > 0, usages
+
+
+TOOL_ID = "call_up_1"
+UPSTREAM_TOOL_STREAM = b"".join(
+    b"data: " + json.dumps(c).encode() + b"\n\n"
+    for c in [
+        {"role": "assistant", "content": None, "refusal": None},
+        {"reasoning_content": "The user wants "},
+        {"reasoning_content": "the weather."},
+        {
+            "tool_calls": [
+                {
+                    "index": 0,
+                    "id": TOOL_ID,
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": ""},
+                }
+            ]
+        },
+        {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]},
+        {"refusal": "Partly"},
+        {"refusal": " declined."},
+    ]
+    for c in [
+        {
+            "id": "chatcmpl-up",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "up-model",
+            "choices": [{"index": 0, "delta": c, "logprobs": None, "finish_reason": None}],
+        }
+    ]
+) + (
+    b'data: {"id":"chatcmpl-up","object":"chat.completion.chunk","created":1,"model":"up-model",'
+    b'"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"tool_calls"}]}\n\n'
+    b'data: {"id":"chatcmpl-up","object":"chat.completion.chunk","created":1,"model":"up-model",'
+    b'"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":7,"total_tokens":16,'
+    b'"prompt_tokens_details":{"cached_tokens":4,"audio_tokens":0},'
+    b'"completion_tokens_details":{"reasoning_tokens":3}}}\n\n'
+    b"data: [DONE]\n\n"
+)
+UPSTREAM_TOOL_ANSWER = {
+    "id": "chatcmpl-up",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "up-model",
+    "choices": [
+        {
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": None,
+                "refusal": "Partly declined.",
+                "reasoning_content": "The user wants the weather.",
+                "tool_calls": [
+                    {
+                        "id": TOOL_ID,
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            "logprobs": None,
+            "finish_reason": "tool_calls",
+        }
+    ],
+    "usage": {
+        "prompt_tokens": 9,
+        "completion_tokens": 7,
+        "total_tokens": 16,
+        "prompt_tokens_details": {"cached_tokens": 4, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 3},
+    },
+}
+
+
+async def test_upstream_tool_call_with_extras(tmp_path: Path) -> None:
+    """An upstream's tool call with reasoning and a refusal, relayed: what reaches the client
+    conforms, streamed and whole, and keeps the call, the extras and the usage details."""
+    config = StubConfig(script=UPSTREAM_TOOL_STREAM, answer=UPSTREAM_TOOL_ANSWER)
+    async with stubs(config) as (stub,):
+        models = [{"id": "up", "backend": "openai", "base_url": stub.base_url}]
+        async with routed_app(tmp_path, models) as r:
+            body = chat_body(model="up", tools=[CITY_TOOL], tool_choice="required", max_tokens=32)
+            stream = body | {"stream": True, "stream_options": {"include_usage": True}}
+            got = await r.http.post("/v1/chat/completions", json=stream, headers=NO_CACHE)
+            assert got.status_code == 200, got.text
+            chunks = sse_chunks(got.text)
+            for chunk in chunks:
+                conforms(chunk, "CreateChatCompletionStreamResponse")
+            deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+            pieces = [p for d in deltas for p in d.get("tool_calls", [])]
+            assert pieces[0]["id"] == TOOL_ID
+            assert "".join(p["function"]["arguments"] for p in pieces) == '{"city": "Paris"}'
+            assert "".join(d.get("reasoning_content", "") for d in deltas) == (
+                "The user wants the weather."
+            )
+            assert "".join(d.get("refusal") or "" for d in deltas) == "Partly declined."
+            usage = chunks[-1]["usage"]
+            assert usage["prompt_tokens_details"] == {"cached_tokens": 4, "audio_tokens": 0}
+            assert usage["completion_tokens_details"] == {"reasoning_tokens": 3}
+
+            got = await r.http.post("/v1/chat/completions", json=body, headers=NO_CACHE)
+            assert got.status_code == 200, got.text
+            whole = got.json()
+            conforms(whole, "CreateChatCompletionResponse")
+            message = whole["choices"][0]["message"]
+            assert (
+                message["tool_calls"]
+                == UPSTREAM_TOOL_ANSWER["choices"][0]["message"][  # type: ignore[index]
+                    "tool_calls"
+                ]
+            )
+            assert message["refusal"] == "Partly declined."
+            assert message["reasoning_content"] == "The user wants the weather."
+            assert whole["choices"][0]["finish_reason"] == "tool_calls"
+            assert whole["usage"] == UPSTREAM_TOOL_ANSWER["usage"]
+
+            # Replayed from the response cache (deterministic: temperature 0), streamed and
+            # whole: the same call, extras and usage details, in the same shapes.
+            cached = body | {"temperature": 0}
+            for _ in range(2):
+                got = await r.http.post("/v1/chat/completions", json=cached)
+            assert got.headers["x-cache"] == "hit"
+            conforms(got.json(), "CreateChatCompletionResponse")
+            assert got.json()["choices"] == whole["choices"]
+            assert got.json()["usage"] == whole["usage"]
+            got = await r.http.post("/v1/chat/completions", json=cached | stream)
+            assert got.headers["x-cache"] == "hit"
+            replayed = sse_chunks(got.text)
+            for chunk in replayed:
+                conforms(chunk, "CreateChatCompletionStreamResponse")
+            deltas = [c["choices"][0]["delta"] for c in replayed if c["choices"]]
+            pieces = [p for d in deltas for p in d.get("tool_calls", [])]
+            assert pieces[0]["id"] == TOOL_ID
+            assert "".join(p["function"]["arguments"] for p in pieces) == '{"city": "Paris"}'
+            assert "".join(d.get("reasoning_content", "") for d in deltas) == (
+                "The user wants the weather."
+            )
+            assert "".join(d.get("refusal") or "" for d in deltas) == "Partly declined."
+            assert replayed[-1]["usage"] == usage

@@ -28,7 +28,7 @@ CANARY_PASSWORD = "canary-Pa55word-7f3a9c1e"  # must never appear in logs, bodie
 
 def write_registry(path: Path) -> Path:
     """The built-in SmolLM2 (free) plus the same GGUF registered as a paid-tier model."""
-    free = builtin_registry().models[0].model_dump(exclude_none=True)
+    free = builtin_registry().models[0].model_dump(mode="json", exclude_none=True)
     free["context_length"] = 2048
     paid = {**free, "id": PAID_MODEL, "tier": "paid"}
     path.write_text(yaml.safe_dump({"models": [free, paid]}))

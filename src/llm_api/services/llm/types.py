@@ -132,7 +132,9 @@ class Frame:
     tool_calls: list[ToolCallDelta] | None = None
     reasoning: str | None = None  # `reasoning_content` (thinking models)
     logprobs: list[TokenLogprob] | None = None  # one per token of `text`
-    cached_tokens: int | None = None  # of prompt_tokens, served from a reused prefix
+    # Of prompt_tokens, served from a reused prefix: on the finishing frame (what usage reads);
+    # local engines repeat it on a sequence's first frame, for readers that stop early.
+    cached_tokens: int | None = None
     # An upstream's fields that we do not interpret, verbatim: the choice's `delta` fields
     # (refusal, annotations, audio, ...) in `extra`; the usage's details
     # (prompt_tokens_details, completion_tokens_details, ...) in `usage_extra`.

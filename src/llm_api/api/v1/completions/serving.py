@@ -18,19 +18,31 @@ from llm_api.services.llm.types import Frame, TokenLogprob
 _TEXT_TAIL = b',"logprobs":null,"finish_reason":null}]}'
 
 
-def legacy_logprobs(logprobs: list[TokenLogprob], offset: int) -> dict[str, Any]:
+def legacy_logprobs(logprobs: list[TokenLogprob], offset: int) -> tuple[dict[str, Any], int]:
     """The legacy shape: parallel lists, alternatives as {token: logprob}, and each token's
-    character offset in the choice's text (`offset`: where this piece starts)."""
+    character offset in the choice's text (`offset`: where this piece starts); and the offset
+    where the next piece starts.
+
+    Offsets count characters from the tokens' bytes, not their `token` strings: a token that
+    holds part of a multi-byte character is written with `\\xNN` escapes, which are not the
+    text's characters. Such a token's offset is the character its first byte belongs to."""
     offsets = []
     for t in logprobs:
-        offsets.append(offset)
-        offset += len(t.token)
-    return {
+        raw = t.bytes
+        if raw is None:  # an upstream's entry without bytes: its text is the token
+            offsets.append(offset)
+            offset += len(t.token)
+            continue
+        continues = bool(raw) and raw[0] & 0xC0 == 0x80 and offset > 0
+        offsets.append(offset - 1 if continues else offset)
+        offset += sum(1 for b in raw if b & 0xC0 != 0x80)  # characters begun
+    body = {
         "tokens": [t.token for t in logprobs],
         "token_logprobs": [t.logprob for t in logprobs],
         "top_logprobs": [{a.token: a.logprob for a in t.top_logprobs} for t in logprobs],
         "text_offset": offsets,
     }
+    return body, offset
 
 
 def _head(request_id: str, model: str, fingerprint: str | None) -> dict[str, Any]:
@@ -56,8 +68,10 @@ async def completion_chunks(
     prefix = orjson.dumps(head)[:-1] + b',"choices":[{"index":'
     usage = UsageCounter(req.n)
     heads: dict[int, bytes] = {}
-    # Characters of each choice sent so far: the logprobs' text offsets, when asked for.
-    offsets: dict[int, int] | None = None if req.logprobs is None else {}
+    # Per choice, where the next token's text offset starts (counted from the tokens' bytes:
+    # a frame's text can hold back part of a character that its tokens have begun).
+    offsets: dict[int, int] = {}
+    tracked = req.logprobs is not None  # text that came without logprobs still moves them
     async with aclosing(frames) as source:  # type: ignore[type-var]
         async for frame in source:
             index = frame.index
@@ -67,9 +81,11 @@ async def completion_chunks(
             if not frame.logprobs:
                 if frame.text:
                     yield choice + orjson.dumps(frame.text) + _TEXT_TAIL
+                    if tracked:
+                        offsets[index] = offsets.get(index, 0) + len(frame.text)
             else:
-                start = 0 if offsets is None else offsets.get(index, 0)
-                logprobs = orjson.dumps(legacy_logprobs(frame.logprobs, start))
+                body, offsets[index] = legacy_logprobs(frame.logprobs, offsets.get(index, 0))
+                logprobs = orjson.dumps(body)
                 yield (
                     choice
                     + orjson.dumps(frame.text)
@@ -77,8 +93,6 @@ async def completion_chunks(
                     + logprobs
                     + b',"finish_reason":null}]}'
                 )
-            if offsets is not None and frame.text:
-                offsets[index] = offsets.get(index, 0) + len(frame.text)
             if frame.finish_reason is not None:
                 usage.add(frame)
                 reason = orjson.dumps(wire_finish(frame.finish_reason))
@@ -95,7 +109,7 @@ def completion_body(
         {
             "index": c.index,
             "text": c.text,
-            "logprobs": None if c.logprobs is None else legacy_logprobs(c.logprobs, 0),
+            "logprobs": None if c.logprobs is None else legacy_logprobs(c.logprobs, 0)[0],
             "finish_reason": wire_finish(c.finish_reason),
         }
         for c in answer.choices

@@ -280,7 +280,16 @@ class LlamaCppBackend:
                     pending.append(reader.read(llama._ctx.ctx, -1, token, params.top_logprobs))
                 piece = text.push(llama._model.detokenize([token], special=False))
                 if piece:  # text held back (partial stop string, split UTF-8) is counted later
-                    emit(GenerationChunk(text=piece, tokens=unsent, logprobs=pending or None))
+                    # The first chunk says what the last does (see engine._sample).
+                    cached = 0 if unsent == produced else None
+                    emit(
+                        GenerationChunk(
+                            text=piece,
+                            tokens=unsent,
+                            logprobs=pending or None,
+                            cached_tokens=cached,
+                        )
+                    )
                     unsent = 0
                     if pending:
                         pending = []

@@ -233,7 +233,13 @@ class BatchEngine:
         piece = seq.text.push(self._detokenize(token))
         if piece:  # text held back (partial stop string, split UTF-8) is counted later
             lps = seq.take_logprobs()  # they travel with the text of their tokens
-            out.put(seq.sink, GenerationChunk(text=piece, tokens=seq.unsent, logprobs=lps))
+            # The first chunk carries the reused prefix too (the last one always does), for a
+            # reader that stops before the end (one tool call made, parallel calls off).
+            cached = seq.reused if seq.unsent == seq.produced else None
+            out.put(
+                seq.sink,
+                GenerationChunk(text=piece, tokens=seq.unsent, logprobs=lps, cached_tokens=cached),
+            )
             seq.unsent = 0
         if seq.text.stopped:
             self._finish(seq, "stop", out)

@@ -131,9 +131,12 @@ async def tool_frames(
     tokens = 0  # not yet reported
     produced = 0
     logprobs: list[TokenLogprob] = []
+    cached: int | None = None  # the backend's count of reused prompt tokens (first frame)
     try:
         async for frame in frames:
             produced += frame.tokens
+            if frame.cached_tokens is not None:
+                cached = frame.cached_tokens
             tokens += frame.tokens
             if frame.logprobs:
                 logprobs += frame.logprobs
@@ -155,6 +158,7 @@ async def tool_frames(
                         finish_reason="tool_calls",
                         prompt_tokens=prompt_tokens,
                         completion_tokens=produced,
+                        cached_tokens=cached,
                         index=frame.index,
                     )
                     return
