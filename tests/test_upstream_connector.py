@@ -18,7 +18,7 @@ from llm_api.services.llm.backends import upstream_connector
 from llm_api.services.llm.backends.openai_upstream import OpenAIUpstreamBackend
 from llm_api.services.llm.backends.upstream_connector import StreamProtocol
 from llm_api.services.llm.registry import ModelConfig
-from llm_api.services.llm.types import GenerationChunk, GenerationRequest, Message, SamplingParams
+from llm_api.services.llm.types import Frame, GenerationRequest, Message, SamplingParams
 from tests.conftest import free_port
 
 
@@ -41,7 +41,7 @@ async def _backend(base_url: str) -> OpenAIUpstreamBackend:
 
 async def _collect(
     backend: OpenAIUpstreamBackend, max_tokens: int, pause: float = 0.0
-) -> list[GenerationChunk]:
+) -> list[Frame]:
     chunks = []
     async for chunk in backend.generate(_request(max_tokens)):
         chunks.append(chunk)

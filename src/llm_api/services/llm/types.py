@@ -142,14 +142,10 @@ class Frame:
     usage_extra: dict[str, Any] | None = None
 
 
-# The pipeline's frame under its older name; backends still say GenerationChunk.
-GenerationChunk = Frame
-
-
 class GenerationStream(Protocol):
     def __aiter__(self) -> GenerationStream: ...
 
-    async def __anext__(self) -> GenerationChunk: ...
+    async def __anext__(self) -> Frame: ...
 
     async def aclose(self) -> None: ...
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncGenerator
 from typing import Protocol
 
 from llm_api.services.llm.registry import ModelConfig
-from llm_api.services.llm.types import GenerationChunk, GenerationRequest, Message, SamplingParams
+from llm_api.services.llm.types import Frame, GenerationRequest, Message, SamplingParams
 
 
 class Backend(Protocol):
@@ -30,7 +30,7 @@ class Backend(Protocol):
         window, compile grammars. Raises APIError subclasses."""
         ...
 
-    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[Frame, None]:
         """Yield output pieces; the last has finish_reason and token counts. Closing the
         iterator early cancels generation."""
         ...

@@ -42,7 +42,7 @@ from llm_api.services.llm.tools.local import (
     tool_frames,
     uses_tools,
 )
-from llm_api.services.llm.types import GenerationChunk, GenerationRequest
+from llm_api.services.llm.types import Frame, GenerationRequest
 
 log = structlog.get_logger(__name__)
 
@@ -202,16 +202,14 @@ class LlamaBatchedBackend:
             if plan.gbnf is not None:
                 request.engine_state["gbnf"] = plan.gbnf
 
-    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[Frame, None]:
         if not self.ready:
             raise ServiceUnavailableError(f"Model `{self.config.id}` is loading; retry shortly.")
         if request.tools and request.tool_choice != "none":
             return self._generate_with_tools(request)
         return self._generate(request)
 
-    async def _generate_with_tools(
-        self, request: GenerationRequest
-    ) -> AsyncGenerator[GenerationChunk, None]:
+    async def _generate_with_tools(self, request: GenerationRequest) -> AsyncGenerator[Frame, None]:
         if "tokens" not in request.engine_state:
             await self.prepare(request)
         plan: ToolPlan = request.engine_state["tools"]
@@ -222,7 +220,7 @@ class LlamaBatchedBackend:
             async for frame in frames:
                 yield frame
 
-    async def _generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+    async def _generate(self, request: GenerationRequest) -> AsyncGenerator[Frame, None]:
         if "tokens" not in request.engine_state:
             await self.prepare(request)
         engine = self._engine

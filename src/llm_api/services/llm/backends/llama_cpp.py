@@ -41,7 +41,7 @@ from llm_api.services.llm.tools.local import (
     tool_frames,
     uses_tools,
 )
-from llm_api.services.llm.types import GenerationChunk, GenerationRequest, TokenLogprob
+from llm_api.services.llm.types import Frame, GenerationRequest, TokenLogprob
 
 log = structlog.get_logger(__name__)
 
@@ -161,14 +161,12 @@ class LlamaCppBackend:
             if plan.gbnf is not None:
                 request.engine_state["gbnf"] = plan.gbnf
 
-    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[Frame, None]:
         if request.tools and request.tool_choice != "none":
             return self._generate_with_tools(request)
         return self._generate(request)
 
-    async def _generate_with_tools(
-        self, request: GenerationRequest
-    ) -> AsyncGenerator[GenerationChunk, None]:
+    async def _generate_with_tools(self, request: GenerationRequest) -> AsyncGenerator[Frame, None]:
         if "tokens" not in request.engine_state:
             await self.prepare(request)
         plan: ToolPlan = request.engine_state["tools"]
@@ -179,7 +177,7 @@ class LlamaCppBackend:
             async for frame in frames:
                 yield frame
 
-    async def _generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+    async def _generate(self, request: GenerationRequest) -> AsyncGenerator[Frame, None]:
         if "tokens" not in request.engine_state:
             await self.prepare(request)
         loop = asyncio.get_running_loop()
@@ -283,7 +281,7 @@ class LlamaCppBackend:
                     # The first chunk says what the last does (see engine._sample).
                     cached = 0 if unsent == produced else None
                     emit(
-                        GenerationChunk(
+                        Frame(
                             text=piece,
                             tokens=unsent,
                             logprobs=pending or None,
@@ -312,7 +310,7 @@ class LlamaCppBackend:
                 current.close()
         tail = text.flush() if finish != "cancelled" else ""
         emit(
-            GenerationChunk(
+            Frame(
                 text=tail,
                 finish_reason=finish,  # type: ignore[arg-type]
                 prompt_tokens=len(tokens),

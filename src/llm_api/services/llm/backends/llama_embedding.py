@@ -30,7 +30,7 @@ from llama_cpp._logger import set_verbose
 from llm_api.core.cpus import available_cpus
 from llm_api.core.exceptions import InvalidRequestError, ServiceUnavailableError
 from llm_api.services.llm.registry import ModelConfig
-from llm_api.services.llm.types import GenerationChunk, GenerationRequest
+from llm_api.services.llm.types import Frame, GenerationRequest
 
 log = structlog.get_logger(__name__)
 
@@ -358,7 +358,7 @@ class LlamaEmbeddingBackend:
             f"Model `{self.config.id}` is an embedding model; use /v1/embeddings.", param="model"
         )
 
-    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[Frame, None]:
         raise InvalidRequestError(
             f"Model `{self.config.id}` is an embedding model; use /v1/embeddings.", param="model"
         )

@@ -51,7 +51,7 @@ from llm_api.services.llm.backends.upstream_wire import (
     usage_extra,
 )
 from llm_api.services.llm.registry import ModelConfig
-from llm_api.services.llm.types import GenerationChunk, GenerationRequest
+from llm_api.services.llm.types import Frame, GenerationRequest
 
 log = structlog.get_logger(__name__)
 _URL = re.compile(r"(https?|wss?)://\S+")
@@ -213,7 +213,7 @@ class OpenAIUpstreamBackend:
             raise UpstreamError("The upstream sent an oversized response.")
         return _embeddings(raw, len(inputs))
 
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Frame, None]:
         path, body = request_body(self.config, request)
         payload = orjson.dumps(body)
         # One deadline covers the response headers, an error body, and the first content.
@@ -235,7 +235,7 @@ class OpenAIUpstreamBackend:
                     self._bound_usage(chunk, request.params.max_tokens, len(payload))
                 yield chunk
 
-    def _bound_usage(self, chunk: GenerationChunk, max_tokens: int, payload_bytes: int) -> None:
+    def _bound_usage(self, chunk: Frame, max_tokens: int, payload_bytes: int) -> None:
         """Usage as reported, unless it is more than the request could have produced: then the
         most it could have (usage feeds the rate limits and the ledger, which must not take an
         upstream's 2e15 at its word). No tokenizer makes more prompt tokens than the bytes it is
@@ -257,7 +257,7 @@ class OpenAIUpstreamBackend:
 
     async def _read(
         self, resp: aiohttp.ClientResponse, deadline: float, prompt_estimate: int
-    ) -> AsyncIterator[GenerationChunk]:
+    ) -> AsyncIterator[Frame]:
         totals = _Totals()
         pieces = 0
         loop = asyncio.get_running_loop()
@@ -274,7 +274,7 @@ class OpenAIUpstreamBackend:
         tail = b""
         done = False
         started = False  # content has arrived: the idle timeout applies
-        last: GenerationChunk | None = None  # the final read's last frame, held for the end
+        last: Frame | None = None  # the final read's last frame, held for the end
         while not done:
             try:
                 data = content.read_nowait(MAX_READ_BYTES)
@@ -318,11 +318,11 @@ class OpenAIUpstreamBackend:
             else:
                 error, rich = _fold_dicts(_decode(payloads), texts, totals)
             # Text alone (most reads): one frame, as it always was. Otherwise Rich's frames.
-            frames: Sequence[GenerationChunk] = ()
+            frames: Sequence[Frame] = ()
             if rich is not None:
                 frames = rich.close()
             elif texts:
-                frames = (GenerationChunk(text="".join(texts), tokens=len(texts)),)
+                frames = (Frame(text="".join(texts), tokens=len(texts)),)
             if frames:
                 started = True
                 for frame in frames[:-1]:
@@ -342,7 +342,7 @@ class OpenAIUpstreamBackend:
         prompt, completion = totals.prompt_tokens, totals.completion_tokens
         # The last frame of the read that ended the stream leaves with its end, as one chunk:
         # one item fewer through every layer up to the socket.
-        closing = last if last is not None else GenerationChunk()
+        closing = last if last is not None else Frame()
         closing.finish_reason = finish_reason(totals.finish)
         closing.prompt_tokens = prompt if prompt is not None else prompt_estimate
         # Counted chunks approximate tokens when an upstream does not report usage.
@@ -574,9 +574,7 @@ async def _error_body(resp: aiohttp.ClientResponse, deadline: float) -> bytes:
         return b""  # the status alone decides
 
 
-async def _whole(
-    resp: aiohttp.ClientResponse, deadline: float, prompt_estimate: int
-) -> GenerationChunk:
+async def _whole(resp: aiohttp.ClientResponse, deadline: float, prompt_estimate: int) -> Frame:
     """A non-streamed answer (one JSON completion, chat or legacy), read whole up to
     MAX_BODY_BYTES by the first-token deadline, as the stream's one and last chunk."""
     try:
@@ -608,7 +606,7 @@ async def _whole(
     completion = _count(usage.get("completion_tokens"), None)
     details = usage_extra(usage)
     reason = choice.get("finish_reason")
-    frame = GenerationChunk(
+    frame = Frame(
         text=text,
         tokens=1 if text else 0,
         finish_reason=finish_reason(reason if type(reason) is str else None),

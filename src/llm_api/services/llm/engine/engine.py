@@ -31,7 +31,7 @@ from llm_api.services.llm.engine.scheduler import Scheduler, Work, copy_worth
 from llm_api.services.llm.engine.sequence import DetokenizeFn, Outbox, Sequence
 from llm_api.services.llm.registry import SamplingDefaults
 from llm_api.services.llm.text_stream import TextAssembler
-from llm_api.services.llm.types import FinishReason, GenerationChunk
+from llm_api.services.llm.types import FinishReason, Frame
 
 log = structlog.get_logger(__name__)
 
@@ -238,7 +238,7 @@ class BatchEngine:
             cached = seq.reused if seq.unsent == seq.produced else None
             out.put(
                 seq.sink,
-                GenerationChunk(text=piece, tokens=seq.unsent, logprobs=lps, cached_tokens=cached),
+                Frame(text=piece, tokens=seq.unsent, logprobs=lps, cached_tokens=cached),
             )
             seq.unsent = 0
         if seq.text.stopped:
@@ -283,7 +283,7 @@ class BatchEngine:
             tail = seq.text.flush() if seq.text is not None and not cancelled else ""
             out.put(
                 seq.sink,
-                GenerationChunk(
+                Frame(
                     text=tail,
                     finish_reason=reason,
                     prompt_tokens=len(seq.prompt),

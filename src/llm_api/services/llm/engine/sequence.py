@@ -17,12 +17,12 @@ from llm_api.services.llm.text_stream import TextAssembler
 from llm_api.services.llm.tools.grammar import CallTrigger
 from llm_api.services.llm.types import (
     FinishReason,
-    GenerationChunk,
+    Frame,
     SamplingParams,
     TokenLogprob,
 )
 
-Deliverable = GenerationChunk | BaseException
+Deliverable = Frame | BaseException
 
 
 class Sink:

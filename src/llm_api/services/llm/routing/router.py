@@ -35,7 +35,7 @@ from llm_api.services.llm.registry import ModelConfig
 from llm_api.services.llm.routing.breaker import Breakers, State
 from llm_api.services.llm.routing.deployments import Deployment
 from llm_api.services.llm.routing.strategies import STRATEGIES
-from llm_api.services.llm.types import GenerationChunk, GenerationRequest
+from llm_api.services.llm.types import Frame, GenerationRequest
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -121,7 +121,7 @@ class RoutedBackend:
         cap = min(self.policy.backoff_max, self.policy.backoff_base * 2.0 ** (attempt - 1))
         return cap / 2 + random.uniform(0, cap / 2)
 
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Frame, None]:
         tried: set[str] = set()
         last: APIError | None = None
         for attempt in range(self.policy.retries + 1):
@@ -255,7 +255,7 @@ class RoutedBackend:
 
     async def _open(
         self, dep: Deployment, request: GenerationRequest
-    ) -> AsyncGenerator[GenerationChunk, None]:
+    ) -> AsyncGenerator[Frame, None]:
         if dep.local:
             await dep.backend.prepare(request)
             self._fit_context(dep, request)
