@@ -23,7 +23,8 @@ from pydantic import BaseModel, ValidationInfo, field_validator
 
 from llm_api.api.errors import install_error_handlers
 from llm_api.api.fastpath import LeanRoute
-from llm_api.api.v1.endpoints import chat, completions
+from llm_api.api.v1.chat import router as chat
+from llm_api.api.v1.completions import router as completions
 from llm_api.core.exceptions import AuthenticationError
 from llm_api.main import create_app
 from llm_api.schemas.chat import ChatCompletionRequest

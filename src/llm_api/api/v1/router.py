@@ -5,12 +5,12 @@ from __future__ import annotations
 from fastapi import Depends, FastAPI
 
 from llm_api.api.security import authenticate
+from llm_api.api.v1.chat import router as chat
+from llm_api.api.v1.completions import router as completions
 from llm_api.api.v1.endpoints import (
     admin,
     auth,
     batches,
-    chat,
-    completions,
     dashboard,
     embeddings,
     files,

@@ -1,2 +1,2 @@
 """/v1/completions: protocol (wire request → engine requests) and serving (frames → OpenAI
-chunks or whole responses). The route is api/v1/endpoints/completions.py."""
+chunks or whole responses). The route is router.py (thin: validate, run, encode)."""
