@@ -34,7 +34,6 @@ import structlog
 from llm_api.core import metrics
 from llm_api.core.config import Settings
 from llm_api.core.exceptions import (
-    APIError,
     ContextLengthExceededError,
     InvalidRequestError,
     ServiceUnavailableError,
@@ -45,7 +44,7 @@ from llm_api.services.cache.service import CachePolicy
 from llm_api.services.cache.store import CacheStore
 from llm_api.services.llm.registry import ModelConfig
 from llm_api.services.llm.service import LLMService
-from llm_api.services.llm.stages import AdmissionStage, Outcome, carry_headers, first_success
+from llm_api.services.llm.stages import AdmissionStage, Outcome, ended, first_success
 from llm_api.services.llm.types import CompletionRecord, RequestContext
 
 log = structlog.get_logger(__name__)
@@ -233,15 +232,8 @@ class EmbeddingService:
                 vectors = [_shorten(v, req.dimensions) for v in vectors]
             out.cache = "hit" if run.hits == len(items) else "partial" if run.hits else "miss"
             return EmbeddingResult(run.model.id, vectors, run.prompt_tokens, out)
-        except asyncio.CancelledError:
-            status, cancelled = (503, False) if self.llm.drain_cut.is_set() else (499, True)
-            raise
-        except APIError as exc:
-            status = exc.status_code
-            carry_headers(exc, out.headers)
-            raise
-        except Exception:
-            status = 500
+        except BaseException as exc:
+            status, cancelled = ended(exc, self.llm.drain_cut, out.headers)
             raise
         finally:
             out.model, out.prompt_tokens = run.model.id, run.prompt_tokens

@@ -136,16 +136,8 @@ class AdmissionStage:
             async with aclosing(self.next.run(call, out)) as frames:
                 async for frame in frames:
                     yield frame
-        except (asyncio.CancelledError, GeneratorExit):
-            # The drain's cut, or the client going away (which is what cancels us otherwise).
-            status, cancelled = (503, False) if self.drain_cut.is_set() else (499, True)
-            raise
-        except APIError as exc:
-            status = exc.status_code
-            carry_headers(exc, out.headers)
-            raise
-        except Exception:
-            status = 500
+        except BaseException as exc:
+            status, cancelled = ended(exc, self.drain_cut, out.headers)
             raise
         finally:
             # Prompt tokens count once a model took the request (its slot): a prompt refused in
@@ -322,6 +314,21 @@ async def _choices(backend: Backend, seqs: list[GenerationRequest]) -> AsyncGene
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def ended(
+    exc: BaseException, drain_cut: asyncio.Event, headers: dict[str, str]
+) -> tuple[int, bool]:
+    """(status, cancelled) of an admitted request that ended with `exc`, for its record: a
+    cancellation is the drain's cut (503) once the drainer set `drain_cut`, else the client
+    going away (499); an API error keeps its status and answers with the request's rate-limit
+    headers; anything else is a 500."""
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return (503, False) if drain_cut.is_set() else (499, True)
+    if isinstance(exc, APIError):
+        carry_headers(exc, headers)
+        return exc.status_code, False
+    return 500, False
 
 
 def carry_headers(exc: APIError, headers: dict[str, str]) -> None:

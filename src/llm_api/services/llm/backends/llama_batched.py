@@ -8,7 +8,6 @@ one slot (what one request may use) and the KV cache holds `slots × context_len
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncGenerator
 from functools import cache
 from typing import Any
@@ -39,8 +38,8 @@ from llm_api.services.llm.tools.local import (
     grammar_piece,
     plan_tools,
     render_prompt,
-    tool_frames,
     uses_tools,
+    with_tools,
 )
 from llm_api.services.llm.types import Frame, GenerationRequest
 
@@ -205,20 +204,7 @@ class LlamaBatchedBackend:
     def generate(self, request: GenerationRequest) -> AsyncGenerator[Frame, None]:
         if not self.ready:
             raise ServiceUnavailableError(f"Model `{self.config.id}` is loading; retry shortly.")
-        if request.tools and request.tool_choice != "none":
-            return self._generate_with_tools(request)
-        return self._generate(request)
-
-    async def _generate_with_tools(self, request: GenerationRequest) -> AsyncGenerator[Frame, None]:
-        if "tokens" not in request.engine_state:
-            await self.prepare(request)
-        plan: ToolPlan = request.engine_state["tools"]
-        frames = tool_frames(
-            self._generate(request), plan, prompt_tokens=request.prompt_tokens or 0
-        )
-        async with contextlib.aclosing(frames):
-            async for frame in frames:
-                yield frame
+        return with_tools(request, self._generate, self.prepare)
 
     async def _generate(self, request: GenerationRequest) -> AsyncGenerator[Frame, None]:
         if "tokens" not in request.engine_state:

@@ -9,7 +9,6 @@ token, so a disconnected client frees the model within a token.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import threading
 from collections.abc import AsyncGenerator, Iterator
@@ -38,8 +37,8 @@ from llm_api.services.llm.tools.local import (
     grammar_piece,
     plan_tools,
     render_prompt,
-    tool_frames,
     uses_tools,
+    with_tools,
 )
 from llm_api.services.llm.types import Frame, GenerationRequest, TokenLogprob
 
@@ -162,20 +161,7 @@ class LlamaCppBackend:
                 request.engine_state["gbnf"] = plan.gbnf
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[Frame, None]:
-        if request.tools and request.tool_choice != "none":
-            return self._generate_with_tools(request)
-        return self._generate(request)
-
-    async def _generate_with_tools(self, request: GenerationRequest) -> AsyncGenerator[Frame, None]:
-        if "tokens" not in request.engine_state:
-            await self.prepare(request)
-        plan: ToolPlan = request.engine_state["tools"]
-        frames = tool_frames(
-            self._generate(request), plan, prompt_tokens=request.prompt_tokens or 0
-        )
-        async with contextlib.aclosing(frames):
-            async for frame in frames:
-                yield frame
+        return with_tools(request, self._generate, self.prepare)
 
     async def _generate(self, request: GenerationRequest) -> AsyncGenerator[Frame, None]:
         if "tokens" not in request.engine_state:

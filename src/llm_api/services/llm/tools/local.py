@@ -12,7 +12,8 @@ Both local backends use it the same way:
 from __future__ import annotations
 
 import ctypes
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -117,6 +118,32 @@ def plan_tools(request: GenerationRequest) -> ToolPlan | None:
         rules=rules,
         stop_after_calls=forced,
     )
+
+
+def with_tools(
+    request: GenerationRequest,
+    generate: Callable[[GenerationRequest], AsyncGenerator[Frame, None]],
+    prepare: Callable[[GenerationRequest], Awaitable[None]],
+) -> AsyncGenerator[Frame, None]:
+    """A local backend's `generate`, with tool calls parsed out of its frames when the request
+    offers tools (both local backends dispatch through here)."""
+    if request.tools and request.tool_choice != "none":
+        return _with_tools(request, generate, prepare)
+    return generate(request)
+
+
+async def _with_tools(
+    request: GenerationRequest,
+    generate: Callable[[GenerationRequest], AsyncGenerator[Frame, None]],
+    prepare: Callable[[GenerationRequest], Awaitable[None]],
+) -> AsyncGenerator[Frame, None]:
+    if "tokens" not in request.engine_state:
+        await prepare(request)
+    plan: ToolPlan = request.engine_state["tools"]
+    frames = tool_frames(generate(request), plan, prompt_tokens=request.prompt_tokens or 0)
+    async with aclosing(frames):
+        async for frame in frames:
+            yield frame
 
 
 async def tool_frames(
