@@ -1,7 +1,7 @@
 """The OpenAI completion endpoints' serving logic: validate a request once into engine
 requests (the family's protocol, through LLMService), run it through the pipeline, and hand back
-its frames (a stream) or the whole `shaping.Answer`; api/v1/{chat,completions}/serving.py encode
-either in the family's wire shape.
+its frames (a stream) or the whole `shaping.Answer`; api/v1/{chat,completions,responses}/serving.py
+encode either in the family's wire shape.
 
 Every method returns the response and the pipeline's `Outcome` (answering model, tokens, cache
 status, rate-limit headers), which the route turns into headers and hands to the access log.
@@ -37,12 +37,16 @@ class CompletionServing:
         policy: CachePolicy | None,
         *,
         stream: bool,
+        endpoint: str | None = None,
     ) -> Call:
-        """Validate once (a 4xx before any cache lookup) into the pipeline's call."""
+        """Validate once (a 4xx before any cache lookup) into the pipeline's call. `endpoint`
+        names a family served through another's protocol (responses, through chat) in the
+        records, metrics and cache keys."""
         if isinstance(req, ChatCompletionRequest):
-            endpoint, (config, seqs) = "chat", self.llm.chat_requests(req, ctx)
+            family, (config, seqs) = "chat", self.llm.chat_requests(req, ctx)
         else:
-            endpoint, (config, seqs) = "completions", self.llm.completion_requests(req, ctx)
+            family, (config, seqs) = "completions", self.llm.completion_requests(req, ctx)
+        endpoint = endpoint or family
         return Call(
             ctx=ctx,
             endpoint=endpoint,
@@ -67,16 +71,18 @@ class CompletionServing:
         req: ChatCompletionRequest | CompletionRequest,
         ctx: RequestContext,
         policy: CachePolicy | None,
+        endpoint: str | None = None,
     ) -> tuple[Frames, Outcome]:
-        return await self.pipeline.run(self.plan(req, ctx, policy, stream=True))
+        return await self.pipeline.run(self.plan(req, ctx, policy, stream=True, endpoint=endpoint))
 
     async def _answer(
         self,
         req: ChatCompletionRequest | CompletionRequest,
         ctx: RequestContext,
         policy: CachePolicy | None,
+        endpoint: str | None = None,
     ) -> tuple[shaping.Answer, Outcome]:
-        call = self.plan(req, ctx, policy, stream=False)
+        call = self.plan(req, ctx, policy, stream=False, endpoint=endpoint)
         frames, out = await self.pipeline.run(call)
         answer = await shaping.collect(frames, len(call.seqs), req.n)
         answer.model = out.model  # the model that answered, after any fallback
@@ -101,3 +107,15 @@ class CompletionServing:
         self, req: CompletionRequest, ctx: RequestContext, policy: CachePolicy | None = None
     ) -> tuple[shaping.Answer, Outcome]:
         return await self._answer(req, ctx, policy)
+
+    # /v1/responses: translated into a chat request (api/v1/responses/protocol.py), served as one.
+
+    async def responses_stream(
+        self, req: ChatCompletionRequest, ctx: RequestContext, policy: CachePolicy | None = None
+    ) -> tuple[Frames, Outcome]:
+        return await self._stream(req, ctx, policy, "responses")
+
+    async def responses(
+        self, req: ChatCompletionRequest, ctx: RequestContext, policy: CachePolicy | None = None
+    ) -> tuple[shaping.Answer, Outcome]:
+        return await self._answer(req, ctx, policy, "responses")

@@ -50,7 +50,7 @@ class Call:
     """One validated request: who asked, the engine requests, and how it is to be answered."""
 
     ctx: RequestContext
-    endpoint: str  # chat | completions
+    endpoint: str  # chat | completions | responses
     model: ModelConfig  # the model asked for; `candidates` adds its allowed fallbacks
     candidates: list[ModelConfig]
     seqs: list[GenerationRequest]  # prompt-major: n choices of each prompt

@@ -1,0 +1,120 @@
+"""`/v1/responses` request types (OpenAI's Responses format). The response objects are written by
+api/v1/responses/serving.py in the shape of the openai SDK's `Response` and stream events."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Discriminator, Field, StringConstraints, Tag
+
+from llm_api.schemas.chat import ToolName
+from llm_api.schemas.common import MAX_TOKENS, OpenAIRequest, StrictModel
+
+
+class InputText(StrictModel):
+    type: Literal["input_text", "output_text"]  # output_text: an earlier answer sent back
+    text: str
+
+
+class MessageItem(StrictModel):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | Annotated[list[InputText], Field(min_length=1)]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class FunctionCallItem(StrictModel):
+    type: Literal["function_call"]
+    call_id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    name: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    arguments: str
+
+
+class FunctionCallOutputItem(StrictModel):
+    type: Literal["function_call_output"]
+    call_id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    output: str | list[InputText]
+
+    def text(self) -> str:
+        if isinstance(self.output, str):
+            return self.output
+        return "".join(p.text for p in self.output)
+
+
+def _item_tag(value: Any) -> str:
+    kind = value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", "")
+    return f"{kind}-item"
+
+
+# Tagged by `type` (a message may leave it out). The "-" keeps tags out of an error's `param`.
+InputItem = Annotated[
+    Annotated[MessageItem, Tag("message-item")]
+    | Annotated[FunctionCallItem, Tag("function_call-item")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output-item")],
+    Discriminator(_item_tag),
+]
+
+
+class FunctionTool(StrictModel):
+    type: Literal["function"]
+    name: ToolName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class NamedFunctionChoice(StrictModel):
+    type: Literal["function"]
+    name: ToolName
+
+
+class TextFormatText(StrictModel):
+    type: Literal["text"]
+
+
+class TextFormatJSONObject(StrictModel):
+    type: Literal["json_object"]
+
+
+class TextFormatJSONSchema(StrictModel):
+    type: Literal["json_schema"]
+    name: Annotated[str, StringConstraints(max_length=64)] = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(StrictModel):
+    format: (
+        Annotated[
+            TextFormatText | TextFormatJSONObject | TextFormatJSONSchema,
+            Field(discriminator="type"),
+        ]
+        | None
+    ) = None
+
+
+class ResponsesRequest(OpenAIRequest):
+    model: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    input: (
+        Annotated[str, StringConstraints(min_length=1)]
+        | Annotated[list[InputItem], Field(min_length=1)]
+    )
+    instructions: str | None = None
+    tools: Annotated[list[FunctionTool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
+    parallel_tool_calls: bool | None = None
+    max_output_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    text: TextConfig | None = None
+    metadata: Annotated[dict[str, str], Field(max_length=16)] | None = None
+    user: Annotated[str, StringConstraints(max_length=256)] | None = None
+    stream: bool = False
+    # Accepted either way; nothing is stored (a stored response could not be fetched back).
+    store: bool | None = None
+    previous_response_id: str | None = None

@@ -1,0 +1,188 @@
+"""POST /v1/responses with the official openai SDK (`client.responses`) and the real SmolLM2
+model: the whole response, the stream's events in order, the SDK's stream helper, a function
+call loop (call, function_call_output, answer), `text.format` json_schema, a greedy stream equal
+to the whole answer, and 400s in OpenAI's error shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jsonschema
+import openai
+import orjson
+import pytest
+
+from tests.clients.support import FRESH
+from tests.conftest import MODEL
+
+pytestmark = pytest.mark.model
+
+CITY: dict[str, Any] = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 16}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+WEATHER: Any = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Current weather in a city",
+    "parameters": CITY,
+    "strict": True,
+}
+
+
+def greedy(**kw: Any) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "input": "Say hello.",
+        "temperature": 0,
+        "max_output_tokens": 16,
+        "extra_headers": FRESH,
+        **kw,
+    }
+
+
+async def test_whole_response_parses_into_the_sdk_model(client: openai.AsyncOpenAI) -> None:
+    resp = await client.responses.create(**greedy(instructions="Be brief.", metadata={"k": "v"}))
+    assert resp.object == "response" and resp.id.startswith("resp_")
+    assert resp.status in ("completed", "incomplete")
+    assert resp.output_text
+    [item] = resp.output
+    assert item.type == "message" and item.id.startswith("msg_") and item.role == "assistant"
+    assert resp.usage is not None and resp.usage.input_tokens > 0
+    assert resp.usage.total_tokens == resp.usage.input_tokens + resp.usage.output_tokens
+    assert resp.instructions == "Be brief." and resp.metadata == {"k": "v"}
+    if resp.status == "incomplete":
+        assert resp.incomplete_details is not None
+        assert resp.incomplete_details.reason == "max_output_tokens"
+
+
+async def test_stream_events_in_order_and_equal_to_the_whole_answer(
+    client: openai.AsyncOpenAI,
+) -> None:
+    whole = await client.responses.create(**greedy())
+    stream = await client.responses.create(**greedy(), stream=True)
+    events = [e async for e in stream]
+    kinds = [e.type for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        f"response.{whole.status}",
+    ]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == whole.output_text
+    final = events[-1].response  # type: ignore[union-attr]
+    assert final.output_text == whole.output_text
+    # Counts agree; cached_tokens may not (the second run reuses the first one's prefix).
+    assert final.usage is not None and whole.usage is not None
+    assert final.usage.output_tokens == whole.usage.output_tokens
+    assert final.usage.input_tokens == whole.usage.input_tokens
+    assert final.output[0].id == events[2].item.id  # type: ignore[union-attr]
+
+
+async def test_stream_helper_final_response(client: openai.AsyncOpenAI) -> None:
+    # The helper's final response is only a `response.completed` one: room to finish.
+    kw = greedy(input="Reply with one word: hi", max_output_tokens=200)
+    async with client.responses.stream(**kw) as stream:
+        texts = [e.delta async for e in stream if e.type == "response.output_text.delta"]
+        final = await stream.get_final_response()
+    assert final.status == "completed" and final.output_text == "".join(texts)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "name": "get_weather"}])
+async def test_function_call_loop(client: openai.AsyncOpenAI, choice: Any) -> None:
+    question: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = await client.responses.create(
+        model=MODEL,
+        input=question,
+        tools=[WEATHER],
+        tool_choice=choice,
+        temperature=0,
+        max_output_tokens=200,
+        extra_headers=FRESH,
+    )
+    calls = [o for o in first.output if o.type == "function_call"]
+    assert calls and first.status == "completed"
+    call = calls[0]
+    assert call.name == "get_weather" and call.id.startswith("fc_") and call.call_id
+    jsonschema.validate(orjson.loads(call.arguments), CITY)
+    answer = await client.responses.create(
+        model=MODEL,
+        input=[
+            *question,
+            {
+                "type": "function_call",
+                "call_id": call.call_id,
+                "name": call.name,
+                "arguments": call.arguments,
+            },
+            {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C"},
+        ],
+        tools=[WEATHER],
+        temperature=0,
+        max_output_tokens=48,
+        extra_headers=FRESH,
+    )
+    assert answer.output_text
+
+
+async def test_function_calls_streamed_equal_whole(client: openai.AsyncOpenAI) -> None:
+    # Two cities: this model makes one call per city, so the stream carries two call items.
+    kw = greedy(input="Weather in Rome and in Oslo?", tools=[WEATHER], tool_choice="required")
+    kw["max_output_tokens"] = 200
+    whole = await client.responses.create(**kw)
+    events = [e async for e in await client.responses.create(**kw, stream=True)]
+    calls = [o for o in whole.output if o.type == "function_call"]
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(calls) == len(done) >= 1
+    for call, end in zip(calls, done, strict=True):
+        deltas = [
+            e.delta
+            for e in events
+            if e.type == "response.function_call_arguments.delta" and e.item_id == end.item_id
+        ]
+        assert "".join(deltas) == end.arguments == call.arguments
+        jsonschema.validate(orjson.loads(call.arguments), CITY)
+    final = events[-1].response  # type: ignore[union-attr]
+    assert final.status == whole.status == "completed"
+    assert [(o.type, o.name, o.arguments) for o in final.output] == [  # type: ignore[union-attr]
+        (o.type, o.name, o.arguments)  # type: ignore[union-attr]
+        for o in whole.output
+    ]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+async def test_json_schema_format_yields_valid_json(client: openai.AsyncOpenAI) -> None:
+    resp = await client.responses.create(
+        model=MODEL,
+        input="Name a city.",
+        text={"format": {"type": "json_schema", "name": "city", "schema": CITY, "strict": True}},
+        temperature=0,
+        max_output_tokens=48,
+        extra_headers=FRESH,
+    )
+    jsonschema.validate(orjson.loads(resp.output_text), CITY)
+    assert resp.text.format is not None and resp.text.format.type == "json_schema"
+
+
+async def test_bad_requests_are_400_naming_param(client: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as exc:
+        await client.responses.create(model=MODEL, input="hi", previous_response_id="resp_x")
+    assert exc.value.body["param"] == "previous_response_id"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as exc:
+        await client.responses.create(
+            model=MODEL, input="hi", tools=[WEATHER], tool_choice={"type": "function", "name": "x"}
+        )
+    assert exc.value.body["param"] == "tool_choice"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as exc:
+        await client.responses.create(model=MODEL, input="hi", max_output_tokens=0)
+    assert exc.value.body["param"] == "max_output_tokens"  # type: ignore[index]
