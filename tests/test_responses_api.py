@@ -5,6 +5,9 @@ to the whole answer, and 400s in OpenAI's error shape."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -12,8 +15,10 @@ import openai
 import orjson
 import pytest
 
+from bench.stub_upstream import StubConfig, StubUpstream
 from tests.clients.support import FRESH
 from tests.conftest import MODEL
+from tests.routing_support import Routed, deployment, routed_app, stubs
 
 pytestmark = pytest.mark.model
 
@@ -186,3 +191,61 @@ async def test_bad_requests_are_400_naming_param(client: openai.AsyncOpenAI) -> 
     with pytest.raises(openai.BadRequestError) as exc:
         await client.responses.create(model=MODEL, input="hi", max_output_tokens=0)
     assert exc.value.body["param"] == "max_output_tokens"  # type: ignore[index]
+
+
+@asynccontextmanager
+async def upstream(
+    tmp_path: Path, config: StubConfig
+) -> AsyncIterator[tuple[StubUpstream, Routed]]:
+    """An app whose model `up` is the stub upstream."""
+    async with stubs(config) as (stub,):
+        model = {"id": "up", "backend": "openai", **deployment(stub)}
+        async with routed_app(tmp_path, [model]) as r:
+            yield stub, r
+
+
+async def test_upstream_model_is_sent_the_chat_body(tmp_path: Path) -> None:
+    """An upstream speaks chat completions: it is sent the translated chat body, and the record
+    (usage, metrics) names the endpoint `responses`."""
+    async with upstream(tmp_path, StubConfig(tokens=3, token="ok ")) as (stub, r):
+        resp = await r.client.responses.create(
+            model="up",
+            instructions="Be brief.",
+            input=[{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}],
+            max_output_tokens=8,
+            temperature=0.5,
+        )
+        # The stub ends every answer with finish_reason `length`.
+        assert resp.output_text == "ok ok ok " and resp.status == "incomplete"
+        assert resp.incomplete_details is not None
+        assert resp.incomplete_details.reason == "max_output_tokens"
+        events = [
+            e
+            async for e in await r.client.responses.create(
+                model="up", input="hi", max_output_tokens=8, stream=True
+            )
+        ]
+        assert events[-1].type == "response.incomplete"
+        assert events[-1].response.output_text == "ok ok ok "
+        assert events[-1].response.usage is not None
+        whole, streamed = stub.stats.bodies
+        assert whole["messages"] == [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hi"},
+        ]
+        assert whole["max_completion_tokens"] == 8 and whole["temperature"] == 0.5
+        assert "input" not in whole and "instructions" not in whole
+        assert streamed["stream"] is True
+        assert [rec.endpoint for rec in r.records] == ["responses", "responses"]
+
+
+async def test_upstream_dying_mid_stream_ends_with_response_failed(tmp_path: Path) -> None:
+    async with upstream(tmp_path, StubConfig(tokens=6, token="ok ", die_after=2)) as (_, r):
+        stream = await r.client.responses.create(model="up", input="hi", stream=True)
+        events = [e async for e in stream]
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.failed"
+    assert "response.output_text.delta" in kinds
+    failed = events[-1].response  # type: ignore[union-attr]
+    assert failed.status == "failed" and failed.error is not None and failed.error.message
+    assert [e.sequence_number for e in events] == list(range(len(events)))

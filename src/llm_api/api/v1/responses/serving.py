@@ -284,7 +284,9 @@ async def response_events(
                     finish = frame.finish_reason
     except Exception as exc:
         error = error_payload(exc)["error"]
-        failed = {"code": error.get("code") or "server_error", "message": error["message"]}
+        # OpenAI's `ResponseError.code` is an enum: ours map to its server_error.
+        code = "rate_limit_exceeded" if error.get("code") == "rate_limit_exceeded" else None
+        failed = {"code": code or "server_error", "message": error["message"]}
         yield s.event("response.failed", response=body("failed", usage=usage, error=failed))
         return
     if finish == "error":
