@@ -249,3 +249,20 @@ async def test_upstream_dying_mid_stream_ends_with_response_failed(tmp_path: Pat
     failed = events[-1].response  # type: ignore[union-attr]
     assert failed.status == "failed" and failed.error is not None and failed.error.message
     assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+async def test_cache_serves_a_repeated_greedy_request(client: openai.AsyncOpenAI) -> None:
+    kw = {"model": MODEL, "input": "Name a colour.", "temperature": 0, "max_output_tokens": 8}
+    first = await client.responses.with_raw_response.create(**kw)
+    second = await client.responses.with_raw_response.create(**kw)
+    assert second.headers["x-cache"] == "hit"
+    assert first.parse().output_text == second.parse().output_text
+
+
+async def test_unknown_input_item_is_400_naming_input(client: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as exc:
+        await client.responses.create(
+            model=MODEL,
+            input=[{"type": "reasoning", "summary": []}],  # type: ignore[list-item]
+        )
+    assert str(exc.value.body["param"]).startswith("input")  # type: ignore[index]
