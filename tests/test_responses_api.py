@@ -103,8 +103,13 @@ async def test_stream_helper_final_response(client: openai.AsyncOpenAI) -> None:
     assert final.status == "completed" and final.output_text == "".join(texts)
 
 
-@pytest.mark.parametrize("choice", ["required", {"type": "function", "name": "get_weather"}])
-async def test_function_call_loop(client: openai.AsyncOpenAI, choice: Any) -> None:
+@pytest.mark.parametrize(
+    ("choice", "echo"),
+    [("required", False), ({"type": "function", "name": "get_weather"}, True)],
+)
+async def test_function_call_loop(client: openai.AsyncOpenAI, choice: Any, echo: bool) -> None:
+    """The model calls, is sent the output, answers. `echo`: the SDK's own output items sent
+    back as input (`input += response.output`), ids and statuses included."""
     question: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
     first = await client.responses.create(
         model=MODEL,
@@ -124,12 +129,18 @@ async def test_function_call_loop(client: openai.AsyncOpenAI, choice: Any) -> No
         model=MODEL,
         input=[
             *question,
-            {
-                "type": "function_call",
-                "call_id": call.call_id,
-                "name": call.name,
-                "arguments": call.arguments,
-            },
+            *(
+                first.output
+                if echo
+                else [
+                    {
+                        "type": "function_call",
+                        "call_id": call.call_id,
+                        "name": call.name,
+                        "arguments": call.arguments,
+                    }
+                ]
+            ),
             {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C"},
         ],
         tools=[WEATHER],
