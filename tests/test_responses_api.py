@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import openai
 import orjson
@@ -277,3 +278,21 @@ async def test_unknown_input_item_is_400_naming_input(client: openai.AsyncOpenAI
             input=[{"type": "reasoning", "summary": []}],  # type: ignore[list-item]
         )
     assert str(exc.value.body["param"]).startswith("input")  # type: ignore[index]
+
+
+async def test_stream_is_framed_as_named_events_without_done(http: httpx.AsyncClient) -> None:
+    """OpenAI's framing: every event has an `event:` line naming its type, then its data; no
+    `data: [DONE]` at the end."""
+    body = {"model": MODEL, "input": "Hi", "max_output_tokens": 4, "stream": True}
+    async with http.stream("POST", "/v1/responses", json=body, headers=FRESH) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        raw = (await resp.aread()).decode()
+    events = [e for e in raw.split("\n\n") if e and not e.startswith(":")]
+    assert "[DONE]" not in raw
+    for i, event in enumerate(events):
+        name, data = event.split("\n")
+        assert name.startswith("event: ") and data.startswith("data: ")
+        payload = orjson.loads(data[len("data: ") :])
+        assert payload["type"] == name[len("event: ") :] and payload["sequence_number"] == i
+    assert events[-1].startswith("event: response.")

@@ -177,21 +177,32 @@ def _ndjson_line(chunk: Chunk) -> bytes:
     return body + b"\n"
 
 
-async def sse_frames(chunks: AsyncIterator[Chunk], keepalive: float) -> AsyncIterator[bytes]:
+def _named_event(chunk: Chunk) -> bytes:
+    assert isinstance(chunk, bytes)
+    return chunk + b"\n\n"
+
+
+async def sse_frames(
+    chunks: AsyncIterator[Chunk], keepalive: float, *, named: bool = False
+) -> AsyncIterator[bytes]:
+    """`named`: each chunk is a whole event (`event: name` and `data:` lines, the Responses
+    API's framing), and the stream ends without `data: [DONE]`, as OpenAI's does."""
+    done = b"" if named else b"data: [DONE]\n\n"
+    frame = _named_event if named else _sse_event
     try:
-        async with aclosing(_batches(chunks, keepalive, _sse_event)) as batches:
+        async with aclosing(_batches(chunks, keepalive, frame)) as batches:
             async for batch, last in batches:
                 if not batch and not last:
                     yield b": keep-alive\n\n"
                     continue
                 frames = b"".join(batch)
                 if last:
-                    yield FinalFrame(frames + b"data: [DONE]\n\n")
+                    yield FinalFrame(frames + done)
                     return
                 yield frames
     except Exception as exc:  # after the first byte, errors travel in-band
         yield b"data: " + orjson.dumps(error_payload(exc)) + b"\n\n"
-    yield FinalFrame(b"data: [DONE]\n\n")
+    yield FinalFrame(done)
 
 
 async def ndjson_lines(chunks: AsyncIterator[Chunk], keepalive: float) -> AsyncIterator[bytes]:
@@ -207,9 +218,13 @@ async def ndjson_lines(chunks: AsyncIterator[Chunk], keepalive: float) -> AsyncI
         yield FinalFrame(orjson.dumps(error_payload(exc)) + b"\n")
 
 
-def sse_response(chunks: AsyncIterator[Chunk], keepalive: float) -> StreamingResponse:
+def sse_response(
+    chunks: AsyncIterator[Chunk], keepalive: float, *, named: bool = False
+) -> StreamingResponse:
     return StreamResponse(
-        sse_frames(chunks, keepalive), media_type="text/event-stream", headers=SSE_HEADERS
+        sse_frames(chunks, keepalive, named=named),
+        media_type="text/event-stream",
+        headers=SSE_HEADERS,
     )
 
 

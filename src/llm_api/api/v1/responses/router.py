@@ -25,9 +25,8 @@ async def create_response(body: ResponsesRequest, request: Request, call: Infere
     chat = chat_request(body)
     if body.stream:
         frames, out = await serving.responses_stream(chat, ctx, policy)
-        stream = sse_response(
-            wire.response_events(body, ctx.request_id, out.model, frames), call.keepalive
-        )
+        events = wire.response_events(body, ctx.request_id, out.model, frames)
+        stream = sse_response(events, call.keepalive, named=True)
         answer_with(request, stream.headers, out)
         return stream
     answer, out = await cancel_on_disconnect(request, serving.responses(chat, ctx, policy))

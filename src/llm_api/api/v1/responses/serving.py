@@ -166,9 +166,10 @@ class _Stream:
         self.done: set[int] = set()
 
     def event(self, kind: str, **fields: Any) -> bytes:
+        """One whole SSE event, named by its type (`event:` line) as OpenAI frames them."""
         body = {"type": kind, "sequence_number": self.seq, **fields}
         self.seq += 1
-        return orjson.dumps(body)
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(body)
 
     def open_message(self) -> list[bytes]:
         self.message = len(self.items)
@@ -261,8 +262,9 @@ class _Stream:
 async def response_events(
     req: ResponsesRequest, request_id: str, model: str, frames: AsyncIterator[Frame]
 ) -> AsyncIterator[bytes]:
-    """The JSON of each stream event. An error after the start ends the stream with
-    `response.failed` (its `error` the OpenAI error object), as OpenAI does."""
+    """Each stream event, whole (api/streaming's `named` framing). An error after the start
+    ends the stream with `response.failed` (its `error` the OpenAI error object), as OpenAI
+    does."""
     created = int(time.time())
     s = _Stream(request_id)
     usage = UsageCounter(1)
