@@ -3,7 +3,8 @@
 The items are each chunk's JSON (bytes, from the serving modules' encoders) or a typed model.
 One wrapper per format: it frames each chunk, sends keep-alive comments while the model is
 quiet (so proxies do not cut idle streams), turns an exception into an error frame, and ends an
-SSE stream with `data: [DONE]`. JSON encoding escapes newlines and carriage returns, so model
+SSE stream with `data: [DONE]` (not the Responses API's named events: `named=True`).
+JSON encoding escapes newlines and carriage returns, so model
 output such as "\\n\\ndata: [DONE]\\n\\n" stays inside a string and cannot end the stream.
 
 The response class is api/fastpath's `StreamResponse` (Starlette's StreamingResponse when the fast
