@@ -20,11 +20,13 @@ from llm_api.api.v1.endpoints import (
     usage,
     users,
 )
+from llm_api.api.v1.messages import router as messages
 
 # The completion routes first: the app tries included routers in order.
 V1_ROUTERS = (
     chat.router,
     completions.router,
+    messages.router,
     embeddings.router,
     models.router,
     simple.router,

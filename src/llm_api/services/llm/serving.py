@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 
+from llm_api.core.exceptions import InvalidRequestError, ServiceUnavailableError
 from llm_api.schemas.chat import ChatCompletionRequest
 from llm_api.schemas.completions import CompletionRequest
 from llm_api.services.cache.service import CachePolicy
@@ -37,10 +38,13 @@ class CompletionServing:
         policy: CachePolicy | None,
         *,
         stream: bool,
+        endpoint: str | None = None,
     ) -> Call:
-        """Validate once (a 4xx before any cache lookup) into the pipeline's call."""
+        """Validate once (a 4xx before any cache lookup) into the pipeline's call. `endpoint`
+        names a family translated into chat (messages) in the records."""
         if isinstance(req, ChatCompletionRequest):
-            endpoint, (config, seqs) = "chat", self.llm.chat_requests(req, ctx)
+            config, seqs = self.llm.chat_requests(req, ctx)
+            endpoint = endpoint or "chat"
         else:
             endpoint, (config, seqs) = "completions", self.llm.completion_requests(req, ctx)
         return Call(
@@ -67,30 +71,55 @@ class CompletionServing:
         req: ChatCompletionRequest | CompletionRequest,
         ctx: RequestContext,
         policy: CachePolicy | None,
+        endpoint: str | None = None,
     ) -> tuple[Frames, Outcome]:
-        return await self.pipeline.run(self.plan(req, ctx, policy, stream=True))
+        return await self.pipeline.run(self.plan(req, ctx, policy, stream=True, endpoint=endpoint))
 
     async def _answer(
         self,
         req: ChatCompletionRequest | CompletionRequest,
         ctx: RequestContext,
         policy: CachePolicy | None,
+        endpoint: str | None = None,
     ) -> tuple[shaping.Answer, Outcome]:
-        call = self.plan(req, ctx, policy, stream=False)
+        call = self.plan(req, ctx, policy, stream=False, endpoint=endpoint)
         frames, out = await self.pipeline.run(call)
         answer = await shaping.collect(frames, len(call.seqs), req.n)
         answer.model = out.model  # the model that answered, after any fallback
         return answer, out
 
     async def chat_stream(
-        self, req: ChatCompletionRequest, ctx: RequestContext, policy: CachePolicy | None = None
+        self,
+        req: ChatCompletionRequest,
+        ctx: RequestContext,
+        policy: CachePolicy | None = None,
+        endpoint: str | None = None,
     ) -> tuple[Frames, Outcome]:
-        return await self._stream(req, ctx, policy)
+        return await self._stream(req, ctx, policy, endpoint)
 
     async def chat(
-        self, req: ChatCompletionRequest, ctx: RequestContext, policy: CachePolicy | None = None
+        self,
+        req: ChatCompletionRequest,
+        ctx: RequestContext,
+        policy: CachePolicy | None = None,
+        endpoint: str | None = None,
     ) -> tuple[shaping.Answer, Outcome]:
-        return await self._answer(req, ctx, policy)
+        return await self._answer(req, ctx, policy, endpoint)
+
+    async def prompt_tokens(self, req: ChatCompletionRequest, ctx: RequestContext) -> int:
+        """The prompt's tokens as the model would see them (its chat template and tokenizer,
+        tools included): local models only; 400 for a model that cannot count here."""
+        config, seqs = self.llm.chat_requests(req, ctx)
+        backend = self.llm.backends[config.id]
+        if not backend.ready:
+            raise ServiceUnavailableError(f"The model `{config.id}` is loading.")
+        await backend.prepare(seqs[0])
+        if seqs[0].prompt_tokens is None:
+            raise InvalidRequestError(
+                f"Counting tokens needs a local model; `{config.id}` is served upstream.",
+                param="model",
+            )
+        return seqs[0].prompt_tokens
 
     async def completion_stream(
         self, req: CompletionRequest, ctx: RequestContext, policy: CachePolicy | None = None
