@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -15,11 +16,13 @@ import httpx2
 import orjson
 import pytest
 
+from bench.stub_upstream import StubConfig
 from llm_api.api.errors import anthropic_error
 from llm_api.api.streaming import event_frames
 from llm_api.api.v1.messages.serving import PING, error_event
 from llm_api.core.exceptions import RateLimitError, ServiceUnavailableError
 from tests.conftest import MODEL, Account
+from tests.routing_support import routed_app, stubs
 
 FRESH = {"Cache-Control": "no-cache, no-store"}
 WEATHER: dict[str, Any] = {
@@ -59,7 +62,8 @@ def anthropic_client(transport: httpx2.AsyncClient, key: str) -> anthropic.Async
 
 @pytest.fixture(scope="module")
 def sdk(transport: httpx2.AsyncClient, account: Account) -> anthropic.AsyncAnthropic:
-    """The anthropic SDK: it authenticates by `x-api-key` and sends `anthropic-version`."""
+    """The anthropic SDK. Version 2.x sends its key as `Authorization: Bearer` (1.x sent
+    `x-api-key`, tested with raw requests below) and sends `anthropic-version`."""
     return anthropic_client(transport, account.api_key)
 
 
@@ -149,7 +153,7 @@ async def test_tool_use_loop(sdk: anthropic.AsyncAnthropic) -> None:
     longer = await sdk.messages.count_tokens(
         model=MODEL,
         messages=follow("Sunny, 24 C, a light wind from the west"),
-        tools=[WEATHER],
+        tools=[WEATHER],  # type: ignore[list-item]
         tool_choice={"type": "none"},
     )
     assert longer.input_tokens > answer.usage.input_tokens
@@ -157,7 +161,8 @@ async def test_tool_use_loop(sdk: anthropic.AsyncAnthropic) -> None:
 
 @pytest.mark.model
 async def test_count_tokens_is_what_the_model_reports(sdk: anthropic.AsyncAnthropic) -> None:
-    for extra in ({}, {"tools": [WEATHER], "tool_choice": {"type": "any"}}):
+    extras: list[dict[str, Any]] = [{}, {"tools": [WEATHER], "tool_choice": {"type": "any"}}]
+    for extra in extras:
         counted = await sdk.messages.count_tokens(
             model=MODEL, messages=HELLO, system="You are terse.", **extra
         )
@@ -178,6 +183,19 @@ async def test_errors_in_anthropic_shape(
     assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
     assert "max_tokens" in body["error"]["message"]
 
+    # x-api-key, as Anthropic's 1.x SDKs and most other clients send the key.
+    ok = {"model": MODEL, "messages": HELLO, "max_tokens": 2}
+    r = await raw.post("/v1/messages", json=ok, headers=key)
+    assert r.status_code == 200 and r.json()["type"] == "message"
+    r = await raw.post("/v1/messages", json=ok, headers={"x-api-key": "sk-wrong"})
+    assert r.status_code == 401
+    assert r.json() == {
+        "type": "error",
+        "error": {"type": "authentication_error", "message": r.json()["error"]["message"]},
+    }
+    r = await raw.post("/v1/messages", json=ok)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
     bad = anthropic_client(transport, "sk-wrong")
     with pytest.raises(anthropic.AuthenticationError) as auth:
         await bad.messages.create(**request())
@@ -197,7 +215,7 @@ async def test_errors_in_anthropic_shape(
     assert no_images.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
     assert "image" in no_images.value.message
 
-    # Bearer authenticates as well; other families keep OpenAI's error shape.
+    # Other families keep OpenAI's error shape, x-api-key authenticates there too.
     r = await raw.post("/v1/chat/completions", json={"model": MODEL}, headers=key)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
 
@@ -224,3 +242,89 @@ async def test_pings_while_quiet_and_errors_in_stream() -> None:
     assert last.startswith(b"event: error\ndata: ")
     error = orjson.loads(last.split(b"data: ", 1)[1])
     assert error == {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
+
+
+class _NoKey(httpx2.ASGITransport):
+    """Auth is off in routed_app (loopback callers need no key), but a key sent is checked:
+    the SDK always sends one (as a bearer token), so it is dropped here."""
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        del request.headers["authorization"]
+        return await super().handle_async_request(request)
+
+
+async def test_upstream_model_gets_the_translated_chat_body(tmp_path: Path) -> None:
+    """An upstream model is sent the OpenAI chat body the request translates to (tool calls,
+    tool results, system, stop, user); the record names the endpoint `messages`; count_tokens
+    is a 400 there (no local tokenizer)."""
+    async with stubs(StubConfig(tokens=3)) as (stub,):
+        entry = {"id": "up", "backend": "openai", "base_url": stub.base_url}
+        async with routed_app(tmp_path, [entry]) as r:
+            transport = httpx2.AsyncClient(transport=_NoKey(app=r.app), base_url="http://127.0.0.1")
+            async with transport:
+                client = anthropic.AsyncAnthropic(
+                    base_url="http://127.0.0.1", api_key="unused", http_client=transport
+                )
+                history: list[Any] = [
+                    {"role": "user", "content": "Weather in Paris?"},
+                    {
+                        "role": "assistant",
+                        "content": [
+                            {"type": "text", "text": "Let me look."},
+                            {
+                                "type": "tool_use",
+                                "id": "t1",
+                                "name": "get_weather",
+                                "input": {"city": "Paris"},
+                            },
+                        ],
+                    },
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "tool_result", "tool_use_id": "t1", "content": "Sunny"},
+                            {"type": "text", "text": "Thanks, and now?"},
+                        ],
+                    },
+                ]
+                kw: dict[str, Any] = {
+                    "model": "up",
+                    "max_tokens": 5,
+                    "system": [{"type": "text", "text": "Be brief."}],
+                    "messages": history,
+                    "tools": [WEATHER],
+                    "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+                    "stop_sequences": ["END"],
+                    "metadata": {"user_id": "u-42"},
+                    "extra_headers": FRESH,
+                }
+                whole = await client.messages.create(**kw)
+                async with client.messages.stream(**kw) as stream:
+                    final = await stream.get_final_message()
+                with pytest.raises(anthropic.BadRequestError) as refused:
+                    await client.messages.count_tokens(model="up", messages=HELLO)
+    assert whole.content[0].text == final.content[0].text == "tok tok tok "  # type: ignore[union-attr]
+    assert whole.usage.output_tokens == final.usage.output_tokens == 3
+    assert refused.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    body = stub.stats.bodies[0]
+    assert body["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "Let me look.",
+            "tool_calls": [
+                {
+                    "id": "t1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "t1", "content": "Sunny"},
+        {"role": "user", "content": [{"type": "text", "text": "Thanks, and now?"}]},
+    ]
+    assert body["tools"][0]["function"]["parameters"] == WEATHER["input_schema"]
+    assert body["tool_choice"] == "required" and body["parallel_tool_calls"] is False
+    assert body["stop"] == ["END"] and body["user"] == "u-42" and body["max_tokens"] == 5
+    assert {rec.endpoint for rec in r.records} == {"messages"}
