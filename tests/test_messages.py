@@ -34,6 +34,7 @@ WEATHER: dict[str, Any] = {
         "required": ["city"],
     },
 }
+PNG = {"type": "base64", "media_type": "image/png", "data": "AA=="}
 HELLO: list[Any] = [{"role": "user", "content": "Say hello in one short sentence."}]
 
 
@@ -206,10 +207,7 @@ async def test_errors_in_anthropic_shape(
         await sdk.messages.create(**request(model="no-such-model"))
     assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
 
-    image = {
-        "type": "image",
-        "source": {"type": "base64", "media_type": "image/png", "data": "AA=="},
-    }
+    image = {"type": "image", "source": PNG}
     with pytest.raises(anthropic.BadRequestError) as no_images:
         await sdk.messages.create(**request(messages=[{"role": "user", "content": [image]}]))
     assert no_images.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
@@ -258,7 +256,12 @@ async def test_upstream_model_gets_the_translated_chat_body(tmp_path: Path) -> N
     tool results, system, stop, user); the record names the endpoint `messages`; count_tokens
     is a 400 there (no local tokenizer)."""
     async with stubs(StubConfig(tokens=3)) as (stub,):
-        entry = {"id": "up", "backend": "openai", "base_url": stub.base_url}
+        entry = {
+            "id": "up",
+            "backend": "openai",
+            "base_url": stub.base_url,
+            "capabilities": ["tools", "images"],
+        }
         async with routed_app(tmp_path, [entry]) as r:
             transport = httpx2.AsyncClient(transport=_NoKey(app=r.app), base_url="http://127.0.0.1")
             async with transport:
@@ -284,6 +287,7 @@ async def test_upstream_model_gets_the_translated_chat_body(tmp_path: Path) -> N
                         "content": [
                             {"type": "tool_result", "tool_use_id": "t1", "content": "Sunny"},
                             {"type": "text", "text": "Thanks, and now?"},
+                            {"type": "image", "source": PNG},
                         ],
                     },
                 ]
@@ -322,7 +326,13 @@ async def test_upstream_model_gets_the_translated_chat_body(tmp_path: Path) -> N
             ],
         },
         {"role": "tool", "tool_call_id": "t1", "content": "Sunny"},
-        {"role": "user", "content": [{"type": "text", "text": "Thanks, and now?"}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Thanks, and now?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}},
+            ],
+        },
     ]
     assert body["tools"][0]["function"]["parameters"] == WEATHER["input_schema"]
     assert body["tool_choice"] == "required" and body["parallel_tool_calls"] is False
