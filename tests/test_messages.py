@@ -213,6 +213,10 @@ async def test_errors_in_anthropic_shape(
     assert no_images.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
     assert "image" in no_images.value.message
 
+    big = {"model": MODEL, "max_tokens": 2, "messages": HELLO, "metadata": {"x": "y" * 3_000_000}}
+    r = await raw.post("/v1/messages", json=big, headers=key)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
+
     # Other families keep OpenAI's error shape, x-api-key authenticates there too.
     r = await raw.post("/v1/chat/completions", json={"model": MODEL}, headers=key)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
