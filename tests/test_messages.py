@@ -98,9 +98,13 @@ async def test_whole_message(sdk: anthropic.AsyncAnthropic) -> None:
 async def test_stream_reassembles_to_the_whole_message(sdk: anthropic.AsyncAnthropic) -> None:
     whole = await sdk.messages.create(**request())
     async with sdk.messages.stream(**request()) as stream:
-        kinds = [event.type async for event in stream]
+        events = [event async for event in stream]
+        kinds = [event.type for event in events]
         final = await stream.get_final_message()
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    start = events[0]
+    assert start.type == "message_start"
+    assert start.message.usage.input_tokens == whole.usage.input_tokens > 0
     assert "content_block_start" in kinds and "message_delta" in kinds
     assert [(b.type, b.text) for b in final.content if b.type == "text"] == [
         (b.type, b.text) for b in whole.content if b.type == "text"

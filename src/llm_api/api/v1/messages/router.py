@@ -34,7 +34,9 @@ async def create_message(body: MessagesRequest, request: Request, call: Inferenc
     message_id = f"msg_{ctx.request_id}"
     if body.stream:
         frames, out = await serving.chat_stream(chat, ctx, policy, ENDPOINT)
-        events = wire.message_events(message_id, out.model, frames)
+        # The first frame is in: a local model's prompt is counted (its request's prepare).
+        counted = out.seqs[0].prompt_tokens if out.seqs else None
+        events = wire.message_events(message_id, out.model, frames, counted)
         stream = StreamResponse(
             event_frames(events, call.keepalive, wire.PING, wire.error_event),
             media_type="text/event-stream",

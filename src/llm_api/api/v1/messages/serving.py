@@ -70,9 +70,11 @@ def _head(message_id: str, model: str, input_tokens: int) -> dict[str, Any]:
 
 
 async def message_events(
-    message_id: str, model: str, frames: AsyncIterator[Frame]
+    message_id: str, model: str, frames: AsyncIterator[Frame], input_tokens: int | None = None
 ) -> AsyncIterator[bytes]:
-    """The events of one streamed message (one choice: Anthropic has no `n`)."""
+    """The events of one streamed message (one choice: Anthropic has no `n`). `input_tokens`:
+    the prompt's tokens when known before the end (a local model counted them in `prepare`);
+    otherwise message_start says 0 and message_delta the count."""
     started = False
     block = -1  # the open content block's index, -1: none
     kind = ""  # its type: text | tool_use
@@ -81,7 +83,7 @@ async def message_events(
         async for frame in source:
             if not started:
                 started = True
-                head = _head(message_id, model, frame.prompt_tokens or 0)
+                head = _head(message_id, model, input_tokens or frame.prompt_tokens or 0)
                 yield _event("message_start", {"message": head})
             if frame.text:
                 if kind != "text":
