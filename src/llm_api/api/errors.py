@@ -1,6 +1,7 @@
 """Exception handlers, registered in layers: our APIError taxonomy, then framework errors
 (validation, HTTP), then a last-resort handler. Every body is OpenAI's error object; none carries
-a stack trace, a file path or an upstream URL."""
+a stack trace, a file path or an upstream URL. Under /v1/messages the same errors take
+Anthropic's shape (`anthropic_error`)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,37 @@ def json_response(
 
 def error_response(exc: APIError) -> Response:
     return json_response(exc.to_dict(), exc.status_code, exc.headers)
+
+
+# Anthropic's error types by our status; its "overloaded" status is 529 (our admission's 503).
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
+ANTHROPIC_PREFIX = "/v1/messages"
+
+
+def anthropic_error(exc: APIError) -> tuple[int, dict[str, Any]]:
+    """(status, body) of an error in Anthropic's shape (the /v1/messages family)."""
+    status = exc.status_code
+    kind = _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    body = {"type": "error", "error": {"type": kind, "message": exc.message}}
+    return (529 if status == 503 else status), body
+
+
+def _respond(request: Request, exc: APIError) -> Response:
+    """The error in the shape of the family the path belongs to."""
+    if request.url.path.startswith(ANTHROPIC_PREFIX):
+        status, body = anthropic_error(exc)
+        return json_response(body, status, exc.headers)
+    return error_response(exc)
 
 
 # Pydantic names union branches and validators in `loc` ("str", "list[TextPart]",
@@ -83,14 +115,14 @@ def validation_to_api_error(exc: RequestValidationError) -> APIError:
     return InvalidRequestError(msg, param=param)
 
 
-async def _api_error(_: Request, exc: Exception) -> Response:
+async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
-    return error_response(exc)
+    return _respond(request, exc)
 
 
-async def _validation_error(_: Request, exc: Exception) -> Response:
+async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    return error_response(validation_to_api_error(exc))
+    return _respond(request, validation_to_api_error(exc))
 
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -127,7 +159,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     api.headers = dict(exc.headers or {})
     if exc.status_code == 405:
         api.headers["Allow"] = _allowed_methods(request) or api.headers.get("Allow", "")
-    return error_response(api)
+    return _respond(request, api)
 
 
 async def _client_gone(_: Request, exc: Exception) -> Response:
@@ -141,7 +173,7 @@ async def _unhandled(request: Request, exc: Exception) -> Response:
     # put there (a token, a password), and the access log keys on the template too.
     route = request.scope.get("route")
     log.error("unhandled_error", path=getattr(route, "path", "<unmatched>"), exc_info=exc)
-    return error_response(ServerError("The server had an error processing your request."))
+    return _respond(request, ServerError("The server had an error processing your request."))
 
 
 def install_error_handlers(app: FastAPI) -> None:

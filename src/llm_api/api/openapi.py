@@ -13,13 +13,27 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from llm_api.api.errors import ANTHROPIC_PREFIX
 from llm_api.schemas.common import ErrorResponse
 
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
+# The /v1/messages family answers errors in Anthropic's shape (api/errors.anthropic_error).
+_ANTHROPIC_ERROR = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+    },
+}
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": _ERROR_REF}}}
+def _error(description: str, schema: dict[str, Any] = _ERROR_REF) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
 def install_openapi(app: FastAPI) -> None:
@@ -32,12 +46,15 @@ def install_openapi(app: FastAPI) -> None:
             summary=app.summary,
             routes=app.routes,
         )
-        for operations in spec.get("paths", {}).values():
+        for path, operations in spec.get("paths", {}).items():
+            anthropic = path.startswith(ANTHROPIC_PREFIX)
+            schema = _ANTHROPIC_ERROR if anthropic else _ERROR_REF
+            shape = "an Anthropic error object" if anthropic else "an OpenAI error object"
             for operation in operations.values():
                 responses = operation.setdefault("responses", {})
                 if responses.pop("422", None) is not None:
-                    responses["400"] = _error("Invalid request (`invalid_request_error`).")
-                responses.setdefault("default", _error("An error, as an OpenAI error object."))
+                    responses["400"] = _error("Invalid request (`invalid_request_error`).", schema)
+                responses.setdefault("default", _error(f"An error, as {shape}.", schema))
         schemas = spec.setdefault("components", {}).setdefault("schemas", {})
         schemas.pop("HTTPValidationError", None)
         schemas.pop("ValidationError", None)

@@ -49,7 +49,9 @@ def is_loopback(host: str | None) -> bool:
 def bearer_credential(request: Request) -> str | None:
     header = request.headers.get("authorization")
     if header is None:
-        return None
+        # Anthropic's clients send the key as `x-api-key` (read only without Authorization).
+        key = request.headers.get("x-api-key")
+        return None if key is None else key.strip()
     scheme, _, credential = header.partition(" ")
     if scheme.lower() != "bearer":
         return ""  # present but unusable: a 401, not "no credentials"

@@ -219,6 +219,33 @@ async def ndjson_lines(chunks: AsyncIterator[Chunk], keepalive: float) -> AsyncI
         yield FinalFrame(orjson.dumps(error_payload(exc)) + b"\n")
 
 
+async def event_frames(
+    events: AsyncIterator[bytes],
+    keepalive: float,
+    ping: bytes,
+    on_error: Callable[[Exception], bytes],
+) -> AsyncIterator[bytes]:
+    """Named SSE events already framed by the caller (`event: ...\ndata: ...\n\n`, the
+    Anthropic family): `ping` when quiet, `on_error(exc)` for an error after the first byte, no
+    `[DONE]`."""
+    try:
+        async with aclosing(_batches(events, keepalive, _as_is)) as batches:
+            async for batch, last in batches:
+                if not batch and not last:
+                    yield ping
+                    continue
+                if last:
+                    yield FinalFrame(b"".join(batch))
+                    return
+                yield b"".join(batch)
+    except Exception as exc:
+        yield FinalFrame(on_error(exc))
+
+
+def _as_is(frame: bytes) -> bytes:
+    return frame
+
+
 def sse_response(
     chunks: AsyncIterator[Chunk], keepalive: float, *, named: bool = False
 ) -> StreamingResponse:

@@ -7,6 +7,7 @@ import orjson
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from llm_api.api.errors import ANTHROPIC_PREFIX, anthropic_error
 from llm_api.core.exceptions import PayloadTooLargeError
 
 
@@ -36,7 +37,7 @@ class BodyLimitMiddleware:
                 except ValueError:
                     too_big = True
                 if too_big:  # refuse at once, without reading the body
-                    await _reject(send, max_bytes)
+                    await _reject(send, max_bytes, scope["path"])
                     return
         received = 0
 
@@ -52,10 +53,11 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-async def _reject(send: Send, limit: int) -> None:
-    body = orjson.dumps(
-        PayloadTooLargeError(f"Request body exceeds the limit of {limit} bytes.").to_dict()
-    )
+async def _reject(send: Send, limit: int, path: str) -> None:
+    error = PayloadTooLargeError(f"Request body exceeds the limit of {limit} bytes.")
+    # In the family's shape: Anthropic's under /v1/messages (api/errors.py).
+    shaped = anthropic_error(error)[1] if path.startswith(ANTHROPIC_PREFIX) else error.to_dict()
+    body = orjson.dumps(shaped)
     await send(
         {
             "type": "http.response.start",

@@ -20,6 +20,7 @@ from llm_api.api.v1.endpoints import (
     usage,
     users,
 )
+from llm_api.api.v1.messages import router as messages
 from llm_api.api.v1.responses import router as responses
 
 # The completion routes first: the app tries included routers in order.
@@ -27,6 +28,7 @@ V1_ROUTERS = (
     chat.router,
     completions.router,
     responses.router,
+    messages.router,
     embeddings.router,
     models.router,
     simple.router,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 
+from llm_api.core.exceptions import InvalidRequestError, ServiceUnavailableError
 from llm_api.schemas.chat import ChatCompletionRequest
 from llm_api.schemas.completions import CompletionRequest
 from llm_api.services.cache.service import CachePolicy
@@ -40,8 +41,8 @@ class CompletionServing:
         endpoint: str | None = None,
     ) -> Call:
         """Validate once (a 4xx before any cache lookup) into the pipeline's call. `endpoint`
-        names a family served through another's protocol (responses, through chat) in the
-        records, metrics and cache keys."""
+        names a family served through another's protocol (responses and messages, through
+        chat) in the records, metrics and cache keys."""
         if isinstance(req, ChatCompletionRequest):
             family, (config, seqs) = "chat", self.llm.chat_requests(req, ctx)
         else:
@@ -89,14 +90,37 @@ class CompletionServing:
         return answer, out
 
     async def chat_stream(
-        self, req: ChatCompletionRequest, ctx: RequestContext, policy: CachePolicy | None = None
+        self,
+        req: ChatCompletionRequest,
+        ctx: RequestContext,
+        policy: CachePolicy | None = None,
+        endpoint: str | None = None,
     ) -> tuple[Frames, Outcome]:
-        return await self._stream(req, ctx, policy)
+        return await self._stream(req, ctx, policy, endpoint)
 
     async def chat(
-        self, req: ChatCompletionRequest, ctx: RequestContext, policy: CachePolicy | None = None
+        self,
+        req: ChatCompletionRequest,
+        ctx: RequestContext,
+        policy: CachePolicy | None = None,
+        endpoint: str | None = None,
     ) -> tuple[shaping.Answer, Outcome]:
-        return await self._answer(req, ctx, policy)
+        return await self._answer(req, ctx, policy, endpoint)
+
+    async def prompt_tokens(self, req: ChatCompletionRequest, ctx: RequestContext) -> int:
+        """The prompt's tokens as the model would see them (its chat template and tokenizer,
+        tools included): local models only; 400 for a model that cannot count here."""
+        config, seqs = self.llm.chat_requests(req, ctx)
+        backend = self.llm.backends[config.id]
+        if not backend.ready:
+            raise ServiceUnavailableError(f"The model `{config.id}` is loading.")
+        await backend.prepare(seqs[0])
+        if seqs[0].prompt_tokens is None:
+            raise InvalidRequestError(
+                f"Counting tokens needs a local model; `{config.id}` is served upstream.",
+                param="model",
+            )
+        return seqs[0].prompt_tokens
 
     async def completion_stream(
         self, req: CompletionRequest, ctx: RequestContext, policy: CachePolicy | None = None
