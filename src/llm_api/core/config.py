@@ -321,6 +321,20 @@ class Settings(BaseSettings):
         "gets 503 until keys expire.",
     )
 
+    # --- stored responses (/v1/responses store) -----------------------------------------------
+
+    # --- money: prices, budgets, spend alerts -------------------------------------------------
+
+    # --- fair queuing and priorities (services/llm/admission.py) ------------------------------
+
+    # --- tracing (OpenTelemetry) -------------------------------------------------------------
+
+    # --- audit log ----------------------------------------------------------------------------
+
+    # --- single sign-on (OpenID Connect) ------------------------------------------------------
+
+    # --- fine-tuning jobs ---------------------------------------------------------------------
+
     @field_validator("trusted_proxies", mode="before")
     @classmethod
     def _split_cidrs(cls, v: object) -> object:

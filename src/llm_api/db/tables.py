@@ -79,6 +79,40 @@ class ApiKey(Base):
     scopes: Mapped[str] = mapped_column(String(64), default="inference", server_default="inference")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    # Per-key controls (0005): a team's service key outlives the member who made it (user_id
+    # stays the creator). None means "no restriction beyond the owner's".
+    team_id: Mapped[str | None] = mapped_column(
+        ForeignKey("teams.id", ondelete="CASCADE"), default=None, index=True
+    )
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    models: Mapped[list | None] = mapped_column(JSON, default=None)  # ids, aliases, wildcards
+    allowed_ips: Mapped[list | None] = mapped_column(JSON, default=None)  # CIDRs
+    limits: Mapped[dict | None] = mapped_column(JSON, default=None)  # never above the tier's
+
+
+class Team(Base):
+    """A group of users sharing keys, usage and budgets."""
+
+    __tablename__ = "teams"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class TeamMember(Base):
+    """A user's role in a team: owner, admin or member."""
+
+    __tablename__ = "team_members"
+
+    team_id: Mapped[str] = mapped_column(
+        ForeignKey("teams.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[str] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    role: Mapped[str] = mapped_column(String(16), default="member")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class RefreshToken(Base):
@@ -219,3 +253,15 @@ class ConversationOptOut(Base):
         ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
     )
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+# --- stored responses (/v1/responses store; migration 0006) ------------------------------------
+
+
+# --- money: prices, budgets, spend (migration 0007) --------------------------------------------
+
+
+# --- audit log (migration 0008) -----------------------------------------------------------------
+
+
+# --- fine-tuning jobs (migration 0009) ----------------------------------------------------------

@@ -47,10 +47,20 @@ class Principal:
     # What this credential may do (services/auth/scopes.py): a key's own scopes within what
     # its owner's role allows; a password login holds all that the role allows.
     scopes: frozenset[str] = DEFAULT_KEY_SCOPES
+    # The team of a team's service key (None for a personal key or a login).
+    team_id: str | None = None
 
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    @property
+    def tenant(self) -> str:
+        """Whose share this request counts against (budgets, fair queuing): the key's team when
+        it has one, else the user; anonymous callers share one tenant."""
+        if self.team_id is not None:
+            return f"team:{self.team_id}"
+        return f"user:{self.user_id}" if self.user_id is not None else "anonymous"
 
 
 # Used only when LLM_API_AUTH_ENABLED=false, for a direct loopback caller (api/security.py).
@@ -65,6 +75,7 @@ def _from_user(
     key_id: str | None = None,
     session_id: str | None = None,
     key_scopes: str | None = None,
+    team_id: str | None = None,
 ) -> Principal:
     role_scopes = allowed_for(user.role)
     return Principal(
@@ -77,6 +88,7 @@ def _from_user(
         method=method,
         # A demoted admin's key keeps `admin` in its row but no longer holds it.
         scopes=role_scopes if method == "jwt" else parse(key_scopes) & role_scopes,
+        team_id=team_id,
     )
 
 
@@ -152,7 +164,9 @@ class Authenticator:
             if found is None:
                 raise AuthenticationError()  # failures are never cached
             key, user = found
-            principal = _from_user(user, "api_key", key_id=key.id, key_scopes=key.scopes)
+            principal = _from_user(
+                user, "api_key", key_id=key.id, key_scopes=key.scopes, team_id=key.team_id
+            )
             self.keys.put(key.key_hash, principal, generation)
             return principal
         if credential.count(".") != 2:
