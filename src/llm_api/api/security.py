@@ -22,6 +22,7 @@ from llm_api.core.exceptions import (
     ServiceUnavailableError,
 )
 from llm_api.core.state import AppState
+from llm_api.services.auth.key_controls import check_principal_key
 from llm_api.services.auth.principal import ANONYMOUS, Principal
 
 log = structlog.get_logger(__name__)
@@ -104,6 +105,9 @@ async def authenticate(request: Request) -> Principal | None:
     """The caller, or None on a public route. Raises 401/503 otherwise."""
     principal = await _authenticate(request)
     if principal is not None:
+        # A key's expiry and client-IP allow-list, however it was verified (database, cache or
+        # outage grace): a cached key never outlives its expiry (key_controls.py).
+        check_principal_key(principal.controls, request.client.host if request.client else None)
         check_scope(request, principal)  # an API key only within its scopes (api/scopes.py)
     return principal
 

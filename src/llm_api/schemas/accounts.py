@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from llm_api.core.rate_limits import TierLimits
 from llm_api.db.tables import as_utc
 from llm_api.services.auth.passwords import MAX_PASSWORD_LENGTH
 from llm_api.services.auth.scopes import ALL_SCOPES, Scope
@@ -40,13 +41,47 @@ class LogoutResponse(BaseModel):
     revoked: bool = True
 
 
-class ApiKeyCreate(Strict):
+ModelPattern = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)
+]
+Cidr = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+# Epoch seconds or an ISO 8601 time (validated in services/auth/key_controls.py).
+Expiry = float | str
+
+
+class ApiKeyControls(Strict):
+    """Per-key controls (docs/security.md). Omitted: unrestricted; in a PATCH, null clears."""
+
     name: Name | None = None
+    models: Annotated[list[ModelPattern], Field(max_length=100)] | None = Field(
+        None,
+        description="Models the key may use: ids, aliases or wildcards (`smollm2-*`). "
+        "Default: every model its owner may use.",
+    )
+    expires_at: Expiry | None = Field(
+        None, description="When the key stops working: epoch seconds or ISO 8601 (UTC)."
+    )
+    limits: TierLimits | None = Field(
+        None, description="The key's own rate limits, each at most the owner's tier's."
+    )
+    allowed_ips: Annotated[list[Cidr], Field(max_length=100)] | None = Field(
+        None, description="Client addresses (CIDR blocks) the key may be used from."
+    )
+
+
+class ApiKeyCreate(ApiKeyControls):
     scopes: Annotated[list[Scope], Field(min_length=1, max_length=len(ALL_SCOPES))] | None = Field(
         None,
         description="What the key may do (default: inference only). Only scopes the caller "
         "holds can be granted; `admin` only by administrators.",
     )
+    team_id: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+        None, description="Make a team's service key (team owners and admins only)."
+    )
+
+
+class ApiKeyUpdate(ApiKeyControls):
+    """PATCH /v1/keys/{id}: the fields given replace the key's (null clears one)."""
 
 
 class ApiKeyInfo(BaseModel):
@@ -56,6 +91,11 @@ class ApiKeyInfo(BaseModel):
     prefix: str = Field(description="The first characters of the key, for recognising it.")
     scopes: list[Scope] = Field(description="What the key may do (docs/security.md).")
     created_at: int
+    team_id: str | None = None
+    expires_at: int | None = None
+    models: list[str] | None = None
+    allowed_ips: list[str] | None = None
+    limits: dict[str, int] | None = None
 
 
 class ApiKeyCreated(ApiKeyInfo):

@@ -17,6 +17,7 @@ from llm_api.api.v1.endpoints import (
     keys,
     models,
     simple,
+    teams,
     usage,
     users,
 )
@@ -36,6 +37,7 @@ V1_ROUTERS = (
     keys.router,
     users.router,
     admin.router,
+    teams.router,
     dashboard.router,
     usage.router,
     files.router,

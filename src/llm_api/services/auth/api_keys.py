@@ -14,6 +14,7 @@ import secrets
 import string
 import zlib
 from collections.abc import Iterable
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -74,9 +75,13 @@ async def create_key(
     user_id: str,
     name: str | None,
     scopes: Iterable[str] = DEFAULT_KEY_SCOPES,
+    *,
+    team_id: str | None = None,
+    **controls: Any,
 ) -> tuple[ApiKey, str]:
-    """A new key with `scopes` (inference only unless asked). Callers check first that the
-    creator may grant them (`scopes.check_grant`)."""
+    """A new key with `scopes` (inference only unless asked) and its controls (`models`,
+    `expires_at`, `limits`, `allowed_ips`, validated by key_controls.py). Callers check first
+    that the creator may grant them (`scopes.check_grant`, key_management.py)."""
     raw = generate()
     row = ApiKey(
         user_id=user_id,
@@ -84,6 +89,8 @@ async def create_key(
         prefix=display_prefix(raw),
         key_hash=digest(raw),
         scopes=serialize(scopes),
+        team_id=team_id,
+        **controls,
     )
     db.add(row)
     await db.flush()
@@ -91,14 +98,18 @@ async def create_key(
 
 
 async def count_active(db: AsyncSession, user_id: str) -> int:
-    query = select(func.count()).where(ApiKey.user_id == user_id, ApiKey.revoked_at.is_(None))
+    """The user's active personal keys (a team's keys count against the team)."""
+    query = select(func.count()).where(
+        ApiKey.user_id == user_id, ApiKey.team_id.is_(None), ApiKey.revoked_at.is_(None)
+    )
     return int((await db.execute(query)).scalar_one())
 
 
 async def list_keys(db: AsyncSession, user_id: str) -> list[ApiKey]:
+    """The user's active personal keys (team keys are listed with their team)."""
     query = (
         select(ApiKey)
-        .where(ApiKey.user_id == user_id, ApiKey.revoked_at.is_(None))
+        .where(ApiKey.user_id == user_id, ApiKey.team_id.is_(None), ApiKey.revoked_at.is_(None))
         .order_by(ApiKey.created_at)
     )
     return list((await db.execute(query)).scalars())

@@ -21,6 +21,7 @@ from llm_api.core.exceptions import AuthenticationError
 from llm_api.db.tables import User
 from llm_api.services.auth import api_keys
 from llm_api.services.auth.key_cache import ApiKeyCache
+from llm_api.services.auth.key_controls import KeyControls, KeyExpiredError
 from llm_api.services.auth.passwords import Passwords
 from llm_api.services.auth.scopes import DEFAULT_KEY_SCOPES, allowed_for, parse
 from llm_api.services.auth.tokens import Tokens
@@ -49,6 +50,8 @@ class Principal:
     scopes: frozenset[str] = DEFAULT_KEY_SCOPES
     # The team of a team's service key (None for a personal key or a login).
     team_id: str | None = None
+    # The key's own controls (allow-lists, expiry, limits; key_controls.py), None if none.
+    controls: KeyControls | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -76,6 +79,7 @@ def _from_user(
     session_id: str | None = None,
     key_scopes: str | None = None,
     team_id: str | None = None,
+    controls: KeyControls | None = None,
 ) -> Principal:
     role_scopes = allowed_for(user.role)
     return Principal(
@@ -89,6 +93,7 @@ def _from_user(
         # A demoted admin's key keeps `admin` in its row but no longer holds it.
         scopes=role_scopes if method == "jwt" else parse(key_scopes) & role_scopes,
         team_id=team_id,
+        controls=controls,
     )
 
 
@@ -164,8 +169,16 @@ class Authenticator:
             if found is None:
                 raise AuthenticationError()  # failures are never cached
             key, user = found
+            controls = KeyControls.of(key)
+            if controls is not None and controls.expired():
+                raise KeyExpiredError()  # never cached; nor is any other failure
             principal = _from_user(
-                user, "api_key", key_id=key.id, key_scopes=key.scopes, team_id=key.team_id
+                user,
+                "api_key",
+                key_id=key.id,
+                key_scopes=key.scopes,
+                team_id=key.team_id,
+                controls=controls,
             )
             self.keys.put(key.key_hash, principal, generation)
             return principal

@@ -5,6 +5,8 @@
   key that existed before scopes: migration 0004 makes them inference-only).
 - `keys`: list, create and revoke one's own API keys.
 - `account`: one's profile, conversation-log preference and logout.
+- `teams`: create teams, manage their members (as their owner or admin) and see the teams one
+  belongs to, their keys and usage. Making or changing a team's keys needs `keys` too.
 - `admin`: the /v1/admin routes; only an administrator's key may carry it, and it counts only
   while the owner is still an administrator.
 
@@ -20,8 +22,8 @@ from typing import Literal
 
 from llm_api.core.exceptions import PermissionDeniedError
 
-Scope = Literal["inference", "keys", "account", "admin"]
-ALL_SCOPES: tuple[Scope, ...] = ("inference", "keys", "account", "admin")
+Scope = Literal["inference", "keys", "account", "teams", "admin"]
+ALL_SCOPES: tuple[Scope, ...] = ("inference", "keys", "account", "teams", "admin")
 DEFAULT_KEY_SCOPES: frozenset[str] = frozenset({"inference"})
 _USER_SCOPES = frozenset(ALL_SCOPES) - {"admin"}
 

@@ -13,6 +13,7 @@ event loop.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -220,7 +221,13 @@ class BatchService:
 
     # --- batches --------------------------------------------------------------------------------
 
-    async def create_batch(self, user_id: str, req: CreateBatchRequest) -> Batch:
+    async def create_batch(
+        self,
+        user_id: str,
+        req: CreateBatchRequest,
+        check_model: Callable[[str], object] | None = None,
+    ) -> Batch:
+        """`check_model` refuses a line's model the caller's key may not use (403)."""
         source = await self.get_file(user_id, req.input_file_id)
         if source.purpose != "batch":
             raise InvalidRequestError(
@@ -233,6 +240,9 @@ class BatchService:
             raise InvalidRequestError(
                 f"Every line's `url` must be {req.endpoint}.", param="endpoint"
             )
+        if check_model is not None:
+            for model in dict.fromkeys(str(line.body.get("model")) for line in lines):
+                check_model(model)
         now = datetime.now(UTC)
         row = Batch(
             id=new_batch_id(),

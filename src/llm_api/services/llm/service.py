@@ -22,6 +22,7 @@ from llm_api.core.exceptions import (
 )
 from llm_api.schemas.chat import ChatCompletionRequest
 from llm_api.schemas.completions import CompletionRequest
+from llm_api.services.auth.key_controls import KeyControls, model_not_allowed
 from llm_api.services.llm.admission import AdmissionGate
 from llm_api.services.llm.backends.base import Backend
 from llm_api.services.llm.capabilities import check_capabilities
@@ -69,11 +70,34 @@ class LLMService:
         return config
 
     def get_model_for(self, model_id: str, ctx: RequestContext) -> ModelConfig:
-        """The model, if the caller's tier may use it (a paid model answers free users 402)."""
-        config = self.get_model(model_id)
+        """The model, if the caller's key and tier may use it: outside the key's allow-list
+        403 (whether or not the model exists, so a key learns nothing of other models), a paid
+        model answers free users 402."""
+        config = self.visible_model(model_id, ctx.controls)
         if not _entitled(config, ctx):
             raise PaymentRequiredError("Paid subscription required", param="model")
         return config
+
+    def visible_model(self, model_id: str, controls: KeyControls | None) -> ModelConfig:
+        """The model if the key's allow-list (key_controls.py) names it: 403, else 404."""
+        config = self.check_key_may_use(model_id, controls)
+        if config is None:
+            raise ModelNotFoundError(model_id)
+        return config
+
+    def check_key_may_use(self, model_id: str, controls: KeyControls | None) -> ModelConfig | None:
+        """403 unless the key's allow-list names the model by any of its names; returns the
+        model (None if there is no such model, which the caller decides about)."""
+        config = self.registry.get(model_id)
+        if controls is not None and not controls.allows_model(_names(model_id, config)):
+            raise model_not_allowed(model_id)
+        return config
+
+    def visible_models(self, controls: KeyControls | None) -> list[ModelConfig]:
+        """The models a key may use (/v1/models lists only these)."""
+        if controls is None:
+            return list(self.registry.models)
+        return [m for m in self.registry.models if controls.allows_model(_names(m.id, m))]
 
     def _generative(self, model_id: str, ctx: RequestContext) -> ModelConfig:
         """A model for chat or text completion: an embedding model cannot generate."""
@@ -90,7 +114,7 @@ class LLMService:
         same tier check as a direct request, so a free model's paid fallback never answers a
         free user (it is skipped, and the free model's own error stands)."""
         fallbacks = (self.get_model(f) for f in config.fallbacks)
-        return [config, *(f for f in fallbacks if _entitled(f, ctx))]
+        return [config, *(f for f in fallbacks if _entitled(f, ctx) and _listed(f, ctx))]
 
     # --- request shaping ------------------------------------------------------------------------
 
@@ -110,6 +134,16 @@ class LLMService:
         check_capabilities(req, config)
         seqs = completions_protocol.completion_requests(req, config, self.settings, ctx.request_id)
         return config, seqs
+
+
+def _names(model_id: str, config: ModelConfig | None) -> list[str]:
+    """Every name a request for `model_id` goes by: what was asked, the id and the aliases."""
+    return [model_id] if config is None else [model_id, config.id, *config.aliases]
+
+
+def _listed(config: ModelConfig, ctx: RequestContext) -> bool:
+    """Whether the key's allow-list names the model (a fallback outside it is skipped)."""
+    return ctx.controls is None or ctx.controls.allows_model(_names(config.id, config))
 
 
 def _entitled(config: ModelConfig, ctx: RequestContext) -> bool:

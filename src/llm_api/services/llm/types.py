@@ -7,7 +7,10 @@ benchmarks drive backends the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from llm_api.services.auth.key_controls import KeyControls
 
 
 @dataclass(slots=True)
@@ -160,6 +163,8 @@ class RequestContext:
     tier: str = "free"
     batch_id: str | None = None
     client_ip: str | None = None
+    # The API key's model allow-list and own limits (services/auth/key_controls.py).
+    controls: KeyControls | None = None
 
 
 @dataclass(slots=True)

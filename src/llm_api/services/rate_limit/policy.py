@@ -12,8 +12,9 @@ Overrides live in a file, not the database, so the hot path needs no query; a re
 rolling deploy) applies changes.
 
 A completion is checked against: its user's limits (across all of the user's keys); its key's
-limits when the key has an override of its own (otherwise they equal the user's and could never
-bind first, so they are skipped); and the `ip` aggregate over everything from its client IP.
+limits when the key has an override of its own or limits of its own (POST /v1/keys `limits`,
+each at most the tier's: the lower of the two binds; otherwise they equal the user's and could
+never bind first, so they are skipped); and the `ip` aggregate over everything from its client IP.
 Without a user (auth disabled) the tier's limits apply to the client IP instead.
 
 Per-IP limits count an IPv6 client by its /64 (`ip_subject`).
@@ -31,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llm_api.core.config import Settings
 from llm_api.core.rate_limits import TierLimits
+from llm_api.services.auth.key_controls import tightest
 from llm_api.services.llm.types import RequestContext
 from llm_api.services.rate_limit.types import LimitSpec
 
@@ -136,6 +138,10 @@ class LimitPolicy:
             )  # fmt: skip
         return specs
 
+    def user_limits(self, user_id: str, tier: str) -> TierLimits:
+        """A user's limits: their tier's, with their override from the file."""
+        return self.tier(tier).merged(self.overrides.users.get(user_id, TierLimits()))
+
     def for_completion(self, ctx: RequestContext, tokens: int) -> list[LimitSpec]:
         """The limits of one completion that reserves `tokens` (prompt + max_tokens)."""
         tier = self.tier(ctx.tier)
@@ -145,8 +151,11 @@ class LimitPolicy:
             specs += self._specs(user, "user", ctx.user_id, tokens)
         if ctx.key_id is not None:
             override = self.overrides.keys.get(ctx.key_id)
-            if override is not None or ctx.user_id is None:
+            own = ctx.controls.limits if ctx.controls is not None else None
+            if override is not None or own is not None or ctx.user_id is None:
                 key = tier.merged(override or TierLimits())
+                if own is not None:  # the key's own limits, never above the tier's
+                    key = tightest(key, own)
                 specs += self._specs(key, "key", ctx.key_id, tokens)
         if ctx.client_ip is not None:
             ip = ip_subject(ctx.client_ip)

@@ -180,3 +180,18 @@ async def usage_totals(
 
 def _as_date(value: date | str) -> date:
     return date.fromisoformat(value) if isinstance(value, str) else value
+
+
+async def usage_of_keys(
+    session: AsyncSession, start: date, end: date, key_ids: Select[Any]
+) -> tuple[list[tuple[date, str, UsageSums]], UsageSums]:
+    """(day, model, sums) buckets and the totals of the requests made with `key_ids` (a
+    subquery: a team's keys, services/teams.py)."""
+    keys: list[Any] = [UsageRecord.day, UsageRecord.model]
+    where = (UsageRecord.key_id.in_(key_ids),)
+    stmt = _filtered(select(*keys, *_sums()), start, end, None).where(*where)
+    rows = await session.execute(stmt.group_by(*keys).order_by(*keys))
+    buckets = [(_as_date(r.day), r.model, _as_sums(r)) for r in rows]
+    totals = _filtered(select(*_sums()), start, end, None).where(*where)
+    total = (await session.execute(totals)).one()
+    return buckets, _as_sums(total)

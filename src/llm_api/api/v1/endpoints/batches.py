@@ -27,7 +27,10 @@ async def create_batch(
     background: BackgroundTasks,
 ) -> BatchObject:
     await limit_request(state, ctx, response)
-    row = await batches.create_batch(user_id, body)
+    # A key's model allow-list covers its batches' lines too (checked here, at creation).
+    controls = ctx.controls
+    check = None if controls is None else lambda m: state.llm.check_key_may_use(m, controls)
+    row = await batches.create_batch(user_id, body, check)
     # Dispatched after the response, i.e. after the session committed: a worker never sees a
     # batch that is not in the database yet.
     if state.batch_queue is not None:

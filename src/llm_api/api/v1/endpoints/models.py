@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from llm_api.api.deps import LLMServiceDep
+from llm_api.api.deps import CurrentPrincipal, LLMServiceDep
 from llm_api.api.scopes import requires_scope
 from llm_api.schemas.model_list import ModelCard, ModelList
 from llm_api.services.llm.registry import ModelConfig
@@ -25,11 +25,13 @@ def _card(config: ModelConfig, created: int) -> ModelCard:
 
 @router.get("/models", response_model=ModelList)
 @requires_scope("inference")
-async def list_models(llm: LLMServiceDep) -> ModelList:
-    return ModelList(data=[_card(m, llm.started_at) for m in llm.registry.models])
+async def list_models(llm: LLMServiceDep, principal: CurrentPrincipal) -> ModelList:
+    """The models the caller's key may use (all of them without an allow-list)."""
+    models = llm.visible_models(principal.controls)
+    return ModelList(data=[_card(m, llm.started_at) for m in models])
 
 
 @router.get("/models/{model_id:path}", response_model=ModelCard)
 @requires_scope("inference")
-async def get_model(model_id: str, llm: LLMServiceDep) -> ModelCard:
-    return _card(llm.get_model(model_id), llm.started_at)
+async def get_model(model_id: str, llm: LLMServiceDep, principal: CurrentPrincipal) -> ModelCard:
+    return _card(llm.visible_model(model_id, principal.controls), llm.started_at)
