@@ -4,12 +4,15 @@ llm-api db upgrade
 printf '%s' "$PASSWORD" | llm-api users create admin@example.com --admin --password-stdin
 llm-api keys create admin@example.com      # the key is the last line of stdout
 llm-api keys create admin@example.com --scope inference --scope keys   # default: inference
+llm-api keys create dev@example.com --models 'smollm2-*' --expires 30d --allow-ip 10.0.0.0/8
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Literal, TypeVar
 
@@ -19,6 +22,7 @@ from llm_api.core.config import Settings
 from llm_api.core.exceptions import APIError
 from llm_api.db import migrate
 from llm_api.db.engine import Database
+from llm_api.services.auth import key_controls
 from llm_api.services.auth.scopes import ALL_SCOPES, DEFAULT_KEY_SCOPES
 
 T = TypeVar("T")
@@ -49,6 +53,38 @@ def _with_db(work: Callable[[Database, Settings], Awaitable[T]], *, migrate_sqli
         return asyncio.run(run())
     except APIError as exc:
         raise _fail(exc.message) from None
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    """Repeated and comma-separated option values as one list (None when none given)."""
+    if not values:
+        return None
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+_DURATION = re.compile(r"^(\d{1,7})([smhd])$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _expiry(value: str | None) -> str | float | None:
+    """`--expires`: a duration from now (30d, 12h, 90m, 45s), else as given (epoch or ISO)."""
+    if value is None:
+        return None
+    match = _DURATION.fullmatch(value.strip())
+    if match:
+        return time.time() + int(match[1]) * _SECONDS[match[2]]
+    return value
+
+
+def _describe(controls: dict[str, object]) -> str:
+    parts = []
+    if controls["models"]:
+        parts.append(f" for models {','.join(controls['models'])}")  # type: ignore[arg-type]
+    if controls["expires_at"]:
+        parts.append(f" expiring {controls['expires_at']:%Y-%m-%dT%H:%M:%SZ}")
+    if controls["allowed_ips"]:
+        parts.append(f" from {','.join(controls['allowed_ips'])}")  # type: ignore[arg-type]
+    return "".join(parts)
 
 
 @db_app.command("upgrade")
@@ -120,6 +156,26 @@ def keys_create(
             "default: inference only; admin only for administrators).",
         ),
     ] = None,
+    models: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--models",
+            help="Models the key may use: ids, aliases or wildcards like 'smollm2-*' (repeat "
+            "or comma-separate; default: every model the user may use).",
+        ),
+    ] = None,
+    expires: Annotated[
+        str | None,
+        typer.Option(
+            "--expires",
+            help="When the key stops working: epoch seconds, an ISO 8601 time, or a duration "
+            "from now such as 90m, 12h, 30d.",
+        ),
+    ] = None,
+    allow_ip: Annotated[
+        list[str] | None,
+        typer.Option("--allow-ip", help="Client addresses (CIDR) the key may be used from."),
+    ] = None,
 ) -> None:
     """Create an API key for a user and print it (last line of stdout; shown only once)."""
     wanted = {s.strip() for value in scope or [] for s in value.split(",") if s.strip()}
@@ -127,6 +183,14 @@ def keys_create(
     if unknown:
         raise _fail(f"unknown scope {', '.join(unknown)}; choose from {', '.join(ALL_SCOPES)}")
     requested = wanted or DEFAULT_KEY_SCOPES
+    try:
+        controls = {
+            "models": key_controls.parse_models(_split(models)),
+            "expires_at": key_controls.parse_expiry(_expiry(expires)),
+            "allowed_ips": key_controls.parse_networks(_split(allow_ip)),
+        }
+    except APIError as exc:
+        raise _fail(exc.message) from None
 
     async def work(db: Database, settings: Settings) -> str:
         from llm_api.services.auth import api_keys
@@ -139,10 +203,10 @@ def keys_create(
                 raise _fail(f"no active user {email!r}")
             if "admin" in requested and user.role != "admin":
                 raise _fail(f"the admin scope is only for administrators; {email} is not one")
-            key, raw = await api_keys.create_key(session, user.id, name, requested)
+            key, raw = await api_keys.create_key(session, user.id, name, requested, **controls)
             typer.echo(
-                f"created key {key.id} for {user.email} with scopes {key.scopes.replace(' ', ',')};"
-                " store it now, it is not shown again:"
+                f"created key {key.id} for {user.email} with scopes {key.scopes.replace(' ', ',')}"
+                f"{_describe(controls)}; store it now, it is not shown again:"
             )
             return raw
 

@@ -23,6 +23,7 @@ from tests.conftest import (
 )
 
 PAID_MODEL = "smollm2-paid"
+FREE_ALIAS = "tiny-chat"  # another name of the free model (key allow-lists match it)
 CANARY_PASSWORD = "canary-Pa55word-7f3a9c1e"  # must never appear in logs, bodies or the DB
 
 
@@ -31,6 +32,7 @@ def write_registry(path: Path) -> Path:
     free = builtin_registry().models[0].model_dump(mode="json", exclude_none=True)
     free["context_length"] = 2048
     paid = {**free, "id": PAID_MODEL, "tier": "paid"}
+    free["aliases"] = [FREE_ALIAS]
     path.write_text(yaml.safe_dump({"models": [free, paid]}))
     return path
 
