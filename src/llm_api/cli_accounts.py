@@ -14,7 +14,7 @@ import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 
@@ -76,14 +76,14 @@ def _expiry(value: str | None) -> str | float | None:
     return value
 
 
-def _describe(controls: dict[str, object]) -> str:
+def _describe(controls: dict[str, Any]) -> str:
     parts = []
     if controls["models"]:
-        parts.append(f" for models {','.join(controls['models'])}")  # type: ignore[arg-type]
+        parts.append(f" for models {','.join(controls['models'])}")
     if controls["expires_at"]:
         parts.append(f" expiring {controls['expires_at']:%Y-%m-%dT%H:%M:%SZ}")
     if controls["allowed_ips"]:
-        parts.append(f" from {','.join(controls['allowed_ips'])}")  # type: ignore[arg-type]
+        parts.append(f" from {','.join(controls['allowed_ips'])}")
     return "".join(parts)
 
 
@@ -184,7 +184,7 @@ def keys_create(
         raise _fail(f"unknown scope {', '.join(unknown)}; choose from {', '.join(ALL_SCOPES)}")
     requested = wanted or DEFAULT_KEY_SCOPES
     try:
-        controls = {
+        controls: dict[str, Any] = {
             "models": key_controls.parse_models(_split(models)),
             "expires_at": key_controls.parse_expiry(_expiry(expires)),
             "allowed_ips": key_controls.parse_networks(_split(allow_ip)),
