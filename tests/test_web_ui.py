@@ -244,6 +244,7 @@ async def test_create_a_key_in_the_page_and_use_it_with_the_openai_sdk(tab: Tab,
     await page.click("#nav-account")
     name = f"sdk-{uuid.uuid4().hex[:6]}"
     await page.fill("#key-name", name)
+    await page.fill("#key-models", MODEL)  # a model allow-list, set from the page
     await page.click("#create-key button[type=submit]")
     secret = (await page.locator("#new-key-value").text_content()) or ""
     assert secret.startswith("sk-")
@@ -251,6 +252,8 @@ async def test_create_a_key_in_the_page_and_use_it_with_the_openai_sdk(tab: Tab,
     await expect(row).to_have_count(1)
     assert secret not in ((await row.text_content()) or "")  # listed by prefix only
     await expect(row.locator("td.scopes")).to_have_text("inference")  # the default scope
+    await expect(row.locator("td.models")).to_have_text(MODEL)
+    await expect(row.locator("td.expires")).to_have_text("never")
 
     sdk = openai.AsyncOpenAI(base_url=f"{site.url}/v1", api_key=secret, max_retries=0)
     completion = await sdk.chat.completions.create(
@@ -348,6 +351,7 @@ async def test_admin_pages_for_an_admin(tab: Tab, site: Site) -> None:
     await expect(users.locator("tr", has_text=site.user)).to_contain_text("user")
     await expect(users.locator("tr", has_text=site.admin)).to_contain_text("admin")
     await expect(page.locator("#admin-usage svg.chart")).to_be_visible()
+    await expect(page.locator("#admin-teams")).to_be_visible()  # teams, with members and keys
     await expect(page.locator("#admin-usage-table tr", has_text=site.user)).to_have_count(1)
     # Polled: the "Updated" line changes within a few seconds.
     updated = await page.locator("#summary .muted").text_content()

@@ -16,6 +16,8 @@ The security trade-off, and how it is bounded:
   seconds. Changes made straight in the database (not through the API) wait out the TTL too.
 - Keys are held by their SHA-256 (as stored in the database), never in clear, and the cache is
   bounded (`max_entries`, oldest first out).
+- A key's expiry is not bounded by the TTL: the cached principal carries it (`controls`), and
+  `authenticate` checks it on every hit (key_controls.py), so a cached key stops at its expiry.
 JWT access tokens are not cached: their session check stays a database read (logout is instant).
 
 Database outages: a key verified less than `outage_grace` seconds ago (LLM_API_API_KEY_OUTAGE_

@@ -1,4 +1,5 @@
-// Account pages: one's API keys (created keys are shown once, each with its scopes), usage as a
+// Account pages: one's API keys (created keys are shown once, each with its scopes and controls:
+// model allow-list, expiry, client IPs), one's teams with their members and keys, usage as a
 // chart of tokens per day per model, and the current rate-limit standing.
 
 import { api, currentUser } from "./api.js";
@@ -8,7 +9,13 @@ import { $, fmtDate, fmtInt, h, mount, notice } from "./dom.js";
 const USAGE_DAYS = 14;
 // A new key's scopes (docs/security.md, "API key scopes"): inference is the default; the server
 // refuses any scope the signed-in credential does not hold, and `admin` is for administrators.
-const KEY_SCOPES = ["inference", "keys", "account", "admin"];
+const KEY_SCOPES = ["inference", "keys", "account", "teams", "admin"];
+
+/** "a, b c" → ["a", "b", "c"]; empty → undefined (the field is left out: no restriction). */
+function listField(value) {
+  const items = value.split(/[\s,]+/).filter(Boolean);
+  return items.length ? items : undefined;
+}
 
 function isoDay(date) {
   return date.toISOString().slice(0, 10);
@@ -69,7 +76,11 @@ async function renderKeys(section) {
       h(
         "table",
         { id: "keys-table" },
-        h("thead", {}, h("tr", {}, ["Name", "Key", "Scopes", "Created", ""].map((t) => h("th", {}, t)))),
+        h(
+          "thead",
+          {},
+          h("tr", {}, ["Name", "Key", "Scopes", "Models", "Expires", "Created", ""].map((t) => h("th", {}, t))),
+        ),
         h(
           "tbody",
           {},
@@ -80,6 +91,8 @@ async function renderKeys(section) {
               h("td", {}, key.name || "—"),
               h("td", {}, h("code", {}, `${key.prefix || key.display_prefix || ""}…`)),
               h("td", { class: "scopes" }, (key.scopes || []).join(", ") || "—"),
+              h("td", { class: "models" }, key.models ? key.models.join(", ") : "all"),
+              h("td", { class: "expires" }, key.expires_at ? fmtDate(key.expires_at) : "never"),
               h("td", {}, fmtDate(key.created_at)),
               h(
                 "td",
@@ -127,7 +140,14 @@ function keysSection() {
           const shown = $("#new-key", section);
           try {
             const scopes = KEY_SCOPES.filter((s) => $(`#scope-${s}`, section).checked);
-            const created = await api("/v1/keys", { method: "POST", json: { name, scopes } });
+            const json = { name, scopes };
+            const models = listField($("#key-models", section).value);
+            const ips = listField($("#key-ips", section).value);
+            const expires = $("#key-expires", section).value; // YYYY-MM-DD, end of that UTC day
+            if (models) json.models = models;
+            if (ips) json.allowed_ips = ips;
+            if (expires) json.expires_at = `${expires}T23:59:59Z`;
+            const created = await api("/v1/keys", { method: "POST", json });
             const secret = created.key || created.api_key || created.secret;
             mount(
               shown,
@@ -143,7 +163,7 @@ function keysSection() {
                 "Copy",
               ),
             );
-            $("#key-name", section).value = "";
+            for (const id of ["#key-name", "#key-models", "#key-ips", "#key-expires"]) $(id, section).value = "";
           } catch (err) {
             mount(shown, notice(`Could not create a key: ${err.message}`));
           }
@@ -152,6 +172,12 @@ function keysSection() {
       },
       h("label", { for: "key-name" }, "Name"),
       h("input", { id: "key-name", maxlength: 100, placeholder: "my-script" }),
+      h("label", { for: "key-models" }, "Models"),
+      h("input", { id: "key-models", placeholder: "all, or e.g. smollm2-*" }),
+      h("label", { for: "key-expires" }, "Expires"),
+      h("input", { id: "key-expires", type: "date" }),
+      h("label", { for: "key-ips" }, "Client IPs"),
+      h("input", { id: "key-ips", placeholder: "any, or e.g. 10.0.0.0/8" }),
       KEY_SCOPES.map((s) =>
         h(
           "label",
@@ -171,6 +197,95 @@ function keysSection() {
     })
     .catch(() => {});
   renderKeys(section);
+  return section;
+}
+
+function teamTable(team) {
+  return h(
+    "div",
+    { class: "team", dataset: { teamId: team.id } },
+    h("h3", {}, `${team.name} `, h("span", { class: "muted" }, `(${team.role || "—"})`)),
+    h(
+      "table",
+      { class: "team-members" },
+      h("thead", {}, h("tr", {}, ["Member", "Role"].map((t) => h("th", {}, t)))),
+      h(
+        "tbody",
+        {},
+        team.members.map((m) => h("tr", {}, h("td", {}, m.email), h("td", { class: "role" }, m.role))),
+      ),
+    ),
+    team.keys.length
+      ? h(
+          "table",
+          { class: "team-keys" },
+          h("thead", {}, h("tr", {}, ["Team key", "Key", "Models", "Expires"].map((t) => h("th", {}, t)))),
+          h(
+            "tbody",
+            {},
+            team.keys.map((k) =>
+              h(
+                "tr",
+                {},
+                h("td", {}, k.name || "—"),
+                h("td", {}, h("code", {}, `${k.prefix}…`)),
+                h("td", {}, k.models ? k.models.join(", ") : "all"),
+                h("td", {}, k.expires_at ? fmtDate(k.expires_at) : "never"),
+              ),
+            ),
+          ),
+        )
+      : h("p", { class: "muted" }, "No team keys."),
+  );
+}
+
+/** Teams with their members and keys (also used by the admin page). */
+export function teamsList(teams) {
+  if (teams.length === 0) return h("p", { class: "muted" }, "No teams.");
+  return h("div", { class: "teams" }, teams.map(teamTable));
+}
+
+async function renderTeams(body) {
+  try {
+    const list = await api("/v1/teams");
+    mount(body, teamsList(list.data || []));
+  } catch (err) {
+    mount(body, notice(`Could not list teams: ${err.message}`));
+  }
+}
+
+function teamsSection() {
+  const body = h("div", { class: "body" });
+  const section = h(
+    "section",
+    { class: "panel", id: "teams" },
+    h("h2", {}, "Teams"),
+    h(
+      "form",
+      {
+        class: "inline",
+        id: "create-team",
+        onsubmit: async (event) => {
+          event.preventDefault();
+          const name = $("#team-name", section).value.trim();
+          if (!name) return;
+          try {
+            await api("/v1/teams", { method: "POST", json: { name } });
+            $("#team-name", section).value = "";
+          } catch (err) {
+            body.prepend(notice(`Could not create the team: ${err.message}`));
+            return;
+          }
+          renderTeams(body);
+        },
+      },
+      h("label", { for: "team-name" }, "New team"),
+      h("input", { id: "team-name", maxlength: 100, placeholder: "research" }),
+      h("button", { type: "submit" }, "Create team"),
+    ),
+    body,
+  );
+  renderTeams(body);
   return section;
 }
 
@@ -246,6 +361,7 @@ export async function show(container) {
       h("section", { class: "panel", id: "profile-panel" }, h("h2", {}, "Profile"), who),
       h("section", { class: "panel", id: "limits" }, h("h2", {}, "Rate limits"), limits),
       keysSection(),
+      teamsSection(),
       h("section", { class: "panel", id: "usage" }, h("h2", {}, "Usage"), usage),
     ),
   );

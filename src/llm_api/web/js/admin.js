@@ -1,10 +1,10 @@
-// Admin pages: a live server summary (polled), users, and usage across users. The server
+// Admin pages: a live server summary (polled), users, teams, and usage across users. The server
 // enforces the role (403 for others); this page only shows what the API answers.
 
 import { api } from "./api.js";
 import { legend, sparkline, stackedBars } from "./chart.js";
 import { $, fmtDate, fmtInt, h, mount, notice } from "./dom.js";
-import { usageSeries } from "./account.js";
+import { teamsList, usageSeries } from "./account.js";
 
 const POLL_MS = 3000;
 const HISTORY = 60;
@@ -140,6 +140,7 @@ export async function show(container) {
   const summary = h("div", { class: "body", id: "summary" }, "Loading…");
   const users = h("div", { class: "body" }, "Loading…");
   const usage = h("div", { class: "body" }, "Loading…");
+  const teams = h("div", { class: "body" }, "Loading…");
   // The first call decides: a non-admin sees the refusal and nothing else.
   let first;
   try {
@@ -155,6 +156,7 @@ export async function show(container) {
       { class: "admin" },
       h("section", { class: "panel", id: "summary-panel" }, h("h2", {}, "Live summary"), summary),
       h("section", { class: "panel", id: "users" }, h("h2", {}, "Users"), users),
+      h("section", { class: "panel", id: "admin-teams" }, h("h2", {}, "Teams"), teams),
       h("section", { class: "panel", id: "admin-usage" }, h("h2", {}, "Usage across users (14 days)"), usage),
     ),
   );
@@ -167,6 +169,9 @@ export async function show(container) {
       return null;
     });
   userList.then((list) => list && mount(users, usersTable(list)));
+  api("/v1/admin/teams?limit=500")
+    .then((body) => mount(teams, teamsList(body.data || [])))
+    .catch((err) => mount(teams, notice(`Could not list teams: ${err.message}`)));
   const end = new Date();
   const start = new Date(end.getTime() - 13 * 86_400_000);
   const day = (d) => d.toISOString().slice(0, 10);
