@@ -47,12 +47,13 @@ class KeyControls:
     @classmethod
     def of(cls, key: ApiKey) -> KeyControls | None:
         """The controls stored on a key row; None when it has none (the common case)."""
-        if not (key.models is not None or key.allowed_ips or key.expires_at or key.limits):
+        # An empty list allows nothing (deny by default); None (absent) restricts nothing.
+        if key.models is None and key.allowed_ips is None and not key.expires_at and not key.limits:
             return None
         return cls(
             models=tuple(key.models) if key.models is not None else None,
             networks=tuple(ipaddress.ip_network(n, strict=False) for n in key.allowed_ips)
-            if key.allowed_ips
+            if key.allowed_ips is not None
             else None,
             expires_at=as_utc(key.expires_at).timestamp() if key.expires_at else None,
             limits=TierLimits.model_validate(key.limits) if key.limits else None,
