@@ -180,6 +180,8 @@ async def test_client_ip_allow_list(env: AuthEnv) -> None:
             r = await c.get("/v1/models", headers=bearer(key))
         assert r.status_code == status, r.text
     assert r.json()["error"]["code"] == "ip_not_allowed" and key not in r.text
+    nowhere = (await new_key(env, env.user.headers, allowed_ips=[]))["key"]  # empty: deny all
+    assert (await env.http.get("/v1/models", headers=bearer(nowhere))).status_code == 403
 
 
 async def test_patch_applies_at_once(env: AuthEnv) -> None:
