@@ -55,7 +55,7 @@ def admin_key(data_dir: Path) -> str:
     # Every scope, so the fuzzer reaches the key, account and admin routes too (a key is
     # inference-only by default).
     out = subprocess.run(
-        [*cli, "keys", "create", email, "--scope", "inference,keys,account,teams,admin"],
+        [*cli, "keys", "create", email, "--scope", "inference,keys,account,admin"],
         env=env,
         check=True,
         capture_output=True,
