@@ -344,6 +344,11 @@ async def test_admin_pages_refused_to_a_non_admin(tab: Tab, site: Site) -> None:
 
 async def test_admin_pages_for_an_admin(tab: Tab, site: Site) -> None:
     page = tab.page
+    team_name = f"team-{uuid.uuid4().hex[:6]}"
+    async with httpx.AsyncClient(base_url=site.url, timeout=30) as http:
+        admin = {"Authorization": f"Bearer {(await login(http, site.admin))['access_token']}"}
+        made = await http.post("/v1/teams", json={"name": team_name}, headers=admin)
+        assert made.status_code == 201, made.text
     await sign_in(tab, site.admin)
     await page.click("#nav-admin")
     await expect(page.locator("#stat-running")).to_be_visible()
@@ -351,10 +356,16 @@ async def test_admin_pages_for_an_admin(tab: Tab, site: Site) -> None:
     await expect(users.locator("tr", has_text=site.user)).to_contain_text("user")
     await expect(users.locator("tr", has_text=site.admin)).to_contain_text("admin")
     await expect(page.locator("#admin-usage svg.chart")).to_be_visible()
-    await expect(page.locator("#admin-teams")).to_be_visible()  # teams, with members and keys
+    # Teams, with their members and keys.
+    await expect(page.locator("#admin-teams .team", has_text=team_name)).to_contain_text(site.admin)
     await expect(page.locator("#admin-usage-table tr", has_text=site.user)).to_have_count(1)
     # Polled: the "Updated" line changes within a few seconds.
     updated = await page.locator("#summary .muted").text_content()
     await expect(page.locator("#summary .muted")).not_to_have_text(updated or "", timeout=8000)
     await tab.shot("admin")
+    # The account page shows one's teams, each with its role, members and usage.
+    await page.click("#nav-account")
+    team = page.locator("#teams .team", has_text=team_name)
+    await expect(team.locator("h3")).to_contain_text("owner")
+    await expect(team.locator(".team-usage")).to_contain_text("0 requests")
     assert tab.dialogs == [] and tab.errors == []

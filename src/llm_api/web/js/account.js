@@ -248,7 +248,18 @@ export function teamsList(teams) {
 async function renderTeams(body) {
   try {
     const list = await api("/v1/teams");
-    mount(body, teamsList(list.data || []));
+    const teams = list.data || [];
+    mount(body, teamsList(teams));
+    // Each team's usage (its keys', last 30 days): every member may see it.
+    for (const team of teams) {
+      api(`/v1/teams/${encodeURIComponent(team.id)}/usage`)
+        .then((usage) => {
+          const el = body.querySelector(`[data-team-id="${CSS.escape(team.id)}"] h3`);
+          const t = usage.totals;
+          if (el) el.after(h("p", { class: "muted team-usage" }, `${fmtInt(t.requests)} requests, ${fmtInt(t.total_tokens)} tokens with the team's keys in the last 30 days.`));
+        })
+        .catch(() => {});
+    }
   } catch (err) {
     mount(body, notice(`Could not list teams: ${err.message}`));
   }
