@@ -7,7 +7,10 @@ benchmarks drive backends the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
 
 
 @dataclass(slots=True)
@@ -83,6 +86,9 @@ class GenerationRequest:
     wire: dict[str, Any] | None = None
     # Private to the backend between prepare() and generate() (token ids, compiled grammar).
     engine_state: dict[str, Any] = field(default_factory=dict)
+    # The trace context an upstream request continues (services/tracing.py): the generation
+    # span's, or the router's attempt span's while it calls a deployment. None: not traced.
+    trace: Context | None = None
 
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "error", "cancelled"]
@@ -160,6 +166,9 @@ class RequestContext:
     tier: str = "free"
     batch_id: str | None = None
     client_ip: str | None = None
+    # The request span's context, the parent of the pipeline's spans (services/tracing.py);
+    # None whenever tracing is off.
+    trace: Context | None = None
 
 
 @dataclass(slots=True)
