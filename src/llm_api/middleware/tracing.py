@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from prometheus_fastapi_instrumentator.routing import get_route_name
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_api.middleware.access_log import OUTCOME_KEY
@@ -26,6 +28,19 @@ from llm_api.services.tracing import SpanKind
 class TracingMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        # Route object → its template with the routers' prefixes (as middleware/access_log.py:
+        # finding it walks the routes, so once per route).
+        self._templates: dict[int, tuple[Any, str | None]] = {}
+
+    def _template(self, scope: Scope) -> str | None:
+        route = scope.get("route")
+        if route is None:
+            return None
+        known = self._templates.get(id(route))
+        if known is None or known[0] is not route:
+            known = (route, get_route_name(HTTPConnection(scope), should_include_root_path=False))
+            self._templates[id(route)] = known
+        return known[1]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or tracing.TRACER is None:
@@ -68,19 +83,18 @@ class TracingMiddleware:
             tracing.fail(span, exc)
             raise
         finally:
-            _finish(span, scope, state, status, ended, disconnected)
+            _finish(span, scope, self._template(scope), state, status, ended, disconnected)
 
 
 def _finish(
     span: tracing.Span,
     scope: Scope,
+    template: str | None,
     state: dict[str, Any],
     status: int | None,
     ended: bool,
     disconnected: bool,
 ) -> None:
-    route = scope.get("route")
-    template = getattr(route, "path", None)
     if template:
         span.update_name(f"{scope['method']} {template}")
         span.set_attribute("http.route", template)

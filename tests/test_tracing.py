@@ -1,0 +1,390 @@
+"""OpenTelemetry traces (services/tracing.py), exported to a real OTLP/HTTP receiver.
+
+The receiver is a small HTTP server in this process that accepts `POST /v1/traces` and decodes
+the protobuf body with opentelemetry-proto's `ExportTraceServiceRequest`, as a collector does;
+the app exports to it with the SDK's OTLP/HTTP exporter, configured only by the standard OTEL_*
+environment variables. The batch span processor is flushed (`tracing.flush`) instead of waited
+for. Upstreams are bench/stub_upstream.py servers on loopback, which record the headers they
+were sent, so a client's `traceparent` is seen continuing into the upstream request."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+from bench.stub_upstream import StubConfig
+from llm_api.http_server import server_options
+from llm_api.services import tracing
+from tests.conftest import free_port
+from tests.routing_support import deployment, routed, routed_app, stubs
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+PROMPT = "the secret words of this prompt"
+
+
+@dataclass
+class Span:
+    name: str
+    trace_id: str
+    span_id: str
+    parent: str
+    kind: int
+    attributes: dict[str, Any]
+    events: list[str]
+    status: int  # 0 unset, 1 ok, 2 error
+    resource: dict[str, Any]
+
+
+def _value(v: AnyValue) -> Any:
+    which = v.WhichOneof("value")
+    if which == "array_value":
+        return [_value(x) for x in v.array_value.values]
+    return getattr(v, which) if which else None
+
+
+@dataclass
+class Receiver:
+    """What the OTLP/HTTP receiver was sent, span by span."""
+
+    port: int
+    spans: list[Span] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    content_types: set[str] = field(default_factory=set)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/traces"
+
+    def take(self, body: bytes, content_type: str) -> None:
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        with self.lock:
+            self.content_types.add(content_type)
+            for rs in request.resource_spans:
+                resource = {a.key: _value(a.value) for a in rs.resource.attributes}
+                for ss in rs.scope_spans:
+                    for s in ss.spans:
+                        self.spans.append(
+                            Span(
+                                name=s.name,
+                                trace_id=s.trace_id.hex(),
+                                span_id=s.span_id.hex(),
+                                parent=s.parent_span_id.hex(),
+                                kind=s.kind,
+                                attributes={a.key: _value(a.value) for a in s.attributes},
+                                events=[e.name for e in s.events],
+                                status=s.status.code,
+                                resource=resource,
+                            )
+                        )
+
+    def trace(self, trace_id: str) -> list[Span]:
+        with self.lock:
+            return [s for s in self.spans if s.trace_id == trace_id]
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    got = Receiver(server.server_address[1])
+    server.received = got  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield got
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        if self.path != "/v1/traces":
+            self.send_error(404)
+            return
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        if self.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        self.server.received.take(body, self.headers.get("Content-Type", ""))  # type: ignore[attr-defined]
+        answer = ExportTraceServiceResponse().SerializeToString()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def traced(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
+    """The standard environment that turns tracing on, pointed at the receiver."""
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", receiver.endpoint)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "llm-api-test")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_always_on")
+    try:
+        yield receiver
+    finally:
+        tracing.shutdown()
+
+
+async def flushed(receiver: Receiver, trace_id: str, until: Any, timeout: float = 10.0) -> list[Span]:
+    """The trace's spans once `until(spans)` holds: flush, look, and again until the deadline
+    (the request span ends when the server has finished the response, which for a client
+    that went away is a moment after the client stopped reading)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        await asyncio.to_thread(tracing.flush)
+        spans = receiver.trace(trace_id)
+        if until(spans) or time.monotonic() > deadline:
+            return spans
+        await asyncio.sleep(0.05)
+
+
+def one(spans: list[Span], name: str) -> Span:
+    found = [s for s in spans if s.name == name]
+    assert len(found) == 1, (name, [s.name for s in spans])
+    return found[0]
+
+
+def children(spans: list[Span], parent: Span) -> list[Span]:
+    return [s for s in spans if s.parent == parent.span_id]
+
+
+def has_server_span(spans: list[Span]) -> bool:
+    return any(s.kind == 2 for s in spans)  # SPAN_KIND_SERVER
+
+
+def traceparent(trace_id: str = TRACE_ID) -> str:
+    return f"00-{trace_id}-{CLIENT_SPAN}-01"
+
+
+def body(model: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": 8,
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast_path", "fastapi_path"])
+async def test_streamed_request_is_one_trace_continued_upstream(
+    tmp_path: Path, traced: Receiver, fast_path: bool
+) -> None:
+    async with stubs(StubConfig(tokens=4)) as (up,):
+        models = [routed("m", [deployment(up, name="replica-a")])]
+        settings = {"fast_path": fast_path, "rate_limit_enabled": True}
+        async with routed_app(tmp_path, models, **settings) as r:
+            resp = await r.http.post(
+                "/v1/chat/completions",
+                json=body("m", stream=True, temperature=0, stream_options={"include_usage": True}),
+                headers={"traceparent": traceparent()},
+            )
+            assert resp.status_code == 200 and resp.text.endswith("data: [DONE]\n\n")
+            spans = await flushed(traced, TRACE_ID, has_server_span)
+    assert traced.content_types == {"application/x-protobuf"}
+
+    request = one(spans, "POST /v1/chat/completions")
+    assert request.parent == CLIENT_SPAN  # the client's trace goes on
+    assert request.kind == 2 and request.resource["service.name"] == "llm-api-test"
+    assert request.attributes["http.route"] == "/v1/chat/completions"
+    assert request.attributes["http.response.status_code"] == 200
+    assert request.attributes["gen_ai.response.model"] == "m"
+    assert request.attributes["gen_ai.usage.output_tokens"] == 4
+    assert "llm_api.client_cancelled" not in request.attributes
+
+    # The request's direct children, in the pipeline's order.
+    names = [s.name for s in children(spans, request)]
+    assert names == ["authenticate", "cache lookup", "rate_limit", "chat m"]
+    assert one(spans, "authenticate").attributes["llm_api.auth.method"] == "anonymous"
+    assert one(spans, "cache lookup").attributes["llm_api.cache.hit"] is False
+    limit = one(spans, "rate_limit")
+    assert limit.attributes["llm_api.rate_limit.decision"] == "allowed"
+
+    generation = one(spans, "chat m")
+    attrs = generation.attributes
+    assert attrs["gen_ai.operation.name"] == "chat"
+    assert attrs["gen_ai.request.model"] == "m" and attrs["gen_ai.response.model"] == "m"
+    assert attrs["gen_ai.provider.name"] == "openai"
+    assert attrs["gen_ai.request.max_tokens"] == 8
+    assert attrs["gen_ai.request.temperature"] == 0.0
+    assert attrs["gen_ai.usage.output_tokens"] == 4
+    assert attrs["gen_ai.usage.input_tokens"] > 0
+    assert attrs["gen_ai.response.finish_reasons"] == ["length"]  # as the stub says
+    assert generation.events == ["first_token"]
+    assert [s.name for s in children(spans, generation)] == ["admission wait", "upstream attempt"]
+    attempt = one(spans, "upstream attempt")
+    assert attempt.kind == 3  # SPAN_KIND_CLIENT
+    assert attempt.attributes["server.address"] == "127.0.0.1"
+    assert attempt.attributes["server.port"] == up.port
+    assert attempt.attributes["llm_api.deployment"] == "replica-a"
+    assert attempt.attributes["llm_api.breaker.state"] == "closed"
+
+    # The upstream was sent the attempt span's context: the trace continues into it.
+    assert up.stats.headers[-1]["traceparent"] == f"00-{TRACE_ID}-{attempt.span_id}-01"
+    # Privacy: no prompt or completion text anywhere without the opt-in.
+    values = [str(v) for s in spans for v in s.attributes.values()]
+    assert not any(PROMPT in v or "tok" in v for v in values)
+
+
+async def test_retried_then_fallen_back_request(tmp_path: Path, traced: Receiver) -> None:
+    """Both replicas of the primary fail (503): two attempts under its generation span, each
+    failed; then the fallback's generation, whose one attempt answers."""
+    failing = StubConfig(fail_status=503)
+    async with stubs(failing, failing, StubConfig(tokens=2)) as (a, b, spare):
+        models = [
+            routed(
+                "primary",
+                [deployment(a, name="a"), deployment(b, name="b")],
+                fallbacks=["spare"],
+                routing={"retries": 1, "backoff_base": 0.0, "breaker_failures": 1},
+            ),
+            routed("spare", [deployment(spare, name="s")]),
+        ]
+        async with routed_app(tmp_path, models) as r:
+            resp = await r.http.post(
+                "/v1/chat/completions",
+                json=body("primary", stream=True),
+                headers={"traceparent": traceparent()},
+            )
+            assert resp.status_code == 200
+            spans = await flushed(traced, TRACE_ID, has_server_span)
+
+    request = one(spans, "POST /v1/chat/completions")
+    assert request.attributes["gen_ai.response.model"] == "spare"
+    generations = [s for s in children(spans, request) if s.name.startswith("chat ")]
+    assert [g.name for g in generations] == ["chat primary", "chat spare"]
+    primary, fallback = generations
+    assert primary.status == 2 and primary.attributes["error.type"] == "upstream_error"
+    tried = [s for s in children(spans, primary) if s.name == "upstream attempt"]
+    assert sorted(s.attributes["llm_api.deployment"] for s in tried) == ["a", "b"]
+    for attempt in tried:
+        assert attempt.status == 2 and attempt.attributes["llm_api.retried"] is True
+        assert attempt.attributes["llm_api.breaker.state"] == "closed"
+        assert attempt.attributes["error.type"] == "upstream_error"
+    [answered] = [s for s in children(spans, fallback) if s.name == "upstream attempt"]
+    assert answered.status != 2 and answered.attributes["llm_api.deployment"] == "s"
+    assert fallback.attributes["gen_ai.usage.output_tokens"] == 2
+    # Every upstream request carried its own attempt's context.
+    sent = [h["traceparent"] for stub in (a, b, spare) for h in stub.stats.headers]
+    assert sorted(sent) == sorted(f"00-{TRACE_ID}-{s.span_id}-01" for s in [*tried, answered])
+
+
+@pytest.fixture
+async def live(tmp_path: Path, traced: Receiver) -> AsyncIterator[tuple[int, Any]]:
+    """The routed app on a real socket (uvicorn in this process), in front of a slow stub: a
+    client can go away mid-stream."""
+    async with stubs(StubConfig(tokens=400, interval=0.02)) as (up,):
+        async with routed_app(tmp_path, [routed("slow", [deployment(up)])]) as r:
+            options = server_options(fast_path=True)
+            port = free_port()
+            config = uvicorn.Config(
+                r.app, port=port, log_level="warning", lifespan="off", **options
+            )
+            server = uvicorn.Server(config)
+            task = asyncio.create_task(server.serve())
+            while not server.started:
+                await asyncio.sleep(0.02)
+            try:
+                yield port, up
+            finally:
+                server.should_exit = True
+                await task
+
+
+async def test_cancelled_request_ends_its_spans(live: tuple[int, Any], traced: Receiver) -> None:
+    port, up = live
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        request = client.build_request(
+            "POST",
+            "/v1/chat/completions",
+            json=body("slow", stream=True, max_tokens=400),
+            headers={"traceparent": traceparent()},
+        )
+        resp = await client.send(request, stream=True)
+        lines = resp.aiter_lines()
+        seen = 0
+        async for line in lines:
+            seen += line.startswith("data: ")
+            if seen >= 3:
+                break
+        await resp.aclose()  # the client goes away mid-stream
+
+    def ended(spans: list[Span]) -> bool:
+        return has_server_span(spans)
+
+    spans = await flushed(traced, TRACE_ID, ended)
+    request = one(spans, "POST /v1/chat/completions")
+    assert request.attributes["llm_api.client_cancelled"] is True
+    assert request.attributes["error.type"] == "client_cancelled" and request.status == 2
+    generation = one(spans, "chat slow")
+    assert generation.attributes["llm_api.cancelled"] is True
+    assert 0 < generation.attributes["gen_ai.usage.output_tokens"] < 400
+    attempt = one(spans, "upstream attempt")
+    assert attempt.attributes["llm_api.cancelled"] is True
+    assert generation.parent == request.span_id and attempt.parent == generation.span_id
+
+
+async def test_tracing_is_off_without_the_environment(
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No OTEL_* variables: no tracer, no middleware, nothing exported, no header upstream."""
+    for name in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SDK_DISABLED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+    async with stubs(StubConfig(tokens=2)) as (up,):
+        async with routed_app(tmp_path, [routed("m", [deployment(up)])]) as r:
+            assert tracing.TRACER is None
+            resp = await r.http.post(
+                "/v1/chat/completions",
+                json=body("m", stream=True),
+                headers={"traceparent": traceparent()},
+            )
+            assert resp.status_code == 200
+    assert "traceparent" not in up.stats.headers[-1]
+    assert receiver.spans == []
+
+
+@pytest.mark.parametrize(
+    ("environ", "on"),
+    [
+        ({}, False),
+        ({"OTEL_TRACES_EXPORTER": "otlp"}, True),
+        ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, True),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"}, True),
+        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}, False),
+    ],
+)
+def test_what_turns_tracing_on(environ: dict[str, str], on: bool) -> None:
+    assert tracing.enabled_by(environ) is on
+
+
+def test_an_unavailable_exporter_or_protocol_fails_at_start() -> None:
+    with pytest.raises(ValueError, match="zipkin"):
+        tracing.configure(environ={"OTEL_TRACES_EXPORTER": "zipkin"})
+    with pytest.raises(ValueError, match="grpc"):
+        tracing.configure(
+            environ={"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+        )
+    assert tracing.TRACER is None
