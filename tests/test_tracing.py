@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import io
+import json
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -31,8 +33,8 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from bench.stub_upstream import StubConfig
 from llm_api.http_server import server_options
 from llm_api.services import tracing
-from tests.conftest import free_port
-from tests.routing_support import deployment, routed, routed_app, stubs
+from tests.conftest import create_account, free_port
+from tests.routing_support import client_for, deployment, routed, routed_app, stubs
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
@@ -147,7 +149,9 @@ def traced(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rece
         tracing.shutdown()
 
 
-async def flushed(receiver: Receiver, trace_id: str, until: Any, timeout: float = 10.0) -> list[Span]:
+async def flushed(
+    receiver: Receiver, trace_id: str, until: Any, timeout: float = 10.0
+) -> list[Span]:
     """The trace's spans once `until(spans)` holds: flush, look, and again until the deadline
     (the request span ends when the server has finished the response, which for a client
     that went away is a moment after the client stopped reading)."""
@@ -294,22 +298,22 @@ async def test_retried_then_fallen_back_request(tmp_path: Path, traced: Receiver
 async def live(tmp_path: Path, traced: Receiver) -> AsyncIterator[tuple[int, Any]]:
     """The routed app on a real socket (uvicorn in this process), in front of a slow stub: a
     client can go away mid-stream."""
-    async with stubs(StubConfig(tokens=400, interval=0.02)) as (up,):
-        async with routed_app(tmp_path, [routed("slow", [deployment(up)])]) as r:
-            options = server_options(fast_path=True)
-            port = free_port()
-            config = uvicorn.Config(
-                r.app, port=port, log_level="warning", lifespan="off", **options
-            )
-            server = uvicorn.Server(config)
-            task = asyncio.create_task(server.serve())
-            while not server.started:
-                await asyncio.sleep(0.02)
-            try:
-                yield port, up
-            finally:
-                server.should_exit = True
-                await task
+    async with (
+        stubs(StubConfig(tokens=400, interval=0.02)) as (up,),
+        routed_app(tmp_path, [routed("slow", [deployment(up)])]) as r,
+    ):
+        options = server_options(fast_path=True)
+        port = free_port()
+        config = uvicorn.Config(r.app, port=port, log_level="warning", lifespan="off", **options)
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.02)
+        try:
+            yield port, up
+        finally:
+            server.should_exit = True
+            await task
 
 
 async def test_cancelled_request_ends_its_spans(live: tuple[int, Any], traced: Receiver) -> None:
@@ -352,15 +356,17 @@ async def test_tracing_is_off_without_the_environment(
     for name in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SDK_DISABLED"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
-    async with stubs(StubConfig(tokens=2)) as (up,):
-        async with routed_app(tmp_path, [routed("m", [deployment(up)])]) as r:
-            assert tracing.TRACER is None
-            resp = await r.http.post(
-                "/v1/chat/completions",
-                json=body("m", stream=True),
-                headers={"traceparent": traceparent()},
-            )
-            assert resp.status_code == 200
+    async with (
+        stubs(StubConfig(tokens=2)) as (up,),
+        routed_app(tmp_path, [routed("m", [deployment(up)])]) as r,
+    ):
+        assert tracing.TRACER is None
+        resp = await r.http.post(
+            "/v1/chat/completions",
+            json=body("m", stream=True),
+            headers={"traceparent": traceparent()},
+        )
+        assert resp.status_code == 200
     assert "traceparent" not in up.stats.headers[-1]
     assert receiver.spans == []
 
@@ -388,3 +394,46 @@ def test_an_unavailable_exporter_or_protocol_fails_at_start() -> None:
             environ={"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
         )
     assert tracing.TRACER is None
+
+
+async def test_a_batch_run_continues_the_trace_of_the_request_that_created_it(
+    tmp_path: Path, traced: Receiver
+) -> None:
+    """Embedded batch worker (no Redis): the run is a span under the creating request's trace,
+    its lines' generations under it, and the upstream sees that trace too."""
+    line = {
+        "custom_id": "one",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": body("m"),
+    }
+    async with (
+        stubs(StubConfig(tokens=2)) as (up,),
+        routed_app(tmp_path, [routed("m", [deployment(up)])]) as r,
+    ):
+        account = await create_account(r.app)
+        async with client_for(r.app, account.api_key) as sdk:
+            uploaded = await sdk.files.create(
+                file=("in.jsonl", io.BytesIO(json.dumps(line).encode() + b"\n")), purpose="batch"
+            )
+            batch = await sdk.batches.create(
+                input_file_id=uploaded.id,
+                endpoint="/v1/chat/completions",
+                completion_window="24h",
+                extra_headers={"traceparent": traceparent()},
+            )
+
+            def ran(spans: list[Span]) -> bool:
+                return any(s.name == "batch run" for s in spans)
+
+            spans = await flushed(traced, TRACE_ID, ran, timeout=30)
+            assert (await sdk.batches.retrieve(batch.id)).status == "completed"
+    created = one(spans, "POST /v1/batches")
+    assert created.parent == CLIENT_SPAN
+    run = one(spans, "batch run")
+    assert run.parent == created.span_id and run.attributes["llm_api.batch_id"] == batch.id
+    assert run.attributes["llm_api.batch.status"] == "completed"
+    generation = one(spans, "chat m")
+    assert generation.parent == run.span_id
+    attempt = one(spans, "upstream attempt")
+    assert up.stats.headers[-1]["traceparent"] == f"00-{TRACE_ID}-{attempt.span_id}-01"
