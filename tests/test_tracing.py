@@ -300,7 +300,7 @@ async def live(tmp_path: Path, traced: Receiver) -> AsyncIterator[tuple[int, Any
     client can go away mid-stream."""
     async with (
         stubs(StubConfig(tokens=400, interval=0.02)) as (up,),
-        routed_app(tmp_path, [routed("slow", [deployment(up)])]) as r,
+        routed_app(tmp_path, [routed("slow", [deployment(up)])], drain_timeout=0.3) as r,
     ):
         options = server_options(fast_path=True)
         port = free_port()
@@ -310,14 +310,14 @@ async def live(tmp_path: Path, traced: Receiver) -> AsyncIterator[tuple[int, Any
         while not server.started:
             await asyncio.sleep(0.02)
         try:
-            yield port, up
+            yield port, r.app
         finally:
             server.should_exit = True
             await task
 
 
 async def test_cancelled_request_ends_its_spans(live: tuple[int, Any], traced: Receiver) -> None:
-    port, up = live
+    port, _ = live
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
         request = client.build_request(
             "POST",
@@ -347,6 +347,53 @@ async def test_cancelled_request_ends_its_spans(live: tuple[int, Any], traced: R
     attempt = one(spans, "upstream attempt")
     assert attempt.attributes["llm_api.cancelled"] is True
     assert generation.parent == request.span_id and attempt.parent == generation.span_id
+
+
+async def test_drain_cut_is_said_on_the_request_span(
+    live: tuple[int, Any], traced: Receiver
+) -> None:
+    """SIGTERM's drain cuts a stream still running at its deadline: the client gets the error
+    frame and [DONE], and the request span says the drain cut it."""
+    port, app = live
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        request = client.build_request(
+            "POST",
+            "/v1/chat/completions",
+            json=body("slow", stream=True, max_tokens=400),
+            headers={"traceparent": traceparent()},
+        )
+        resp = await client.send(request, stream=True)
+        lines: list[str] = []
+        drain: asyncio.Task[None] | None = None
+        async for line in resp.aiter_lines():
+            lines.append(line)
+            if drain is None and len(lines) >= 4:
+                drain = asyncio.create_task(app.state.llm_api.drainer.drain())
+        assert drain is not None
+        await drain
+    assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
+    spans = await flushed(traced, TRACE_ID, has_server_span)
+    request_span = one(spans, "POST /v1/chat/completions")
+    assert request_span.attributes["llm_api.drain_cut"] is True
+    assert request_span.attributes["error.type"] == "drain_cut" and request_span.status == 2
+    assert one(spans, "chat slow").attributes["llm_api.cancelled"] is True
+
+
+async def test_content_is_recorded_only_when_asked(tmp_path: Path, traced: Receiver) -> None:
+    async with (
+        stubs(StubConfig(tokens=2)) as (up,),
+        routed_app(tmp_path, [routed("m", [deployment(up)])], tracing_capture_content=True) as r,
+    ):
+        resp = await r.http.post(
+            "/v1/chat/completions", json=body("m"), headers={"traceparent": traceparent()}
+        )
+        assert resp.status_code == 200
+        spans = await flushed(traced, TRACE_ID, has_server_span)
+    generation = one(spans, "chat m")
+    prompt = json.loads(generation.attributes["gen_ai.input.messages"])
+    assert prompt == [{"role": "user", "parts": [{"type": "text", "content": PROMPT}]}]
+    [answer] = json.loads(generation.attributes["gen_ai.output.messages"])
+    assert answer["parts"][0]["content"] == "tok tok " and answer["finish_reason"] == "length"
 
 
 async def test_tracing_is_off_without_the_environment(
