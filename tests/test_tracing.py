@@ -13,6 +13,9 @@ import asyncio
 import gzip
 import io
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 import uvicorn
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -33,7 +37,13 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from bench.stub_upstream import StubConfig
 from llm_api.http_server import server_options
 from llm_api.services import tracing
-from tests.conftest import create_account, free_port
+from tests.conftest import (
+    MODEL,
+    create_account,
+    free_port,
+    require_service,
+    start_live_server,
+)
 from tests.routing_support import client_for, deployment, routed, routed_app, stubs
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -484,3 +494,80 @@ async def test_a_batch_run_continues_the_trace_of_the_request_that_created_it(
     assert generation.parent == run.span_id
     attempt = one(spans, "upstream attempt")
     assert up.stats.headers[-1]["traceparent"] == f"00-{TRACE_ID}-{attempt.span_id}-01"
+
+
+@pytest.mark.redis
+@pytest.mark.model
+@pytest.mark.timeout(300)
+def test_a_celery_task_carries_its_trace(tmp_path: Path, receiver: Receiver) -> None:
+    """Production's shape: `llm-api serve` and an `llm-api worker` (Celery over Redis), both
+    exporting to the receiver. The batch's task message carries the creating request's
+    traceparent: the worker's `batch run` span is that request span's child, and the line's
+    generation (the real model) is under it."""
+    require_service("Redis", "127.0.0.1", 6379)
+    redis_url = "redis://127.0.0.1:6379/9"
+    subprocess.run(["redis-cli", "-n", "9", "flushdb"], check=False, capture_output=True)
+    otel = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",  # subprocesses export on their own, soon
+    }
+    env = {"LLM_API_REDIS_URL": redis_url, "LLM_API_WARMUP": "false", **otel}
+    server = start_live_server(tmp_path, env=env)
+    worker_env = {
+        **os.environ,
+        "LLM_API_ENVIRONMENT": "test",
+        "LLM_API_JWT_SECRET": "test-secret-" + "x" * 40,
+        "LLM_API_DATA_DIR": str(tmp_path),
+        "LLM_API_RATE_LIMIT_ENABLED": "false",
+        "LLM_API_LLAMA_THREADS": "1",
+        "OTEL_SERVICE_NAME": "llm-api-worker",
+        **env,
+    }
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "llm_api.cli", "worker"],
+        env=worker_env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while "ready." not in log.read_text():
+            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        line = {
+            "custom_id": "one",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {**body(MODEL), "max_tokens": 2, "temperature": 0},
+        }
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=server.api_key)
+        uploaded = client.files.create(
+            file=("in.jsonl", io.BytesIO(json.dumps(line).encode() + b"\n")), purpose="batch"
+        )
+        batch = client.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            extra_headers={"traceparent": traceparent()},
+        )
+        deadline = time.monotonic() + 120
+        while not any(s.name == "batch run" for s in receiver.trace(TRACE_ID)):
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        assert client.batches.retrieve(batch.id).status == "completed"
+    finally:  # every span is in: the worker's ended before its `batch run`
+        worker.kill()
+        worker.wait(10)
+        server.stop()
+    spans = receiver.trace(TRACE_ID)
+    created = one(spans, "POST /v1/batches")
+    run = one(spans, "batch run")
+    assert created.parent == CLIENT_SPAN and created.resource["service.name"] == "llm-api"
+    assert run.parent == created.span_id and run.kind == 5  # SPAN_KIND_CONSUMER
+    assert run.resource["service.name"] == "llm-api-worker"
+    generation = one(spans, f"chat {MODEL}")
+    assert generation.parent == run.span_id
+    assert generation.attributes["gen_ai.provider.name"] == "llama.cpp"
+    assert generation.attributes["gen_ai.usage.output_tokens"] == 2
