@@ -389,16 +389,28 @@ async def test_drain_cut_is_said_on_the_request_span(
     assert one(spans, "chat slow").attributes["llm_api.cancelled"] is True
 
 
-async def test_content_is_recorded_only_when_asked(tmp_path: Path, traced: Receiver) -> None:
+@pytest.mark.parametrize("by", ["setting", "environment"])
+async def test_content_is_recorded_only_when_asked(
+    tmp_path: Path, traced: Receiver, monkeypatch: pytest.MonkeyPatch, by: str
+) -> None:
+    """Opted in by LLM_API_TRACING_CAPTURE_CONTENT, or by the variable OpenTelemetry's GenAI
+    instrumentations read (without either, the streamed test finds no text at all)."""
+    settings: dict[str, Any] = {}
+    if by == "setting":
+        settings["tracing_capture_content"] = True
+    else:
+        monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "true")
     async with (
         stubs(StubConfig(tokens=2)) as (up,),
-        routed_app(tmp_path, [routed("m", [deployment(up)])], tracing_capture_content=True) as r,
+        routed_app(tmp_path, [routed("m", [deployment(up)])], **settings) as r,
     ):
+        assert (await r.http.get("/health")).status_code == 200  # probes are not traced
         resp = await r.http.post(
             "/v1/chat/completions", json=body("m"), headers={"traceparent": traceparent()}
         )
         assert resp.status_code == 200
         spans = await flushed(traced, TRACE_ID, has_server_span)
+    assert [s.name for s in traced.spans if s.kind == 2] == ["POST /v1/chat/completions"]
     generation = one(spans, "chat m")
     prompt = json.loads(generation.attributes["gen_ai.input.messages"])
     assert prompt == [{"role": "user", "parts": [{"type": "text", "content": PROMPT}]}]

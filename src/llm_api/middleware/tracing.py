@@ -24,6 +24,9 @@ from llm_api.middleware.access_log import OUTCOME_KEY
 from llm_api.services import tracing
 from llm_api.services.tracing import SpanKind
 
+# Probes and scrapes every few seconds would drown the traces (the access log skips them too).
+_PROBES = frozenset({"/health", "/ready", "/metrics"})
+
 
 class TracingMiddleware:
     def __init__(self, app: ASGIApp) -> None:
@@ -43,7 +46,7 @@ class TracingMiddleware:
         return known[1]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or tracing.TRACER is None:
+        if scope["type"] != "http" or tracing.TRACER is None or scope["path"] in _PROBES:
             await self.app(scope, receive, send)
             return
         method = scope["method"]

@@ -126,8 +126,12 @@ def configure(capture_content: bool = False, environ: Mapping[str, str] | None =
         provider.add_span_processor(processor)
     _provider = provider
     TRACER = provider.get_tracer("llm_api")
-    CAPTURE_CONTENT = capture_content
-    log.info("tracing_on", exporters=names, capture_content=capture_content)
+    # The setting, or the variable OpenTelemetry's own GenAI instrumentations read.
+    CAPTURE_CONTENT = capture_content or (
+        environ.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "").strip().lower()
+        == "true"
+    )
+    log.info("tracing_on", exporters=names, capture_content=CAPTURE_CONTENT)
     return True
 
 
