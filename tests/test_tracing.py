@@ -304,6 +304,41 @@ async def test_retried_then_fallen_back_request(tmp_path: Path, traced: Receiver
     assert sorted(sent) == sorted(f"00-{TRACE_ID}-{s.span_id}-01" for s in [*tried, answered])
 
 
+async def test_a_plain_upstream_continues_the_generation_span_and_a_refusal_is_traced(
+    tmp_path: Path, traced: Receiver
+) -> None:
+    """An `openai` entry (no router): the upstream is sent the generation span's context, which
+    carries `server.address`. A second request over the limit: its `rate_limit` span says
+    refused, and there is no generation."""
+    second = "5bf92f3577b34da6a3ce929d0e0e4737"
+    limits = {"anonymous": {"requests_per_minute": 1}}
+    async with stubs(StubConfig(tokens=2)) as (up,):
+        model = {"id": "plain", "backend": "openai", "base_url": up.base_url}
+        settings = {"rate_limit_enabled": True, "rate_limit_tiers": limits}
+        async with routed_app(tmp_path, [model], **settings) as r:
+            ok = await r.http.post(
+                "/v1/chat/completions", json=body("plain"), headers={"traceparent": traceparent()}
+            )
+            refused = await r.http.post(
+                "/v1/chat/completions",
+                json=body("plain"),
+                headers={"traceparent": traceparent(second)},
+            )
+            assert (ok.status_code, refused.status_code) == (200, 429)
+            spans = await flushed(traced, TRACE_ID, has_server_span)
+            denied = await flushed(traced, second, has_server_span)
+    generation = one(spans, "chat plain")
+    assert generation.kind == 3 and generation.attributes["server.address"] == "127.0.0.1"
+    assert "upstream attempt" not in [s.name for s in spans]
+    assert up.stats.headers[0]["traceparent"] == f"00-{TRACE_ID}-{generation.span_id}-01"
+    limit = one(denied, "rate_limit")
+    assert limit.attributes["llm_api.rate_limit.decision"] == "refused" and limit.status == 2
+    request = one(denied, "POST /v1/chat/completions")
+    assert request.attributes["http.response.status_code"] == 429
+    assert not [s for s in denied if s.name.startswith("chat ")]
+    assert len(up.stats.headers) == 1
+
+
 @pytest.fixture
 async def live(tmp_path: Path, traced: Receiver) -> AsyncIterator[tuple[int, Any]]:
     """The routed app on a real socket (uvicorn in this process), in front of a slow stub: a
