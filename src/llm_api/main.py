@@ -34,6 +34,8 @@ from llm_api.middleware.body_limit import BodyLimitMiddleware
 from llm_api.middleware.dev_secret_guard import DevSecretGuardMiddleware
 from llm_api.middleware.drain import DrainMiddleware
 from llm_api.middleware.request_id import RequestIdMiddleware
+from llm_api.middleware.tracing import TracingMiddleware
+from llm_api.services import tracing
 from llm_api.services.auth.startup import start_accounts
 from llm_api.services.batches.queue import start_batches
 from llm_api.services.cache.service import build_cache_store
@@ -127,12 +129,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if redis is not None:
             await redis.aclose()  # after everything that uses it
         await db.dispose()
+        tracing.flush()  # the last requests' spans
         release_heap()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings)
+    # OpenTelemetry traces, when the OTEL_* environment asks for them (services/tracing.py).
+    traced = tracing.configure(settings.tracing_capture_content)
     app = FastAPI(
         title="llm-api",
         version="0.1.0",
@@ -140,7 +145,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         # Off unless asked for: FastAPI otherwise checks the global OpenTelemetry providers
         # (environment lookups included) on every request, ~1.5% of a proxied stream's CPU.
-        telemetry=None
+        # With our tracing on too, FastAPI's HTTP span goes to our exporter, around ours.
+        telemetry=({"tracer_provider": tracing.provider()} if traced else None)
         if settings.otel_telemetry
         else {"tracing": False, "metrics": False, "logs": False},
     )
@@ -169,6 +175,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(DrainMiddleware)  # 503 while draining; cuts streams at the deadline
     # One log line and the HTTP metrics per request, after its last byte.
     app.add_middleware(AccessLogMiddleware)
+    if traced:  # the request span, around everything that sees the request id
+        app.add_middleware(TracingMiddleware)
     app.add_middleware(RequestIdMiddleware)
     # Outermost: everything after it (limits, access log) sees the real client address. The
     # server's own proxy handling is off (cli.py) so X-Forwarded-For is believed only from

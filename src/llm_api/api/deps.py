@@ -25,6 +25,7 @@ from llm_api.services.llm.embeddings import EmbeddingService
 from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.serving import CompletionServing
 from llm_api.services.llm.types import RequestContext
+from llm_api.services.tracing import SCOPE_KEY as TRACE_KEY
 
 
 async def get_state(request: Request) -> AppState:
@@ -63,6 +64,7 @@ def _request_context(request: Request, principal: Principal) -> RequestContext:
         key_id=principal.key_id,
         tier=principal.tier,
         controls=principal.controls,
+        trace=scope_state.get(TRACE_KEY),  # the request span's, when tracing is on
     )
     # Kept in the scope state so the access log can read the token counts after the response
     # (for a stream, after its last frame).

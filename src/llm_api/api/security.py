@@ -22,6 +22,7 @@ from llm_api.core.exceptions import (
     ServiceUnavailableError,
 )
 from llm_api.core.state import AppState
+from llm_api.services import tracing
 from llm_api.services.auth.key_controls import check_principal_key
 from llm_api.services.auth.principal import ANONYMOUS, Principal
 
@@ -103,6 +104,12 @@ def _anonymous_allowed(request: Request) -> bool:
 
 async def authenticate(request: Request) -> Principal | None:
     """The caller, or None on a public route. Raises 401/503 otherwise."""
+    if tracing.TRACER is not None:  # off: no span, nothing looked up
+        return await _traced_authenticate(request)
+    return await _checked_principal(request)
+
+
+async def _checked_principal(request: Request) -> Principal | None:
     principal = await _authenticate(request)
     if principal is not None:
         # A key's expiry and client-IP allow-list, however it was verified (database, cache or
@@ -110,6 +117,24 @@ async def authenticate(request: Request) -> Principal | None:
         check_principal_key(principal.controls, request.client.host if request.client else None)
         check_scope(request, principal)  # an API key only within its scopes (api/scopes.py)
     return principal
+
+
+async def _traced_authenticate(request: Request) -> Principal | None:
+    """`authenticate` in its own span: how the caller proved who they are, and how long it
+    took (a database read, or the key cache). Never the credential."""
+    span = tracing.start("authenticate", request.scope.get("state", {}).get(tracing.SCOPE_KEY))
+    try:
+        principal = await _checked_principal(request)
+        if principal is not None:
+            span.set_attribute("llm_api.auth.method", principal.method)
+            if principal.user_id is not None:
+                span.set_attribute("user.id", principal.user_id)
+        return principal
+    except BaseException as exc:
+        tracing.fail(span, exc)
+        raise
+    finally:
+        span.end()
 
 
 async def _authenticate(request: Request) -> Principal | None:

@@ -248,7 +248,8 @@ class Settings(BaseSettings):
         False,
         description="FastAPI's native OpenTelemetry spans and metrics, for deployments that "
         "configure an OpenTelemetry SDK (off: FastAPI would look up the global providers on "
-        "every request; /metrics serves Prometheus either way).",
+        "every request; /metrics serves Prometheus either way). With llm-api's own tracing on "
+        "(OTEL_*, docs/tracing.md), FastAPI's HTTP span goes to the same exporter, around it.",
     )
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -328,6 +329,12 @@ class Settings(BaseSettings):
     # --- fair queuing and priorities (services/llm/admission.py) ------------------------------
 
     # --- tracing (OpenTelemetry) -------------------------------------------------------------
+    # Turned on and configured by the standard OTEL_* variables (docs/tracing.md), not here.
+    tracing_capture_content: bool = Field(
+        False,
+        description="Record prompt and completion text in traces (gen_ai.input.messages, "
+        "gen_ai.output.messages). Off: spans carry sizes, models and timings, never text.",
+    )
 
     # --- audit log ----------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from llm_api.core.config import Settings
 from llm_api.db.engine import build_engine, build_sessionmaker
+from llm_api.services import tracing
 from llm_api.services.batches.runner import BatchRunner, BatchRunnerConfig
 from llm_api.services.batches.storage import FileStore
 from llm_api.services.llm.embeddings import EmbeddingService
@@ -32,6 +33,7 @@ class WorkerRuntime:
         from llm_api.main import build_llm_service
 
         self.settings = settings
+        tracing.configure(settings.tracing_capture_content)  # when OTEL_* asks for traces
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self.loop.run_forever, name="batch-loop", daemon=True
@@ -77,6 +79,7 @@ class WorkerRuntime:
         self.run(self.limiter.aclose())
         if self.redis is not None:
             self.run(self.redis.aclose())
+        tracing.shutdown()  # exports the last spans
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.submit(coro).result()

@@ -17,11 +17,15 @@ log = structlog.get_logger(__name__)
 app = make_celery(Settings())
 
 
-@app.task(name=RUN_BATCH)  # type: ignore[untyped-decorator]
-def run_batch(batch_id: str) -> str | None:
-    """Run or resume one batch; a no-op when another worker holds it or it has finished."""
+@app.task(name=RUN_BATCH, bind=True)  # type: ignore[untyped-decorator]
+def run_batch(self: Any, batch_id: str) -> str | None:
+    """Run or resume one batch; a no-op when another worker holds it or it has finished. The
+    message's `traceparent` header (services/batches/queue.py) is the trace the run continues."""
     runtime = get_runtime()
-    status = runtime.run(runtime.runner.run(batch_id))
+    traceparent = (self.request.headers or {}).get("traceparent") or getattr(
+        self.request, "traceparent", None
+    )
+    status = runtime.run(runtime.runner.run(batch_id, traceparent))
     log.info("batch_task_done", batch_id=batch_id, status=status)
     return status
 

@@ -20,7 +20,8 @@ log = structlog.get_logger(__name__)
 
 
 class BatchQueue(Protocol):
-    async def enqueue(self, batch_id: str) -> None: ...
+    async def enqueue(self, batch_id: str, traceparent: str | None = None) -> None:
+        """Hand a new batch to a worker; `traceparent` (W3C) is the trace its run continues."""
 
     async def aclose(self) -> None: ...
 
@@ -33,11 +34,15 @@ class CeleryBatchQueue:
 
         self._app = configure(Celery("llm_api", broker=broker_url))
 
-    async def enqueue(self, batch_id: str) -> None:
+    async def enqueue(self, batch_id: str, traceparent: str | None = None) -> None:
         from llm_api.worker.celery_app import RUN_BATCH
 
+        # The trace travels in the task message's headers (worker/tasks.py reads it).
+        headers = {"traceparent": traceparent} if traceparent else None
         try:
-            await asyncio.to_thread(self._app.send_task, RUN_BATCH, args=[batch_id])
+            await asyncio.to_thread(
+                self._app.send_task, RUN_BATCH, args=[batch_id], headers=headers
+            )
         except Exception:  # the workers' reaper picks up batches whose message was lost
             log.warning("batch_enqueue_failed", batch_id=batch_id, exc_info=True)
 
@@ -49,12 +54,21 @@ class EmbeddedBatchQueue:
     """Runs batches inside the API process, one at a time, with the shared model."""
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession], runner: BatchRunner) -> None:
+        self._runner = runner
+        # Each new batch's trace until its run starts (a batch resumed after a restart, which
+        # no request enqueued in this process, starts a trace of its own).
+        self._traces: dict[str, str] = {}
         self._task = asyncio.create_task(
-            dispatch_forever(sessions, runner.run, interval=1.0), name="embedded-batches"
+            dispatch_forever(sessions, self._run, interval=1.0), name="embedded-batches"
         )
 
-    async def enqueue(self, batch_id: str) -> None:
+    async def _run(self, batch_id: str) -> str | None:
+        return await self._runner.run(batch_id, self._traces.pop(batch_id, None))
+
+    async def enqueue(self, batch_id: str, traceparent: str | None = None) -> None:
         """Nothing to send: the dispatcher polls the database every second."""
+        if traceparent:
+            self._traces[batch_id] = traceparent
 
     async def aclose(self) -> None:
         self._task.cancel()

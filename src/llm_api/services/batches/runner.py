@@ -39,6 +39,7 @@ from llm_api.db.tables import Batch, BatchAttempt, StoredFile, User
 from llm_api.schemas.chat import ChatCompletionRequest
 from llm_api.schemas.completions import CompletionRequest
 from llm_api.schemas.embeddings import EmbeddingRequest
+from llm_api.services import tracing
 from llm_api.services.batches.input_file import BatchLine, iter_lines
 from llm_api.services.batches.storage import FileStore, LineAppender, new_file_id
 from llm_api.services.llm.embeddings import EmbeddingService
@@ -161,21 +162,40 @@ class BatchRunner:
 
     # --- running --------------------------------------------------------------------------------
 
-    async def run(self, batch_id: str) -> str | None:
+    async def run(self, batch_id: str, traceparent: str | None = None) -> str | None:
         """Run (or resume) a batch. Returns its final status, or None when another worker holds
-        it or it is already finished."""
+        it or it is already finished. With tracing on, the run is one span (continuing the
+        trace of the request that created the batch, `traceparent`), the parent of every
+        line's pipeline spans."""
         lease = Lease(self.config.lease_seconds)
         if not await self._acquire(batch_id, lease):
             return None
         heartbeat = asyncio.create_task(self._heartbeat(batch_id, lease))
+        span = None
+        if tracing.TRACER is not None:
+            span = tracing.start(
+                "batch run",
+                tracing.extract(traceparent),
+                tracing.SpanKind.CONSUMER,
+                {"llm_api.batch_id": batch_id},
+            )
         try:
-            return await self._run(batch_id, lease)
+            status = await self._run(batch_id, lease, span)
+            if span is not None:
+                span.set_attribute("llm_api.batch.status", status)
+            return status
+        except BaseException as exc:
+            if span is not None:
+                tracing.fail(span, exc)
+            raise
         finally:
+            if span is not None:
+                span.end()
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
             await self._release(batch_id)
 
-    async def _run(self, batch_id: str, lease: Lease) -> str:
+    async def _run(self, batch_id: str, lease: Lease, span: tracing.Span | None = None) -> str:
         async with self.sessions.begin() as s:
             batch = await s.get(Batch, batch_id)
             assert batch is not None
@@ -224,7 +244,11 @@ class BatchRunner:
             out, err = LineAppender(out_path), LineAppender(err_path)
             try:
                 owner_ctx = RequestContext(
-                    request_id="", user_id=user_id, tier=tier, batch_id=batch_id
+                    request_id="",
+                    user_id=user_id,
+                    tier=tier,
+                    batch_id=batch_id,
+                    trace=tracing.context_of(span) if span is not None else None,
                 )
                 await self._run_lines(owner_ctx, endpoint, pending, out, err, lease)
             finally:

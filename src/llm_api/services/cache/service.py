@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from llm_api.core import metrics
 from llm_api.core.config import Settings
 from llm_api.schemas.common import SamplingFields
+from llm_api.services import tracing
 from llm_api.services.cache.entry import CachedResponse
 from llm_api.services.cache.keys import cache_key, model_version
 from llm_api.services.cache.store import CacheStore
@@ -123,7 +124,12 @@ class CacheStage:
         return self._run(call, out, key)
 
     async def _run(self, call: Call, out: Outcome, key: str | None) -> AsyncGenerator[Frame, None]:
-        entry = await self._lookup(key) if key is not None and call.cache_read else None
+        if key is None or not call.cache_read:
+            entry = None
+        elif call.ctx.trace is not None:
+            entry = await self._traced_lookup(key, call)
+        else:
+            entry = await self._lookup(key)
         if entry is not None:
             metrics.CACHE_HITS.labels(cache="response").inc()
             out.cache, out.model = "hit", entry.model
@@ -150,6 +156,19 @@ class CacheStage:
             stored = CachedResponse.of(answer, out.prompt_tokens, out.completion_tokens)
             await self.store.set(key, stored.model_dump_json().encode())
         self._emit(call, out.model, [c.text for c in choices], cache_hit=False)
+
+    async def _traced_lookup(self, key: str, call: Call) -> CachedResponse | None:
+        """The lookup in a span: hit or miss (never the key: it is a hash of the prompt)."""
+        span = tracing.start("cache lookup", call.ctx.trace)
+        try:
+            entry = await self._lookup(key)
+            span.set_attribute("llm_api.cache.hit", entry is not None)
+            return entry
+        except BaseException as exc:
+            tracing.fail(span, exc)
+            raise
+        finally:
+            span.end()
 
     async def _lookup(self, key: str) -> CachedResponse | None:
         assert self.store is not None

@@ -16,7 +16,7 @@ import inspect
 import sys
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from contextlib import aclosing
+from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
@@ -29,6 +29,7 @@ from llm_api.core.exceptions import (
     ServiceUnavailableError,
 )
 from llm_api.schemas.common import SamplingFields
+from llm_api.services import tracing
 from llm_api.services.llm.admission import AdmissionGate
 from llm_api.services.llm.backends.base import Backend
 from llm_api.services.llm.registry import ModelConfig
@@ -126,7 +127,27 @@ class AdmissionStage:
     async def check(self, ctx: RequestContext, tokens: int, out: Outcome) -> None:
         """The limiter's admission alone (embeddings share it): 429 when refused."""
         if self.admit is not None:
+            if ctx.trace is not None:
+                await self._traced_check(self.admit, ctx, tokens, out)
+                return
             out.headers = await self.admit(ctx, tokens)
+
+    @staticmethod
+    async def _traced_check(admit: Admit, ctx: RequestContext, tokens: int, out: Outcome) -> None:
+        """The limiter's decision in a span: allowed or refused, the tokens reserved."""
+        span = tracing.start(
+            "rate_limit", ctx.trace, attributes={"llm_api.rate_limit.reserved_tokens": tokens}
+        )
+        try:
+            out.headers = await admit(ctx, tokens)
+            span.set_attribute("llm_api.rate_limit.decision", "allowed")
+        except BaseException as exc:
+            refused = isinstance(exc, RateLimitError)
+            span.set_attribute("llm_api.rate_limit.decision", "refused" if refused else "error")
+            tracing.fail(span, exc)
+            raise
+        finally:
+            span.end()
 
     async def run(self, call: Call, out: Outcome) -> AsyncGenerator[Frame, None]:
         status, cancelled, admitted = 200, False, False
@@ -222,7 +243,81 @@ class BackendStage:
         self.backends = backends
         self.gates = gates
 
-    async def run(self, call: Call, out: Outcome) -> AsyncGenerator[Frame, None]:
+    def run(self, call: Call, out: Outcome) -> AsyncGenerator[Frame, None]:
+        if call.ctx.trace is None:  # tracing off: nothing but this check
+            return self._run(call, out, None)
+        return self._traced(call, out)
+
+    async def _traced(self, call: Call, out: Outcome) -> AsyncGenerator[Frame, None]:
+        """`_run` in the generation's span (GenAI conventions): the request as the model got
+        it, time to first token as an event, usage and finish reasons at the end; an upstream
+        request continues this span's trace (`GenerationRequest.trace`)."""
+        model, seqs = call.model, call.seqs
+        params = seqs[0].params
+        span = tracing.start(
+            f"{tracing.OPERATIONS.get(call.endpoint, 'chat')} {model.id}",
+            call.ctx.trace,
+            tracing.SpanKind.INTERNAL if model.backend == "llama_cpp" else tracing.SpanKind.CLIENT,
+            tracing.generation_attributes(
+                call.endpoint,
+                model.id,
+                model.backend,
+                model.base_url,
+                params.max_tokens,
+                params.temperature,
+                params.top_p,
+                params.seed,
+                call.n,
+            ),
+        )
+        here = tracing.context_of(span, call.ctx.trace)
+        for seq in seqs:
+            seq.trace = here
+        capture = tracing.CAPTURE_CONTENT
+        if capture:
+            span.set_attribute(
+                "gen_ai.input.messages", tracing.messages_json(seqs[0].messages, seqs[0].prompt)
+            )
+        finishes: list[str | None] = [None] * len(seqs)
+        texts: list[str] = [""] * len(seqs) if capture else []
+        first = True
+        try:
+            async with aclosing(self._run(call, out, span)) as frames:
+                async for frame in frames:
+                    if first and frame.text:
+                        first = False
+                        span.add_event("first_token", {"llm_api.ttft_ms": out.ttft_ms or 0})
+                    if frame.finish_reason is not None:
+                        finishes[frame.index] = frame.finish_reason
+                    if capture and frame.text:
+                        texts[frame.index] += frame.text
+                    yield frame
+        except (asyncio.CancelledError, GeneratorExit):
+            span.set_attribute("llm_api.cancelled", True)
+            span.set_status(tracing.Status(tracing.StatusCode.ERROR, "cancelled"))
+            raise
+        except BaseException as exc:
+            tracing.fail(span, exc)
+            raise
+        finally:
+            span.set_attribute("gen_ai.response.model", out.model)
+            span.set_attribute(
+                "gen_ai.usage.input_tokens", sum(s.prompt_tokens or 0 for s in seqs[:: call.n])
+            )
+            span.set_attribute("gen_ai.usage.output_tokens", out.completion_tokens)
+            if out.cached_tokens:
+                span.set_attribute("gen_ai.usage.cache_read.input_tokens", out.cached_tokens)
+            if any(f is not None for f in finishes):
+                span.set_attribute("gen_ai.response.finish_reasons", [f or "" for f in finishes])
+            if out.ttft_ms is not None:
+                span.set_attribute("llm_api.ttft_ms", out.ttft_ms)
+            if capture:
+                span.set_attribute("gen_ai.output.messages", tracing.output_json(texts, finishes))
+            span.end()
+
+    async def _run(
+        self, call: Call, out: Outcome, span: tracing.Span | None
+    ) -> AsyncGenerator[Frame, None]:
         model, seqs = call.model, call.seqs
         out.model, out.seqs = model.id, seqs
         out.admitted = out.finish_reason = out.ttft_ms = None
@@ -250,7 +345,12 @@ class BackendStage:
                     out.cached_tokens += frame.cached_tokens
             out.completion_tokens = sum(tokens)
 
-        async with self.gates[model.id].slot():
+        gate = self.gates[model.id]
+        slot: AbstractAsyncContextManager[None] = gate.slot()
+        if span is not None:  # the wait for the model's slot as a span of its own
+            waiting = {"llm_api.queue.waiting": gate.waiting, "llm_api.queue.running": gate.running}
+            slot = tracing.TracedWait(slot, tracing.context_of(span), waiting)
+        async with slot:
             out.admitted = time.perf_counter()
             if len(seqs) == 1:  # the common case, without _choices' generator in between
                 async with aclosing(backend.generate(seqs[0])) as frames:

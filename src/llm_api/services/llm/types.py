@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
+    from opentelemetry.context import Context
+
     from llm_api.services.auth.key_controls import KeyControls
 
 
@@ -86,6 +88,9 @@ class GenerationRequest:
     wire: dict[str, Any] | None = None
     # Private to the backend between prepare() and generate() (token ids, compiled grammar).
     engine_state: dict[str, Any] = field(default_factory=dict)
+    # The trace context an upstream request continues (services/tracing.py): the generation
+    # span's, or the router's attempt span's while it calls a deployment. None: not traced.
+    trace: Context | None = None
 
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "error", "cancelled"]
@@ -165,6 +170,9 @@ class RequestContext:
     client_ip: str | None = None
     # The API key's model allow-list and own limits (services/auth/key_controls.py).
     controls: KeyControls | None = None
+    # The request span's context, the parent of the pipeline's spans (services/tracing.py);
+    # None whenever tracing is off.
+    trace: Context | None = None
 
 
 @dataclass(slots=True)

@@ -10,6 +10,7 @@ from llm_api.api.deps import BatchServiceDep, RequestCtx, StateDep, UserId
 from llm_api.api.rate_limits import limit_request
 from llm_api.api.scopes import requires_scope
 from llm_api.schemas.batches import BatchList, BatchObject, CreateBatchRequest
+from llm_api.services import tracing
 from llm_api.services.batches.service import batch_object
 
 router = APIRouter(tags=["batches"])
@@ -34,7 +35,9 @@ async def create_batch(
     # Dispatched after the response, i.e. after the session committed: a worker never sees a
     # batch that is not in the database yet.
     if state.batch_queue is not None:
-        background.add_task(state.batch_queue.enqueue, row.id)
+        # With tracing on, the batch's run continues this request's trace.
+        trace = tracing.traceparent(ctx.trace).get("traceparent") if ctx.trace else None
+        background.add_task(state.batch_queue.enqueue, row.id, trace)
     return batch_object(row, batches.files)
 
 

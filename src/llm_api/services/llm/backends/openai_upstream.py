@@ -38,6 +38,7 @@ from llm_api.core.exceptions import (
     UpstreamError,
     UpstreamTimeoutError,
 )
+from llm_api.services import tracing
 from llm_api.services.llm.backends.upstream_connector import upstream_connector
 from llm_api.services.llm.backends.upstream_wire import (
     Rich,
@@ -170,7 +171,13 @@ class OpenAIUpstreamBackend:
     async def prepare(self, request: GenerationRequest) -> None:
         """Upstreams validate context length themselves; nothing to count locally."""
 
-    async def _post(self, path: str, payload: bytes, deadline: float) -> aiohttp.ClientResponse:
+    async def _post(
+        self,
+        path: str,
+        payload: bytes,
+        deadline: float,
+        headers: dict[str, str] | None = None,
+    ) -> aiohttp.ClientResponse:
         """POST `payload` to the upstream's `path`, its response head due by `deadline`. Never
         follows a redirect: it would send the prompt and our key to wherever the `Location`
         points; a 3xx is the upstream's error (`_map_error`)."""
@@ -179,7 +186,7 @@ class OpenAIUpstreamBackend:
         try:
             async with asyncio.timeout_at(deadline):
                 return await self._session.post(
-                    self._urls[path], data=payload, allow_redirects=False
+                    self._urls[path], data=payload, headers=headers, allow_redirects=False
                 )
         except TimeoutError:
             raise UpstreamTimeoutError(
@@ -218,7 +225,10 @@ class OpenAIUpstreamBackend:
         payload = orjson.dumps(body)
         # One deadline covers the response headers, an error body, and the first content.
         deadline = asyncio.get_running_loop().time() + self.config.first_token_timeout
-        resp = await self._post(path, payload, deadline)
+        # A traced request continues its trace upstream (W3C traceparent: vLLM, llama.cpp's
+        # server and most gateways read it); untraced, nothing is added.
+        headers = tracing.traceparent(request.trace) if request.trace is not None else None
+        resp = await self._post(path, payload, deadline, headers)
         async with resp:
             if resp.status >= 300:
                 raise await _map_error(resp, deadline)

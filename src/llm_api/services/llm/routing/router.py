@@ -31,6 +31,7 @@ from llm_api.core.exceptions import (
     ServiceUnavailableError,
     UpstreamError,
 )
+from llm_api.services import tracing
 from llm_api.services.llm.registry import ModelConfig
 from llm_api.services.llm.routing.breaker import Breakers, State
 from llm_api.services.llm.routing.deployments import Deployment
@@ -124,6 +125,8 @@ class RoutedBackend:
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[Frame, None]:
         tried: set[str] = set()
         last: APIError | None = None
+        generation = request.trace  # the generation span's context; None: not traced
+        span: tracing.Span | None = None
         for attempt in range(self.policy.retries + 1):
             if attempt:
                 await asyncio.sleep(self._backoff(attempt))
@@ -138,6 +141,9 @@ class RoutedBackend:
                     break
             dep, state = choice
             tried.add(dep.name)
+            if generation is not None:  # each attempt its own span; the upstream continues it
+                span = self._attempt_span(generation, dep, state, attempt)
+                request.trace = tracing.context_of(span, generation)
             # An upstream's generator directly: _open's layer is for local models only.
             stream = self._open(dep, request) if dep.local else dep.backend.generate(request)
             dep.inflight += 1
@@ -156,6 +162,9 @@ class RoutedBackend:
                     verdict = True
                     await self._failed(dep, exc)
                     last = exc
+                    if span is not None:  # the next attempt (or fallback) takes over
+                        tracing.fail(span, exc)
+                        span.set_attribute("llm_api.retried", True)
                     log.info(
                         "route_retry",
                         model=self.config.id,
@@ -172,7 +181,11 @@ class RoutedBackend:
                 verdict = True
                 await self.breakers.success(dep.name, state)
                 return
-            except APIError as exc:
+            except BaseException as exc:
+                if span is not None:
+                    _attempt_failed(span, exc)
+                if not isinstance(exc, APIError):
+                    raise
                 if not verdict:
                     verdict = True
                     if is_retryable(exc):  # mid-stream failure: counted, never retried
@@ -185,12 +198,33 @@ class RoutedBackend:
                 if not verdict:  # cancelled by the client, or a bug: no verdict on the replica
                     await self.breakers.release(dep.name, state)
                 await stream.aclose()
+                if span is not None:
+                    span.end()
+                    request.trace = generation
         if last is not None:
             raise last
         raise ServiceUnavailableError(
             f"No healthy deployment of model `{self.config.id}` is available; retry shortly.",
             retry_after=max(1, int(self._cooling_wait() or 1)),
         )
+
+    def _attempt_span(
+        self, parent: tracing.Context, dep: Deployment, state: State, attempt: int
+    ) -> tracing.Span:
+        """One attempt on one deployment: which, the breaker's state when it was picked, and
+        where the request went (an upstream's address, or the local model's id)."""
+        attributes: dict[str, object] = {
+            "llm_api.deployment": dep.name,
+            "llm_api.attempt": attempt,
+            "llm_api.breaker.state": state,
+        }
+        if dep.local:
+            attributes["gen_ai.request.model"] = dep.config.model or ""
+        else:
+            attributes["gen_ai.request.model"] = dep.config.upstream_model or self.config.id
+            attributes.update(tracing.server_attributes(dep.config.base_url))
+        kind = tracing.SpanKind.INTERNAL if dep.local else tracing.SpanKind.CLIENT
+        return tracing.start("upstream attempt", parent, kind, attributes)
 
     async def call(self, fn: Callable[[Deployment], Awaitable[T]]) -> T:
         """One non-streaming call (embeddings) on the best deployment, with the same picking,
@@ -303,3 +337,11 @@ class RoutedBackend:
             await self.breakers.failure(dep.name)
         elif state != "closed":
             await self.breakers.success(dep.name, state)
+
+
+def _attempt_failed(span: tracing.Span, exc: BaseException) -> None:
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        span.set_attribute("llm_api.cancelled", True)
+        span.set_status(tracing.Status(tracing.StatusCode.ERROR, "cancelled"))
+    else:
+        tracing.fail(span, exc)
