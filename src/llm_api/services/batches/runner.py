@@ -224,7 +224,12 @@ class BatchRunner:
             out, err = LineAppender(out_path), LineAppender(err_path)
             try:
                 owner_ctx = RequestContext(
-                    request_id="", user_id=user_id, tier=tier, batch_id=batch_id
+                    request_id="",
+                    user_id=user_id,
+                    tier=tier,
+                    batch_id=batch_id,
+                    tenant=f"user:{user_id}",
+                    priority="batch",  # after interactive work on the same model
                 )
                 await self._run_lines(owner_ctx, endpoint, pending, out, err, lease)
             finally:

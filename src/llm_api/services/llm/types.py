@@ -160,6 +160,10 @@ class RequestContext:
     tier: str = "free"
     batch_id: str | None = None
     client_ip: str | None = None
+    # Fair queuing (services/llm/admission.py): whose share the request counts against (a team,
+    # else a user: Principal.tenant) and its priority class (interactive, low or batch).
+    tenant: str = "anonymous"
+    priority: str = "interactive"
 
 
 @dataclass(slots=True)
