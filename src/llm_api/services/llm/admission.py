@@ -11,9 +11,9 @@ Who goes next (docs/fair-sharing.md):
   "Fairness in Serving Large Language Models" (OSDI 2024). A request starts at
   max(the gate's virtual time, its tenant's clock), so a tenant that was idle is lifted to the
   busy ones and cannot bank credit (start-time fair queuing);
-- work-conserving, except that the last `reserved` free slots go only to a tenant below its
-  weighted share of the other slots: with every slot held by one busy tenant, a newcomer would
-  otherwise wait for a long generation to end.
+- work-conserving, except that the last `reserved` free slots are kept for tenants below their
+  weighted share: with every slot held by one busy tenant, a newcomer would otherwise wait for
+  a long generation to end before its first token.
 
 `policy.fair = False` is plain FIFO (no classes, no reservation), kept for comparison.
 
@@ -143,7 +143,7 @@ class AdmissionGate:
         """Wait for a slot; return the seconds waited. 503 at once when the queue is full."""
         ticket = ticket or Ticket()
         tenant = self._tenant(ticket)
-        if self.running < self.slots and self._eligible(tenant, self._active_weight(tenant)):
+        if self.running < self.slots and self._eligible(tenant):
             self._charge(tenant, ticket)  # nobody eligible waits while a slot is free
             self._start(tenant)
             ticket.waited = 0.0
@@ -227,21 +227,21 @@ class AdmissionGate:
         self.running += 1
         tenant.running += 1
 
-    def _active_weight(self, newcomer: _Tenant | None = None) -> float:
-        """The weights of the tenants with requests running or waiting (and `newcomer`'s)."""
-        if not self.reserved:
-            return 1.0  # unused
-        active = sum(t.weight for t in self._tenants.values() if t.running or t.waiting)
-        if newcomer is not None and not newcomer.running and not newcomer.waiting:
-            active += newcomer.weight
-        return active
-
-    def _eligible(self, tenant: _Tenant, active_weight: float) -> bool:
-        """A free slot beyond the reserved ones goes to anyone; a reserved one only to a tenant
-        holding less than its weighted share of the unreserved slots among the active tenants."""
+    def _eligible(self, tenant: _Tenant) -> bool:
+        """A free slot beyond the reserved ones goes to anyone. A reserved one goes to a tenant
+        below its weighted share of the unreserved slots, or to one at or above its share while
+        such tenants hold fewer than the unreserved slots between them."""
         if self.slots - self.running > self.reserved:
             return True
-        return tenant.running < (self.slots - self.reserved) * tenant.weight / active_weight
+        active = [t for t in self._tenants.values() if t.running or t.waiting]
+        if tenant not in active:
+            active.append(tenant)  # a newcomer counts itself in
+        unreserved = self.slots - self.reserved
+        per_weight = unreserved / sum(t.weight for t in active)
+        if tenant.running < tenant.weight * per_weight:
+            return True
+        over = sum(t.running for t in active if t.running >= t.weight * per_weight)
+        return over < unreserved
 
     def _push(self, waiter: _Waiter) -> None:
         heapq.heappush(self._heap, _Entry(waiter.key(), waiter))
@@ -261,15 +261,14 @@ class AdmissionGate:
         if not self._heap:
             return None
         head = self._heap[0]
-        active = self._active_weight()
-        if self._eligible(self._tenants[head.waiter.ticket.tenant], active):
+        if self._eligible(self._tenants[head.waiter.ticket.tenant]):
             return head
         # Only reserved slots are free: the best waiter below its share, if any (a scan of a
         # queue that is bounded by max_waiting, and only while the reservation is in play).
         eligible = [
             e
             for e in self._heap
-            if not e.stale and self._eligible(self._tenants[e.waiter.ticket.tenant], active)
+            if not e.stale and self._eligible(self._tenants[e.waiter.ticket.tenant])
         ]
         return min(eligible, default=None)
 
