@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import collections
 import time
-from dataclasses import asdict
 from collections.abc import Callable
+from dataclasses import asdict
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
