@@ -121,6 +121,30 @@ async def test_an_idle_tenant_banks_no_credit() -> None:
     assert order[:4].count("user:late") <= 2
 
 
+async def test_requests_admitted_at_once_also_move_the_gate_clock() -> None:
+    """A tenant whose requests never had to wait still used the model: a newcomer is lifted to
+    its clock, not to where the gate's clock stood before all that work."""
+    gate = AdmissionGate("m", slots=2, max_waiting=64, policy=FairPolicy(reserved=0))
+    for _ in range(20):
+        ticket = Ticket(tenant="user:busy", cost=10)
+        assert await gate.acquire(ticket) == 0.0
+        gate.release(ticket)
+    load = Saturating(gate)
+    load.add("user:busy", weight=1, cost=10, used=10, depth=6)  # 2 run, 4 wait
+    await settle()
+    load.add("user:late", weight=1, cost=10, used=10, depth=4)
+    await settle()  # all four queued before any slot frees
+    try:
+        order = []
+        for _ in range(4):
+            gate.release(load.held.popleft())
+            await settle()
+            order.append(load.held[-1].tenant)
+    finally:
+        await load.close()
+    assert order.count("user:late") == 2, order  # alternating, not four in a row
+
+
 async def test_interactive_goes_before_lowered_and_batch() -> None:
     gate = AdmissionGate("m", slots=1, max_waiting=8)
     first = Ticket(tenant="user:x")

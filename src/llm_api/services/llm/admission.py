@@ -144,7 +144,8 @@ class AdmissionGate:
         ticket = ticket or Ticket()
         tenant = self._tenant(ticket)
         if self.running < self.slots and self._eligible(tenant):
-            self._charge(tenant, ticket)  # nobody eligible waits while a slot is free
+            # Nobody eligible waits while a slot is free: straight in.
+            self._vtime = max(self._vtime, self._charge(tenant, ticket))
             self._start(tenant)
             ticket.waited = 0.0
             return 0.0
