@@ -125,8 +125,6 @@ class AdmissionGate:
         self.slots = slots
         self.max_waiting = max_waiting
         self.policy = policy or FairPolicy()
-        # A reserved slot only where there are enough to spare one (a 1-slot model has none).
-        self.reserved = min(self.policy.reserved, slots // 8) if self.policy.fair else 0
         self.running = 0
         self.waiting = 0
         self._clock = clock
@@ -136,6 +134,12 @@ class AdmissionGate:
         self._tenants: dict[str, _Tenant] = {}
         self._vtime = 0.0  # the latest virtual start admitted: the gate's virtual time
         self._hold = 0.0  # moving average of how long a slot is held (expected waits)
+
+    @property
+    def reserved(self) -> int:
+        """Slots kept for tenants below their share: only where there are enough to spare one
+        (a one-slot upstream or the single-sequence engine keeps none)."""
+        return min(self.policy.reserved, self.slots // 8) if self.policy.fair else 0
 
     # --- acquire / release --------------------------------------------------------------------
 
