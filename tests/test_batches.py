@@ -33,7 +33,6 @@ from tests.conftest import (
 )
 from tests.conftest import test_settings as make_settings
 
-
 ADMITTED = "llm_api:admission_wait_seconds_count"
 
 
