@@ -233,6 +233,22 @@ async def test_fifo_policy_has_no_reserved_slot_and_no_classes() -> None:
     assert order == ["batch", "chat"]  # arrival order
 
 
+async def test_a_waiter_cancelled_just_before_a_release_is_skipped() -> None:
+    """Cancelling a task cancels its future at once, but its handler runs later: a release in
+    between must pass the slot to the next waiter, not to the one leaving."""
+    gate = AdmissionGate("m", slots=1, max_waiting=4)
+    holder = Ticket(tenant="user:a")
+    await gate.acquire(holder)
+    leaving = asyncio.create_task(gate.acquire(Ticket(tenant="user:b")))
+    staying = asyncio.create_task(gate.acquire(Ticket(tenant="user:c")))
+    await settle()
+    leaving.cancel()
+    gate.release(holder)  # before `leaving` has run its handler
+    await asyncio.gather(leaving, return_exceptions=True)
+    await asyncio.wait_for(staying, 1)
+    assert gate.running == 1 and gate.waiting == 0
+
+
 async def test_full_queue_is_503_with_retry_after_whatever_the_tenant() -> None:
     gate = AdmissionGate("m", slots=1, max_waiting=2)
     await gate.acquire(Ticket(tenant="user:a"))

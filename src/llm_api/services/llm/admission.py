@@ -99,7 +99,8 @@ class _Waiter:
 
 @dataclass(slots=True)
 class _Entry:
-    """A heap entry; stale when its waiter left or was promoted (lazy deletion)."""
+    """A heap entry; stale when its waiter was admitted, left (a cancelled task's future is
+    cancelled at once, before the task runs its handler) or was promoted (lazy deletion)."""
 
     key: tuple[int, float, int]
     waiter: _Waiter = field(compare=False)
@@ -109,7 +110,8 @@ class _Entry:
 
     @property
     def stale(self) -> bool:
-        return not self.waiter.live or self.waiter.key() != self.key
+        waiter = self.waiter
+        return not waiter.live or waiter.future.done() or waiter.key() != self.key
 
 
 class AdmissionGate:
