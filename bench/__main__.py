@@ -1,6 +1,8 @@
 """`python -m bench` (what `make bench` runs): see bench/serving/run.py and `--help`.
 `python -m bench gateway [...]` runs the gateway-overhead benchmark (bench/gateway.py);
 `python -m bench neighbour [...]` what a busy neighbour process costs local inference;
+`python -m bench noisy-neighbour [...]` what a flooding tenant costs another tenant's TTFT, FIFO
+against fair queuing (bench/noisy_neighbour.py);
 `python -m bench embeddings [...]` embedding throughput against llama-server
 (bench/embeddings.py)."""
 
@@ -16,6 +18,10 @@ if sys.argv[1:2] == ["embeddings"]:
     from bench.embeddings import main as embeddings
 
     raise SystemExit(embeddings(sys.argv[2:]))
+if sys.argv[1:2] == ["noisy-neighbour"]:
+    from bench.noisy_neighbour import main as noisy_neighbour
+
+    raise SystemExit(noisy_neighbour(sys.argv[2:]))
 if sys.argv[1:2] == ["neighbour"]:
     from bench.neighbour import main as neighbour
 

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.conftest import (
     MODEL,
@@ -31,6 +32,8 @@ from tests.conftest import (
     start_live_server,
 )
 from tests.conftest import test_settings as make_settings
+
+ADMITTED = "llm_api:admission_wait_seconds_count"
 
 
 def jsonl(lines: list[dict[str, Any]]) -> bytes:
@@ -74,6 +77,8 @@ def custom_ids(content: bytes) -> list[str]:
 
 @pytest.mark.timeout(600)
 async def test_fifty_line_batch_end_to_end(client: openai.AsyncOpenAI, app: Any) -> None:
+    batch_class = {"model_name": MODEL, "priority": "batch", "tier": "free"}
+    admitted_before = REGISTRY.get_sample_value(ADMITTED, batch_class) or 0
     uploaded = await client.files.create(
         file=("input.jsonl", io.BytesIO(chat_lines(50))), purpose="batch"
     )
@@ -120,6 +125,8 @@ async def test_fifty_line_batch_end_to_end(client: openai.AsyncOpenAI, app: Any)
     bodies = [json.loads(line)["response"]["body"] for line in content.splitlines()]
     assert count == 50
     assert tokens == sum(b["usage"]["completion_tokens"] for b in bodies)
+    # Each line waited at the model's gate in the batch class, behind interactive requests.
+    assert REGISTRY.get_sample_value(ADMITTED, batch_class) == admitted_before + 50
 
 
 async def test_malformed_lines_rejected_at_upload_with_line_numbers(

@@ -22,6 +22,7 @@ from llm_api.services.auth.principal import AuthServices, Principal
 from llm_api.services.batches.service import BatchService, StorageQuotas
 from llm_api.services.cache.service import CachePolicy
 from llm_api.services.llm.embeddings import EmbeddingService
+from llm_api.services.llm.priority import PRIORITY_HEADER, requested_priority
 from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.serving import CompletionServing
 from llm_api.services.llm.types import RequestContext
@@ -65,6 +66,8 @@ def _request_context(request: Request, principal: Principal) -> RequestContext:
         tier=principal.tier,
         controls=principal.controls,
         trace=scope_state.get(TRACE_KEY),  # the request span's, when tracing is on
+        tenant=principal.tenant,
+        priority=requested_priority(request.headers.get(PRIORITY_HEADER)),
     )
     # Kept in the scope state so the access log can read the token counts after the response
     # (for a stream, after its last frame).

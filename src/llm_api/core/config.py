@@ -327,6 +327,34 @@ class Settings(BaseSettings):
     # --- money: prices, budgets, spend alerts -------------------------------------------------
 
     # --- fair queuing and priorities (services/llm/admission.py) ------------------------------
+    fair_queuing: bool = Field(
+        True,
+        description="Order each model's queue by priority class, then weighted fair queuing "
+        "across tenants (docs/fair-sharing.md); false: first come, first served.",
+    )
+    fair_weights: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: {"free": 1.0, "paid": 3.0},
+        description='Share of a queue per tier, as JSON, e.g. {"free": 1, "paid": 3}; a tier '
+        "not listed weighs 1.",
+    )
+    fair_expected_output_tokens: int = Field(
+        256,
+        ge=1,
+        description="Output tokens a request without max_tokens is charged when admitted; "
+        "corrected to the real count when it ends.",
+    )
+    fair_reserved_slots: int = Field(
+        1,
+        ge=0,
+        le=8,
+        description="Slots of a model (with 8 or more) that only a tenant below its fair share "
+        "may take, so a newcomer need not wait for a busy tenant's generation to end.",
+    )
+    fair_aging_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="A lowered or Batch API request waiting this long is served as interactive.",
+    )
 
     # --- tracing (OpenTelemetry) -------------------------------------------------------------
     # Turned on and configured by the standard OTEL_* variables (docs/tracing.md), not here.

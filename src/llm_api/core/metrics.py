@@ -60,6 +60,16 @@ REQUEST_QUEUE_TIME = Histogram(
 )
 """Updated by MetricsObserver."""
 
+ADMISSION_WAIT = Histogram(
+    "llm_api:admission_wait_seconds",
+    "Time a request waited for its model's slot, by priority class and tier (fair queuing).",
+    ("model_name", "priority", "tier"),
+    buckets=_QUEUE_BUCKETS,
+)
+"""Observed by the backend stage on admission (services/llm/priority.observe_admission). Labels
+are bounded: priority ∈ interactive, low, batch; tier ∈ the configured tiers or "other" (never
+a tenant id: the admin summary names tenants)."""
+
 PROMPT_TOKENS = Counter(
     "llm_api:prompt_tokens", "Prompt tokens processed (counted once per request).", MODEL
 )
@@ -124,6 +134,14 @@ REQUESTS_WAITING = Gauge(
     multiprocess_mode="livesum",
 )
 """Set by the per-worker sampler; workers' values are summed. The HPA's custom metric."""
+
+ADMISSION_QUEUE_DEPTH = Gauge(
+    "llm_api:admission_queue_depth",
+    "Requests waiting for a generation slot, by priority class and tier (fair queuing).",
+    ("model_name", "priority", "tier"),
+    multiprocess_mode="livesum",
+)
+"""Set by the per-worker sampler from AdmissionGate.depth(); labels as ADMISSION_WAIT's."""
 
 PROCESS_MEMORY = Gauge(
     "llm_api:process_resident_memory_bytes",

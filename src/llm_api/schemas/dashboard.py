@@ -6,12 +6,31 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 
+class TenantQueue(BaseModel):
+    """One tenant's standing in a model's queue (fair queuing, docs/fair-sharing.md)."""
+
+    tenant: str = Field(description="`team:<id>`, `user:<id>` or `anonymous`.")
+    tier: str
+    running: int
+    waiting: int
+    position: int | None = Field(
+        description="Place of the tenant's next request in the queue (0 = next); null when "
+        "none waits."
+    )
+    expected_wait_seconds: float | None = Field(
+        description="Rough: places ahead × the average time a slot is held ÷ slots."
+    )
+
+
 class ModelLoad(BaseModel):
     id: str
     running: int = Field(description="Requests generating now.")
     waiting: int = Field(description="Requests queued for a generation slot.")
     slots: int = Field(description="Requests the model generates at once.")
     max_waiting: int = Field(description="Queue bound; beyond it requests get 503.")
+    tenants: list[TenantQueue] = Field(
+        default_factory=list, description="Tenants with requests running or waiting."
+    )
 
 
 class ServerSummary(BaseModel):

@@ -11,10 +11,11 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from llm_api.schemas.dashboard import ModelLoad, ServerSummary
+from llm_api.schemas.dashboard import ModelLoad, ServerSummary, TenantQueue
 from llm_api.services.llm.service import LLMService
 
 GENERATION_TOKENS = "llm_api:generation_tokens"
@@ -67,6 +68,7 @@ class SummaryService:
                 waiting=gate.waiting,
                 slots=gate.slots,
                 max_waiting=gate.max_waiting,
+                tenants=[TenantQueue(**asdict(t)) for t in gate.tenants()],
             )
             for gate in self.llm.gates.values()
         ]

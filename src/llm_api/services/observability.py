@@ -88,10 +88,21 @@ def resident_memory_bytes() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
+# (model, priority, tier) label sets of the queue-depth gauge set so far: one that empties
+# is set to 0 rather than left at its last value.
+_depth_labels: set[tuple[str, str, str]] = set()
+
+
 def sample(llm: LLMService) -> None:
+    depths: dict[tuple[str, str, str], int] = dict.fromkeys(_depth_labels, 0)
     for model_id, gate in llm.gates.items():
         metrics.REQUESTS_RUNNING.labels(model_id).set(gate.running)
         metrics.REQUESTS_WAITING.labels(model_id).set(gate.waiting)
+        for (priority, tier), n in gate.depth().items():
+            depths[(model_id, priority, tier)] = n
+    for labels, n in depths.items():
+        metrics.ADMISSION_QUEUE_DEPTH.labels(*labels).set(n)
+    _depth_labels.update(depths)
     metrics.PROCESS_MEMORY.set(resident_memory_bytes())
 
 

@@ -42,6 +42,7 @@ from llm_api.schemas.embeddings import MAX_EMBEDDING_INPUTS, EmbeddingRequest
 from llm_api.services.cache.keys import cache_key, model_version
 from llm_api.services.cache.service import CachePolicy
 from llm_api.services.cache.store import CacheStore
+from llm_api.services.llm.priority import Tickets
 from llm_api.services.llm.registry import ModelConfig
 from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.stages import AdmissionStage, Outcome, ended, first_success
@@ -138,6 +139,7 @@ class EmbeddingService:
         self.shared = settings.cache_shared
         self.max_chars = settings.max_message_chars
         self.upstream_batch = settings.embedding_upstream_batch
+        self.tickets = Tickets.from_settings(settings)  # the gates' fair queuing
         self._versions: dict[str, str] = {}
 
     # --- validation -----------------------------------------------------------------------------
@@ -262,9 +264,12 @@ class EmbeddingService:
             backend = self.llm.backends[config.id]
             if not backend.ready:
                 raise ServiceUnavailableError(f"Model `{config.id}` is loading; retry shortly.")
-            async with self.llm.gates[config.id].slot():
+            texts = [items[i] for i in missing]
+            cost = sum(len(t) // 3 + 1 if isinstance(t, str) else len(t) for t in texts)
+            ticket = self.tickets.ticket(run.ctx, [], cost=cost)
+            async with self.llm.gates[config.id].slot(ticket):
                 run.admitted = time.perf_counter()
-                computed = await self._compute(config, backend, [items[i] for i in missing])
+                computed = await self._compute(config, backend, texts)
             for j, i in enumerate(missing):
                 vectors[i], tokens[i] = computed.vectors[j], computed.tokens[j]
             if keys is not None and policy.write and self.store is not None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from llm_api.core.config import Settings
 from llm_api.services.cache.service import CacheStage, ResponseHook
 from llm_api.services.cache.store import CacheStore
+from llm_api.services.llm.priority import Tickets
 from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.stages import (
     Accounting,
@@ -71,7 +72,7 @@ def build_pipeline(parts: PipelineParts) -> Pipeline:
     subscribers: Sequence[Subscriber] = parts.subscribers
     if limiter is not None:
         subscribers = (limiter.on_completion, *subscribers)
-    backend = BackendStage(llm.backends, llm.gates)
+    backend = BackendStage(llm.backends, llm.gates, Tickets.from_settings(parts.settings))
     fallbacks = FallbackStage(backend)
     admission = AdmissionStage(
         fallbacks,

@@ -27,6 +27,7 @@ from llm_api.services.llm.admission import AdmissionGate
 from llm_api.services.llm.backends.base import Backend
 from llm_api.services.llm.capabilities import check_capabilities
 from llm_api.services.llm.fingerprint import fingerprints
+from llm_api.services.llm.priority import fair_policy
 from llm_api.services.llm.registry import ModelConfig, Registry
 from llm_api.services.llm.types import GenerationRequest, RequestContext
 
@@ -38,8 +39,9 @@ class LLMService:
         self.settings = settings
         self.registry = registry
         self.backends = backends
+        policy = fair_policy(settings)
         self.gates = {
-            m.id: AdmissionGate(m.id, m.concurrency, m.max_queue) for m in registry.models
+            m.id: AdmissionGate(m.id, m.concurrency, m.max_queue, policy) for m in registry.models
         }
         self.started_at = int(time.time())
         self.fingerprints = fingerprints(registry)  # `system_fingerprint` per local model

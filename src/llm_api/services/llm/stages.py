@@ -32,6 +32,7 @@ from llm_api.schemas.common import SamplingFields
 from llm_api.services import tracing
 from llm_api.services.llm.admission import AdmissionGate
 from llm_api.services.llm.backends.base import Backend
+from llm_api.services.llm.priority import Tickets, observe_admission, prompt_cost
 from llm_api.services.llm.registry import ModelConfig
 from llm_api.services.llm.streams import first_then_rest
 from llm_api.services.llm.types import CompletionRecord, Frame, GenerationRequest, RequestContext
@@ -239,9 +240,16 @@ class BackendStage:
     check, grammar), its admission gate's slot, then every choice. Keeps `out`'s counts; a new
     attempt's replace a failed one's (the record describes the answer the client got)."""
 
-    def __init__(self, backends: dict[str, Backend], gates: dict[str, AdmissionGate]) -> None:
+    def __init__(
+        self,
+        backends: dict[str, Backend],
+        gates: dict[str, AdmissionGate],
+        tickets: Tickets | None = None,
+    ) -> None:
         self.backends = backends
         self.gates = gates
+        # Each request's fair-queuing ticket (tenant, weight, expected tokens, priority).
+        self.tickets = tickets or Tickets({}, 256, frozenset())
 
     def run(self, call: Call, out: Outcome) -> AsyncGenerator[Frame, None]:
         if call.ctx.trace is None:  # tracing off: nothing but this check
@@ -346,21 +354,26 @@ class BackendStage:
             out.completion_tokens = sum(tokens)
 
         gate = self.gates[model.id]
-        slot: AbstractAsyncContextManager[None] = gate.slot()
+        ticket = self.tickets.ticket(call.ctx, seqs)
+        slot: AbstractAsyncContextManager[object] = gate.slot(ticket)
         if span is not None:  # the wait for the model's slot as a span of its own
             waiting = {"llm_api.queue.waiting": gate.waiting, "llm_api.queue.running": gate.running}
             slot = tracing.TracedWait(slot, tracing.context_of(span), waiting)
         async with slot:
             out.admitted = time.perf_counter()
-            if len(seqs) == 1:  # the common case, without _choices' generator in between
-                async with aclosing(backend.generate(seqs[0])) as frames:
-                    async for frame in frames:
-                        count(frame)
-                        yield frame
-                return
-            async for frame in _choices(backend, seqs):
-                count(frame)
-                yield frame
+            observe_admission(model.id, ticket)
+            try:
+                if len(seqs) == 1:  # the common case, without _choices' generator in between
+                    async with aclosing(backend.generate(seqs[0])) as frames:
+                        async for frame in frames:
+                            count(frame)
+                            yield frame
+                    return
+                async for frame in _choices(backend, seqs):
+                    count(frame)
+                    yield frame
+            finally:  # what it really cost corrects the tenant's fair-queuing clock
+                ticket.used = sum(prompt_cost(s) for s in seqs) + out.completion_tokens
 
 
 async def _prepare(backend: Backend, seqs: list[GenerationRequest]) -> None:

@@ -173,6 +173,10 @@ class RequestContext:
     # The request span's context, the parent of the pipeline's spans (services/tracing.py);
     # None whenever tracing is off.
     trace: Context | None = None
+    # Fair queuing (services/llm/admission.py): whose share the request counts against (a team,
+    # else a user: Principal.tenant) and its priority class (interactive, low or batch).
+    tenant: str = "anonymous"
+    priority: str = "interactive"
 
 
 @dataclass(slots=True)

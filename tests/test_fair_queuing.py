@@ -1,0 +1,286 @@
+"""Fair queuing in the admission gate (services/llm/admission.py), at the gate: who goes next
+when tenants compete, by weight, by priority class, with aging and the reserved slot. No clock
+and no model: a driver releases the oldest slot holder and the tenant asks again, so each test
+is a fixed sequence of hand-overs (the HTTP-level test is tests/test_fair_sharing_http.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+import pytest
+
+from llm_api.core.exceptions import OverloadedError
+from llm_api.services.llm.admission import BATCH, LOW, AdmissionGate, FairPolicy, Ticket
+
+
+async def settle() -> None:
+    """Let every task that can run do so (hand-overs resolve futures; their owners resume)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+class Saturating:
+    """Tenants that each keep `depth` requests asking for a gate, forever: a driver releases
+    the oldest holder, and its tenant asks again at once."""
+
+    def __init__(self, gate: AdmissionGate) -> None:
+        self.gate = gate
+        self.held: collections.deque[Ticket] = collections.deque()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.specs: dict[str, tuple[float, int, int, int]] = {}
+
+    def add(self, tenant: str, weight: float, cost: int, used: int, depth: int, prio: int = 0):
+        self.specs[tenant] = (weight, cost, used, prio)
+        for _ in range(depth):
+            self.ask(tenant)
+
+    def ask(self, tenant: str) -> None:
+        weight, cost, used, prio = self.specs[tenant]
+
+        async def one() -> None:
+            ticket = Ticket(tenant=tenant, weight=weight, cost=cost, priority=prio)
+            await self.gate.acquire(ticket)
+            ticket.used = used
+            self.held.append(ticket)
+
+        self.tasks.append(asyncio.create_task(one()))
+
+    async def run(self, rounds: int, warmup: int = 0) -> collections.Counter[str]:
+        """Completed tokens per tenant over `rounds` hand-overs (after `warmup` more)."""
+        done: collections.Counter[str] = collections.Counter()
+        await settle()
+        for i in range(warmup + rounds):
+            ticket = self.held.popleft()
+            self.gate.release(ticket)
+            if i >= warmup:
+                done[ticket.tenant] += ticket.used or 0
+            self.ask(ticket.tenant)
+            await settle()
+        return done
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+@pytest.mark.parametrize("fair", [True, False])
+async def test_weights_3_to_1_split_completed_tokens(fair: bool) -> None:
+    """Both saturating, weights 3:1: completed tokens split 3:1 within 10%, although the
+    heavier tenant's requests are charged three times what they turn out to use (the charge
+    is corrected when each settles) and the other's are half the size. FIFO (fair=False)
+    splits by who asks more often instead, which here is 1:1 in requests."""
+    gate = AdmissionGate("m", slots=4, max_waiting=64, policy=FairPolicy(fair=fair, reserved=0))
+    load = Saturating(gate)
+    load.add("team:heavy", weight=3, cost=300, used=100, depth=8)
+    load.add("user:light", weight=1, cost=50, used=50, depth=8)
+    try:
+        done = await load.run(rounds=400, warmup=40)
+    finally:
+        await load.close()
+    ratio = done["team:heavy"] / done["user:light"]
+    if fair:
+        assert 2.7 <= ratio <= 3.3, done
+    else:
+        assert ratio == pytest.approx(2.0, rel=0.1), done  # 1:1 in requests, 100 vs 50 tokens
+
+
+async def test_a_tenant_arriving_at_an_idle_gate_is_admitted_at_once() -> None:
+    gate = AdmissionGate("m", slots=2, max_waiting=4)
+    # Someone used the gate heavily before: that is no reason to make a newcomer wait.
+    for _ in range(10):
+        heavy = Ticket(tenant="team:a", cost=1000)
+        await gate.acquire(heavy)
+        gate.release(heavy)
+    ticket = Ticket(tenant="user:b", cost=10)
+    waited = await gate.acquire(ticket)  # returns without suspending: nothing to wait for
+    assert waited == 0.0 and gate.running == 1 and gate.waiting == 0
+
+
+async def test_an_idle_tenant_banks_no_credit() -> None:
+    """A tenant idle while another was served is lifted to the busy one's clock on arrival:
+    its queued requests then alternate with the busy tenant's instead of all going first."""
+    gate = AdmissionGate("m", slots=1, max_waiting=64, policy=FairPolicy(reserved=0))
+    load = Saturating(gate)
+    load.add("user:busy", weight=1, cost=10, used=10, depth=4)
+    try:
+        await load.run(rounds=50)  # busy's clock is far ahead of an unseen tenant's 0
+        load.add("user:late", weight=1, cost=10, used=10, depth=4)
+        await settle()
+        order = []
+        for _ in range(8):
+            ticket = load.held.popleft()
+            gate.release(ticket)
+            await settle()
+            order.append(load.held[-1].tenant)
+            load.ask(ticket.tenant)
+    finally:
+        await load.close()
+    assert order.count("user:late") == 4  # its share, not all eight
+    assert order[:4].count("user:late") <= 2
+
+
+async def test_requests_admitted_at_once_also_move_the_gate_clock() -> None:
+    """A tenant whose requests never had to wait still used the model: a newcomer is lifted to
+    its clock, not to where the gate's clock stood before all that work."""
+    gate = AdmissionGate("m", slots=2, max_waiting=64, policy=FairPolicy(reserved=0))
+    for _ in range(20):
+        ticket = Ticket(tenant="user:busy", cost=10)
+        assert await gate.acquire(ticket) == 0.0
+        gate.release(ticket)
+    load = Saturating(gate)
+    load.add("user:busy", weight=1, cost=10, used=10, depth=6)  # 2 run, 4 wait
+    await settle()
+    load.add("user:late", weight=1, cost=10, used=10, depth=4)
+    await settle()  # all four queued before any slot frees
+    try:
+        order = []
+        for _ in range(4):
+            gate.release(load.held.popleft())
+            await settle()
+            order.append(load.held[-1].tenant)
+    finally:
+        await load.close()
+    assert order.count("user:late") == 2, order  # alternating, not four in a row
+
+
+async def test_interactive_goes_before_lowered_and_batch() -> None:
+    gate = AdmissionGate("m", slots=1, max_waiting=8)
+    first = Ticket(tenant="user:x")
+    await gate.acquire(first)
+    admitted: list[str] = []
+
+    async def ask(name: str, priority: int) -> None:
+        ticket = Ticket(tenant=f"user:{name}", priority=priority)
+        await gate.acquire(ticket)
+        admitted.append(name)
+        gate.release(ticket)
+
+    tasks = [
+        asyncio.create_task(ask("batch", BATCH)),
+        asyncio.create_task(ask("low", LOW)),
+        asyncio.create_task(ask("interactive", 0)),
+    ]
+    await settle()
+    gate.release(first)
+    await asyncio.gather(*tasks)
+    assert admitted == ["interactive", "low", "batch"]
+
+
+async def test_a_lowered_request_completes_under_constant_interactive_load() -> None:
+    """Aging: interactive requests always wait, so a `low` one never goes first on its own;
+    once it has waited `aging_seconds` it is served as interactive."""
+    now = [0.0]
+    gate = AdmissionGate(
+        "m",
+        slots=2,
+        max_waiting=64,
+        policy=FairPolicy(reserved=0, aging_seconds=5),
+        clock=lambda: now[0],
+    )
+    load = Saturating(gate)
+    load.add("user:chat", weight=1, cost=10, used=10, depth=6)
+    load.add("user:other", weight=1, cost=10, used=10, depth=6)
+    lowered = Ticket(tenant="user:patient", priority=LOW, cost=10)
+    waiting = asyncio.create_task(gate.acquire(lowered))
+    try:
+        await load.run(rounds=40)
+        assert not waiting.done()  # starved without aging: interactive always goes first
+        now[0] += 5
+        await load.run(rounds=1)
+        assert waiting.done() and lowered.waited == 5
+    finally:
+        waiting.cancel()
+        await load.close()
+
+
+async def test_the_reserved_slot_goes_only_to_a_tenant_below_its_share() -> None:
+    gate = AdmissionGate("m", slots=8, max_waiting=64, policy=FairPolicy(reserved=1))
+    load = Saturating(gate)
+    load.add("user:flood", weight=1, cost=10, used=10, depth=16)
+    try:
+        await settle()
+        assert gate.running == 7 and gate.waiting == 9  # alone, it leaves one slot free
+        newcomer = Ticket(tenant="user:new")
+        assert await gate.acquire(newcomer) == 0.0  # ... which a newcomer takes at once
+        assert gate.running == 8
+        await load.run(rounds=20)  # the flood's releases hand over among its own requests
+        assert gate.running == 8 and len(load.held) == 7
+        gate.release(newcomer)
+        await settle()
+        assert gate.running == 7  # the reserved slot is free again, not the flood's
+    finally:
+        await load.close()
+
+
+async def test_fifo_policy_has_no_reserved_slot_and_no_classes() -> None:
+    gate = AdmissionGate("m", slots=8, max_waiting=64, policy=FairPolicy(fair=False))
+    tickets = [Ticket(tenant="user:flood") for _ in range(8)]
+    for ticket in tickets:
+        assert await gate.acquire(ticket) == 0.0
+    order: list[str] = []
+
+    async def ask(name: str, priority: int) -> None:
+        await gate.acquire(Ticket(tenant=f"user:{name}", priority=priority))
+        order.append(name)
+
+    tasks = [asyncio.create_task(ask("batch", BATCH)), asyncio.create_task(ask("chat", 0))]
+    await settle()
+    gate.release(tickets[0])
+    gate.release(tickets[1])
+    await asyncio.gather(*tasks)
+    assert order == ["batch", "chat"]  # arrival order
+
+
+async def test_a_waiter_cancelled_just_before_a_release_is_skipped() -> None:
+    """Cancelling a task cancels its future at once, but its handler runs later: a release in
+    between must pass the slot to the next waiter, not to the one leaving."""
+    gate = AdmissionGate("m", slots=1, max_waiting=4)
+    holder = Ticket(tenant="user:a")
+    await gate.acquire(holder)
+    leaving = asyncio.create_task(gate.acquire(Ticket(tenant="user:b")))
+    staying = asyncio.create_task(gate.acquire(Ticket(tenant="user:c")))
+    await settle()
+    leaving.cancel()
+    gate.release(holder)  # before `leaving` has run its handler
+    await asyncio.gather(leaving, return_exceptions=True)
+    await asyncio.wait_for(staying, 1)
+    assert gate.running == 1 and gate.waiting == 0
+
+
+async def test_full_queue_is_503_with_retry_after_whatever_the_tenant() -> None:
+    gate = AdmissionGate("m", slots=1, max_waiting=2)
+    await gate.acquire(Ticket(tenant="user:a"))
+    waiters = [asyncio.create_task(gate.acquire(Ticket(tenant="user:a"))) for _ in range(2)]
+    await settle()
+    with pytest.raises(OverloadedError) as info:
+        await gate.acquire(Ticket(tenant="user:b", priority=0))  # fairness is no way past it
+    assert info.value.status_code == 503 and info.value.headers["Retry-After"] == "1"
+    for task in waiters:
+        task.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert gate.waiting == 0
+
+
+async def test_tenants_report_position_and_expected_wait() -> None:
+    gate = AdmissionGate("m", slots=1, max_waiting=8, policy=FairPolicy(reserved=0))
+    holder = Ticket(tenant="user:a", tier="paid")
+    await gate.acquire(holder)
+    tasks = [
+        asyncio.create_task(gate.acquire(Ticket(tenant="user:a", tier="paid", cost=10)))
+        for _ in range(2)
+    ]
+    tasks.append(asyncio.create_task(gate.acquire(Ticket(tenant="user:b", cost=10))))
+    await settle()
+    loads = {t.tenant: t for t in gate.tenants()}
+    assert loads["user:a"].running == 1 and loads["user:a"].waiting == 2
+    # a holds the slot already, so b (who holds nothing) goes before a's next
+    assert loads["user:b"].position == 0 and loads["user:a"].position == 1
+    assert loads["user:b"].expected_wait_seconds is not None
+    assert gate.depth() == {("interactive", "paid"): 2, ("interactive", "free"): 1}
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    gate.release(holder)
+    assert gate.tenants() == [] and gate.running == 0
