@@ -192,7 +192,7 @@ async def test_json_schema_format_yields_valid_json(client: openai.AsyncOpenAI) 
 
 
 async def test_bad_requests_are_400_naming_param(client: openai.AsyncOpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as exc:
+    with pytest.raises(openai.NotFoundError) as exc:  # stored responses: test_responses_store
         await client.responses.create(model=MODEL, input="hi", previous_response_id="resp_x")
     assert exc.value.body["param"] == "previous_response_id"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as exc:

@@ -10,7 +10,7 @@ id (`resp_`, `msg_`, `fc_`), so a stream's items and its final `response` agree,
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -70,9 +70,9 @@ def response_body(
         "model": model,
         "output": output,
         "parallel_tool_calls": req.parallel_tool_calls is not False,
-        "previous_response_id": None,
+        "previous_response_id": req.previous_response_id,
         "reasoning": {"effort": None, "summary": None},
-        "store": False,
+        "store": req.store is not False,
         "temperature": req.temperature if req.temperature is not None else 1.0,
         "text": {
             "format": {"type": "text"}
@@ -169,7 +169,7 @@ class _Stream:
         """One whole SSE event, named by its type (`event:` line) as OpenAI frames them."""
         body = {"type": kind, "sequence_number": self.seq, **fields}
         self.seq += 1
-        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(body)
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(body) + b"\n\n"
 
     def open_message(self) -> list[bytes]:
         self.message = len(self.items)
@@ -259,12 +259,21 @@ class _Stream:
         return out
 
 
+OnDone = Callable[[dict[str, Any]], Awaitable[None]]
+
+
 async def response_events(
-    req: ResponsesRequest, request_id: str, model: str, frames: AsyncIterator[Frame]
+    req: ResponsesRequest,
+    request_id: str,
+    model: str,
+    frames: AsyncIterator[Frame],
+    on_done: OnDone | None = None,
 ) -> AsyncIterator[bytes]:
-    """Each stream event, whole (api/streaming's `named` framing). An error after the start
+    """Each stream event, whole (for api/streaming's `event_frames`). An error after the start
     ends the stream with `response.failed` (its `error` the OpenAI error object), as OpenAI
-    does."""
+    does. `on_done` is given the final response (completed or incomplete) before its event is
+    sent, so a stored response can be continued as soon as the client has seen it end; if it
+    fails, the stream ends with `response.failed` instead."""
     created = int(time.time())
     s = _Stream(request_id)
     usage = UsageCounter(1)
@@ -303,4 +312,13 @@ async def response_events(
             yield event
     status, incomplete = _status(finish)
     kind = "response.completed" if status == "completed" else "response.incomplete"
-    yield s.event(kind, response=body(status, usage=usage, incomplete=incomplete))
+    final = body(status, usage=usage, incomplete=incomplete)
+    if on_done is not None:
+        try:
+            await on_done(final)
+        except Exception as exc:
+            error = error_payload(exc)["error"]
+            failed = {"code": "server_error", "message": error["message"]}
+            yield s.event("response.failed", response=body("failed", usage=usage, error=failed))
+            return
+    yield s.event(kind, response=final)
