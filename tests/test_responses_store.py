@@ -138,6 +138,9 @@ async def test_delete_then_404(env: Env) -> None:
         await env.client.responses.retrieve(resp.id)
     with pytest.raises(openai.NotFoundError):
         await env.client.responses.delete(resp.id)
+    for odd in ("nul\x00id", "x" * 300, "ü"):  # never one of ours: 404 (not a database error)
+        with pytest.raises(openai.NotFoundError):
+            await env.client.responses.retrieve(odd)
 
 
 async def test_store_false_keeps_nothing(env: Env) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ from llm_api.services.auth.principal import Principal
 log = structlog.get_logger(__name__)
 
 PURGE_INTERVAL_S = 3600.0
+# What one of our ids can look like (`resp_` and the request id): anything else is not found
+# without a query (PostgreSQL refuses a NUL in text, for one).
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +52,12 @@ class Owner:
 
 def not_found(response_id: str) -> NotFoundError:
     # The same answer for an id that never existed, was deleted, expired or is someone else's.
-    return NotFoundError(f"Response with id '{response_id}' not found.", param="response_id")
+    return NotFoundError(f"Response with id '{response_id[:80]}' not found.", param="response_id")
 
 
 async def find(db: AsyncSession, tenant: str, response_id: str) -> StoredResponse | None:
+    if not _ID.fullmatch(response_id):
+        return None
     row = await db.get(StoredResponse, response_id)
     return row if row is not None and row.tenant == tenant else None
 
@@ -64,6 +70,8 @@ async def get(db: AsyncSession, tenant: str, response_id: str) -> StoredResponse
 
 
 async def remove(db: AsyncSession, tenant: str, response_id: str) -> None:
+    if not _ID.fullmatch(response_id):
+        raise not_found(response_id)
     result = await db.execute(
         delete(StoredResponse).where(
             StoredResponse.id == response_id, StoredResponse.tenant == tenant
