@@ -296,3 +296,37 @@ async def test_stream_is_framed_as_named_events_without_done(http: httpx.AsyncCl
         payload = orjson.loads(data[len("data: ") :])
         assert payload["type"] == name[len("event: ") :] and payload["sequence_number"] == i
     assert events[-1].startswith("event: response.")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("conversation", "conv_1"),
+        ("prompt", {"id": "pmpt_1"}),
+        ("background", True),
+        ("top_logprobs", 2),
+    ],
+)
+async def test_fields_that_would_change_the_answer_are_400(
+    client: openai.AsyncOpenAI, field: str, value: Any
+) -> None:
+    with pytest.raises(openai.BadRequestError) as exc:
+        await client.responses.create(model=MODEL, input="hi", extra_body={field: value})
+    assert exc.value.body["param"] == field  # type: ignore[index]
+
+
+async def test_fields_an_sdk_sends_are_accepted(client: openai.AsyncOpenAI) -> None:
+    """What the Agents SDK and others send that changes nothing here is taken, as OpenAI does."""
+    resp = await client.responses.create(
+        **greedy(max_output_tokens=2),
+        include=[],
+        truncation="disabled",
+        reasoning={"effort": "low"},
+        service_tier="auto",
+        prompt_cache_key="k",
+        safety_identifier="s",
+        parallel_tool_calls=True,
+        background=False,
+        top_logprobs=0,
+    )
+    assert resp.status in ("completed", "incomplete")
