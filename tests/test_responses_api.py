@@ -278,6 +278,14 @@ async def test_unknown_input_item_is_400_naming_input(client: openai.AsyncOpenAI
             input=[{"type": "reasoning", "summary": []}],  # type: ignore[list-item]
         )
     assert str(exc.value.body["param"]).startswith("input")  # type: ignore[index]
+    # Content parts are text only (images and files are not translated, whatever the model).
+    image = {"type": "input_image", "image_url": "data:image/png;base64,AA=="}
+    with pytest.raises(openai.BadRequestError) as exc:
+        await client.responses.create(
+            model=MODEL,
+            input=[{"role": "user", "content": [image]}],  # type: ignore[list-item]
+        )
+    assert str(exc.value.body["param"]).startswith("input[0].content")  # type: ignore[index]
 
 
 async def test_stream_is_framed_as_named_events_without_done(http: httpx.AsyncClient) -> None:
@@ -305,6 +313,7 @@ async def test_stream_is_framed_as_named_events_without_done(http: httpx.AsyncCl
         ("prompt", {"id": "pmpt_1"}),
         ("background", True),
         ("top_logprobs", 2),
+        ("include", ["message.output_text.logprobs"]),
     ],
 )
 async def test_fields_that_would_change_the_answer_are_400(
@@ -319,7 +328,7 @@ async def test_fields_an_sdk_sends_are_accepted(client: openai.AsyncOpenAI) -> N
     """What the Agents SDK and others send that changes nothing here is taken, as OpenAI does."""
     resp = await client.responses.create(
         **greedy(max_output_tokens=2),
-        include=[],
+        include=["reasoning.encrypted_content"],
         truncation="disabled",
         reasoning={"effort": "low"},
         service_tier="auto",

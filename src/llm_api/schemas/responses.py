@@ -129,6 +129,8 @@ class ResponsesRequest(OpenAIRequest):
     prompt: Any = None
     background: bool | None = None
     top_logprobs: int | None = None
+    # Extra output to include: nothing we answer has more to include, except logprobs (refused).
+    include: Annotated[list[str], Field(max_length=32)] | None = None
 
     @model_validator(mode="after")
     def _unsupported(self) -> ResponsesRequest:
@@ -141,4 +143,10 @@ class ResponsesRequest(OpenAIRequest):
         for name, why in refused.items():
             if getattr(self, name) not in (None, False, 0):
                 raise InvalidRequestError(f"`{name}` is not supported: {why}.", param=name)
+        if "message.output_text.logprobs" in (self.include or ()):
+            raise InvalidRequestError(
+                "`include` `message.output_text.logprobs` is not supported: "
+                f"{refused['top_logprobs']}.",
+                param="include",
+            )
         return self
