@@ -30,7 +30,11 @@ def _usage(usage: UsageCounter) -> dict[str, Any]:
     reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
     return {
         "input_tokens": usage.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": usage.cached_tokens or 0},
+        # OpenAI's schema requires cache_write_tokens: no prompt cache is written for a client.
+        "input_tokens_details": {
+            "cached_tokens": usage.cached_tokens or 0,
+            "cache_write_tokens": 0,
+        },
         "output_tokens": usage.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": reasoning or 0},
         "total_tokens": usage.total_tokens,
@@ -58,7 +62,7 @@ def response_body(
 ) -> dict[str, Any]:
     """A `response` object (the SDK's `Response`), echoing the request's settings."""
     fmt = req.text.format if req.text is not None else None
-    return {
+    body = {
         "id": f"resp_{request_id}",
         "object": "response",
         "created_at": created,
@@ -92,10 +96,14 @@ def response_body(
         ],
         "top_p": req.top_p if req.top_p is not None else 1.0,
         "truncation": "disabled",
-        "usage": None if usage is None else _usage(usage),
-        "user": req.user,
         "metadata": req.metadata or {},
     }
+    # Objects or strings when present (OpenAI's schema), absent otherwise: usage until the end.
+    if usage is not None:
+        body["usage"] = _usage(usage)
+    if req.user is not None:
+        body["user"] = req.user
+    return body
 
 
 def _status(finish: str | None) -> tuple[str, str | None]:
