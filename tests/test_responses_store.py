@@ -4,7 +4,7 @@ real model, on SQLite and on PostgreSQL (required in CI): a chain by `previous_r
 turn's instructions not carried over), retrieve / delete / input_items with pagination,
 another user's id and a `store: false` response are 404, a streamed response is stored once
 complete, a function call answered through `previous_response_id` + `function_call_output`,
-and the retention purge."""
+a team key's responses shared by the team's keys, and the retention purge."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import openai
 import orjson
 import pytest
 
+from llm_api.db.tables import Team
+from llm_api.services.auth import api_keys
 from tests.clients.support import FRESH
 from tests.conftest import MODEL, Account, create_account
 
@@ -125,6 +127,31 @@ async def test_another_users_response_is_404_everywhere(env: Env) -> None:
     # Still there for its owner, as stored.
     fetched = await env.client.responses.retrieve(mine.id)
     assert fetched.metadata == {"k": "v"} and fetched.output_text == mine.output_text
+
+
+async def test_a_team_keys_responses_are_the_teams(env: Env) -> None:
+    """Scoped by tenant: what one of a team's keys stored, another key of the team reads; the
+    same user's personal key does not (it is another tenant)."""
+    account = await create_account(env.app)
+    async with env.app.state.llm_api.db.sessions.begin() as db:
+        team = Team(name="t")
+        db.add(team)
+        await db.flush()
+        raws = []
+        for name in ("k1", "k2"):
+            key, raw = await api_keys.create_key(db, account.user_id, name)
+            key.team_id = team.id
+            raws.append(raw)
+    first, second = (
+        _sdk(env.http, Account(account.user_id, account.email, "", raw, "")) for raw in raws
+    )
+    personal = _sdk(env.http, account)
+    resp = await first.responses.create(**short(input="Hi.", max_output_tokens=2))
+    assert (await second.responses.retrieve(resp.id)).id == resp.id
+    with pytest.raises(openai.NotFoundError):
+        await personal.responses.retrieve(resp.id)
+    with pytest.raises(openai.NotFoundError):
+        await env.client.responses.retrieve(resp.id)
 
 
 async def test_delete_then_404(env: Env) -> None:
