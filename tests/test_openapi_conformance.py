@@ -505,7 +505,7 @@ RESPONSE_EVENTS = {
     "response.incomplete": "ResponseIncompleteEvent",
     "response.failed": "ResponseFailedEvent",
 }
-CITY_TOOL = {
+RESPONSES_TOOL = {
     "type": "function",
     "name": "get_weather",
     "description": "Current weather in a city",
@@ -534,7 +534,7 @@ def events_conform(text: str) -> list[Any]:
 
 @pytest.mark.parametrize(
     "extra",
-    [{}, {"tools": [CITY_TOOL], "tool_choice": "required", "max_output_tokens": 200}],
+    [{}, {"tools": [RESPONSES_TOOL], "tool_choice": "required", "max_output_tokens": 200}],
     ids=["text", "function_call"],
 )
 async def test_responses_whole_streamed_stored_and_listed(
