@@ -1,7 +1,8 @@
 """The OpenAI Agents SDK (`openai-agents`) running an agent with one function tool against our
 /v1/responses, with its default model class (`OpenAIResponsesModel`) pointed at llm-api and
 the built-in SmolLM2: the first turn must call the tool (`tool_choice="required"`), the SDK
-runs it and sends the `function_call_output` back, and the model's text is the final output.
+runs it and sends the `function_call_output` back (with the whole conversation, or only with
+`previous_response_id`), and the model's text is the final output.
 
 The SDK sends what OpenAI accepts and we translate nothing for: `include: []`, `store` when
 set, and our responses carry what its parsers read. Tracing is off (it would post to OpenAI)."""
@@ -64,10 +65,17 @@ def weather_agent(client: openai.AsyncOpenAI, calls: list[str], **settings: Any)
     )
 
 
-async def test_agent_calls_its_tool_then_answers(client: openai.AsyncOpenAI) -> None:
+@pytest.mark.parametrize("chained", [False, True], ids=["whole_input", "previous_response_id"])
+async def test_agent_calls_its_tool_then_answers(client: openai.AsyncOpenAI, chained: bool) -> None:
+    """`chained`: the SDK's server-side conversation (`auto_previous_response_id`): its second
+    turn sends only the tool's output and the first response's id, so the model hears of the
+    question and its call only through our stored response."""
     calls: list[str] = []
     result = await Runner.run(
-        weather_agent(client, calls), "What is the weather in Paris?", max_turns=3
+        weather_agent(client, calls),
+        "What is the weather in Paris?",
+        max_turns=3,
+        auto_previous_response_id=chained,
     )
     assert len(calls) == 1 and calls[0]
     assert isinstance(result.final_output, str) and result.final_output.strip()
@@ -80,6 +88,11 @@ async def test_agent_calls_its_tool_then_answers(client: openai.AsyncOpenAI) -> 
     assert second.response_id is not None and second.response_id.startswith("resp_")
     stored = await client.responses.retrieve(second.response_id)
     assert stored.output_text == result.final_output
+    first = result.raw_responses[0].response_id
+    assert stored.previous_response_id == (first if chained else None)
+    items = await client.responses.input_items.list(second.response_id, order="asc")
+    kinds = [item.type for item in items.data]
+    assert kinds == ["message", "function_call", "function_call_output"]
 
 
 async def test_agent_streamed(client: openai.AsyncOpenAI) -> None:
