@@ -95,6 +95,31 @@ async def test_whole_message(sdk: anthropic.AsyncAnthropic) -> None:
 
 
 @pytest.mark.model
+async def test_stop_sequence_names_the_one_that_matched(sdk: anthropic.AsyncAnthropic) -> None:
+    """A local model's stop string ends the message with `stop_reason: stop_sequence` and the
+    string that matched, whole, streamed (the SDK's helper) and replayed from the cache."""
+    free = await sdk.messages.create(**request())
+    text = free.content[0].text  # type: ignore[union-attr]
+    words = text.split()
+    assert len(words) >= 3, text
+    word = words[2]  # greedy: the same text again, cut before its third word
+    stops = ["NEVER-SAID", word]
+    whole = await sdk.messages.create(**request(stop_sequences=stops))
+    assert whole.stop_reason == "stop_sequence" and whole.stop_sequence == word
+    assert whole.content[0].text == text[: text.index(word)]  # type: ignore[union-attr]
+    async with sdk.messages.stream(**request(stop_sequences=stops)) as stream:
+        final = await stream.get_final_message()
+    assert final.stop_reason == "stop_sequence" and final.stop_sequence == word
+    cached = request(stop_sequences=stops, extra_headers={})
+    await sdk.messages.create(**cached)
+    replay = await sdk.messages.with_raw_response.create(**cached)
+    assert replay.headers["x-cache"] == "hit"
+    assert (await replay.parse()).stop_sequence == word
+    # Without a match: the end of turn (or the length limit), and no sequence.
+    assert free.stop_reason in ("end_turn", "max_tokens") and free.stop_sequence is None
+
+
+@pytest.mark.model
 async def test_stream_reassembles_to_the_whole_message(sdk: anthropic.AsyncAnthropic) -> None:
     whole = await sdk.messages.create(**request())
     async with sdk.messages.stream(**request()) as stream:

@@ -1,6 +1,7 @@
-"""Every body and stream chunk we send for chat, completions, models and errors validates against
-OpenAI's published OpenAPI description (the schemas vendored in tests/data/openai_openapi/),
-taken from the running app: the real model, the response cache, a stub upstream, the limiter."""
+"""Every body and stream chunk we send for chat, completions, responses (whole, streamed, stored,
+input_items), models and errors validates against OpenAI's published OpenAPI description (the
+schemas vendored in tests/data/openai_openapi/), taken from the running app: the real model,
+the response cache, a stub upstream, the limiter."""
 
 from __future__ import annotations
 
@@ -485,3 +486,87 @@ async def test_upstream_tool_call_with_extras(tmp_path: Path) -> None:
             )
             assert "".join(d.get("refusal") or "" for d in deltas) == "Partly declined."
             assert replayed[-1]["usage"] == usage
+
+
+# --- the Responses API ----------------------------------------------------------------------------
+
+RESPONSE_EVENTS = {
+    "response.created": "ResponseCreatedEvent",
+    "response.in_progress": "ResponseInProgressEvent",
+    "response.output_item.added": "ResponseOutputItemAddedEvent",
+    "response.content_part.added": "ResponseContentPartAddedEvent",
+    "response.output_text.delta": "ResponseTextDeltaEvent",
+    "response.output_text.done": "ResponseTextDoneEvent",
+    "response.content_part.done": "ResponseContentPartDoneEvent",
+    "response.output_item.done": "ResponseOutputItemDoneEvent",
+    "response.function_call_arguments.delta": "ResponseFunctionCallArgumentsDeltaEvent",
+    "response.function_call_arguments.done": "ResponseFunctionCallArgumentsDoneEvent",
+    "response.completed": "ResponseCompletedEvent",
+    "response.incomplete": "ResponseIncompleteEvent",
+    "response.failed": "ResponseFailedEvent",
+}
+RESPONSES_TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Current weather in a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 16}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+    "strict": True,
+}
+
+
+def named_events(text: str) -> list[Any]:
+    """The Responses API's stream: `event:` and `data:` lines per event, no `[DONE]`."""
+    events = [e for e in text.split("\n\n") if e.startswith("event: ")]
+    return [json.loads(e.split("\n", 1)[1].removeprefix("data: ")) for e in events]
+
+
+def events_conform(text: str) -> list[Any]:
+    events = named_events(text)
+    for event in events:
+        conforms(event, RESPONSE_EVENTS[event["type"]])
+    return events
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"tools": [RESPONSES_TOOL], "tool_choice": "required", "max_output_tokens": 200}],
+    ids=["text", "function_call"],
+)
+async def test_responses_whole_streamed_stored_and_listed(
+    http: httpx.AsyncClient, extra: dict[str, Any]
+) -> None:
+    body = {"model": MODEL, "input": "Weather in Paris?", "max_output_tokens": 4, **extra}
+    body |= {"instructions": "Be brief.", "metadata": {"k": "v"}, "parallel_tool_calls": False}
+    r = await http.post("/v1/responses", json=body, headers=NO_CACHE)
+    assert r.status_code == 200, r.text
+    whole = r.json()
+    conforms(whole, "Response")
+    stored = await http.get(f"/v1/responses/{whole['id']}")
+    assert stored.status_code == 200 and stored.json() == whole
+    items = await http.get(f"/v1/responses/{whole['id']}/input_items")
+    conforms(items.json(), "ResponseItemList")
+    chained = {**body, "previous_response_id": whole["id"], "input": "And now?"}
+    r = await http.post("/v1/responses", json=chained | {"tool_choice": "none"}, headers=NO_CACHE)
+    assert r.status_code == 200, r.text
+    conforms(r.json(), "Response")
+    items = await http.get(f"/v1/responses/{r.json()['id']}/input_items?order=asc&limit=2")
+    conforms(items.json(), "ResponseItemList")
+    r = await http.post("/v1/responses", json={**body, "stream": True}, headers=NO_CACHE)
+    assert r.status_code == 200, r.text
+    events = events_conform(r.text)
+    assert events[-1]["type"] in ("response.completed", "response.incomplete")
+
+
+async def test_responses_failed_stream(tmp_path: Path) -> None:
+    async with stubs(StubConfig(tokens=6, token="ok ", die_after=2)) as (stub,):
+        model = {"id": "up", "backend": "openai", "base_url": stub.base_url}
+        async with routed_app(tmp_path, [model]) as r:
+            body = {"model": "up", "input": "hi", "stream": True}
+            resp = await r.http.post("/v1/responses", json=body)
+    events = events_conform(resp.text)
+    assert events[-1]["type"] == "response.failed"

@@ -192,7 +192,7 @@ async def test_json_schema_format_yields_valid_json(client: openai.AsyncOpenAI) 
 
 
 async def test_bad_requests_are_400_naming_param(client: openai.AsyncOpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as exc:
+    with pytest.raises(openai.NotFoundError) as exc:  # stored responses: test_responses_store
         await client.responses.create(model=MODEL, input="hi", previous_response_id="resp_x")
     assert exc.value.body["param"] == "previous_response_id"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as exc:
@@ -278,6 +278,14 @@ async def test_unknown_input_item_is_400_naming_input(client: openai.AsyncOpenAI
             input=[{"type": "reasoning", "summary": []}],  # type: ignore[list-item]
         )
     assert str(exc.value.body["param"]).startswith("input")  # type: ignore[index]
+    # Content parts are text only (images and files are not translated, whatever the model).
+    image = {"type": "input_image", "image_url": "data:image/png;base64,AA=="}
+    with pytest.raises(openai.BadRequestError) as exc:
+        await client.responses.create(
+            model=MODEL,
+            input=[{"role": "user", "content": [image]}],  # type: ignore[list-item]
+        )
+    assert str(exc.value.body["param"]).startswith("input[0].content")  # type: ignore[index]
 
 
 async def test_stream_is_framed_as_named_events_without_done(http: httpx.AsyncClient) -> None:
@@ -296,3 +304,38 @@ async def test_stream_is_framed_as_named_events_without_done(http: httpx.AsyncCl
         payload = orjson.loads(data[len("data: ") :])
         assert payload["type"] == name[len("event: ") :] and payload["sequence_number"] == i
     assert events[-1].startswith("event: response.")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("conversation", "conv_1"),
+        ("prompt", {"id": "pmpt_1"}),
+        ("background", True),
+        ("top_logprobs", 2),
+        ("include", ["message.output_text.logprobs"]),
+    ],
+)
+async def test_fields_that_would_change_the_answer_are_400(
+    client: openai.AsyncOpenAI, field: str, value: Any
+) -> None:
+    with pytest.raises(openai.BadRequestError) as exc:
+        await client.responses.create(model=MODEL, input="hi", extra_body={field: value})
+    assert exc.value.body["param"] == field  # type: ignore[index]
+
+
+async def test_fields_an_sdk_sends_are_accepted(client: openai.AsyncOpenAI) -> None:
+    """What the Agents SDK and others send that changes nothing here is taken, as OpenAI does."""
+    resp = await client.responses.create(
+        **greedy(max_output_tokens=2),
+        include=["reasoning.encrypted_content"],
+        truncation="disabled",
+        reasoning={"effort": "low"},
+        service_tier="auto",
+        prompt_cache_key="k",
+        safety_identifier="s",
+        parallel_tool_calls=True,
+        background=False,
+        top_logprobs=0,
+    )
+    assert resp.status in ("completed", "incomplete")

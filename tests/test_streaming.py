@@ -10,7 +10,14 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from llm_api.api.streaming import _BATCH, _MAX_BYTES, _batches, ndjson_lines, sse_frames
+from llm_api.api.streaming import (
+    _BATCH,
+    _MAX_BYTES,
+    _batches,
+    event_frames,
+    ndjson_lines,
+    sse_frames,
+)
 from llm_api.core.exceptions import UpstreamTimeoutError
 from llm_api.schemas.chat import ChatCompletionChunk, ChoiceDelta, ChunkChoice
 from tests.conftest import MODEL
@@ -94,6 +101,26 @@ async def test_sse_unexpected_error_hides_details() -> None:
     )
     assert b"/secret" not in raw
     assert json.loads(events(raw)[0].removeprefix("data: "))["error"]["type"] == "server_error"
+
+
+async def test_named_events_pass_as_framed_with_keepalives_and_an_error_but_no_done() -> None:
+    """The one helper for named events (Responses, Messages): each event's bytes as its
+    encoder framed them; by default a keep-alive comment when quiet and the OpenAI error
+    object as a `data:` event after the first byte (the Responses API's framing, the bytes
+    the `named` mode of sse_frames sent before it was folded in)."""
+    first = b'event: response.created\ndata: {"type":"response.created"}\n\n'
+
+    async def quiet_then_fail() -> AsyncIterator[bytes]:
+        yield first
+        await asyncio.sleep(0.25)
+        raise UpstreamTimeoutError("The upstream model server stopped sending tokens.")
+
+    raw = await collect(event_frames(quiet_then_fail(), keepalive=0.1))
+    assert raw.startswith(first) and b": keep-alive\n\n" in raw and b"[DONE]" not in raw
+    last = events(raw)[-1]
+    assert json.loads(last.removeprefix("data: "))["error"]["code"] == "upstream_timeout"
+    # Ended normally: exactly the events, nothing added.
+    assert await collect(event_frames(items(first, first), keepalive=10)) == first + first
 
 
 async def test_items_made_together_leave_as_one_batch() -> None:

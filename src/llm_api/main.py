@@ -49,6 +49,7 @@ from llm_api.services.llm.serving import CompletionServing
 from llm_api.services.observability import MetricsObserver, observability
 from llm_api.services.rate_limit import start_rate_limiter
 from llm_api.services.redis_pool import SharedRedis
+from llm_api.services.response_store import ResponseStore
 from llm_api.services.usage.pipeline import UsagePipeline
 
 log = structlog.get_logger(__name__)
@@ -86,6 +87,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     responses = CompletionServing(llm, pipeline)
     embeddings = EmbeddingService(llm, pipeline.cache.store, settings, pipeline.admission)
     files, batch_queue = start_batches(settings, db.sessions, responses, embeddings)
+    stored_responses = ResponseStore(db.sessions, settings.responses_retention_days)
+    stored_responses.start()  # the hourly retention purge
     state = app.state.llm_api = AppState(
         settings=settings,
         llm=llm,
@@ -98,6 +101,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         files=files,
         batch_queue=batch_queue,
         summary=SummaryService(llm),
+        stored_responses=stored_responses,
         on_drain=on_drain,
     )
 
@@ -122,6 +126,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader.cancel()
         await asyncio.gather(loader, return_exceptions=True)
         await batch_queue.aclose()
+        await stored_responses.aclose()
         await llm.aclose()
         await limiter.aclose()
         await usage.aclose()  # after the models: cancelled requests have recorded by now

@@ -3,7 +3,8 @@
 The items are each chunk's JSON (bytes, from the serving modules' encoders) or a typed model.
 One wrapper per format: it frames each chunk, sends keep-alive comments while the model is
 quiet (so proxies do not cut idle streams), turns an exception into an error frame, and ends an
-SSE stream with `data: [DONE]` (not the Responses API's named events: `named=True`).
+SSE stream with `data: [DONE]` (`sse_frames`; the Responses and Messages families' named events,
+framed by their encoders, go through `event_frames` and end without it).
 JSON encoding escapes newlines and carriage returns, so model
 output such as "\\n\\ndata: [DONE]\\n\\n" stays inside a string and cannot end the stream.
 
@@ -178,23 +179,17 @@ def _ndjson_line(chunk: Chunk) -> bytes:
     return body + b"\n"
 
 
-def _named_event(chunk: Chunk) -> bytes:
-    assert isinstance(chunk, bytes)
-    return chunk + b"\n\n"
+KEEPALIVE_COMMENT = b": keep-alive\n\n"
 
 
-async def sse_frames(
-    chunks: AsyncIterator[Chunk], keepalive: float, *, named: bool = False
-) -> AsyncIterator[bytes]:
-    """`named`: each chunk is a whole event (`event: name` and `data:` lines, the Responses
-    API's framing), and the stream ends without `data: [DONE]`, as OpenAI's does."""
-    done = b"" if named else b"data: [DONE]\n\n"
-    frame = _named_event if named else _sse_event
+async def sse_frames(chunks: AsyncIterator[Chunk], keepalive: float) -> AsyncIterator[bytes]:
+    """Chat and completions: `data:` events, keep-alive comments, `data: [DONE]` at the end."""
+    done = b"data: [DONE]\n\n"
     try:
-        async with aclosing(_batches(chunks, keepalive, frame)) as batches:
+        async with aclosing(_batches(chunks, keepalive, _sse_event)) as batches:
             async for batch, last in batches:
                 if not batch and not last:
-                    yield b": keep-alive\n\n"
+                    yield KEEPALIVE_COMMENT
                     continue
                 frames = b"".join(batch)
                 if last:
@@ -202,7 +197,7 @@ async def sse_frames(
                     return
                 yield frames
     except Exception as exc:  # after the first byte, errors travel in-band
-        yield b"data: " + orjson.dumps(error_payload(exc)) + b"\n\n"
+        yield _error_data(exc)
     yield FinalFrame(done)
 
 
@@ -219,15 +214,20 @@ async def ndjson_lines(chunks: AsyncIterator[Chunk], keepalive: float) -> AsyncI
         yield FinalFrame(orjson.dumps(error_payload(exc)) + b"\n")
 
 
+def _error_data(exc: Exception) -> bytes:
+    return b"data: " + orjson.dumps(error_payload(exc)) + b"\n\n"
+
+
 async def event_frames(
     events: AsyncIterator[bytes],
     keepalive: float,
-    ping: bytes,
-    on_error: Callable[[Exception], bytes],
+    ping: bytes = KEEPALIVE_COMMENT,
+    on_error: Callable[[Exception], bytes] = _error_data,
 ) -> AsyncIterator[bytes]:
-    """Named SSE events already framed by the caller (`event: ...\ndata: ...\n\n`, the
-    Anthropic family): `ping` when quiet, `on_error(exc)` for an error after the first byte, no
-    `[DONE]`."""
+    """Named SSE events already framed by the caller (`event: ...\ndata: ...\n\n`: the
+    Responses and Messages families): `ping` when quiet (a keep-alive comment unless given),
+    `on_error(exc)` for an error after the first byte (a `data:` error object unless given),
+    and no `data: [DONE]`, as OpenAI's and Anthropic's streams end."""
     try:
         async with aclosing(_batches(events, keepalive, _as_is)) as batches:
             async for batch, last in batches:
@@ -246,11 +246,21 @@ def _as_is(frame: bytes) -> bytes:
     return frame
 
 
-def sse_response(
-    chunks: AsyncIterator[Chunk], keepalive: float, *, named: bool = False
-) -> StreamingResponse:
+def sse_response(chunks: AsyncIterator[Chunk], keepalive: float) -> StreamingResponse:
     return StreamResponse(
-        sse_frames(chunks, keepalive, named=named),
+        sse_frames(chunks, keepalive), media_type="text/event-stream", headers=SSE_HEADERS
+    )
+
+
+def named_sse_response(
+    events: AsyncIterator[bytes],
+    keepalive: float,
+    ping: bytes = KEEPALIVE_COMMENT,
+    on_error: Callable[[Exception], bytes] = _error_data,
+) -> StreamingResponse:
+    """A stream of named events (`event_frames`)."""
+    return StreamResponse(
+        event_frames(events, keepalive, ping, on_error),
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )

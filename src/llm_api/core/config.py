@@ -323,6 +323,12 @@ class Settings(BaseSettings):
     )
 
     # --- stored responses (/v1/responses store) -----------------------------------------------
+    responses_retention_days: int = Field(
+        30,
+        ge=1,
+        description="Stored /v1/responses answers (store=true, the default) older than this are "
+        "deleted (checked hourly).",
+    )
 
     # --- money: prices, budgets, spend alerts -------------------------------------------------
 

@@ -19,6 +19,7 @@ from llm_api.services.llm.embeddings import EmbeddingService
 from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.serving import CompletionServing
 from llm_api.services.rate_limit.limiter import RateLimiter
+from llm_api.services.response_store import ResponseStore
 from llm_api.services.usage.pipeline import UsagePipeline
 
 
@@ -35,6 +36,7 @@ class AppState:
     files: FileStore  # Files API contents (batch input and output)
     batch_queue: BatchQueue  # Celery (Redis) or the embedded dispatcher
     summary: SummaryService  # the admin dashboard's live numbers (keeps its own samples)
+    stored_responses: ResponseStore  # /v1/responses `store`: save, previous, retention purge
     # Run once on SIGTERM after in-flight requests end (or are cut), before the process exits:
     # the lifespan passes the flushes it registers (`UsagePipeline.start(on_drain)`).
     on_drain: list[DrainHook]

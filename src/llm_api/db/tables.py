@@ -258,6 +258,32 @@ class ConversationOptOut(Base):
 # --- stored responses (/v1/responses store; migration 0006) ------------------------------------
 
 
+class StoredResponse(Base):
+    """A /v1/responses answer kept for GET, `previous_response_id` and input_items (`store`,
+    default true as OpenAI's); deleted after LLM_API_RESPONSES_RETENTION_DAYS. `tenant` is
+    whose it is (Principal.tenant: a team key's team, else the user): every lookup is scoped by
+    it. `input_items` is the whole conversation the model was sent (a chained response's holds
+    its predecessors' turns), `response` the `response` object as answered (output, usage,
+    instructions, metadata, settings)."""
+
+    __tablename__ = "stored_responses"
+    __table_args__ = (Index("ix_stored_responses_created_at", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(48))
+    user_id: Mapped[str | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), default=None, index=True
+    )
+    key_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    team_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    model: Mapped[str] = mapped_column(String(256))
+    status: Mapped[str] = mapped_column(String(16))
+    previous_response_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    input_items: Mapped[list] = mapped_column(JSON)
+    response: Mapped[dict] = mapped_column(JSON)
+
+
 # --- money: prices, budgets, spend (migration 0007) --------------------------------------------
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, StringConstraints, Tag
+from pydantic import Discriminator, Field, StringConstraints, Tag, model_validator
 
+from llm_api.core.exceptions import InvalidRequestError
 from llm_api.schemas.chat import ToolName
 from llm_api.schemas.common import MAX_TOKENS, OpenAIRequest, StrictModel
 
@@ -115,6 +116,37 @@ class ResponsesRequest(OpenAIRequest):
     metadata: Annotated[dict[str, str], Field(max_length=16)] | None = None
     user: Annotated[str, StringConstraints(max_length=256)] | None = None
     stream: bool = False
-    # Accepted either way; nothing is stored (a stored response could not be fetched back).
+    # Default true (OpenAI's): the response is kept (services/response_store.py).
     store: bool | None = None
-    previous_response_id: str | None = None
+    previous_response_id: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = (
+        None
+    )
+    # OpenAI's fields that would change the answer and that we do not implement: a 400 rather
+    # than an answer that silently ignored them. Others an SDK sends (`include`, `truncation`,
+    # `reasoning`, `service_tier`, `prompt_cache_key`, `safety_identifier`, `stream_options`,
+    # ...) are tolerated and ignored (docs/api-families.md).
+    conversation: Any = None
+    prompt: Any = None
+    background: bool | None = None
+    top_logprobs: int | None = None
+    # Extra output to include: nothing we answer has more to include, except logprobs (refused).
+    include: Annotated[list[str], Field(max_length=32)] | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> ResponsesRequest:
+        refused = {
+            "conversation": "use `previous_response_id` to continue a conversation",
+            "prompt": "stored prompt templates are not supported; send `instructions`",
+            "background": "background responses are not supported",
+            "top_logprobs": "logprobs are not supported on /v1/responses; use /v1/chat/completions",
+        }
+        for name, why in refused.items():
+            if getattr(self, name) not in (None, False, 0):
+                raise InvalidRequestError(f"`{name}` is not supported: {why}.", param=name)
+        if "message.output_text.logprobs" in (self.include or ()):
+            raise InvalidRequestError(
+                "`include` `message.output_text.logprobs` is not supported: "
+                f"{refused['top_logprobs']}.",
+                param="include",
+            )
+        return self

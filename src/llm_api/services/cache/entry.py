@@ -50,6 +50,7 @@ class CachedChoice(BaseModel):
     completion_tokens: int | None = None
     cached_tokens: int | None = None
     usage_extra: dict[str, Any] | None = None
+    stop_sequence: str | None = None
 
     @classmethod
     def of(cls, choice: ChoiceAnswer) -> CachedChoice:
@@ -81,6 +82,7 @@ class CachedChoice(BaseModel):
             completion_tokens=choice.completion_tokens,
             cached_tokens=choice.cached_tokens,
             usage_extra=choice.usage_extra,
+            stop_sequence=choice.stop_sequence,
         )
 
     def frames(self, index: int) -> tuple[Frame, Frame]:
@@ -113,6 +115,7 @@ class CachedChoice(BaseModel):
             index=index,
             cached_tokens=self.cached_tokens,
             usage_extra=self.usage_extra,
+            stop_sequence=self.stop_sequence,
         )
         return content, finish
 

@@ -104,6 +104,7 @@ class ChoiceAnswer:
     completion_tokens: int | None = None
     cached_tokens: int | None = None
     usage_extra: dict[str, Any] | None = None
+    stop_sequence: str | None = None  # the stop string that ended it (local engines)
 
     def add(self, frame: Frame) -> None:
         if frame.text:
@@ -136,6 +137,7 @@ class ChoiceAnswer:
             self.completion_tokens = frame.completion_tokens
             self.cached_tokens = frame.cached_tokens
             self.usage_extra = frame.usage_extra
+            self.stop_sequence = frame.stop_sequence
 
     @property
     def text(self) -> str:

@@ -16,6 +16,7 @@ class TextAssembler:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop sequence that stopped it
 
     def push(self, piece: bytes) -> str:
         """Feed one token's bytes; return the text that is now safe to emit. After a stop
@@ -24,9 +25,14 @@ class TextAssembler:
         if not self._stop:
             self._held = ""
             return text
-        cut = min((i for i in (text.find(s) for s in self._stop) if i >= 0), default=-1)
-        if cut >= 0:
+        cut, matched = -1, None
+        for stop in self._stop:  # the earliest match; of two at one place, the first listed
+            i = text.find(stop)
+            if i >= 0 and (cut < 0 or i < cut):
+                cut, matched = i, stop
+        if matched is not None:
             self.stopped = True
+            self.matched = matched
             self._held = ""
             return text[:cut]
         keep = self._partial_stop_len(text)

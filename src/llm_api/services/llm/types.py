@@ -148,6 +148,9 @@ class Frame:
     # (prompt_tokens_details, completion_tokens_details, ...) in `usage_extra`.
     extra: dict[str, Any] | None = None
     usage_extra: dict[str, Any] | None = None
+    # On a finishing "stop" frame of a local engine: the stop string that ended the choice
+    # (None: the model's end of turn). Upstreams do not say (docs/api-families.md).
+    stop_sequence: str | None = None
 
 
 class GenerationStream(Protocol):

@@ -13,10 +13,9 @@ from fastapi import APIRouter, Request, Response
 from llm_api.api.deps import InferenceDep
 from llm_api.api.disconnect import cancel_on_disconnect
 from llm_api.api.errors import json_response
-from llm_api.api.fastpath.response import StreamResponse
 from llm_api.api.outcome import answer_with
 from llm_api.api.scopes import requires_scope
-from llm_api.api.streaming import SSE_HEADERS, event_frames
+from llm_api.api.streaming import named_sse_response
 from llm_api.api.v1.messages import serving as wire
 from llm_api.api.v1.messages.protocol import to_chat
 from llm_api.schemas.messages import CountTokensRequest, MessagesRequest
@@ -37,11 +36,7 @@ async def create_message(body: MessagesRequest, request: Request, call: Inferenc
         # The first frame is in: a local model's prompt is counted (its request's prepare).
         counted = out.seqs[0].prompt_tokens if out.seqs else None
         events = wire.message_events(message_id, out.model, frames, counted)
-        stream = StreamResponse(
-            event_frames(events, call.keepalive, wire.PING, wire.error_event),
-            media_type="text/event-stream",
-            headers=SSE_HEADERS,
-        )
+        stream = named_sse_response(events, call.keepalive, wire.PING, wire.error_event)
         answer_with(request, stream.headers, out)
         return stream
     answer, out = await cancel_on_disconnect(request, serving.chat(chat, ctx, policy, ENDPOINT))

@@ -20,19 +20,23 @@ from llm_api.services.llm.types import Frame
 log = structlog.get_logger(__name__)
 
 # The pipeline's finish reasons as Anthropic's stop reasons. A stop string and the end of turn
-# both finish as "stop" in the engine, which does not say which: both are `end_turn`.
+# both finish as "stop"; a local engine's finishing frame names the stop string that matched
+# (`stop_sequence`), an upstream's never does (both are then `end_turn`).
 _STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 _STOP["content_filter"] = "refusal"
 PING = b'event: ping\ndata: {"type":"ping"}\n\n'
 
 
-def stop_reason(finish: str | None, called: bool) -> str:
+def stop_reason(finish: str | None, called: bool, sequence: str | None = None) -> str:
     """`called`: the answer has tool calls; Anthropic then says `tool_use` even where the engine
-    ended a forced call with "stop" (as OpenAI does for a named tool_choice)."""
+    ended a forced call with "stop" (as OpenAI does for a named tool_choice). `sequence`: the
+    stop string that ended it, if the engine said (`stop_sequence`)."""
     if finish in ("error", "cancelled"):
         raise ServerError("The server had an error while generating the response.")
     reason = _STOP.get(finish or "stop", "end_turn")
-    return "tool_use" if called and reason == "end_turn" else reason
+    if called and reason == "end_turn":
+        return "tool_use"
+    return "stop_sequence" if sequence is not None and reason == "end_turn" else reason
 
 
 def tool_input(arguments: str) -> dict[str, Any]:
@@ -110,14 +114,16 @@ async def message_events(
                     delta = {"type": "input_json_delta", "partial_json": piece.arguments}
                     yield _event("content_block_delta", {"index": block, "delta": delta})
             if frame.finish_reason is not None:
-                reason = stop_reason(frame.finish_reason, call >= 0)
+                sequence = frame.stop_sequence
+                reason = stop_reason(frame.finish_reason, call >= 0, sequence)
                 if block >= 0:
                     yield _event("content_block_stop", {"index": block})
                 usage = {
                     "input_tokens": frame.prompt_tokens or 0,
                     "output_tokens": frame.completion_tokens or 0,
                 }
-                stop = {"stop_reason": reason, "stop_sequence": None}
+                matched = sequence if reason == "stop_sequence" else None
+                stop = {"stop_reason": reason, "stop_sequence": matched}
                 yield _event("message_delta", {"delta": stop, "usage": usage})
                 yield _event("message_stop", {})
 
@@ -134,6 +140,8 @@ def message_body(message_id: str, answer: Answer) -> dict[str, Any]:
         )
     body = _head(message_id, answer.model, answer.usage.prompt_tokens)
     body["content"] = content
-    body["stop_reason"] = stop_reason(choice.finish_reason, bool(choice.calls))
+    reason = stop_reason(choice.finish_reason, bool(choice.calls), choice.stop_sequence)
+    body["stop_reason"] = reason
+    body["stop_sequence"] = choice.stop_sequence if reason == "stop_sequence" else None
     body["usage"]["output_tokens"] = answer.usage.completion_tokens
     return body

@@ -2,19 +2,25 @@
 means (instructions as a system message, function calls and their outputs as assistant tool
 calls and tool messages, `text.format` as `response_format`, `max_output_tokens` as
 `max_completion_tokens`). From there the chat protocol makes the engine requests and its `wire`
-(what an upstream, which speaks chat completions, is sent), so both families share one path."""
+(what an upstream, which speaks chat completions, is sent), so both families share one path.
+
+With `previous_response_id` the conversation is the stored response's input items and output
+items, then the new input (its instructions are not carried over, as OpenAI's are not).
+`input_items` writes the new input in the stored form (each item with an `id` and a `status`,
+text as content parts), the form `GET /v1/responses/{id}/input_items` answers."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from llm_api.core.exceptions import InvalidRequestError
 from llm_api.schemas.chat import ChatCompletionRequest
 from llm_api.schemas.responses import (
     FunctionCallItem,
     FunctionCallOutputItem,
+    InputItem,
     MessageItem,
     NamedFunctionChoice,
     ResponsesRequest,
@@ -22,15 +28,77 @@ from llm_api.schemas.responses import (
     TextFormatJSONSchema,
 )
 
+_ITEMS: TypeAdapter[list[Any]] = TypeAdapter(list[InputItem])
 
-def _messages(req: ResponsesRequest) -> list[dict[str, Any]]:
-    messages: list[dict[str, Any]] = []
-    if req.instructions:
-        messages.append({"role": "system", "content": req.instructions})
+
+def _items(req: ResponsesRequest) -> list[Any]:
     if isinstance(req.input, str):
-        messages.append({"role": "user", "content": req.input})
-        return messages
-    for item in req.input:
+        return [MessageItem(role="user", content=req.input)]
+    return list(req.input)
+
+
+def _own_id(item: Any, default: str) -> str:
+    value = (item.model_extra or {}).get("id")
+    return value if isinstance(value, str) and value else default
+
+
+def _parts(item: MessageItem) -> list[dict[str, Any]]:
+    if isinstance(item.content, str):
+        kind = "output_text" if item.role == "assistant" else "input_text"
+        part: dict[str, Any] = {"type": kind, "text": item.content}
+        if kind == "output_text":
+            part["annotations"] = []
+        return [part]
+    return [p.model_dump() for p in item.content]
+
+
+def input_items(req: ResponsesRequest, request_id: str) -> list[dict[str, Any]]:
+    """The request's input as stored items: the client's ids kept, others made from the
+    request id (`_in<n>`: never one of the output's ids)."""
+    stored: list[dict[str, Any]] = []
+    for n, item in enumerate(_items(req)):
+        if isinstance(item, MessageItem):
+            stored.append(
+                {
+                    "id": _own_id(item, f"msg_{request_id}_in{n}"),
+                    "type": "message",
+                    "role": item.role,
+                    "content": _parts(item),
+                    "status": "completed",
+                }
+            )
+        elif isinstance(item, FunctionCallItem):
+            stored.append(
+                {
+                    "id": _own_id(item, f"fc_{request_id}_in{n}"),
+                    "type": "function_call",
+                    "call_id": item.call_id,
+                    "name": item.name,
+                    "arguments": item.arguments,
+                    "status": "completed",
+                }
+            )
+        else:
+            output = item.output
+            stored.append(
+                {
+                    "id": _own_id(item, f"fco_{request_id}_in{n}"),
+                    "type": "function_call_output",
+                    "call_id": item.call_id,
+                    "output": output
+                    if isinstance(output, str)
+                    else [p.model_dump() for p in output],
+                    "status": "completed",
+                }
+            )
+    return stored
+
+
+def _messages(instructions: str | None, items: list[Any]) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    if instructions:
+        messages.append({"role": "system", "content": instructions})
+    for item in items:
         if isinstance(item, MessageItem):
             messages.append({"role": item.role, "content": item.text()})
         elif isinstance(item, FunctionCallItem):
@@ -50,18 +118,16 @@ def _messages(req: ResponsesRequest) -> list[dict[str, Any]]:
     return messages
 
 
-def chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
-    """The chat request of a Responses request; 400 (naming `param`) for what has no meaning
-    here."""
-    if req.previous_response_id is not None:
-        raise InvalidRequestError(
-            "`previous_response_id` is not supported: responses are not stored; send the whole "
-            "conversation in `input`.",
-            param="previous_response_id",
-        )
+def chat_request(
+    req: ResponsesRequest, history: list[dict[str, Any]] | None = None
+) -> ChatCompletionRequest:
+    """The chat request of a Responses request; `history`: the stored items of the response
+    it continues (`previous_response_id`), before its input. 400 (naming `param`) for what has
+    no meaning here."""
+    items = _ITEMS.validate_python(history) + _items(req) if history else _items(req)
     body: dict[str, Any] = {
         "model": req.model,
-        "messages": _messages(req),
+        "messages": _messages(req.instructions, items),
         "stream": req.stream,
     }
     if req.stream:

@@ -10,7 +10,7 @@ id (`resp_`, `msg_`, `fc_`), so a stream's items and its final `response` agree,
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -30,7 +30,11 @@ def _usage(usage: UsageCounter) -> dict[str, Any]:
     reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
     return {
         "input_tokens": usage.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": usage.cached_tokens or 0},
+        # OpenAI's schema requires cache_write_tokens: no prompt cache is written for a client.
+        "input_tokens_details": {
+            "cached_tokens": usage.cached_tokens or 0,
+            "cache_write_tokens": 0,
+        },
         "output_tokens": usage.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": reasoning or 0},
         "total_tokens": usage.total_tokens,
@@ -58,7 +62,7 @@ def response_body(
 ) -> dict[str, Any]:
     """A `response` object (the SDK's `Response`), echoing the request's settings."""
     fmt = req.text.format if req.text is not None else None
-    return {
+    body = {
         "id": f"resp_{request_id}",
         "object": "response",
         "created_at": created,
@@ -70,9 +74,9 @@ def response_body(
         "model": model,
         "output": output,
         "parallel_tool_calls": req.parallel_tool_calls is not False,
-        "previous_response_id": None,
+        "previous_response_id": req.previous_response_id,
         "reasoning": {"effort": None, "summary": None},
-        "store": False,
+        "store": req.store is not False,
         "temperature": req.temperature if req.temperature is not None else 1.0,
         "text": {
             "format": {"type": "text"}
@@ -92,10 +96,14 @@ def response_body(
         ],
         "top_p": req.top_p if req.top_p is not None else 1.0,
         "truncation": "disabled",
-        "usage": None if usage is None else _usage(usage),
-        "user": req.user,
         "metadata": req.metadata or {},
     }
+    # Objects or strings when present (OpenAI's schema), absent otherwise: usage until the end.
+    if usage is not None:
+        body["usage"] = _usage(usage)
+    if req.user is not None:
+        body["user"] = req.user
+    return body
 
 
 def _status(finish: str | None) -> tuple[str, str | None]:
@@ -169,7 +177,7 @@ class _Stream:
         """One whole SSE event, named by its type (`event:` line) as OpenAI frames them."""
         body = {"type": kind, "sequence_number": self.seq, **fields}
         self.seq += 1
-        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(body)
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(body) + b"\n\n"
 
     def open_message(self) -> list[bytes]:
         self.message = len(self.items)
@@ -259,12 +267,21 @@ class _Stream:
         return out
 
 
+OnDone = Callable[[dict[str, Any]], Awaitable[None]]
+
+
 async def response_events(
-    req: ResponsesRequest, request_id: str, model: str, frames: AsyncIterator[Frame]
+    req: ResponsesRequest,
+    request_id: str,
+    model: str,
+    frames: AsyncIterator[Frame],
+    on_done: OnDone | None = None,
 ) -> AsyncIterator[bytes]:
-    """Each stream event, whole (api/streaming's `named` framing). An error after the start
+    """Each stream event, whole (for api/streaming's `event_frames`). An error after the start
     ends the stream with `response.failed` (its `error` the OpenAI error object), as OpenAI
-    does."""
+    does. `on_done` is given the final response (completed or incomplete) before its event is
+    sent, so a stored response can be continued as soon as the client has seen it end; if it
+    fails, the stream ends with `response.failed` instead."""
     created = int(time.time())
     s = _Stream(request_id)
     usage = UsageCounter(1)
@@ -303,4 +320,13 @@ async def response_events(
             yield event
     status, incomplete = _status(finish)
     kind = "response.completed" if status == "completed" else "response.incomplete"
-    yield s.event(kind, response=body(status, usage=usage, incomplete=incomplete))
+    final = body(status, usage=usage, incomplete=incomplete)
+    if on_done is not None:
+        try:
+            await on_done(final)
+        except Exception as exc:
+            error = error_payload(exc)["error"]
+            failed = {"code": "server_error", "message": error["message"]}
+            yield s.event("response.failed", response=body("failed", usage=usage, error=failed))
+            return
+    yield s.event(kind, response=final)

@@ -303,5 +303,6 @@ class LlamaCppBackend:
                 completion_tokens=produced,
                 logprobs=(pending or None) if finish != "cancelled" else None,
                 cached_tokens=0,  # every prompt is evaluated whole (see above)
+                stop_sequence=text.matched,
             )
         )

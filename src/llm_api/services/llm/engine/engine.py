@@ -291,6 +291,7 @@ class BatchEngine:
                     # Tokens whose text was held back to the end (or cut by a stop string).
                     logprobs=None if cancelled else seq.take_logprobs(),
                     cached_tokens=seq.reused,
+                    stop_sequence=seq.text.matched if seq.text is not None else None,
                 ),
             )
         self._free_chain(seq)

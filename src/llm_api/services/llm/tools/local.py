@@ -208,6 +208,7 @@ async def tool_frames(
                 completion_tokens=frame.completion_tokens,
                 cached_tokens=frame.cached_tokens,
                 index=frame.index,
+                stop_sequence=frame.stop_sequence if reason == "stop" else None,
             )
             return
     finally:
