@@ -107,3 +107,24 @@ async def test_priority_header_lowers_a_request_and_rejects_unknown_classes(
     error = info.value.response.json()["error"]
     assert error["param"] == "x-llm-api-priority"
     assert "interactive, low, batch" in error["message"]
+
+
+async def test_a_keys_priority_ceiling_holds_whatever_the_header_asks(fair_app: Any) -> None:
+    acct = await create_account(fair_app)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=fair_app), base_url="http://testserver"
+    ) as http:
+        made = await http.post("/v1/keys", json={"priority": "batch"}, headers=acct.headers)
+        assert made.status_code == 201, made.text
+        assert made.json()["priority"] == "batch"
+        refused = await http.post("/v1/keys", json={"priority": "urgent"}, headers=acct.headers)
+        assert refused.status_code == 400
+    client = sdk(fair_app, made.json()["key"])
+    labels = {"model_name": MODEL, "priority": "batch", "tier": "free"}
+    before = REGISTRY.get_sample_value("llm_api:admission_wait_seconds_count", labels) or 0
+    # Asking for more than the key allows runs at the key's ceiling, not above it.
+    up = {"extra_headers": {"x-llm-api-priority": "interactive"}}
+    assert await ask(client, 2, **up) == "length"
+    assert await ask(client, 2) == "length"
+    after = REGISTRY.get_sample_value("llm_api:admission_wait_seconds_count", labels)
+    assert after == before + 2

@@ -67,7 +67,10 @@ def _request_context(request: Request, principal: Principal) -> RequestContext:
         controls=principal.controls,
         trace=scope_state.get(TRACE_KEY),  # the request span's, when tracing is on
         tenant=principal.tenant,
-        priority=requested_priority(request.headers.get(PRIORITY_HEADER)),
+        priority=requested_priority(
+            request.headers.get(PRIORITY_HEADER),
+            principal.controls.priority if principal.controls else "interactive",
+        ),
     )
     # Kept in the scope state so the access log can read the token counts after the response
     # (for a stream, after its last frame).

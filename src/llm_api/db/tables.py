@@ -88,6 +88,8 @@ class ApiKey(Base):
     models: Mapped[list | None] = mapped_column(JSON, default=None)  # ids, aliases, wildcards
     allowed_ips: Mapped[list | None] = mapped_column(JSON, default=None)  # CIDRs
     limits: Mapped[dict | None] = mapped_column(JSON, default=None)  # never above the tier's
+    # The highest priority class its requests run in (docs/fair-sharing.md); None: interactive.
+    priority: Mapped[str | None] = mapped_column(String(16), default=None)
 
 
 class Team(Base):

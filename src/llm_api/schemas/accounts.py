@@ -67,6 +67,11 @@ class ApiKeyControls(Strict):
     allowed_ips: Annotated[list[Cidr], Field(max_length=100)] | None = Field(
         None, description="Client addresses (CIDR blocks) the key may be used from."
     )
+    priority: Literal["interactive", "low", "batch"] | None = Field(
+        None,
+        description="The highest priority class the key's requests run in (default "
+        "interactive); the `x-llm-api-priority` header can only lower it further.",
+    )
 
 
 class ApiKeyCreate(ApiKeyControls):
@@ -96,6 +101,7 @@ class ApiKeyInfo(BaseModel):
     models: list[str] | None = None
     allowed_ips: list[str] | None = None
     limits: dict[str, int] | None = None
+    priority: str | None = None
 
 
 class ApiKeyCreated(ApiKeyInfo):

@@ -43,12 +43,19 @@ class KeyControls:
     networks: tuple[Network, ...] | None = None
     expires_at: float | None = None  # epoch seconds
     limits: TierLimits | None = None  # the key's own, within its owner's tier
+    priority: str = "interactive"  # the highest class its requests run in (fair queuing)
 
     @classmethod
     def of(cls, key: ApiKey) -> KeyControls | None:
         """The controls stored on a key row; None when it has none (the common case)."""
         # An empty list allows nothing (deny by default); None (absent) restricts nothing.
-        if key.models is None and key.allowed_ips is None and not key.expires_at and not key.limits:
+        if (
+            key.models is None
+            and key.allowed_ips is None
+            and not key.expires_at
+            and not key.limits
+            and not key.priority
+        ):
             return None
         return cls(
             models=tuple(key.models) if key.models is not None else None,
@@ -57,6 +64,7 @@ class KeyControls:
             else None,
             expires_at=as_utc(key.expires_at).timestamp() if key.expires_at else None,
             limits=TierLimits.model_validate(key.limits) if key.limits else None,
+            priority=key.priority or "interactive",
         )
 
     def expired(self, now: float | None = None) -> bool:

@@ -40,6 +40,8 @@ def _controls(body: ApiKeyControls, ceiling: TierLimits, fields: set[str]) -> di
         values["expires_at"] = key_controls.parse_expiry(body.expires_at)
     if "limits" in fields:
         values["limits"] = key_controls.check_limits(body.limits, ceiling)
+    if "priority" in fields:
+        values["priority"] = body.priority
     return values
 
 

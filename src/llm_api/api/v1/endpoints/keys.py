@@ -36,6 +36,7 @@ def key_info(key: ApiKey) -> ApiKeyInfo:
         models=key.models,
         allowed_ips=key.allowed_ips,
         limits=key.limits,
+        priority=key.priority,
     )
 
 

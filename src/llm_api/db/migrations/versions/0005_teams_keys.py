@@ -1,5 +1,5 @@
 """teams and per-key controls: teams, team members with roles; keys gain a team, an expiry, a
-model allow-list, a client-IP allow-list and their own limits
+model allow-list, a client-IP allow-list, their own limits and a priority ceiling
 
 Revision ID: 0005_teams_keys
 Revises: 0004_api_key_scopes
@@ -48,6 +48,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("models", sa.JSON(), nullable=True))
         batch.add_column(sa.Column("allowed_ips", sa.JSON(), nullable=True))
         batch.add_column(sa.Column("limits", sa.JSON(), nullable=True))
+        batch.add_column(sa.Column("priority", sa.String(16), nullable=True))
         batch.create_foreign_key(
             op.f("fk_api_keys_team_id_teams"), "teams", ["team_id"], ["id"], ondelete="CASCADE"
         )
@@ -58,7 +59,7 @@ def downgrade() -> None:
     with op.batch_alter_table("api_keys") as batch:
         batch.drop_index(op.f("ix_api_keys_team_id"))
         batch.drop_constraint(op.f("fk_api_keys_team_id_teams"), type_="foreignkey")
-        for column in ("limits", "allowed_ips", "models", "expires_at", "team_id"):
+        for column in ("priority", "limits", "allowed_ips", "models", "expires_at", "team_id"):
             batch.drop_column(column)
     op.drop_index(op.f("ix_team_members_user_id"), table_name="team_members")
     op.drop_table("team_members")
