@@ -9,6 +9,7 @@ from llm_api.api.v1.chat import router as chat
 from llm_api.api.v1.completions import router as completions
 from llm_api.api.v1.endpoints import (
     admin,
+    audit,
     auth,
     batches,
     dashboard,
@@ -36,6 +37,7 @@ V1_ROUTERS = (
     keys.router,
     users.router,
     admin.router,
+    audit.router,
     dashboard.router,
     usage.router,
     files.router,

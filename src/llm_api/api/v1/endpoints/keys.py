@@ -18,6 +18,7 @@ from llm_api.schemas.accounts import (
     DeletedApiKey,
     epoch,
 )
+from llm_api.services import audit
 from llm_api.services.auth import api_keys, scopes
 
 router = APIRouter(prefix="/keys", tags=["keys"])
@@ -51,6 +52,8 @@ async def create_key(
             f"At most {settings.max_keys_per_user} active keys per user; revoke one first."
         )
     key, raw = await api_keys.create_key(db, user.user_id, body.name if body else None, requested)
+    after = {"name": key.name, "prefix": key.prefix, "scopes": key.scopes, "owner": key.user_id}
+    await audit.record(db, user, "key.created", key, after=after, request=request)
     return ApiKeyCreated(**key_info(key).model_dump(), key=raw)
 
 
@@ -63,8 +66,14 @@ async def list_keys(user: CurrentUser, db: DbSession) -> ApiKeyList:
 
 @router.delete("/{key_id}", response_model=DeletedApiKey)
 @requires_scope("keys")
-async def revoke_key(key_id: str, user: CurrentUser, db: DbSession, auth: AuthDep) -> DeletedApiKey:
+async def revoke_key(
+    key_id: str, user: CurrentUser, db: DbSession, auth: AuthDep, request: Request
+) -> DeletedApiKey:
     if not await api_keys.revoke_key(db, key_id, user.user_id):
         raise NotFoundError("No such API key.", param="key_id")
+    await audit.record(
+        db, user, "key.revoked", audit.Target("key", key_id), after={"revoked": True},
+        request=request,
+    )
     auth.authenticator.forget(db)  # no cached verification of the key outlives the commit
     return DeletedApiKey(id=key_id)
