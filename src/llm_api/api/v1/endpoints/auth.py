@@ -56,12 +56,11 @@ async def login(
     return _response(await auth.tokens.issue_pair(db, user.id))
 
 
-async def _login_refused(
-    request: Request, state: StateDep, db: DbSession, auth: AuthDep, username: str
+async def record_refusal(
+    request: Request, state: StateDep, target: audit.TargetLike, after: dict[str, object]
 ) -> None:
-    """One audit row per refusal, within a per-process bound (services/audit.FailureSampler),
-    committed now: the request's own session rolls back. The submitted name is kept only when
-    it is an account's email (a password typed into the name field must not be stored)."""
+    """One audit row per refused sign-in, within a per-process bound (audit.FailureSampler),
+    committed now: the request's own session rolls back."""
     sampler: audit.FailureSampler | None = getattr(request.app.state, "audit_login_sampler", None)
     if sampler is None:
         sampler = audit.FailureSampler(state.settings.audit_login_failures_per_minute)
@@ -69,12 +68,25 @@ async def _login_refused(
     suppressed = sampler.admit()
     if suppressed is None:
         return
-    known = await auth.users.by_email(db, username) if len(username) <= 254 else None
-    after = {"method": "password", "known_account": known is not None, "suppressed": suppressed}
-    target = known if known is not None else audit.Target("user", None)
     await audit.record_now(
-        state.db.sessions, audit.ANONYMOUS, "auth.login_failed", target, after=after,
+        state.db.sessions,
+        audit.ANONYMOUS,
+        "auth.login_failed",
+        target,
+        after={**after, "suppressed": suppressed},
         request=request,
+    )
+
+
+async def _login_refused(
+    request: Request, state: StateDep, db: DbSession, auth: AuthDep, username: str
+) -> None:
+    # The submitted name is kept only when it is an account's email: a password typed into
+    # the name field must not be stored.
+    known = await auth.users.by_email(db, username) if len(username) <= 254 else None
+    target = known if known is not None else audit.Target("user", None)
+    await record_refusal(
+        request, state, target, {"method": "password", "known_account": known is not None}
     )
 
 
