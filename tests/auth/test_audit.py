@@ -71,7 +71,9 @@ async def test_admin_changes_are_recorded_with_before_and_after(env: AuthEnv) ->
         assert e["client_ip"] == "127.0.0.1"
         assert abs(e["created_at"] - datetime.now(UTC).timestamp()) < 60
     # A no-op change writes nothing.
-    await env.http.patch(f"/v1/admin/users/{user_id}", json={"tier": "paid"}, headers=env.admin.headers)
+    await env.http.patch(
+        f"/v1/admin/users/{user_id}", json={"tier": "paid"}, headers=env.admin.headers
+    )
     assert len(await events(env, target=user_id)) == 3
 
 
@@ -145,7 +147,9 @@ async def test_audit_is_admin_only(env: AuthEnv) -> None:
 
 async def test_filters_paging_and_bad_input(env: AuthEnv) -> None:
     for _ in range(3):
-        await env.http.patch("/v1/users/me", json={"display_name": uuid.uuid4().hex[:6]}, headers=env.other.headers)
+        await env.http.patch(
+            "/v1/users/me", json={"display_name": uuid.uuid4().hex[:6]}, headers=env.other.headers
+        )
     first = await env.http.get(
         "/v1/admin/audit",
         params={"actor": env.other.user_id, "limit": 2},
@@ -204,7 +208,12 @@ async def test_csv_export_quotes_formulas(env: AuthEnv) -> None:
 
 def test_failure_sampler_bounds_rows_and_counts_the_rest() -> None:
     sampler = audit.FailureSampler(per_minute=2)
-    assert [sampler.admit(), sampler.admit(), sampler.admit(), sampler.admit()] == [0, 0, None, None]
+    assert [sampler.admit(), sampler.admit(), sampler.admit(), sampler.admit()] == [
+        0,
+        0,
+        None,
+        None,
+    ]
     sampler.window_start -= 61  # the next minute
     assert sampler.admit() == 2  # the next row says how many were left out
 
@@ -232,7 +241,10 @@ async def chain_db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
 async def _append(db: Database, n: int, prefix: str = "test") -> None:
     for i in range(n):
         await audit.record_now(
-            db.sessions, audit.SYSTEM, f"{prefix}.event", audit.Target("thing", str(i)),
+            db.sessions,
+            audit.SYSTEM,
+            f"{prefix}.event",
+            audit.Target("thing", str(i)),
             after={"i": i, "nested": {"x": [1, 2.5, None, "é"]}},
         )
 
@@ -285,7 +297,9 @@ async def test_retention_keeps_the_rest_verifiable(chain_db: Database) -> None:
     # Re-hash those rows as if they had been written then (the change above broke them).
     async with chain_db.sessions.begin() as s:
         prev = audit.GENESIS_HASH
-        for event in (await s.execute(AuditEvent.__table__.select().order_by(AuditEvent.seq))).all():
+        for event in (
+            await s.execute(AuditEvent.__table__.select().order_by(AuditEvent.seq))
+        ).all():
             row = await s.get(AuditEvent, event.seq)
             assert row is not None
             row.prev_hash, row.hash = prev, audit.chain_hash(prev, row)

@@ -32,12 +32,16 @@ def provider() -> Iterator[Provider]:
 
 
 @pytest.fixture(scope="module")
-async def sso_app(provider: Provider, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
+async def sso_app(
+    provider: Provider, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Any]:
     tmp = tmp_path_factory.mktemp("sso")
     # No local model to load: accounts are what these tests are about.
     models = tmp / "models.yaml"
     models.write_text(
-        yaml.safe_dump({"models": [{"id": "up", "backend": "openai", "base_url": "http://127.0.0.1:9/v1"}]})
+        yaml.safe_dump(
+            {"models": [{"id": "up", "backend": "openai", "base_url": "http://127.0.0.1:9/v1"}]}
+        )
     )
     settings = settings_for(
         tmp,
@@ -93,9 +97,7 @@ async def _start(http: httpx.AsyncClient) -> tuple[str, str]:
     return r.headers["location"], flow
 
 
-async def _sign_in(
-    http: httpx.AsyncClient, provider: Provider, sub: str
-) -> httpx.Response:
+async def _sign_in(http: httpx.AsyncClient, provider: Provider, sub: str) -> httpx.Response:
     url, flow = await _start(http)
     query = await _authorize(provider, url, sub)
     return await http.get(
@@ -179,7 +181,11 @@ async def test_sign_in_creates_the_account_and_issues_our_tokens(
         member = await db.get(TeamMember, ("team-research", info["id"]))
     assert member is not None and member.role == "member"
     events = await _audit(sso_app, target=info["id"])
-    assert [e["action"] for e in events] == ["auth.refresh_token_reused", "auth.login", "user.created"]
+    assert [e["action"] for e in events] == [
+        "auth.refresh_token_reused",
+        "auth.login",
+        "user.created",
+    ]
     assert events[1]["after"] == {"method": "oidc", "issuer": provider.issuer, "subject": sub}
     joined = await _audit(sso_app, action="team.member_added", target="team-research")
     assert joined[0]["after"]["user_id"] == info["id"]
@@ -264,7 +270,9 @@ async def test_state_must_match_its_signed_cookie(
     assert replay.status_code == 401 and replay.json()["error"]["code"] == "token_rejected"
 
 
-async def test_provider_denial_and_missing_code(http: httpx.AsyncClient, provider: Provider) -> None:
+async def test_provider_denial_and_missing_code(
+    http: httpx.AsyncClient, provider: Provider
+) -> None:
     url, flow = await _start(http)
     async with httpx.AsyncClient() as browser:
         r = await browser.post(url, data={"action": "deny"})
@@ -291,7 +299,9 @@ async def test_deactivated_account_cannot_sign_in(
     provider.set_user(sub, email=f"{sub}@example.org", email_verified=True)
     tokens = (await _collect(http, await _sign_in(http, provider, sub))).json()
     me = (
-        await http.get("/v1/users/me", headers={"Authorization": f"Bearer {tokens['access_token']}"})
+        await http.get(
+            "/v1/users/me", headers={"Authorization": f"Bearer {tokens['access_token']}"}
+        )
     ).json()
     state = sso_app.state.llm_api
     async with state.db.sessions.begin() as db:

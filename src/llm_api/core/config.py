@@ -463,7 +463,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 "LLM_API_OIDC_ISSUER_URL needs LLM_API_OIDC_CLIENT_ID and LLM_API_OIDC_REDIRECT_URI"
             )
-        for name, url in (("ISSUER_URL", self.oidc_issuer_url), ("REDIRECT_URI", self.oidc_redirect_uri)):
+        for name, url in (
+            ("ISSUER_URL", self.oidc_issuer_url),
+            ("REDIRECT_URI", self.oidc_redirect_uri),
+        ):
             if url and not _https_or_loopback(url):
                 raise ValueError(f"LLM_API_OIDC_{name} must be https (or http on loopback)")
         return self

@@ -310,5 +310,4 @@ class AuditChainHead(Base):
     anchor_hash: Mapped[str] = mapped_column(String(64))
 
 
-
 # --- fine-tuning jobs (migration 0009) ----------------------------------------------------------

@@ -290,7 +290,12 @@ async def verify(db: AsyncSession) -> Verification:
             )
         if chain_hash(prev_hash, event) != event.hash:
             return Verification(
-                False, checked, anchor_seq, head_seq, event.seq, "its content does not match its hash"
+                False,
+                checked,
+                anchor_seq,
+                head_seq,
+                event.seq,
+                "its content does not match its hash",
             )
         prev_hash, expected_seq, checked = event.hash, expected_seq + 1, checked + 1
     last = expected_seq - 1
@@ -372,7 +377,9 @@ async def search(
     query = _where(select(AuditEvent), filters)
     if before_seq is not None:
         query = query.where(AuditEvent.seq < before_seq)
-    rows = list((await db.execute(query.order_by(AuditEvent.seq.desc()).limit(limit + 1))).scalars())
+    rows = list(
+        (await db.execute(query.order_by(AuditEvent.seq.desc()).limit(limit + 1))).scalars()
+    )
     return rows[:limit], len(rows) > limit
 
 

@@ -27,13 +27,13 @@ from joserfc.errors import JoseError
 
 from llm_api.core.config import Settings
 from llm_api.db.tables import utcnow
+from llm_api.services.users import Tier
 
 STATE_COOKIE = "llm_api_oidc"  # state, nonce, PKCE verifier: from /login to /callback
 HANDOFF_COOKIE = "llm_api_sso"  # our refresh token: from /callback to POST /session
 STATE_TTL = timedelta(minutes=10)
 HANDOFF_TTL_S = 120
 _STATE_AUDIENCE = "llm-api-oidc-state"  # our JWTs for other purposes never pass as this one
-_TIERS = ("free", "paid")
 
 
 class SsoError(Exception):
@@ -83,7 +83,7 @@ class SingleSignOn:
             "timeout": 10.0,
         }
         if secret is None:  # a public client: PKCE alone
-            client_kwargs["token_endpoint_auth_method"] = "none"
+            client_kwargs["token_endpoint_auth_method"] = "none"  # noqa: S105 - a method name
         registry = OAuth()
         self.client: StarletteOAuth2App = registry.register(
             name="sso",
@@ -106,7 +106,9 @@ class SingleSignOn:
                 self.redirect_uri, state=secrets.token_urlsafe(32), nonce=secrets.token_urlsafe(32)
             )
         except (httpx.HTTPError, OAuthError, RuntimeError, ValueError) as exc:
-            raise SsoError("provider_unreachable", "The sign-in provider is unreachable.", 503) from exc
+            raise SsoError(
+                "provider_unreachable", "The sign-in provider is unreachable.", 503
+            ) from exc
         now = utcnow()
         cookie = jwt.encode(
             {
@@ -179,10 +181,10 @@ class SingleSignOn:
             claims=claims,
         )
 
-    def tier_for(self, identity: Identity) -> str:
+    def tier_for(self, identity: Identity) -> Tier:
         """The highest tier any of the claim's values maps to; free without a match."""
         mapped = {self.tier_map[v] for v in identity.values(self.tier_claim) if v in self.tier_map}
-        return max(mapped, key=_TIERS.index) if mapped else "free"
+        return "paid" if "paid" in mapped else "free"
 
     def team_names(self, identity: Identity) -> list[str]:
         return identity.values(self.teams_claim)

@@ -110,7 +110,11 @@ async def revoke_any_key(
     if not await api_keys.revoke_key(db, key_id, None):
         raise NotFoundError("No such API key.", param="key_id")
     await audit.record(
-        db, admin, "key.revoked", audit.Target("key", key_id), after={"revoked": True},
+        db,
+        admin,
+        "key.revoked",
+        audit.Target("key", key_id),
+        after={"revoked": True},
         request=request,
     )
     auth.authenticator.forget(db)

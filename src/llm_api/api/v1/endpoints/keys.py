@@ -72,7 +72,11 @@ async def revoke_key(
     if not await api_keys.revoke_key(db, key_id, user.user_id):
         raise NotFoundError("No such API key.", param="key_id")
     await audit.record(
-        db, user, "key.revoked", audit.Target("key", key_id), after={"revoked": True},
+        db,
+        user,
+        "key.revoked",
+        audit.Target("key", key_id),
+        after={"revoked": True},
         request=request,
     )
     auth.authenticator.forget(db)  # no cached verification of the key outlives the commit

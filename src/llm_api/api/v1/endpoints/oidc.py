@@ -141,7 +141,13 @@ async def sso_callback(
         before = {"tier": user.tier}
         user.tier = tier
         await audit.record(
-            db, SSO_ACTOR, "user.updated", user, before=before, after={"tier": tier}, request=request
+            db,
+            SSO_ACTOR,
+            "user.updated",
+            user,
+            before=before,
+            after={"tier": tier},
+            request=request,
         )
         auth.authenticator.forget(db)  # cached API keys carry the old tier
     await _join_teams(db, sso, identity, user, request)

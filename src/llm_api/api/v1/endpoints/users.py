@@ -51,5 +51,7 @@ async def update_me(
     await db.flush()
     before, after = audit.diff(was, audit.changes(user, ("display_name",)))
     if after:
-        await audit.record(db, principal, "user.updated", user, before=before, after=after, request=request)
+        await audit.record(
+            db, principal, "user.updated", user, before=before, after=after, request=request
+        )
     return user_info(user)
