@@ -167,7 +167,13 @@ async def test_filters_paging_and_bad_input(env: AuthEnv) -> None:
     now = int(datetime.now(UTC).timestamp())
     assert await events(env, actor=env.other.user_id, since=now + 3600) == []
     assert len(await events(env, actor=env.other.user_id, until=now + 3600)) >= 3
-    for bad in ({"limit": 0}, {"since": -1}, {"before": "x"}, {"format": "xml"}):
+    for bad in (
+        {"limit": 0},
+        {"since": -1},
+        {"before": "x"},
+        {"format": "xml"},
+        {"actor": "a\x00b"},
+    ):
         r = await env.http.get("/v1/admin/audit", params=bad, headers=env.admin.headers)
         assert r.status_code == 400, (bad, r.status_code)
         assert r.json()["error"]["type"] == "invalid_request_error"

@@ -288,7 +288,7 @@ class AuditEvent(Base):
     actor: Mapped[str] = mapped_column(String(254))  # email, "cli", "system", "anonymous"
     target_type: Mapped[str | None] = mapped_column(String(32), default=None)
     target_id: Mapped[str | None] = mapped_column(String(64), default=None)
-    request_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    request_id: Mapped[str | None] = mapped_column(String(128), default=None)
     client_ip: Mapped[str | None] = mapped_column(String(64), default=None)
     before: Mapped[dict | None] = mapped_column(JSON, default=None)
     after: Mapped[dict | None] = mapped_column(JSON, default=None)

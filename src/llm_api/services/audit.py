@@ -86,7 +86,8 @@ def _target(target: TargetLike) -> Target | None:
     if target is None or isinstance(target, Target):
         return target
     table = target.__tablename__
-    return Target(_TARGET_TYPES.get(table, table), str(getattr(target, "id", None)))
+    ident = getattr(target, "id", None)
+    return Target(_TARGET_TYPES.get(table, table), None if ident is None else str(ident))
 
 
 def _jsonable(value: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -166,12 +167,13 @@ async def record(
         seq=seq + 1,
         created_at=utcnow(),
         action=action,
+        # Bounded to the columns (PostgreSQL refuses longer values rather than cutting them).
         actor_id=who.user_id,
-        actor=who.label,
-        target_type=what.type if what else None,
-        target_id=what.id if what else None,
-        request_id=request_id,
-        client_ip=client_ip,
+        actor=who.label[:254],
+        target_type=what.type[:32] if what else None,
+        target_id=what.id[:64] if what and what.id else None,
+        request_id=request_id[:128] if request_id else None,
+        client_ip=client_ip[:64] if client_ip else None,
         before=_jsonable(before),
         after=_jsonable(after),
         prev_hash=prev_hash,

@@ -28,7 +28,7 @@ def upgrade() -> None:
         sa.Column("actor", sa.String(254), nullable=False),
         sa.Column("target_type", sa.String(32), nullable=True),
         sa.Column("target_id", sa.String(64), nullable=True),
-        sa.Column("request_id", sa.String(64), nullable=True),
+        sa.Column("request_id", sa.String(128), nullable=True),
         sa.Column("client_ip", sa.String(64), nullable=True),
         sa.Column("before", sa.JSON(), nullable=True),
         sa.Column("after", sa.JSON(), nullable=True),
