@@ -47,11 +47,15 @@ async def test_admin_changes_are_recorded_with_before_and_after(env: AuthEnv) ->
     )
     assert made.status_code == 201
     user_id = made.json()["id"]
+    own_id = "client-chosen:" + "r" * 114  # a client's X-Request-ID, at its longest (128)
     r = await env.http.patch(
-        f"/v1/admin/users/{user_id}", json={"tier": "paid"}, headers=env.admin.headers
+        f"/v1/admin/users/{user_id}",
+        json={"tier": "paid"},
+        headers={**env.admin.headers, "X-Request-ID": own_id},
     )
     assert r.status_code == 200
     request_id = r.headers["x-request-id"]
+    assert request_id == own_id
     await env.http.patch(
         f"/v1/admin/users/{user_id}", json={"is_active": False}, headers=env.admin.headers
     )
