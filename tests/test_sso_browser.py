@@ -134,6 +134,10 @@ async def test_sign_in_with_the_provider_in_the_browser(
         )
         assert tier == "paid"
         assert errors == []
+        # Nothing of the exchange reached the server's log: no code, state, token or cookie.
+        log = server.log.read_text()
+        assert "rt-llmapi-" not in log and "code=" not in log and "llm_api_sso" not in log
+        assert "eyJ" not in log  # no JWT (ID token, access token, flow cookie)
     finally:
         await context.close()
 

@@ -342,3 +342,18 @@ def test_settings_refuse_an_incomplete_or_insecure_provider(tmp_path: Path) -> N
             oidc_client_id="x",
             oidc_redirect_uri="https://api.example.com/v1/auth/oidc/callback",
         )
+
+
+async def test_an_unreachable_provider_is_a_503(tmp_path: Path) -> None:
+    from llm_api.services.auth.oidc import SingleSignOn, SsoError
+
+    settings = settings_for(
+        tmp_path,
+        oidc_issuer_url="http://127.0.0.1:9",  # nothing listens on the discard port
+        oidc_client_id="x",
+        oidc_redirect_uri=REDIRECT_URI,
+    )
+    sso = SingleSignOn(settings)
+    with pytest.raises(SsoError) as refused:
+        await sso.begin()
+    assert refused.value.status == 503 and refused.value.reason == "provider_unreachable"

@@ -29,6 +29,13 @@ from llm_api.core.config import Settings
 from llm_api.db.tables import utcnow
 from llm_api.services.users import Tier
 
+try:  # Authlib's HTTP client is httpx2's when that is installed, else httpx's
+    import httpx2
+
+    _HTTP_ERRORS: tuple[type[Exception], ...] = (httpx.HTTPError, httpx2.HTTPError)
+except ImportError:  # pragma: no cover - depends on the environment
+    _HTTP_ERRORS = (httpx.HTTPError,)
+
 STATE_COOKIE = "llm_api_oidc"  # state, nonce, PKCE verifier: from /login to /callback
 HANDOFF_COOKIE = "llm_api_sso"  # our refresh token: from /callback to POST /session
 STATE_TTL = timedelta(minutes=10)
@@ -105,7 +112,7 @@ class SingleSignOn:
             made = await self.client.create_authorization_url(
                 self.redirect_uri, state=secrets.token_urlsafe(32), nonce=secrets.token_urlsafe(32)
             )
-        except (httpx.HTTPError, OAuthError, RuntimeError, ValueError) as exc:
+        except (*_HTTP_ERRORS, OAuthError, RuntimeError, ValueError) as exc:
             raise SsoError(
                 "provider_unreachable", "The sign-in provider is unreachable.", 503
             ) from exc
@@ -154,7 +161,7 @@ class SingleSignOn:
                 redirect_uri=self.redirect_uri, code=code, code_verifier=flow["cv"]
             )
             claims = await self.client.parse_id_token(token, nonce=flow["nonce"])
-        except (httpx.HTTPError, OAuthError, JoseError, KeyError, ValueError) as exc:
+        except (*_HTTP_ERRORS, OAuthError, JoseError, KeyError, ValueError, RuntimeError) as exc:
             raise SsoError(
                 "token_rejected", "The sign-in provider's answer could not be verified.", 401
             ) from exc
