@@ -258,11 +258,15 @@ def cli_api_key(env: dict[str, str], email: str, tier: str = "free") -> str:
 
 
 def start_live_server(
-    tmp: Path, env: dict[str, str] | None = None, args: list[str] | None = None
+    tmp: Path,
+    env: dict[str, str] | None = None,
+    args: list[str] | None = None,
+    port: int | None = None,
 ) -> LiveServer:
-    """`llm-api serve` in a subprocess on a free port; waits for /ready."""
+    """`llm-api serve` in a subprocess on a free port (or `port`, for settings that must name
+    it in advance); waits for /ready."""
     tmp.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     log = tmp / f"server-{port}.log"
     full_env = {
         **os.environ,

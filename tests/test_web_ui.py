@@ -362,6 +362,18 @@ async def test_admin_pages_for_an_admin(tab: Tab, site: Site) -> None:
     # Polled: the "Updated" line changes within a few seconds.
     updated = await page.locator("#summary .muted").text_content()
     await expect(page.locator("#summary .muted")).not_to_have_text(updated or "", timeout=8000)
+    # The audit log: this sign-in is there, filters narrow it, and the CSV downloads.
+    audit = page.locator("#audit-table")
+    await expect(audit.locator("tr", has_text="auth.login").first).to_contain_text(site.admin)
+    await page.fill("#audit-filters input[name=action]", "user.created")
+    await page.click("#audit-filter")
+    await expect(audit.locator(".audit-action").first).to_have_text("user.created")
+    assert set(await audit.locator(".audit-action").all_text_contents()) == {"user.created"}
+    async with page.expect_download() as download_info:
+        await page.click("#audit-csv")
+    download = await download_info.value
+    exported = Path(await download.path()).read_text()
+    assert exported.startswith("seq,object,created_at,action,") and "user.created" in exported
     await tab.shot("admin")
     # The account page shows one's teams, each with its role, members and usage.
     await page.click("#nav-account")

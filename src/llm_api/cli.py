@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from llm_api.cli_accounts import db_app, keys_app, users_app
+from llm_api.cli_accounts import audit_app, db_app, keys_app, users_app
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -17,6 +17,7 @@ app = typer.Typer(
 app.add_typer(db_app, name="db")
 app.add_typer(users_app, name="users")
 app.add_typer(keys_app, name="keys")
+app.add_typer(audit_app, name="audit")
 
 
 @app.command()

@@ -1,10 +1,11 @@
-"""`llm-api db|users|keys`: migrate the database and bootstrap accounts from a shell.
+"""`llm-api db|users|keys|audit`: migrate the database, bootstrap accounts, check the audit log.
 
 llm-api db upgrade
 printf '%s' "$PASSWORD" | llm-api users create admin@example.com --admin --password-stdin
 llm-api keys create admin@example.com      # the key is the last line of stdout
 llm-api keys create admin@example.com --scope inference --scope keys   # default: inference
 llm-api keys create dev@example.com --models 'smollm2-*' --expires 30d --allow-ip 10.0.0.0/8
+llm-api audit verify                       # exit 1 and the first broken link if tampered with
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, TypeVar
 
 import typer
@@ -22,6 +24,7 @@ from llm_api.core.config import Settings
 from llm_api.core.exceptions import APIError
 from llm_api.db import migrate
 from llm_api.db.engine import Database
+from llm_api.services import audit
 from llm_api.services.auth import key_controls
 from llm_api.services.auth.scopes import ALL_SCOPES, DEFAULT_KEY_SCOPES
 
@@ -30,6 +33,7 @@ T = TypeVar("T")
 db_app = typer.Typer(no_args_is_help=True, help="Database migrations (Alembic).")
 users_app = typer.Typer(no_args_is_help=True, help="User accounts.")
 keys_app = typer.Typer(no_args_is_help=True, help="API keys.")
+audit_app = typer.Typer(no_args_is_help=True, help="The audit log (hash chain).")
 
 
 def _fail(message: str) -> typer.Exit:
@@ -139,6 +143,8 @@ def users_create(
                 role=role,
                 tier="paid" if tier == "paid" else "free",
             )
+            after = audit.changes(user, audit.USER_FIELDS)
+            await audit.record(session, audit.CLI, "user.created", user, after=after)
             return f"created {user.role} {user.email} ({user.tier}) id={user.id}"
 
     typer.echo(_with_db(work, migrate_sqlite=True))
@@ -204,6 +210,8 @@ def keys_create(
             if "admin" in requested and user.role != "admin":
                 raise _fail(f"the admin scope is only for administrators; {email} is not one")
             key, raw = await api_keys.create_key(session, user.id, name, requested, **controls)
+            after = {"name": key.name, "prefix": key.prefix, "scopes": key.scopes, "owner": user.id}
+            await audit.record(session, audit.CLI, "key.created", key, after=after | controls)
             typer.echo(
                 f"created key {key.id} for {user.email} with scopes {key.scopes.replace(' ', ',')}"
                 f"{_describe(controls)}; store it now, it is not shown again:"
@@ -211,3 +219,43 @@ def keys_create(
             return raw
 
     typer.echo(_with_db(work, migrate_sqlite=True))
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Recompute the audit log's hash chain end to end; exit 1 at the first broken link."""
+
+    async def work(db: Database, _: Settings) -> audit.Verification:
+        async with db.sessions() as session:
+            return await audit.verify(session)
+
+    result = _with_db(work, migrate_sqlite=False)
+    if not result.ok:
+        typer.echo(
+            f"audit chain BROKEN at row {result.broken_seq}: {result.reason} "
+            f"({result.checked} rows verified before it)",
+            err=True,
+        )
+        raise typer.Exit(1)
+    typer.echo(
+        f"audit chain OK: {result.checked} rows verified (rows {result.anchor_seq + 1}.."
+        f"{result.head_seq}; {result.anchor_seq} purged by retention before them)"
+    )
+
+
+@audit_app.command("purge")
+def audit_purge(
+    days: Annotated[
+        int | None, typer.Option(help="Delete events older than this (default: the setting).")
+    ] = None,
+) -> None:
+    """Apply the retention now (the server also does, hourly); the chain stays verifiable."""
+
+    async def work(db: Database, settings: Settings) -> int:
+        keep = settings.audit_retention_days if days is None else days
+        if keep <= 0:
+            raise _fail("retention is off (0 days): nothing to purge")
+        async with db.sessions.begin() as session:
+            return await audit.purge(session, datetime.now(UTC) - timedelta(days=keep))
+
+    typer.echo(f"purged {_with_db(work, migrate_sqlite=False)} audit events")

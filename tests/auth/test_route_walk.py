@@ -20,6 +20,12 @@ PUBLIC = {
     "/redoc",
     "/v1/auth/token",
     "/v1/auth/refresh",
+    # Single sign-on (404 while it is not configured): the sign-in page's button, the redirect
+    # to the provider, its redirect back, and the web UI collecting that login.
+    "/v1/auth/oidc",
+    "/v1/auth/oidc/login",
+    "/v1/auth/oidc/callback",
+    "/v1/auth/oidc/session",
     "/",
 }
 PUBLIC_MOUNTS = {"/ui"}

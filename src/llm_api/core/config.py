@@ -371,10 +371,73 @@ class Settings(BaseSettings):
     )
 
     # --- audit log ----------------------------------------------------------------------------
+    audit_retention_days: int = Field(
+        365,
+        ge=0,
+        description="Audit events older than this are deleted (hourly; the chain stays "
+        "verifiable from the last deleted row's hash). 0 keeps them forever.",
+    )
+    audit_login_failures_per_minute: int = Field(
+        60,
+        ge=1,
+        le=100_000,
+        description="Most refused-login audit rows one process writes per minute; beyond it "
+        "refusals are counted into the next row written (bounds the table under attack).",
+    )
 
     # --- single sign-on (OpenID Connect) ------------------------------------------------------
+    oidc_issuer_url: str | None = Field(
+        None,
+        description="OpenID Connect issuer (its /.well-known/openid-configuration is read). "
+        "Unset: no single sign-on.",
+    )
+    oidc_client_id: str | None = Field(None, description="Client id registered at the provider.")
+    oidc_client_secret: SecretStr | None = Field(
+        None, description="Client secret (confidential client); unset for a public client."
+    )
+    oidc_redirect_uri: str | None = Field(
+        None,
+        description="This server's callback, exactly as registered at the provider: "
+        "https://HOST/v1/auth/oidc/callback (required with an issuer; never taken from requests).",
+    )
+    oidc_scopes: str = Field("openid email profile", description="Scopes asked for.")
+    oidc_allowed_email_domains: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Email domains whose users may sign in (comma-separated); accounts are "
+        "created at first sign-in. Empty: nobody may.",
+    )
+    oidc_tier_claim: str | None = Field(
+        None, description="ID-token/userinfo claim whose values map to a tier (e.g. groups)."
+    )
+    oidc_tier_map: dict[str, Literal["free", "paid"]] = Field(
+        default_factory=dict,
+        description='Claim value -> tier as JSON, e.g. {"llm-paid": "paid"}; paid wins; no '
+        "match: free. Applied at every sign-in.",
+    )
+    oidc_teams_claim: str | None = Field(
+        None,
+        description="Claim listing team names: the user joins each existing team named there "
+        "as a member at sign-in (teams are not created, memberships not removed).",
+    )
+    oidc_button_label: str = Field(
+        "Sign in with SSO", max_length=64, description="The sign-in page's SSO button text."
+    )
+    password_login_enabled: bool = Field(
+        True,
+        description="Allow POST /v1/auth/token (password sign-in); false leaves SSO and API keys.",
+    )
 
     # --- fine-tuning jobs ---------------------------------------------------------------------
+
+    @field_validator("oidc_allowed_email_domains", mode="before")
+    @classmethod
+    def _split_domains(cls, v: object) -> object:
+        if isinstance(v, str):
+            text = v.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip().lower().lstrip("@") for part in text.split(",") if part.strip()]
+        return v
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod
@@ -437,6 +500,16 @@ class Settings(BaseSettings):
             )
         if "*" in self.cors_origins and self.cors_allow_credentials:
             raise ValueError("CORS: '*' origins cannot be combined with credentials")
+        if self.oidc_issuer_url and not (self.oidc_client_id and self.oidc_redirect_uri):
+            raise ValueError(
+                "LLM_API_OIDC_ISSUER_URL needs LLM_API_OIDC_CLIENT_ID and LLM_API_OIDC_REDIRECT_URI"
+            )
+        for name, url in (
+            ("ISSUER_URL", self.oidc_issuer_url),
+            ("REDIRECT_URI", self.oidc_redirect_uri),
+        ):
+            if url and not _https_or_loopback(url):
+                raise ValueError(f"LLM_API_OIDC_{name} must be https (or http on loopback)")
         return self
 
     def _refuse_weak_secrets(self) -> None:
@@ -483,6 +556,16 @@ class Settings(BaseSettings):
     @property
     def json_logs(self) -> bool:
         return self.log_json if self.log_json is not None else self.environment == "production"
+
+
+def _https_or_loopback(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    if parts.scheme == "https" and parts.hostname:
+        return True
+    return parts.scheme == "http" and is_loopback_host(parts.hostname or "")
 
 
 def _url_password(url: str | None) -> str | None:

@@ -114,6 +114,12 @@ def _redact(value: Any, depth: int = 0) -> Any:
     return redact_text(repr(value))
 
 
+def redact(value: Any) -> Any:
+    """`value` with secrets masked as in the logs (secret-named keys, credentials inside text):
+    for what is stored rather than logged, such as the audit log's settings snapshot."""
+    return _redact(value)
+
+
 # Written by our own processors (core/logging.py), never from input: not worth a scan per line.
 _OWN_FIELDS = frozenset({"timestamp", "level", "logger"})
 

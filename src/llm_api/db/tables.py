@@ -292,4 +292,50 @@ class StoredResponse(Base):
 # --- audit log (migration 0008) -----------------------------------------------------------------
 
 
+# Append-only from the application (services/audit): no code path updates or deletes a row except
+# retention, which moves the chain's anchor forward first. Each row's `hash` covers the previous
+# row's hash and its own canonical content (`llm-api audit verify`).
+
+
+class AuditEvent(Base):
+    """One administrative or security-relevant event. `seq` is the chain position, assigned
+    while holding the chain head, so it has no gaps."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_events_created_at", "created_at"),
+        Index("ix_audit_events_action", "action"),
+        Index("ix_audit_events_actor_id", "actor_id"),
+        Index("ix_audit_events_target_id", "target_id"),
+    )
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    action: Mapped[str] = mapped_column(String(64))
+    actor_id: Mapped[str | None] = mapped_column(String(64), default=None)  # user id, or None
+    actor: Mapped[str] = mapped_column(String(254))  # email, "cli", "system", "anonymous"
+    target_type: Mapped[str | None] = mapped_column(String(32), default=None)
+    target_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    request_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    client_ip: Mapped[str | None] = mapped_column(String(64), default=None)
+    before: Mapped[dict | None] = mapped_column(JSON, default=None)
+    after: Mapped[dict | None] = mapped_column(JSON, default=None)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditChainHead(Base):
+    """The chain's single head row (id 1): the last `seq` and `hash`, locked by each append so
+    workers and replicas append one at a time; and the anchor, the last purged row's `seq` and
+    `hash`, from which verification starts once retention has removed older rows."""
+
+    __tablename__ = "audit_chain_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))
+    anchor_seq: Mapped[int] = mapped_column(BigInteger)
+    anchor_hash: Mapped[str] = mapped_column(String(64))
+
+
 # --- fine-tuning jobs (migration 0009) ----------------------------------------------------------

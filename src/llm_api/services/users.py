@@ -19,6 +19,7 @@ from llm_api.services.auth.passwords import (
 )
 
 Tier = Literal["free", "paid"]
+NO_PASSWORD = "!sso"  # noqa: S105 - the password_hash of single sign-on users: matches nothing
 Role = Literal["user", "admin"]
 
 # A deliberately simple check: the email is a login name here, we send no mail, and a full
@@ -65,6 +66,26 @@ class Users:
         try:
             await db.flush()
         except IntegrityError as exc:  # a concurrent create won the race
+            raise ConflictError("A user with this email already exists.", param="email") from exc
+        return user
+
+    async def create_external(
+        self, db: AsyncSession, email: str, *, tier: Tier, display_name: str | None
+    ) -> User:
+        """A user who signs in through single sign-on: no password (the stored value is no
+        argon2 hash, so no password ever matches it)."""
+        user = User(
+            email=normalize_email(email),
+            password_hash=NO_PASSWORD,
+            display_name=display_name,
+            role="user",
+            tier=tier,
+            is_active=True,
+        )
+        db.add(user)
+        try:
+            await db.flush()
+        except IntegrityError as exc:  # a concurrent first sign-in won the race
             raise ConflictError("A user with this email already exists.", param="email") from exc
         return user
 

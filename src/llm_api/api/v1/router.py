@@ -9,6 +9,7 @@ from llm_api.api.v1.chat import router as chat
 from llm_api.api.v1.completions import router as completions
 from llm_api.api.v1.endpoints import (
     admin,
+    audit,
     auth,
     batches,
     dashboard,
@@ -16,6 +17,7 @@ from llm_api.api.v1.endpoints import (
     files,
     keys,
     models,
+    oidc,
     simple,
     teams,
     usage,
@@ -34,10 +36,12 @@ V1_ROUTERS = (
     models.router,
     simple.router,
     auth.router,
+    oidc.router,
     keys.router,
     users.router,
     admin.router,
     teams.router,
+    audit.router,
     dashboard.router,
     usage.router,
     files.router,

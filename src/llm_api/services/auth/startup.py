@@ -16,6 +16,7 @@ from llm_api.core.config import Settings
 from llm_api.db import migrate
 from llm_api.db.engine import Database
 from llm_api.db.tables import User
+from llm_api.services import audit
 from llm_api.services.auth.principal import AuthServices, build_auth
 
 log = structlog.get_logger(__name__)
@@ -56,6 +57,10 @@ async def start_accounts(settings: Settings) -> tuple[Database, AuthServices]:
                 users = (await session.execute(select(func.count()).select_from(User))).scalar()
             if not users:
                 log.warning("no_users", hint=FIRST_USER_HINT)
+            # The effective settings, secrets masked: who started what, with which options.
+            await audit.record_now(
+                db.sessions, audit.SYSTEM, "server.started", after=audit.settings_snapshot(settings)
+            )
     except (SQLAlchemyError, OSError) as exc:
         # Keep serving /health; authenticated routes answer 503 until the database is back.
         log.error("database_unreachable", error=type(exc).__name__)

@@ -37,6 +37,10 @@ class RefreshTokenReusedError(AuthenticationError):
 
     keep_changes = True
 
+    def __init__(self, message: str, *, user_id: str, family_id: str) -> None:
+        super().__init__(message)
+        self.user_id, self.family_id = user_id, family_id  # for the audit log
+
 
 @dataclass(frozen=True, slots=True)
 class AccessClaims:
@@ -140,7 +144,11 @@ class Tokens:
         )
         if getattr(used, "rowcount", 0) != 1:
             await self.revoke_family(db, token.family_id)
-            raise RefreshTokenReusedError("Refresh token reuse detected; the session is revoked.")
+            raise RefreshTokenReusedError(
+                "Refresh token reuse detected; the session is revoked.",
+                user_id=token.user_id,
+                family_id=token.family_id,
+            )
         return token.user_id, await self.issue_pair(db, token.user_id, token.family_id)
 
     async def revoke_family(self, db: AsyncSession, family_id: str) -> None:

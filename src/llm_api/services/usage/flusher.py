@@ -7,7 +7,8 @@ exponential backoff and jitter (capped at `usage_max_backoff_seconds`); nothing 
 Inserts are idempotent by request id, so a segment inserted but not yet deleted when the process
 died is harmless when replayed.
 
-A second task fsyncs the buffer in batches, and once an hour old conversations are deleted.
+A second task fsyncs the buffer in batches, and once an hour old conversations (and audit
+events past their retention, services/audit.purge) are deleted.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from llm_api.core.config import Settings
 from llm_api.core.metrics import USAGE_BUFFER_BACKLOG
+from llm_api.services import audit
 from llm_api.services.usage.buffer import DurableBuffer
 from llm_api.services.usage.repository import delete_conversations_before, insert_records
 
@@ -44,6 +46,7 @@ class UsageFlusher:
         self.fsync_interval = settings.usage_fsync_interval_seconds
         self.max_backoff = settings.usage_max_backoff_seconds
         self.retention = timedelta(days=settings.conversation_retention_days)
+        self.audit_retention = timedelta(days=settings.audit_retention_days)
         self.failures = 0
         self.flushed = 0  # records inserted (or found already present) by this process
         self._wake = asyncio.Event()
@@ -122,6 +125,11 @@ class UsageFlusher:
                 deleted = await delete_conversations_before(session, cutoff)
             if deleted:
                 log.info("conversations_expired", deleted=deleted)
+            if self.audit_retention:  # 0 days: audit events are kept forever
+                async with self.sessions.begin() as session:
+                    purged = await audit.purge(session, datetime.now(UTC) - self.audit_retention)
+                if purged:
+                    log.info("audit_events_expired", deleted=purged)
         except Exception as exc:
             self._last_retention = 0.0
             log.warning("conversation_retention_failed", error=type(exc).__name__)

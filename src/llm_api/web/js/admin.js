@@ -1,4 +1,5 @@
-// Admin pages: a live server summary (polled), users, teams, and usage across users. The server
+// Admin pages: a live server summary (polled), users, teams, usage across users, and the audit
+// log. The server
 // enforces the role (403 for others); this page only shows what the API answers.
 
 import { api } from "./api.js";
@@ -120,6 +121,96 @@ function usageByUser(rows, emails) {
   );
 }
 
+function auditQuery(form, extra = {}) {
+  const params = new URLSearchParams();
+  for (const name of ["action", "actor", "target"]) {
+    const value = form.elements[name].value.trim();
+    if (value) params.set(name, value);
+  }
+  for (const [name, value] of Object.entries(extra)) params.set(name, String(value));
+  return params;
+}
+
+function auditTable(events) {
+  const json = (v) => (v ? JSON.stringify(v) : "");
+  return h(
+    "table",
+    { id: "audit-table" },
+    h(
+      "thead",
+      {},
+      h("tr", {}, ["Time", "Action", "Actor", "Target", "Before", "After", "Client", "Request"].map((t) => h("th", {}, t))),
+    ),
+    h(
+      "tbody",
+      {},
+      events.map((e) =>
+        h(
+          "tr",
+          { dataset: { seq: e.seq } },
+          h("td", {}, fmtDate(e.created_at)),
+          h("td", { class: "audit-action" }, e.action),
+          h("td", {}, e.actor),
+          h("td", {}, e.target_type ? `${e.target_type} ${e.target_id ?? ""}` : ""),
+          h("td", { class: "mono" }, json(e.before)),
+          h("td", { class: "mono" }, json(e.after)),
+          h("td", {}, e.client_ip ?? ""),
+          h("td", { class: "mono" }, e.request_id ?? ""),
+        ),
+      ),
+    ),
+  );
+}
+
+function auditPanel() {
+  const list = h("div", { class: "body", id: "audit-list" }, "Loading…");
+  let cursor = null;
+  const load = async (form, more) => {
+    const params = auditQuery(form, { limit: 50, ...(more && cursor ? { before: cursor } : {}) });
+    try {
+      const page = await api(`/v1/admin/audit?${params}`);
+      cursor = page.next_before;
+      const rows = more ? [...list.querySelectorAll("tbody tr")].map((tr) => tr) : [];
+      mount(list, auditTable(page.data));
+      if (more) list.querySelector("tbody").prepend(...rows);
+      if (page.has_more) {
+        list.append(h("button", { class: "secondary small", id: "audit-more", onclick: () => load(form, true) }, "Older events"));
+      }
+    } catch (err) {
+      mount(list, notice(`Could not load the audit log: ${err.message}`));
+    }
+  };
+  const download = async (form) => {
+    try {
+      const response = await api(`/v1/admin/audit?${auditQuery(form, { format: "csv" })}`, { raw: true });
+      const url = URL.createObjectURL(await response.blob());
+      const link = h("a", { href: url, download: "audit.csv" });
+      link.click();
+      setTimeout(() => URL.revokeObjectURL(url), 10_000);
+    } catch (err) {
+      mount(list, notice(`Could not export the audit log: ${err.message}`));
+    }
+  };
+  const form = h(
+    "form",
+    {
+      class: "filters",
+      id: "audit-filters",
+      onsubmit: (event) => {
+        event.preventDefault();
+        load(event.currentTarget, false);
+      },
+    },
+    h("input", { name: "action", placeholder: "action (auth. for a prefix)", "aria-label": "Action" }),
+    h("input", { name: "actor", placeholder: "actor (user id or email)", "aria-label": "Actor" }),
+    h("input", { name: "target", placeholder: "target id", "aria-label": "Target" }),
+    h("button", { type: "submit", class: "small", id: "audit-filter" }, "Filter"),
+    h("button", { type: "button", class: "secondary small", id: "audit-csv", onclick: () => download(form) }, "Export CSV"),
+  );
+  load(form, false);
+  return h("section", { class: "panel", id: "audit" }, h("h2", {}, "Audit log"), form, list);
+}
+
 async function poll(container, el) {
   try {
     renderSummary(el, await api("/v1/admin/summary"));
@@ -158,6 +249,7 @@ export async function show(container) {
       h("section", { class: "panel", id: "users" }, h("h2", {}, "Users"), users),
       h("section", { class: "panel", id: "admin-teams" }, h("h2", {}, "Teams"), teams),
       h("section", { class: "panel", id: "admin-usage" }, h("h2", {}, "Usage across users (14 days)"), usage),
+      auditPanel(),
     ),
   );
   renderSummary(summary, first);

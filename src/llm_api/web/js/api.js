@@ -65,6 +65,31 @@ export async function signIn(email, password) {
   changed();
 }
 
+/** What the sign-in page offers: single sign-on (a button) and/or the password form. */
+export async function signInOptions() {
+  try {
+    const response = await fetch("/v1/auth/oidc");
+    if (response.ok) return await response.json();
+  } catch {
+    // An older server or a network error: offer the password form only.
+  }
+  return { enabled: false, password_login_enabled: true };
+}
+
+/**
+ * After the provider's redirect (`/#/sso`): collect the login the server made. Its refresh token
+ * comes in an HttpOnly cookie sent only to this path, and is rotated here, so it works once.
+ */
+export async function completeSso() {
+  const response = await fetch("/v1/auth/oidc/session", {
+    method: "POST",
+    headers: { "X-Requested-With": "llm-api" },
+  });
+  if (!response.ok) throw await errorFrom(response);
+  storeTokens(await response.json());
+  changed();
+}
+
 export async function useApiKey(key) {
   const token = key.trim();
   const response = await fetch("/v1/models", { headers: { Authorization: `Bearer ${token}` } });

@@ -3,14 +3,35 @@
 
 import * as accountView from "./account.js";
 import * as adminView from "./admin.js";
-import { currentUser, restore, session, signIn, signOut, useApiKey } from "./api.js";
+import {
+  completeSso,
+  currentUser,
+  restore,
+  session,
+  signIn,
+  signInOptions,
+  signOut,
+  useApiKey,
+} from "./api.js";
 import { $, h, mount, notice } from "./dom.js";
 import * as playgroundView from "./playground.js";
 
 const views = { playground: playgroundView, account: accountView, admin: adminView };
 let current = null;
+let ssoFailure = null; // why the last single sign-on could not be collected
 
-function signInView(container) {
+function ssoPanel(options) {
+  return h(
+    "div",
+    { class: "panel", id: "sso-panel" },
+    h("h2", {}, "Single sign-on"),
+    // A plain link: the browser navigates to the server, which redirects to the provider.
+    h("a", { class: "button", id: "sso-button", href: options.login_url }, options.button_label),
+  );
+}
+
+async function signInView(container) {
+  const options = await signInOptions();
   const status = h("div", { id: "signin-status" });
   const pending = (form, busy) => {
     for (const el of form.querySelectorAll("button, input")) el.disabled = busy;
@@ -24,7 +45,8 @@ function signInView(container) {
     h(
       "div",
       { class: "signin" },
-      h(
+      options.enabled ? ssoPanel(options) : null,
+      !options.password_login_enabled ? null : h(
         "form",
         {
           class: "panel",
@@ -78,6 +100,10 @@ function signInView(container) {
       status,
     ),
   );
+  if (ssoFailure) {
+    mount(status, notice(`Single sign-on failed: ${ssoFailure}`));
+    ssoFailure = null;
+  }
 }
 
 async function renderNav() {
@@ -134,4 +160,19 @@ window.addEventListener("session-changed", () => {
   route();
 });
 
-restore().finally(route);
+async function start() {
+  if (location.hash === "#/sso") {
+    // Back from the provider: collect the login, then continue where sign-in was asked for.
+    history.replaceState(null, "", sessionStorage.getItem("llm-api.after-signin") || "#/playground");
+    sessionStorage.removeItem("llm-api.after-signin");
+    try {
+      await completeSso();
+      return;
+    } catch (err) {
+      ssoFailure = err.message;
+    }
+  }
+  await restore();
+}
+
+start().finally(route);

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 
 from llm_api.api.deps import AuthDep, DbSession
 from llm_api.api.scopes import requires_scope
@@ -21,6 +21,7 @@ from llm_api.schemas.accounts import (
     UserInfo,
     UserList,
 )
+from llm_api.services import audit
 from llm_api.services.auth import api_keys
 from llm_api.services.auth.principal import Principal
 from llm_api.services.batches.service import cancel_user_batches
@@ -42,8 +43,12 @@ async def list_users(
 
 @router.post("/users", response_model=UserInfo, status_code=201)
 @requires_scope("admin")
-async def create_user(body: AdminUserCreate, db: DbSession, auth: AuthDep) -> UserInfo:
+async def create_user(
+    body: AdminUserCreate, admin: Admin, db: DbSession, auth: AuthDep, request: Request
+) -> UserInfo:
     user = await auth.users.create(db, body.email, body.password, role=body.role, tier=body.tier)
+    after = audit.changes(user, audit.USER_FIELDS)
+    await audit.record(db, admin, "user.created", user, after=after, request=request)
     return user_info(user)
 
 
@@ -63,11 +68,17 @@ async def get_user(user_id: str, db: DbSession) -> UserInfo:
 @router.patch("/users/{user_id}", response_model=UserInfo)
 @requires_scope("admin")
 async def update_user(
-    user_id: str, body: AdminUserUpdate, admin: Admin, db: DbSession, auth: AuthDep
+    user_id: str,
+    body: AdminUserUpdate,
+    admin: Admin,
+    db: DbSession,
+    auth: AuthDep,
+    request: Request,
 ) -> UserInfo:
     user = await _user(db, user_id)
     if user.id == admin.user_id and (body.is_active is False or body.role == "user"):
         raise InvalidRequestError("Administrators cannot deactivate or demote themselves.")
+    was = audit.changes(user, audit.USER_FIELDS)
     if body.tier is not None:
         user.tier = body.tier
     if body.role is not None:
@@ -77,14 +88,34 @@ async def update_user(
             await cancel_user_batches(db, user.id)  # no more work runs for them
         user.is_active = body.is_active
     await db.flush()
+    before, after = audit.diff(was, audit.changes(user, audit.USER_FIELDS))
+    if after:
+        action = (
+            "user.deactivated"
+            if after.get("is_active") is False
+            else "user.reactivated"
+            if after.get("is_active") is True
+            else "user.updated"
+        )
+        await audit.record(db, admin, action, user, before=before, after=after, request=request)
     auth.authenticator.forget(db)  # cached API keys carry the old tier, role and status
     return user_info(user)
 
 
 @router.delete("/keys/{key_id}", response_model=DeletedApiKey)
 @requires_scope("admin")
-async def revoke_any_key(key_id: str, db: DbSession, auth: AuthDep) -> DeletedApiKey:
+async def revoke_any_key(
+    key_id: str, admin: Admin, db: DbSession, auth: AuthDep, request: Request
+) -> DeletedApiKey:
     if not await api_keys.revoke_key(db, key_id, None):
         raise NotFoundError("No such API key.", param="key_id")
+    await audit.record(
+        db,
+        admin,
+        "key.revoked",
+        audit.Target("key", key_id),
+        after={"revoked": True},
+        request=request,
+    )
     auth.authenticator.forget(db)
     return DeletedApiKey(id=key_id)

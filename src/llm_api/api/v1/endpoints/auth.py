@@ -9,13 +9,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.security import OAuth2PasswordRequestForm
 
-from llm_api.api.deps import AuthDep, CurrentUser, DbSession
+from llm_api.api.deps import AuthDep, CurrentUser, DbSession, StateDep
 from llm_api.api.rate_limits import check_login, login_succeeded
 from llm_api.api.scopes import requires_scope
 from llm_api.api.security import public
-from llm_api.core.exceptions import AuthenticationError
+from llm_api.core.exceptions import AuthenticationError, PermissionDeniedError
 from llm_api.schemas.accounts import LogoutRequest, LogoutResponse, RefreshRequest, TokenResponse
-from llm_api.services.auth.tokens import TokenPair
+from llm_api.services import audit
+from llm_api.services.auth.tokens import RefreshTokenReusedError, TokenPair
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
@@ -38,19 +39,75 @@ async def login(
     request: Request,
     db: DbSession,
     auth: AuthDep,
+    state: StateDep,
 ) -> TokenResponse:
+    if not state.settings.password_login_enabled:
+        raise PermissionDeniedError(
+            "Password sign-in is turned off on this server; use single sign-on or an API key.",
+            code="password_login_disabled",
+        )
     await check_login(request, form.username)  # growing delays per (account, client), pre-hash
     user = await auth.users.authenticate(db, form.username, form.password)
     if user is None:
+        await _login_refused(request, state, db, auth, form.username)
         raise AuthenticationError(BAD_LOGIN, code="invalid_credentials")
     await login_succeeded(request, form.username)
+    await audit.record(db, user, "auth.login", user, after={"method": "password"}, request=request)
     return _response(await auth.tokens.issue_pair(db, user.id))
+
+
+async def record_refusal(
+    request: Request, state: StateDep, target: audit.TargetLike, after: dict[str, object]
+) -> None:
+    """One audit row per refused sign-in, within a per-process bound (audit.FailureSampler),
+    committed now: the request's own session rolls back."""
+    sampler: audit.FailureSampler | None = getattr(request.app.state, "audit_login_sampler", None)
+    if sampler is None:
+        sampler = audit.FailureSampler(state.settings.audit_login_failures_per_minute)
+        request.app.state.audit_login_sampler = sampler
+    suppressed = sampler.admit()
+    if suppressed is None:
+        return
+    await audit.record_now(
+        state.db.sessions,
+        audit.ANONYMOUS,
+        "auth.login_failed",
+        target,
+        after={**after, "suppressed": suppressed},
+        request=request,
+    )
+
+
+async def _login_refused(
+    request: Request, state: StateDep, db: DbSession, auth: AuthDep, username: str
+) -> None:
+    # The submitted name is kept only when it is an account's email: a password typed into
+    # the name field must not be stored.
+    known = await auth.users.by_email(db, username) if len(username) <= 254 else None
+    target = known if known is not None else audit.Target("user", None)
+    await record_refusal(
+        request, state, target, {"method": "password", "known_account": known is not None}
+    )
 
 
 @router.post("/refresh", response_model=TokenResponse)
 @public
-async def refresh(body: RefreshRequest, db: DbSession, auth: AuthDep) -> TokenResponse:
-    user_id, pair = await auth.tokens.rotate(db, body.refresh_token)
+async def refresh(
+    body: RefreshRequest, db: DbSession, auth: AuthDep, request: Request
+) -> TokenResponse:
+    try:
+        user_id, pair = await auth.tokens.rotate(db, body.refresh_token)
+    except RefreshTokenReusedError as exc:
+        # Recorded in this session: the family revocation commits with it (keep_changes).
+        await audit.record(
+            db,
+            audit.ANONYMOUS,
+            "auth.refresh_token_reused",
+            audit.Target("user", exc.user_id),
+            after={"session_revoked": exc.family_id},
+            request=request,
+        )
+        raise
     user = await auth.users.get(db, user_id)
     if user is None or not user.is_active:
         raise AuthenticationError("Invalid or expired refresh token.")

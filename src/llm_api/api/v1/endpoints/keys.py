@@ -19,6 +19,7 @@ from llm_api.schemas.accounts import (
     DeletedApiKey,
     epoch,
 )
+from llm_api.services import audit
 from llm_api.services.auth import api_keys, key_management, scopes
 
 router = APIRouter(prefix="/keys", tags=["keys"])
@@ -40,6 +41,11 @@ def key_info(key: ApiKey) -> ApiKeyInfo:
     )
 
 
+def audited(key: ApiKey) -> dict[str, object]:
+    """What the audit log keeps of a key: everything shown about it, never the key."""
+    return key_info(key).model_dump(exclude={"object", "created_at"}) | {"owner": key.user_id}
+
+
 @router.post("", response_model=ApiKeyCreated, status_code=201)
 @requires_scope("keys")
 async def create_key(
@@ -55,6 +61,7 @@ async def create_key(
     key, raw = await key_management.create(
         db, user, body or ApiKeyCreate(), state.rate_limiter.policy, settings.max_keys_per_user
     )
+    await audit.record(db, user, "key.created", key, after=audited(key), request=request)
     return ApiKeyCreated(**key_info(key).model_dump(), key=raw)
 
 
@@ -75,20 +82,27 @@ async def update_key(
     db: DbSession,
     auth: AuthDep,
     state: StateDep,
+    request: Request,
 ) -> ApiKeyInfo:
     """Change a key's name or controls; takes effect on the next request."""
     assert user.user_id is not None
     key = await key_management.manageable(db, key_id, user.user_id)
+    before = audited(key)
     await key_management.update(db, key, body, state.rate_limiter.policy)
+    old, new = audit.diff(before, audited(key))
+    await audit.record(db, user, "key.updated", key, before=old, after=new, request=request)
     auth.authenticator.forget(db)  # no cached verification keeps the old controls
     return key_info(key)
 
 
 @router.delete("/{key_id}", response_model=DeletedApiKey)
 @requires_scope("keys")
-async def revoke_key(key_id: str, user: CurrentUser, db: DbSession, auth: AuthDep) -> DeletedApiKey:
+async def revoke_key(
+    key_id: str, user: CurrentUser, db: DbSession, auth: AuthDep, request: Request
+) -> DeletedApiKey:
     assert user.user_id is not None
     key = await key_management.manageable(db, key_id, user.user_id)
     await key_management.revoke(db, key)
+    await audit.record(db, user, "key.revoked", key, after={"revoked": True}, request=request)
     auth.authenticator.forget(db)  # no cached verification of the key outlives the commit
     return DeletedApiKey(id=key_id)

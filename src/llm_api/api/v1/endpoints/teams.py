@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query, Request
 from llm_api.api.deps import AdminUser, AuthDep, CurrentUser, DbSession, SettingsDep, StateDep
 from llm_api.api.rate_limits import limit_route
 from llm_api.api.scopes import requires_scope
-from llm_api.api.v1.endpoints.keys import key_info
+from llm_api.api.v1.endpoints.keys import audited, key_info
 from llm_api.api.v1.endpoints.usage import END, START
 from llm_api.db.tables import Team, TeamMember, User
 from llm_api.schemas.accounts import ApiKeyCreate, ApiKeyCreated, ApiKeyList, epoch
@@ -29,7 +29,7 @@ from llm_api.schemas.teams import (
     TeamUpdate,
 )
 from llm_api.schemas.usage import IsoDay, UsageReport
-from llm_api.services import teams
+from llm_api.services import audit, teams
 from llm_api.services.auth import key_management
 
 router = APIRouter(tags=["teams"])
@@ -73,9 +73,12 @@ def _uid(user: CurrentUser) -> str:
 
 @router.post("/teams", response_model=TeamInfo, status_code=201)
 @requires_scope("teams")
-async def create_team(body: TeamCreate, user: CurrentUser, db: DbSession) -> TeamInfo:
+async def create_team(
+    body: TeamCreate, user: CurrentUser, db: DbSession, request: Request
+) -> TeamInfo:
     """A new team, with the caller as its owner."""
     team = await teams.create_team(db, _uid(user), body.name)
+    await audit.record(db, user, "team.created", team, after={"name": team.name}, request=request)
     return await _one(db, team, "owner")
 
 
@@ -96,19 +99,29 @@ async def get_team(team_id: str, user: CurrentUser, db: DbSession) -> TeamInfo:
 
 @router.patch("/teams/{team_id}", response_model=TeamInfo)
 @requires_scope("teams")
-async def update_team(team_id: str, body: TeamUpdate, user: CurrentUser, db: DbSession) -> TeamInfo:
+async def update_team(
+    team_id: str, body: TeamUpdate, user: CurrentUser, db: DbSession, request: Request
+) -> TeamInfo:
     team, role = await teams.managed(db, team_id, _uid(user))
+    before = {"name": team.name}
     team.name = body.name
     await db.flush()
+    await audit.record(
+        db, user, "team.updated", team, before=before, after={"name": team.name}, request=request
+    )
     return await _one(db, team, role)
 
 
 @router.delete("/teams/{team_id}", response_model=DeletedTeam)
 @requires_scope("teams")
-async def delete_team(team_id: str, user: CurrentUser, db: DbSession, auth: AuthDep) -> DeletedTeam:
+async def delete_team(
+    team_id: str, user: CurrentUser, db: DbSession, auth: AuthDep, request: Request
+) -> DeletedTeam:
     """Delete the team (owners only) and revoke its keys."""
     await teams.owned(db, team_id, _uid(user))
     await teams.delete_team(db, team_id)
+    target = audit.Target("team", team_id)
+    await audit.record(db, user, "team.deleted", target, after={"deleted": True}, request=request)
     auth.authenticator.forget(db)  # its keys stop at once
     return DeletedTeam(id=team_id)
 
@@ -123,32 +136,48 @@ async def list_members(team_id: str, user: CurrentUser, db: DbSession) -> TeamMe
 @router.post("/teams/{team_id}/members/{user_ref}", response_model=TeamMemberInfo, status_code=201)
 @requires_scope("teams")
 async def add_member(
-    team_id: str, user_ref: str, user: CurrentUser, db: DbSession, body: MemberAdd | None = None
+    team_id: str,
+    user_ref: str,
+    user: CurrentUser,
+    db: DbSession,
+    request: Request,
+    body: MemberAdd | None = None,
 ) -> TeamMemberInfo:
     """Add a user (by id or e-mail) to the team (owners and admins)."""
-    _, role = await teams.managed(db, team_id, _uid(user))
+    team, role = await teams.managed(db, team_id, _uid(user))
     member, added = await teams.add_member(db, team_id, role, user_ref, (body or MemberAdd()).role)
+    after = {"user_id": added.id, "role": member.role}
+    await audit.record(db, user, "team.member_added", team, after=after, request=request)
     return _member_info(member, added)
 
 
 @router.patch("/teams/{team_id}/members/{user_ref}", response_model=TeamMemberInfo)
 @requires_scope("teams")
 async def update_member(
-    team_id: str, user_ref: str, body: MemberUpdate, user: CurrentUser, db: DbSession
+    team_id: str,
+    user_ref: str,
+    body: MemberUpdate,
+    user: CurrentUser,
+    db: DbSession,
+    request: Request,
 ) -> TeamMemberInfo:
-    _, role = await teams.managed(db, team_id, _uid(user))
+    team, role = await teams.managed(db, team_id, _uid(user))
     member, changed = await teams.set_role(db, team_id, role, user_ref, body.role)
+    after = {"user_id": changed.id, "role": member.role}
+    await audit.record(db, user, "team.member_role_changed", team, after=after, request=request)
     return _member_info(member, changed)
 
 
 @router.delete("/teams/{team_id}/members/{user_ref}", response_model=DeletedMember)
 @requires_scope("teams")
 async def remove_member(
-    team_id: str, user_ref: str, user: CurrentUser, db: DbSession
+    team_id: str, user_ref: str, user: CurrentUser, db: DbSession, request: Request
 ) -> DeletedMember:
     """Remove a member (owners and admins), or leave (anyone). The team's keys stay."""
-    _, role = await teams.membership(db, team_id, _uid(user))
+    team, role = await teams.membership(db, team_id, _uid(user))
     removed = await teams.remove_member(db, team_id, _uid(user), role, user_ref)
+    after = {"user_id": removed.id}
+    await audit.record(db, user, "team.member_removed", team, after=after, request=request)
     return DeletedMember(user_id=removed.id)
 
 
@@ -177,6 +206,7 @@ async def create_team_key(
     key, raw = await key_management.create(
         db, user, wanted, state.rate_limiter.policy, settings.max_keys_per_user
     )
+    await audit.record(db, user, "key.created", key, after=audited(key), request=request)
     return ApiKeyCreated(**key_info(key).model_dump(), key=raw)
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from llm_api.api.deps import AuthDep, CurrentUser, DbSession
 from llm_api.api.scopes import requires_scope
 from llm_api.core.exceptions import AuthenticationError
 from llm_api.db.tables import User
 from llm_api.schemas.accounts import UserInfo, UserUpdate, epoch
+from llm_api.services import audit
 
 router = APIRouter(prefix="/users", tags=["users"])
 
@@ -41,10 +42,16 @@ async def read_me(principal: CurrentUser, db: DbSession, auth: AuthDep) -> UserI
 @router.patch("/me", response_model=UserInfo)
 @requires_scope("account")
 async def update_me(
-    body: UserUpdate, principal: CurrentUser, db: DbSession, auth: AuthDep
+    body: UserUpdate, principal: CurrentUser, db: DbSession, auth: AuthDep, request: Request
 ) -> UserInfo:
     user = await _me(principal.user_id, db, auth)
+    was = audit.changes(user, ("display_name",))
     if "display_name" in body.model_fields_set:
         user.display_name = body.display_name
     await db.flush()
+    before, after = audit.diff(was, audit.changes(user, ("display_name",)))
+    if after:
+        await audit.record(
+            db, principal, "user.updated", user, before=before, after=after, request=request
+        )
     return user_info(user)
