@@ -62,6 +62,7 @@ def _request_context(request: Request, principal: Principal) -> RequestContext:
         user_id=principal.user_id,
         key_id=principal.key_id,
         tier=principal.tier,
+        team_id=principal.team_id,
     )
     # Kept in the scope state so the access log can read the token counts after the response
     # (for a stream, after its last frame).

@@ -160,6 +160,7 @@ class RequestContext:
     tier: str = "free"
     batch_id: str | None = None
     client_ip: str | None = None
+    team_id: str | None = None  # a team's service key: the team's budgets apply
 
 
 @dataclass(slots=True)
@@ -184,3 +185,7 @@ class CompletionRecord:
     latency_ms: float
     queue_ms: float
     stream: bool
+    # What it cost, in nano-dollars (services/money/prices.py): the answering model's prices
+    # times the tokens used; 0 for cache hits and for failures before any output.
+    cost_nanos: int = 0
+    team_id: str | None = None

@@ -25,7 +25,7 @@ async def create_response(body: ResponsesRequest, request: Request, call: Infere
     chat = chat_request(body)
     if body.stream:
         frames, out = await serving.responses_stream(chat, ctx, policy)
-        events = wire.response_events(body, ctx.request_id, out.model, frames)
+        events = wire.response_events(body, ctx.request_id, out.model, frames, out)
         stream = sse_response(events, call.keepalive, named=True)
         answer_with(request, stream.headers, out)
         return stream

@@ -19,22 +19,27 @@ import orjson
 from llm_api.api.streaming import error_payload
 from llm_api.schemas.responses import ResponsesRequest
 from llm_api.services.llm.shaping import Answer, ChoiceAnswer, UsageCounter
+from llm_api.services.llm.stages import Outcome
+from llm_api.services.money.prices import usd
 from llm_api.services.llm.types import Frame
 
 # Engine finish → (status, incomplete_details.reason).
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 
 
-def _usage(usage: UsageCounter) -> dict[str, Any]:
+def _usage(usage: UsageCounter, cost_nanos: int | None) -> dict[str, Any]:
     details = usage.extra.get("completion_tokens_details")
     reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
-    return {
+    body: dict[str, Any] = {
         "input_tokens": usage.prompt_tokens,
         "input_tokens_details": {"cached_tokens": usage.cached_tokens or 0},
         "output_tokens": usage.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": reasoning or 0},
         "total_tokens": usage.total_tokens,
     }
+    if cost_nanos is not None:
+        body["cost"] = usd(cost_nanos)  # an extra field, as in chat's usage (docs/usage.md)
+    return body
 
 
 def _tool_choice(req: ResponsesRequest) -> Any:
@@ -55,6 +60,7 @@ def response_body(
     usage: UsageCounter | None = None,
     incomplete: str | None = None,
     error: dict[str, Any] | None = None,
+    cost_nanos: int | None = None,
 ) -> dict[str, Any]:
     """A `response` object (the SDK's `Response`), echoing the request's settings."""
     fmt = req.text.format if req.text is not None else None
@@ -92,7 +98,7 @@ def response_body(
         ],
         "top_p": req.top_p if req.top_p is not None else 1.0,
         "truncation": "disabled",
-        "usage": None if usage is None else _usage(usage),
+        "usage": None if usage is None else _usage(usage, cost_nanos),
         "user": req.user,
         "metadata": req.metadata or {},
     }
@@ -150,6 +156,7 @@ def response_object(req: ResponsesRequest, request_id: str, answer: Answer) -> d
         status=status,
         usage=answer.usage,
         incomplete=incomplete,
+        cost_nanos=answer.cost_nanos,
     )
 
 
@@ -260,7 +267,11 @@ class _Stream:
 
 
 async def response_events(
-    req: ResponsesRequest, request_id: str, model: str, frames: AsyncIterator[Frame]
+    req: ResponsesRequest,
+    request_id: str,
+    model: str,
+    frames: AsyncIterator[Frame],
+    out: Outcome | None = None,
 ) -> AsyncIterator[bytes]:
     """Each stream event, whole (api/streaming's `named` framing). An error after the start
     ends the stream with `response.failed` (its `error` the OpenAI error object), as OpenAI
@@ -271,6 +282,8 @@ async def response_events(
     finish: str | None = None
 
     def body(status: str, **kw: Any) -> dict[str, Any]:
+        if "usage" in kw and out is not None:  # the frames have ended: `out` is settled
+            kw["cost_nanos"] = out.cost_nanos
         return response_body(req, request_id, model, created, s.items, status=status, **kw)
 
     yield s.event("response.created", response=body("in_progress"))
