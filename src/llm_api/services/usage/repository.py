@@ -48,6 +48,8 @@ def usage_row(rec: dict[str, Any]) -> dict[str, Any]:
         "latency_ms": rec["latency_ms"],
         "disconnected": rec["disconnected"],
         "stream": rec["stream"],
+        "cost_nanos": rec.get("cost_nanos", 0),  # lines buffered before money (0007): 0
+        "team_id": rec.get("team_id"),
     }
 
 
