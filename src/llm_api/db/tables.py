@@ -318,7 +318,6 @@ class BudgetAlert(Base):
     last_error: Mapped[str | None] = mapped_column(String(200), default=None)
 
 
-
 # --- audit log (migration 0008) -----------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from llm_api.api.v1.endpoints import (
     admin,
     auth,
     batches,
+    budgets,
     dashboard,
     embeddings,
     files,
@@ -40,6 +41,7 @@ V1_ROUTERS = (
     usage.router,
     files.router,
     batches.router,
+    budgets.router,
 )
 
 

@@ -44,9 +44,9 @@ from llm_api.services.cache.service import CachePolicy
 from llm_api.services.cache.store import CacheStore
 from llm_api.services.llm.registry import ModelConfig
 from llm_api.services.llm.service import LLMService
-from llm_api.services.money.prices import usd
 from llm_api.services.llm.stages import AdmissionStage, Outcome, ended, first_success
 from llm_api.services.llm.types import CompletionRecord, RequestContext
+from llm_api.services.money.prices import usd
 
 log = structlog.get_logger(__name__)
 

@@ -16,8 +16,8 @@ from llm_api.api.errors import anthropic_error
 from llm_api.core.exceptions import APIError, ServerError
 from llm_api.services.llm.shaping import Answer
 from llm_api.services.llm.stages import Outcome
-from llm_api.services.money.prices import usd
 from llm_api.services.llm.types import Frame
+from llm_api.services.money.prices import usd
 
 log = structlog.get_logger(__name__)
 

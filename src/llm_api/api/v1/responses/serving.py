@@ -20,8 +20,8 @@ from llm_api.api.streaming import error_payload
 from llm_api.schemas.responses import ResponsesRequest
 from llm_api.services.llm.shaping import Answer, ChoiceAnswer, UsageCounter
 from llm_api.services.llm.stages import Outcome
-from llm_api.services.money.prices import usd
 from llm_api.services.llm.types import Frame
+from llm_api.services.money.prices import usd
 
 # Engine finish → (status, incomplete_details.reason).
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
