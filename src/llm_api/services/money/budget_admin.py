@@ -36,6 +36,10 @@ async def _team_role(session: AsyncSession, team_id: str, user_id: str | None) -
     return member.role if member is not None else None
 
 
+async def is_team_member(session: AsyncSession, team_id: str, user_id: str | None) -> bool:
+    return await _team_role(session, team_id, user_id) is not None
+
+
 async def _may(
     session: AsyncSession, who: Principal, scope: str, subject_id: str, write: bool
 ) -> bool:
