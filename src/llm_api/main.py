@@ -95,6 +95,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         embeddings=embeddings,
         usage=usage,
         rate_limiter=limiter,
+        money=money,
         files=files,
         batch_queue=batch_queue,
         summary=SummaryService(llm),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import date
+from datetime import date as Day  # the bucket's `date` field shadows the type
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict
@@ -42,7 +43,7 @@ class UsageBucket(UsageSummary):
     """The usage of one group: by default one model on one UTC day (and, in the admin report,
     one user); `group_by` picks the fields, the others are null."""
 
-    date: date | None = None
+    date: Day | None = None
     model: str | None = None
     user_id: str | None = None
     key_id: str | None = None

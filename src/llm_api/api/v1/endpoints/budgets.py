@@ -16,7 +16,7 @@ router = APIRouter(prefix="/budgets", tags=["budgets"])
 async def _applied(state: StateDep, db: DbSession) -> None:
     """Committed, and this process's budget book reloaded: the change binds at once here."""
     await db.commit()
-    await state.rate_limiter.budgets.refresh()
+    await state.money.budgets.refresh()
 
 
 @router.post("", response_model=BudgetOut, status_code=201)
