@@ -122,6 +122,8 @@ class BudgetBook:
                 log.warning("budget_refresh_failed", error=type(exc).__name__)
 
     async def aclose(self) -> None:
+        if self._hooks:  # alerts being enqueued: a short wait (a lost one is found again by
+            await asyncio.wait(self._hooks, timeout=2)  # the next settlement past the limit)
         tasks = [t for t in (self._task, *self._hooks) if t is not None]
         for task in tasks:
             task.cancel()
