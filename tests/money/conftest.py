@@ -56,6 +56,7 @@ class Priced:
     app: Any
     account: Account
     http: httpx.AsyncClient
+    receiver: Receiver | None = None
 
     @property
     def state(self) -> Any:
@@ -70,6 +71,9 @@ class Priced:
             return list(await session.scalars(query))
 
 
+WEBHOOK_SECRET = "whsec-test-" + "s" * 24
+
+
 @contextlib.asynccontextmanager
 async def priced_app(tmp: Path, **overrides: Any) -> AsyncIterator[Priced]:
     async with running_app(priced_settings(tmp, **overrides)) as app:
@@ -81,9 +85,16 @@ async def priced_app(tmp: Path, **overrides: Any) -> AsyncIterator[Priced]:
 
 @pytest.fixture(scope="package")
 async def priced(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Priced]:
-    """One app on the priced models for the package (the model loads once)."""
-    async with priced_app(tmp_path_factory.mktemp("money")) as running:
-        yield running
+    """One app on the priced models for the package (the model loads once), its soft-limit
+    webhooks going to a real receiver."""
+    async with webhook_receiver() as receiver:
+        async with priced_app(
+            tmp_path_factory.mktemp("money"),
+            budget_webhook_url=receiver.url,
+            budget_webhook_secret=WEBHOOK_SECRET,
+        ) as running:
+            running.receiver = receiver
+            yield running
 
 
 @dataclass
@@ -101,7 +112,8 @@ class Receiver:
         return f"http://127.0.0.1:{self.port}/hook"
 
     async def handle(self, request: web.Request) -> web.Response:
-        self.posts.append((dict(request.headers), await request.read()))
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.posts.append((headers, await request.read()))
         self.arrived.set()
         status = self.statuses.pop(0) if self.statuses else 200
         return web.Response(status=status)
