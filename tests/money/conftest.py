@@ -87,14 +87,16 @@ async def priced_app(tmp: Path, **overrides: Any) -> AsyncIterator[Priced]:
 async def priced(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Priced]:
     """One app on the priced models for the package (the model loads once), its soft-limit
     webhooks going to a real receiver."""
-    async with webhook_receiver() as receiver:
-        async with priced_app(
+    async with (
+        webhook_receiver() as receiver,
+        priced_app(
             tmp_path_factory.mktemp("money"),
             budget_webhook_url=receiver.url,
             budget_webhook_secret=WEBHOOK_SECRET,
-        ) as running:
-            running.receiver = receiver
-            yield running
+        ) as running,
+    ):
+        running.receiver = receiver
+        yield running
 
 
 @dataclass
@@ -126,7 +128,9 @@ class Receiver:
 
 
 @contextlib.asynccontextmanager
-async def webhook_receiver(port: int = 0, statuses: list[int] | None = None) -> AsyncIterator[Receiver]:
+async def webhook_receiver(
+    port: int = 0, statuses: list[int] | None = None
+) -> AsyncIterator[Receiver]:
     receiver = Receiver(statuses=list(statuses or []))
     app = web.Application()
     app.router.add_post("/hook", receiver.handle)

@@ -19,7 +19,7 @@ from llm_api.db.tables import ApiKey, Budget, TeamMember, UsageRecord
 from llm_api.schemas.budgets import BudgetCreate, BudgetOut, BudgetUpdate
 from llm_api.services.auth.principal import Principal
 from llm_api.services.money.periods import period_end, period_start
-from llm_api.services.money.prices import nanos_of, usd_decimal
+from llm_api.services.money.prices import nanos_of, usd_text
 
 TEAM_MANAGERS = ("owner", "admin")
 
@@ -73,13 +73,11 @@ async def view(session: AsyncSession, row: Budget) -> BudgetOut:
         scope=row.scope,
         subject_id=row.subject_id,
         period=period,
-        hard_limit_usd=str(usd_decimal(row.hard_limit_nanos)),
-        soft_limit_usd=None
-        if row.soft_limit_nanos is None
-        else str(usd_decimal(row.soft_limit_nanos)),
+        hard_limit_usd=usd_text(row.hard_limit_nanos),
+        soft_limit_usd=None if row.soft_limit_nanos is None else usd_text(row.soft_limit_nanos),
         period_start=period_start(period, now),  # type: ignore[arg-type]
         resets_at=period_end(period, now),  # type: ignore[arg-type]
-        spent_usd=str(usd_decimal(await _spent(session, row, now))),
+        spent_usd=usd_text(await _spent(session, row, now)),
         created_at=row.created_at,
     )
 

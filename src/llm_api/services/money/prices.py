@@ -30,6 +30,12 @@ def usd_decimal(nanos: int) -> Decimal:
     return Decimal(nanos) / NANOS_PER_USD
 
 
+def usd_text(nanos: int) -> str:
+    """Nano-dollars as an exact decimal string of USD: `12.5`, `0.000000007`, `0`."""
+    text = f"{usd_decimal(nanos):f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
 def nanos_of(amount: Decimal) -> int:
     """USD (at most 9 decimal places) as nano-dollars."""
     value = amount * NANOS_PER_USD

@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from llm_api.core.config import Settings
 from llm_api.db.tables import BudgetAlert, new_id, utcnow
 from llm_api.services.money.budgets import BudgetRule
-from llm_api.services.money.prices import usd_decimal
+from llm_api.services.money.prices import usd_text
 
 log = structlog.get_logger(__name__)
 
@@ -72,10 +72,10 @@ def _payload(rule: BudgetRule, period: str, total: int) -> dict[str, Any]:
             "subject_id": rule.subject_id,
             "period": rule.period,
             "period_start": None if period == "none" else period,
-            "hard_limit_usd": str(usd_decimal(rule.hard_nanos)),
-            "soft_limit_usd": str(usd_decimal(rule.soft_nanos or 0)),
+            "hard_limit_usd": usd_text(rule.hard_nanos),
+            "soft_limit_usd": usd_text(rule.soft_nanos or 0),
         },
-        "spent_usd": str(usd_decimal(total)),
+        "spent_usd": usd_text(total),
         "created_at": datetime.now(UTC).isoformat(),
     }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from llm_api.core.exceptions import InsufficientQuotaError, RateLimitError
-from llm_api.services.money.prices import usd_decimal
+from llm_api.services.money.prices import usd_text
 from llm_api.services.rate_limit.types import Decision, LimitSpec
 
 BUDGET_REMAINING = "x-llm-api-budget-remaining"
@@ -57,8 +57,7 @@ def rate_limit_headers(specs: list[LimitSpec], decision: Decision) -> dict[str, 
 
 def money(nanos: int) -> str:
     """USD as a header or a message writes it: `12.5`, `0.000123`."""
-    text = f"{usd_decimal(max(nanos, 0)):f}"
-    return text.rstrip("0").rstrip(".") if "." in text else text
+    return usd_text(max(nanos, 0))
 
 
 def budget_headers(

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from llm_api.core.exceptions import InvalidRequestError
 from llm_api.schemas.usage import ConversationLogStatus, UsageBucket, UsageReport, UsageSummary
-from llm_api.services.money.prices import usd_decimal
+from llm_api.services.money.prices import usd_text
 from llm_api.services.usage import repository as repo
 
 DEFAULT_DAYS = 30
@@ -39,7 +39,7 @@ def _summary(s: repo.UsageSums) -> UsageSummary:
         prompt_tokens=s.prompt_tokens,
         completion_tokens=s.completion_tokens,
         total_tokens=s.prompt_tokens + s.completion_tokens,
-        cost_usd=str(usd_decimal(s.cost_nanos)),
+        cost_usd=usd_text(s.cost_nanos),
     )
 
 
