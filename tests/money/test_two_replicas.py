@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import re
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import httpx
 import orjson
@@ -37,18 +36,12 @@ import yaml
 from redis.asyncio import Redis
 from sqlalchemy import func, select
 
+from llm_api.db import migrate
 from llm_api.db.engine import Database
 from llm_api.db.tables import Budget, Team, TeamMember, UsageRecord, User
 from llm_api.services.auth import api_keys, scopes
 from llm_api.services.money.periods import period_key
-from tests.conftest import (
-    LiveServer,
-    free_port,
-    postgres_database,
-    require_service,
-    service_up,
-    start_live_server,
-)
+from tests.conftest import LiveServer, free_port, postgres_database, require_service, service_up
 from tests.conftest import test_settings as settings_for
 from tests.rate_limit.conftest import delete_prefix, unique_prefix
 
@@ -78,6 +71,32 @@ def stub_upstream() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def serve(tmp: Path, env: dict[str, str]) -> LiveServer:
+    """`llm-api serve` (uvicorn) in a subprocess on a free port, ready. The database is
+    migrated and the accounts made before, by the test."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = tmp / "server.log"
+    full_env = {
+        **os.environ, **env, "LLM_API_ENVIRONMENT": "test", "LLM_API_DATA_DIR": str(tmp),
+        "LLM_API_JWT_SECRET": "test-secret-" + "x" * 40, "LLM_API_PORT": str(port),
+    }  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llm_api.cli", "serve"], env=full_env,
+        stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    server = LiveServer(proc, port, log)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-2000:]
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{server.base_url}/ready", timeout=1).status_code == 200:
+                return server
+        time.sleep(0.1)
+    server.stop()
+    raise AssertionError(f"server not ready: {log.read_text()[-2000:]}")
 
 
 @dataclass
@@ -144,14 +163,19 @@ async def test_two_replicas_one_team_budget(tmp_path: Path) -> None:
                 "LLM_API_BUDGET_REFRESH_SECONDS": "0.2",
                 "LLM_API_USAGE_FLUSH_INTERVAL_SECONDS": "0.2",
                 "LLM_API_CACHE_ENABLED": "false",
+                "LLM_API_RATE_LIMIT_ENABLED": "false",  # budgets apply all the same
                 "LLM_API_LOG_LEVEL": "WARNING",
             }
             servers: list[LiveServer] = []
             db = Database.from_settings(settings_for(tmp_path), url)
             try:
-                for n in range(2):  # one after the other: each migrates the database first
-                    servers.append(await asyncio.to_thread(start_live_server, tmp_path / f"s{n}", env))
+                await migrate.upgrade(db.engine)
                 team_id, key = await team_budget(db)
+                started = [asyncio.to_thread(serve, tmp_path / f"s{n}", env) for n in range(2)]
+                for result in await asyncio.gather(*started, return_exceptions=True):
+                    if isinstance(result, BaseException):
+                        raise result
+                    servers.append(result)
                 await run_and_check(db, servers, team_id, key)
             finally:
                 for server in servers:
@@ -162,8 +186,9 @@ async def test_two_replicas_one_team_budget(tmp_path: Path) -> None:
 
 async def team_budget(db: Database) -> tuple[str, str]:
     async with db.sessions.begin() as session:
-        user = await session.scalar(select(User).where(User.email == "live-user@example.com"))
-        assert user is not None
+        user = User(email="owner@example.com", password_hash="not-a-login")
+        session.add(user)
+        await session.flush()
         team = Team(name="replicas")
         session.add(team)
         await session.flush()
@@ -225,7 +250,9 @@ async def run_and_check(db: Database, servers: list[LiveServer], team_id: str, k
     probes = [r for r in rows if r.request_id not in ids]
     cancelled = sum(by_id[o.request_id].cost_nanos for o in abandoned)
     assert total == told + cancelled + sum(r.cost_nanos for r in probes)
-    assert any(by_id[o.request_id].disconnected and by_id[o.request_id].cost_nanos for o in abandoned)
+    assert any(
+        by_id[o.request_id].disconnected and by_id[o.request_id].cost_nanos for o in abandoned
+    )
 
     # The shared counter (spent + outstanding reservations) equals the ledger: nothing held.
     async with db.sessions() as session:
@@ -235,7 +262,10 @@ async def run_and_check(db: Database, servers: list[LiveServer], team_id: str, k
     period = period_key("month", datetime.now(UTC))
     redis = Redis.from_url("redis://127.0.0.1:6379/0")
     try:
-        keys = [k async for k in redis.scan_iter(match=f"*:team:{team_id}:{budget_id}:{period}:budget:t")]
+        keys = [
+            k
+            async for k in redis.scan_iter(match=f"*:team:{team_id}:{budget_id}:{period}:budget:t")
+        ]
         assert len(keys) == 1, keys
         async with asyncio.timeout(10):  # the last settlements are a moment behind the ledger
             while int(await redis.get(keys[0]) or 0) != total:
