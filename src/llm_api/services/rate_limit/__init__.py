@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from llm_api.core.config import Settings
-from llm_api.services.money.budgets import BudgetBook
 from llm_api.services.rate_limit.limiter import RateLimiter, build_rate_limiter
 from llm_api.services.redis_pool import SharedRedis
+
+if TYPE_CHECKING:
+    from llm_api.services.money.budgets import BudgetBook
 
 
 async def start_rate_limiter(

@@ -29,7 +29,9 @@ from llm_api.core.exceptions import ServiceUnavailableError
 from llm_api.core.ids import new_request_id
 from llm_api.core.metrics import RATE_LIMIT_REJECTIONS
 from llm_api.services.llm.types import CompletionRecord, RequestContext
-from llm_api.services.money.budgets import BudgetBook, BudgetCharge
+
+# A module, not its names: money.budgets imports rate_limit.types (a cycle through the package).
+from llm_api.services.money import budgets as money
 from llm_api.services.rate_limit.headers import (
     budget_headers,
     budget_rejection,
@@ -78,7 +80,7 @@ class _Ticket:
     leases: list[LimitSpec]
     # Budgets: what each charge became in the store that admitted it (the local fallback
     # scales limits), and the charge (rule, period) for the soft-limit alerts.
-    budgets: list[tuple[LimitSpec, BudgetCharge]]
+    budgets: list[tuple[LimitSpec, money.BudgetCharge]]
 
 
 class RateLimiter:
@@ -95,12 +97,12 @@ class RateLimiter:
         enabled: bool = True,
         login: LoginThrottle | None = None,
         memory_max_keys: int = 100_000,
-        budgets: BudgetBook | None = None,
+        budgets: money.BudgetBook | None = None,
     ) -> None:
         self.policy = policy
         # Money (services/money/budgets.py): charged in the same script as the token limits,
         # and enforced whether or not the rate limits are.
-        self.budgets = budgets or BudgetBook()
+        self.budgets = budgets or money.BudgetBook()
         self.store = store
         self.failure_mode = failure_mode
         self.processes = max(1, processes)
@@ -356,7 +358,7 @@ class RateLimiter:
 
 
 def build_rate_limiter(
-    settings: Settings, redis: SharedRedis | None, budgets: BudgetBook | None = None
+    settings: Settings, redis: SharedRedis | None, budgets: money.BudgetBook | None = None
 ) -> RateLimiter:
     """The shared Redis when there is one (LLM_API_REDIS_URL), else this process's memory."""
     policy = LimitPolicy.from_settings(settings)
