@@ -347,6 +347,17 @@ class Settings(BaseSettings):
         "through the API applies at once on the process that made it).",
     )
 
+    @model_validator(mode="after")
+    def _signed_webhooks(self) -> Settings:
+        # Unsigned alerts could be forged by anyone who can reach the receiver.
+        if self.budget_webhook_url and not self.budget_webhook_secret:
+            raise ValueError("LLM_API_BUDGET_WEBHOOK_URL needs LLM_API_BUDGET_WEBHOOK_SECRET")
+        if self.budget_webhook_url and not self.budget_webhook_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ValueError("LLM_API_BUDGET_WEBHOOK_URL must be an http(s) URL")
+        return self
+
     # --- fair queuing and priorities (services/llm/admission.py) ------------------------------
 
     # --- tracing (OpenTelemetry) -------------------------------------------------------------
