@@ -130,3 +130,15 @@ async def test_limiter_headers_refusal_and_soft_limit_once() -> None:
     assert err.status_code == 429 and err.code == "insufficient_quota"
     assert "API key's monthly budget of $1 is exhausted: $0.34 left" in str(err)
     assert err.headers["x-should-retry"] == "false"
+
+
+async def test_a_voided_admission_gives_its_reservation_back() -> None:
+    """An admission whose reply never came is voided (redis_store.VOID): a budget's reservation
+    comes back like the token limits' do."""
+    async with redis_store_ctx() as store:
+        spec = budget(1000, 700, subject=f"t-void:{rid()}:2026-12-01")
+        request = rid()
+        assert (await store.admit(request, [spec])).allowed
+        await store.void(request, [spec])
+        d = await store.admit(rid(), [spec])
+        assert d.allowed and d.states[0].remaining == 300
