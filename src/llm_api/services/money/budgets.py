@@ -7,8 +7,9 @@ every `LLM_API_BUDGET_REFRESH_SECONDS`: admission needs no query. Spend is count
 limiter's store (Redis, shared by all processes; or memory when embedded) in the same atomic
 script as the token limits, and recorded in the usage ledger.
 
-A request is subject to its key's budgets, its user's, and its team's when its key is a team's
-service key (`Principal.team_id`).
+A request is subject to its key's budgets, and to its team's when its key is a team's service
+key (`Principal.team_id`), else to its user's: a team's spend is the team's, not that of the
+member who happened to create its key.
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ class BudgetBook:
             return []
         now = now or datetime.now(UTC)
         out: list[BudgetCharge] = []
-        for scope, subject in (("key", ctx.key_id), ("user", ctx.user_id), ("team", ctx.team_id)):
+        owner = ("team", ctx.team_id) if ctx.team_id is not None else ("user", ctx.user_id)
+        for scope, subject in (("key", ctx.key_id), owner):
             if subject is None:
                 continue
             for rule in self._by_subject.get((scope, subject), ()):
