@@ -97,7 +97,7 @@ async def test_raw_wire_shape_and_base64_is_float32(tmp_path: Path) -> None:
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert set(body) == {"object", "data", "model", "usage"}
-    assert body["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
+    assert body["usage"] == {"prompt_tokens": 3, "total_tokens": 3, "cost": 0.0}  # unpriced
     # The upstream listed its vectors in reverse order: ours follow `index`.
     for i, text in enumerate(["one two", "three"]):
         item = body["data"][i]

@@ -461,7 +461,8 @@ async def test_upstream_tool_call_with_extras(tmp_path: Path) -> None:
             assert message["refusal"] == "Partly declined."
             assert message["reasoning_content"] == "The user wants the weather."
             assert whole["choices"][0]["finish_reason"] == "tool_calls"
-            assert whole["usage"] == UPSTREAM_TOOL_ANSWER["usage"]
+            # The upstream's usage verbatim, plus our `cost` (an unpriced model: 0).
+            assert whole["usage"] == {**UPSTREAM_TOOL_ANSWER["usage"], "cost": 0.0}  # type: ignore[dict-item]
 
             # Replayed from the response cache (deterministic: temperature 0), streamed and
             # whole: the same call, extras and usage details, in the same shapes.

@@ -264,15 +264,18 @@ async def test_create_a_key_in_the_page_and_use_it_with_the_openai_sdk(tab: Tab,
 
     # The account page shows usage as a chart (records are written in the background: reload
     # until this one is in) and the rate-limit standing, which counts the SDK's request.
-    legend = page.locator("#usage .legend li", has_text=MODEL)
+    # Two charts: tokens, then spend (USD), each with its legend.
+    legend = page.locator("#usage .legend li", has_text=MODEL).first
     for _ in range(20):
         await page.reload()
-        await expect(page.locator("#usage svg.chart")).to_be_visible()
+        await expect(page.locator("#usage svg.chart").first).to_be_visible()
         if await legend.count():
             break
         await asyncio.sleep(0.5)
     await expect(legend).to_be_visible()
     assert await page.locator("#usage rect.bar").count() >= 1
+    await expect(page.locator("#usage svg.chart")).to_have_count(2)
+    await expect(page.locator("#spend-total")).to_contain_text("$")
     rpm = page.locator("#limits-table tr", has_text="requests per minute")
     await expect(rpm).to_be_visible()
     cells = await rpm.locator("td").all_text_contents()
@@ -355,7 +358,7 @@ async def test_admin_pages_for_an_admin(tab: Tab, site: Site) -> None:
     users = page.locator("#users-table")
     await expect(users.locator("tr", has_text=site.user)).to_contain_text("user")
     await expect(users.locator("tr", has_text=site.admin)).to_contain_text("admin")
-    await expect(page.locator("#admin-usage svg.chart")).to_be_visible()
+    await expect(page.locator("#admin-usage svg.chart")).to_have_count(2)  # tokens, spend
     # Teams, with their members and keys.
     await expect(page.locator("#admin-teams .team", has_text=team_name)).to_contain_text(site.admin)
     await expect(page.locator("#admin-usage-table tr", has_text=site.user)).to_have_count(1)

@@ -46,6 +46,7 @@ from llm_api.services.llm.pipeline import PipelineParts, build_pipeline
 from llm_api.services.llm.registry import load_registry
 from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.serving import CompletionServing
+from llm_api.services.money.startup import start_money
 from llm_api.services.observability import MetricsObserver, observability
 from llm_api.services.rate_limit import start_rate_limiter
 from llm_api.services.redis_pool import SharedRedis
@@ -71,7 +72,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     on_drain: list[DrainHook] = []
     usage = UsagePipeline(settings, db.sessions)
     usage.start(on_drain)  # replays what a previous process left unflushed
-    limiter = await start_rate_limiter(settings, redis)
+    money = await start_money(settings, db.sessions)  # budgets and their webhook outbox
+    limiter = await start_rate_limiter(settings, redis, money.budgets)
     # The completion pipeline, composed once (services/llm/pipeline.py): what each request
     # cost goes to the limiter's settlement, then the usage records, then the metrics.
     pipeline = build_pipeline(
@@ -98,6 +100,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         embeddings=embeddings,
         usage=usage,
         rate_limiter=limiter,
+        money=money,
         files=files,
         batch_queue=batch_queue,
         summary=SummaryService(llm),
@@ -129,6 +132,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await stored_responses.aclose()
         await llm.aclose()
         await limiter.aclose()
+        await money.aclose()
         await usage.aclose()  # after the models: cancelled requests have recorded by now
         await pipeline.aclose()
         if redis is not None:

@@ -137,6 +137,29 @@ async def test_key_changes_and_team_changes_are_recorded(env: AuthEnv) -> None:
     assert service.json()["key"] not in str(svc)
 
 
+async def test_budget_changes_are_recorded(env: AuthEnv) -> None:
+    h = env.user.headers
+    body = {"scope": "user", "subject_id": env.user.user_id, "period": "day", "hard_limit_usd": 5}
+    made = await env.http.post("/v1/budgets", json=body, headers=h)
+    assert made.status_code == 201, made.text
+    budget_id = made.json()["id"]
+    changed = await env.http.patch(
+        f"/v1/budgets/{budget_id}", json={"hard_limit_usd": 7}, headers=h
+    )
+    assert changed.status_code == 200, changed.text
+    assert (await env.http.delete(f"/v1/budgets/{budget_id}", headers=h)).status_code == 204
+    deleted, updated, created = await events(env, target=budget_id)
+    assert [deleted["action"], updated["action"], created["action"]] == [
+        "budget.deleted",
+        "budget.updated",
+        "budget.created",
+    ]
+    assert created["after"]["hard_limit_nanos"] == 5_000_000_000
+    assert updated["before"] == {"hard_limit_nanos": 5_000_000_000}
+    assert updated["after"] == {"hard_limit_nanos": 7_000_000_000}
+    assert deleted["before"]["scope"] == "user"
+
+
 async def test_logins_refusals_and_refresh_reuse_are_recorded(env: AuthEnv) -> None:
     bad = await env.http.post(
         "/v1/auth/token", data={"username": env.user.email, "password": "wrong-" + CANARY_PASSWORD}

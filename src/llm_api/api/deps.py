@@ -71,6 +71,7 @@ def _request_context(request: Request, principal: Principal) -> RequestContext:
             request.headers.get(PRIORITY_HEADER),
             principal.controls.priority if principal.controls else "interactive",
         ),
+        team_id=principal.team_id,
     )
     # Kept in the scope state so the access log can read the token counts after the response
     # (for a stream, after its last frame).

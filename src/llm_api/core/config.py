@@ -331,6 +331,39 @@ class Settings(BaseSettings):
     )
 
     # --- money: prices, budgets, spend alerts -------------------------------------------------
+    budget_webhook_url: str | None = Field(
+        None,
+        description="Where soft-limit alerts are POSTed (JSON, HMAC-SHA256 signed with "
+        "LLM_API_BUDGET_WEBHOOK_SECRET; docs/usage.md). Unset: no webhooks, the response "
+        "header still warns.",
+    )
+    budget_webhook_secret: SecretStr | None = Field(
+        None, description="Key of the webhooks' `x-llm-api-signature` (HMAC-SHA256)."
+    )
+    budget_webhook_max_attempts: int = Field(
+        10, ge=1, le=100, description="Tries per alert, with exponential backoff, then given up."
+    )
+    budget_webhook_backoff_seconds: float = Field(
+        1.0, gt=0, le=3600, description="Wait before the first retry; doubles each try."
+    )
+    budget_refresh_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="How often each process reloads the budgets from the database (a change "
+        "through the API applies at once on the process that made it).",
+    )
+
+    @model_validator(mode="after")
+    def _signed_webhooks(self) -> Settings:
+        # Unsigned alerts could be forged by anyone who can reach the receiver.
+        if self.budget_webhook_url and not self.budget_webhook_secret:
+            raise ValueError("LLM_API_BUDGET_WEBHOOK_URL needs LLM_API_BUDGET_WEBHOOK_SECRET")
+        if self.budget_webhook_url and not self.budget_webhook_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ValueError("LLM_API_BUDGET_WEBHOOK_URL must be an http(s) URL")
+        return self
 
     # --- fair queuing and priorities (services/llm/admission.py) ------------------------------
     fair_queuing: bool = Field(

@@ -103,6 +103,15 @@ class RateLimitError(APIError):
     code = "rate_limit_exceeded"
 
 
+class InsufficientQuotaError(APIError):
+    """A budget is spent (OpenAI's shape for an exhausted quota): 429, not retried by the SDKs
+    (`x-should-retry: false`)."""
+
+    status_code = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
 class ServerError(APIError):
     status_code = 500
     type = "server_error"

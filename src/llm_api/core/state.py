@@ -18,6 +18,7 @@ from llm_api.services.dashboard import SummaryService
 from llm_api.services.llm.embeddings import EmbeddingService
 from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.serving import CompletionServing
+from llm_api.services.money.startup import Money
 from llm_api.services.rate_limit.limiter import RateLimiter
 from llm_api.services.response_store import ResponseStore
 from llm_api.services.usage.pipeline import UsagePipeline
@@ -33,6 +34,7 @@ class AppState:
     embeddings: EmbeddingService  # /v1/embeddings (shares `llm` and the cache)
     usage: UsagePipeline  # usage records: buffer, recorder, flusher
     rate_limiter: RateLimiter  # limits and quotas (services/rate_limit)
+    money: Money  # budgets (charged by the limiter) and the soft-limit webhook outbox
     files: FileStore  # Files API contents (batch input and output)
     batch_queue: BatchQueue  # Celery (Redis) or the embedded dispatcher
     summary: SummaryService  # the admin dashboard's live numbers (keeps its own samples)

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -208,6 +209,7 @@ class UsageRecord(Base):
     __table_args__ = (
         Index("ix_usage_records_user_day", "user_id", "day"),
         Index("ix_usage_records_day", "day"),
+        Index("ix_usage_records_team_day", "team_id", "day"),  # money (0007)
     )
 
     request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -227,6 +229,9 @@ class UsageRecord(Base):
     latency_ms: Mapped[float] = mapped_column(Float)
     disconnected: Mapped[bool] = mapped_column(Boolean, default=False)
     stream: Mapped[bool] = mapped_column(Boolean, default=False)
+    # money (0007): what it cost (nano-dollars) and the team of its key, if any.
+    cost_nanos: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    team_id: Mapped[str | None] = mapped_column(String(32), default=None)
 
 
 class Conversation(Base):
@@ -287,6 +292,58 @@ class StoredResponse(Base):
 
 
 # --- money: prices, budgets, spend (migration 0007) --------------------------------------------
+# Money is an integer number of nano-dollars (1e-9 USD) everywhere (services/money/prices.py):
+# exact on SQLite and PostgreSQL alike, and sums never drift. UsageRecord gains `cost_nanos`
+# and `team_id` in the same migration.
+
+
+class Budget(Base):
+    """A spending limit on a key, a user or a team, per period (day, week, month: UTC calendar
+    periods; none: for ever). `hard_limit_nanos` refuses requests; reaching `soft_limit_nanos`
+    sends a webhook once per period (BudgetAlert)."""
+
+    __tablename__ = "budgets"
+    __table_args__ = (
+        UniqueConstraint("scope", "subject_id", "period", name="uq_budgets_scope_subject_period"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    scope: Mapped[str] = mapped_column(String(8))  # key | user | team
+    subject_id: Mapped[str] = mapped_column(String(32))
+    period: Mapped[str] = mapped_column(String(8))  # day | week | month | none
+    hard_limit_nanos: Mapped[int] = mapped_column(BigInteger)
+    soft_limit_nanos: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    created_by: Mapped[str | None] = mapped_column(String(32), default=None)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+
+class BudgetAlert(Base):
+    """The webhook outbox: one row per budget, period and threshold crossed (the unique key
+    makes "once per period" hold across processes), sent and retried by whichever process's
+    sender claims it first; a restart finds the unsent rows here."""
+
+    __tablename__ = "budget_alerts"
+    __table_args__ = (
+        UniqueConstraint(
+            "budget_id", "period_start", "threshold", name="uq_budget_alerts_once_per_period"
+        ),
+        Index("ix_budget_alerts_due", "sent_at", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    budget_id: Mapped[str] = mapped_column(String(32))
+    period_start: Mapped[str] = mapped_column(String(10))  # YYYY-MM-DD, or "none"
+    threshold: Mapped[str] = mapped_column(String(8))  # soft
+    payload: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    last_error: Mapped[str | None] = mapped_column(String(200), default=None)
 
 
 # --- audit log (migration 0008) -----------------------------------------------------------------

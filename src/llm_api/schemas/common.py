@@ -223,11 +223,14 @@ class PromptTokensDetails(ResponseModel):
 
 
 class Usage(ResponseModel):
-    OMIT_NONE = frozenset({"prompt_tokens_details", "completion_tokens_details"})
+    OMIT_NONE = frozenset({"prompt_tokens_details", "completion_tokens_details", "cost"})
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # What the request cost in USD (as OpenRouter reports it): the model's prices × the tokens
+    # used; 0 for unpriced models and cache hits (docs/usage.md).
+    cost: float | None = None
     # Prompt tokens served from a reused prefix; an upstream's details come through verbatim.
     prompt_tokens_details: PromptTokensDetails | None = None
     completion_tokens_details: dict[str, Any] | None = None

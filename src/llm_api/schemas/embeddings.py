@@ -34,6 +34,7 @@ class Embedding(BaseModel):
 class EmbeddingUsage(BaseModel):
     prompt_tokens: int
     total_tokens: int
+    cost: float | None = None  # USD; inputs served from the cache cost nothing
 
 
 class CreateEmbeddingResponse(BaseModel):

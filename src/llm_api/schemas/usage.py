@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import date
+from datetime import date as Day  # the bucket's `date` field shadows the type
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict
@@ -30,14 +31,23 @@ class UsageSummary(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # Exact USD as a decimal string (the ledger counts nano-dollars; no float sums).
+    cost_usd: str = "0"
+
+
+# What a report may group by (`group_by`): UTC day, model, API key, team, user (admins).
+GroupBy = Literal["day", "model", "key", "team", "user"]
 
 
 class UsageBucket(UsageSummary):
-    """One model's usage on one UTC day (and, in the admin report, by one user)."""
+    """The usage of one group: by default one model on one UTC day (and, in the admin report,
+    one user); `group_by` picks the fields, the others are null."""
 
-    date: date
-    model: str
+    date: Day | None = None
+    model: str | None = None
     user_id: str | None = None
+    key_id: str | None = None
+    team_id: str | None = None
 
 
 class UsageReport(BaseModel):

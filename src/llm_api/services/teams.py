@@ -30,9 +30,8 @@ from llm_api.core.exceptions import (
     PermissionDeniedError,
 )
 from llm_api.db.tables import ApiKey, Team, TeamMember, User
-from llm_api.schemas.usage import UsageBucket, UsageReport, UsageSummary
-from llm_api.services.usage import repository as usage_repo
-from llm_api.services.usage.reports import date_range
+from llm_api.schemas.usage import UsageReport
+from llm_api.services.usage import reports
 
 TeamRole = Literal["owner", "admin", "member"]
 MANAGERS: frozenset[str] = frozenset({"owner", "admin"})
@@ -41,6 +40,14 @@ MAX_TEAMS_PER_USER = 50
 
 def _no_team() -> NotFoundError:
     return NotFoundError("No such team.", param="team_id")
+
+
+async def role_of(db: AsyncSession, team_id: str, user_id: str | None) -> str | None:
+    """The user's role in the team, or None (not a member, no such team, no user)."""
+    if user_id is None:
+        return None
+    member = await db.get(TeamMember, (team_id, user_id))
+    return member.role if member is not None else None
 
 
 async def membership(db: AsyncSession, team_id: str, user_id: str) -> tuple[Team, str]:
@@ -233,23 +240,6 @@ async def remove_member(
 async def usage_report(
     db: AsyncSession, team_id: str, start: date | None, end: date | None
 ) -> UsageReport:
-    """The team's usage: that of its keys (revoked ones included), by day and model."""
-    first, last = date_range(start, end)
-    key_ids = select(ApiKey.id).where(ApiKey.team_id == team_id)
-    buckets, totals = await usage_repo.usage_of_keys(db, first, last, key_ids)
-    data = [
-        UsageBucket(date=day, model=model, **_summary(sums).model_dump())
-        for day, model, sums in buckets
-    ]
-    return UsageReport(start=first, end=last, data=data, totals=_summary(totals))
-
-
-def _summary(s: usage_repo.UsageSums) -> UsageSummary:
-    return UsageSummary(
-        requests=s.requests,
-        errors=s.errors,
-        cache_hits=s.cache_hits,
-        prompt_tokens=s.prompt_tokens,
-        completion_tokens=s.completion_tokens,
-        total_tokens=s.prompt_tokens + s.completion_tokens,
-    )
+    """The team's usage: the ledger's records made with its keys (revoked ones included), by
+    day and model, with their cost."""
+    return await reports.usage_report(db, start, end, team_id=team_id)

@@ -21,6 +21,7 @@ from llm_api.services.batches.storage import FileStore
 from llm_api.services.llm.embeddings import EmbeddingService
 from llm_api.services.llm.pipeline import PipelineParts, build_pipeline
 from llm_api.services.llm.serving import CompletionServing
+from llm_api.services.money.startup import start_money
 from llm_api.services.rate_limit import RateLimiter, start_rate_limiter
 from llm_api.services.redis_pool import SharedRedis
 from llm_api.services.usage.pipeline import UsagePipeline
@@ -71,12 +72,15 @@ class WorkerRuntime:
     async def _accounting(self) -> tuple[UsagePipeline, RateLimiter]:
         usage = UsagePipeline(self.settings, self.sessions)
         usage.start([])  # needs the running loop: its flusher tasks live on it
-        return usage, await start_rate_limiter(self.settings, self.redis)
+        # Budgets bind batch lines too (and their soft-limit alerts go out from here as well).
+        self.money = await start_money(self.settings, self.sessions)
+        return usage, await start_rate_limiter(self.settings, self.redis, self.money.budgets)
 
     def shutdown(self) -> None:
         """Flush usage records before the process exits (warm shutdown)."""
         self.run(self.usage.aclose())
         self.run(self.limiter.aclose())
+        self.run(self.money.aclose())
         if self.redis is not None:
             self.run(self.redis.aclose())
         tracing.shutdown()  # exports the last spans

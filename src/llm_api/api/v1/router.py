@@ -12,6 +12,7 @@ from llm_api.api.v1.endpoints import (
     audit,
     auth,
     batches,
+    budgets,
     dashboard,
     embeddings,
     files,
@@ -46,6 +47,7 @@ V1_ROUTERS = (
     usage.router,
     files.router,
     batches.router,
+    budgets.router,
 )
 
 

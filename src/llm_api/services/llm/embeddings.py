@@ -47,6 +47,7 @@ from llm_api.services.llm.registry import ModelConfig
 from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.stages import AdmissionStage, Outcome, ended, first_success
 from llm_api.services.llm.types import CompletionRecord, RequestContext
+from llm_api.services.money.prices import usd
 
 log = structlog.get_logger(__name__)
 
@@ -102,7 +103,11 @@ class EmbeddingResult:
                 {"object": "embedding", "index": i, "embedding": v}
                 for i, v in enumerate(self.vectors)
             ]
-        usage = {"prompt_tokens": self.prompt_tokens, "total_tokens": self.prompt_tokens}
+        usage = {
+            "prompt_tokens": self.prompt_tokens,
+            "total_tokens": self.prompt_tokens,
+            "cost": usd(self.outcome.cost_nanos),
+        }
         return orjson.dumps(
             {"object": "list", "data": data, "model": self.model, "usage": usage},
             option=orjson.OPT_SERIALIZE_NUMPY,
@@ -123,6 +128,7 @@ class _Run:
     admitted: float | None = None
     prompt_tokens: int = 0
     hits: int = 0
+    computed_tokens: int = 0  # of prompt_tokens, those a model computed (cached inputs are free)
 
 
 class EmbeddingService:
@@ -220,7 +226,8 @@ class EmbeddingService:
         run = _Run(ctx=ctx, model=config)
         out = Outcome(model=config.id, started=run.started)
         # Rate limits: a refusal is a 429 before any work.
-        await self.admission.check(ctx, _reservation(items, candidates), out)
+        tokens = _reservation(items, candidates)
+        await self.admission.check(ctx, tokens, out, _reserved_cost(items, candidates))
         status, cancelled = 200, False
         try:
 
@@ -239,14 +246,16 @@ class EmbeddingService:
             raise
         finally:
             out.model, out.prompt_tokens = run.model.id, run.prompt_tokens
-            await self._notify(run, status, cancelled, len(items))
+            failed = status >= 500
+            out.cost_nanos = 0 if failed else run.model.pricing.cost(run.computed_tokens, 0, 0)
+            await self._notify(run, status, cancelled, len(items), out.cost_nanos)
 
     async def _attempt(
         self, config: ModelConfig, items: list[Item], policy: CachePolicy, run: _Run
     ) -> list[np.ndarray]:
         """One model: the cached inputs from the store, the rest computed in one call (under
         the model's admission gate), then stored."""
-        run.hits = run.prompt_tokens = 0
+        run.hits = run.prompt_tokens = run.computed_tokens = 0
         run.admitted = None
         keys = self._keys(config, items, run.ctx) if self.store is not None else None
         vectors: list[np.ndarray | None] = [None] * len(items)
@@ -272,6 +281,7 @@ class EmbeddingService:
                 computed = await self._compute(config, backend, texts)
             for j, i in enumerate(missing):
                 vectors[i], tokens[i] = computed.vectors[j], computed.tokens[j]
+            run.computed_tokens = sum(computed.tokens)
             if keys is not None and policy.write and self.store is not None:
                 await self.store.set_many(
                     [(keys[i], _encode_entry(computed.vectors[j], computed.tokens[j]))
@@ -344,7 +354,9 @@ class EmbeddingService:
 
     # --- accounting -----------------------------------------------------------------------------
 
-    async def _notify(self, run: _Run, status: int, cancelled: bool, count: int) -> None:
+    async def _notify(
+        self, run: _Run, status: int, cancelled: bool, count: int, cost_nanos: int
+    ) -> None:
         now = time.perf_counter()
         record = CompletionRecord(
             request_id=run.ctx.request_id,
@@ -363,6 +375,8 @@ class EmbeddingService:
             latency_ms=(now - run.started) * 1000,
             queue_ms=((run.admitted or now) - run.started) * 1000,
             stream=False,
+            cost_nanos=cost_nanos,
+            team_id=run.ctx.team_id,
         )
         await self.admission.accounting.record(record)
 
@@ -406,6 +420,17 @@ def _reservation(items: Sequence[Item], candidates: list[ModelConfig]) -> int:
     local = all(c.backend == "llama_cpp" for c in candidates)
     cap = max(c.context_length for c in candidates) if local else None
     return sum(min(_estimate(x), cap) if cap else _estimate(x) for x in items)
+
+
+def _reserved_cost(items: Sequence[Item], candidates: list[ModelConfig]) -> int:
+    """The most the inputs may cost (nano-dollars): a byte-level tokenizer makes at most one
+    token per UTF-8 byte (token-id inputs are counted as they are), plus room for the special
+    tokens, at the dearest candidate's input price."""
+    price = max(c.pricing.per_token()[0] for c in candidates)
+    if not price:
+        return 0
+    bound = sum((len(x.encode()) if isinstance(x, str) else len(x)) + 8 for x in items)
+    return bound * price
 
 
 def _split_tokens(items: list[Item], total: int | None) -> list[int]:

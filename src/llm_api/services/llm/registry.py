@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from llm_api.services.llm.routing.config import DeploymentConfig, RoutingPolicy
+from llm_api.services.money.prices import Pricing
 
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
 DEFAULT_EMBEDDING_MODEL_ID = "all-minilm-l6-v2"
@@ -69,6 +70,11 @@ class ModelConfig(BaseModel):
     max_queue: int = Field(32, ge=0, description="Requests waiting beyond `concurrency`.")
     tier: Literal["free", "paid"] = "free"
     owned_by: str = "llm-api"
+    pricing: Pricing = Field(
+        default_factory=Pricing,
+        description="USD per million tokens: input, cached_input (default: input), output. "
+        "Every response's usage carries its `cost`; budgets are charged by it. Default 0.",
+    )
     capabilities: frozenset[Capability] = Field(
         DEFAULT_CAPABILITIES,
         description="What requests may use: tools, images, audio, files, json_schema, "

@@ -87,6 +87,7 @@ class CompletionServing:
         frames, out = await self.pipeline.run(call)
         answer = await shaping.collect(frames, len(call.seqs), req.n)
         answer.model = out.model  # the model that answered, after any fallback
+        answer.cost_nanos = out.cost_nanos
         return answer, out
 
     async def chat_stream(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm_api.services.llm.types import Frame, TokenLogprob, ToolCall
+from llm_api.services.money.prices import usd
 
 # What may reach a client as a finish_reason: "cancelled" and "error" end a stream otherwise.
 _WIRE_FINISHES = frozenset({"stop", "length", "tool_calls", "content_filter"})
@@ -71,15 +72,18 @@ class UsageCounter:
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def body(self) -> dict[str, Any]:
+    def body(self, cost_nanos: int | None = None) -> dict[str, Any]:
         """OpenAI's `usage` object: the counts, `prompt_tokens_details.cached_tokens` when prefix
-        reuse served part of a prompt, and the upstream's details verbatim."""
+        reuse served part of a prompt, the upstream's details verbatim, and `cost` (USD, as
+        OpenRouter reports it) when known: the request's `Outcome.cost_nanos`."""
         out: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
         }
         out.update(self.extra)
+        if cost_nanos is not None:
+            out["cost"] = usd(cost_nanos)  # ours, after the upstream's (which may have one)
         if self.cached_tokens is not None:
             details = out.get("prompt_tokens_details")
             details = dict(details) if isinstance(details, dict) else {}
@@ -163,6 +167,7 @@ class Answer:
     choices: list[ChoiceAnswer]
     usage: UsageCounter
     model: str = ""
+    cost_nanos: int | None = None  # the request's cost, set with `model` once it is known
 
 
 async def collect(frames: AsyncIterator[Frame], n_seqs: int, n: int) -> Answer:

@@ -42,9 +42,10 @@ T = TypeVar("T")
 
 # Told what each request cost, once, in the order given (the rate limiter's settlement first).
 Subscriber = Callable[[CompletionRecord], Awaitable[None] | None]
-# The rate limiter's admission: called before any preparation with the tokens to reserve;
-# raises to refuse (429); returns the x-ratelimit-* headers the response carries.
-Admit = Callable[[RequestContext, int], Awaitable[dict[str, str]]]
+# The rate limiter's admission: called before any preparation with the tokens and the money
+# (nano-dollars, services/money/prices.py) to reserve; raises to refuse (429); returns the
+# x-ratelimit-* (and budget) headers the response carries.
+Admit = Callable[[RequestContext, int, int], Awaitable[dict[str, str]]]
 
 
 @dataclass(slots=True)
@@ -79,6 +80,9 @@ class Outcome:
     cache: str = "miss"  # hit | miss
     headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-*
     finish_reason: str | None = None
+    # What the request cost (nano-dollars); final with the token counts. The usage bodies'
+    # `cost` and the accounting record read this one number, so they always agree.
+    cost_nanos: int = 0
     # Book-keeping of the current attempt, for the accounting record.
     started: float = field(default_factory=time.perf_counter)
     admitted: float | None = None  # the model's slot was taken
@@ -125,22 +129,25 @@ class AdmissionStage:
         # after that is the server's (503), not a client's (499).
         self.drain_cut = drain_cut
 
-    async def check(self, ctx: RequestContext, tokens: int, out: Outcome) -> None:
-        """The limiter's admission alone (embeddings share it): 429 when refused."""
+    async def check(self, ctx: RequestContext, tokens: int, out: Outcome, cost: int = 0) -> None:
+        """The limiter's admission alone (embeddings share it): 429 when refused. `cost`:
+        the most the request may cost (nano-dollars), reserved against its budgets."""
         if self.admit is not None:
             if ctx.trace is not None:
-                await self._traced_check(self.admit, ctx, tokens, out)
+                await self._traced_check(self.admit, ctx, tokens, cost, out)
                 return
-            out.headers = await self.admit(ctx, tokens)
+            out.headers = await self.admit(ctx, tokens, cost)
 
     @staticmethod
-    async def _traced_check(admit: Admit, ctx: RequestContext, tokens: int, out: Outcome) -> None:
+    async def _traced_check(
+        admit: Admit, ctx: RequestContext, tokens: int, cost: int, out: Outcome
+    ) -> None:
         """The limiter's decision in a span: allowed or refused, the tokens reserved."""
         span = tracing.start(
             "rate_limit", ctx.trace, attributes={"llm_api.rate_limit.reserved_tokens": tokens}
         )
         try:
-            out.headers = await admit(ctx, tokens)
+            out.headers = await admit(ctx, tokens, cost)
             span.set_attribute("llm_api.rate_limit.decision", "allowed")
         except BaseException as exc:
             refused = isinstance(exc, RateLimitError)
@@ -153,7 +160,8 @@ class AdmissionStage:
     async def run(self, call: Call, out: Outcome) -> AsyncGenerator[Frame, None]:
         status, cancelled, admitted = 200, False, False
         try:
-            await self.check(call.ctx, _reservation(call.seqs, _window(call.candidates)), out)
+            tokens, cost = _reservation(call.seqs, call.candidates)
+            await self.check(call.ctx, tokens, out, cost)
             admitted = True
             async with aclosing(self.next.run(call, out)) as frames:
                 async for frame in frames:
@@ -168,6 +176,7 @@ class AdmissionStage:
                 out.prompt_tokens = sum(s.prompt_tokens or 0 for s in out.seqs[:: call.n])
             else:
                 out.prompt_tokens = 0
+            out.cost_nanos = _cost(call, out, status)
             if admitted:
                 await self.accounting.record(_record(call, out, status, cancelled))
 
@@ -176,8 +185,9 @@ class AdmissionStage:
     ) -> AsyncGenerator[Frame, None]:
         """A cached answer: a hit is still a request, counted against the caller's limits like
         any other (requests, concurrency, the tokens it delivers) and recorded as a hit."""
-        await self.check(call.ctx, tokens, out)
+        await self.check(call.ctx, tokens, out)  # a hit costs nothing (docs/usage.md)
         out.admitted = out.started
+        out.cost_nanos = 0
         await self.accounting.record(_record(call, out, 200, False, cache_hit=True))
         for frame in frames:
             yield frame
@@ -349,7 +359,7 @@ class BackendStage:
                     tokens[index] = frame.completion_tokens
                 if frame.prompt_tokens is not None:
                     seqs[index].prompt_tokens = frame.prompt_tokens
-                if frame.cached_tokens:
+                if frame.cached_tokens and index % call.n == 0:  # a shared prompt counts once
                     out.cached_tokens += frame.cached_tokens
             out.completion_tokens = sum(tokens)
 
@@ -473,7 +483,18 @@ def _record(
         latency_ms=(out.ttft_ms if cache_hit and out.ttft_ms else (now - out.started) * 1000),
         queue_ms=((out.admitted or now) - out.started) * 1000 if not cache_hit else 0.0,
         stream=call.stream,
+        cost_nanos=out.cost_nanos,
+        team_id=ctx.team_id,
     )
+
+
+def _cost(call: Call, out: Outcome, status: int) -> int:
+    """What the answering model's prices make of the tokens used. A failure of ours before
+    any output costs nothing (the limiter settles it to 0 tokens too)."""
+    if status >= 500 and out.completion_tokens == 0:
+        return 0
+    model = next((c for c in call.candidates if c.id == out.model), call.model)
+    return model.pricing.cost(out.prompt_tokens, out.cached_tokens, out.completion_tokens)
 
 
 def _copy(seq: GenerationRequest, model: str | None = None) -> GenerationRequest:
@@ -487,20 +508,49 @@ def _copy(seq: GenerationRequest, model: str | None = None) -> GenerationRequest
     )
 
 
-def _reservation(seqs: list[GenerationRequest], window: int | None) -> int:
-    """Tokens a request may use: each distinct prompt once (n choices share it) plus every
-    sequence's max_tokens. Reserved before tokenizing, so prompts are estimated from their
-    characters as OpenAI does (1 token per 3 characters), and settled to the real usage
-    afterwards. Where every candidate model's context window is enforced here (`window`, local
-    models), no prompt or completion can be larger than it: an absurd max_tokens is then the
-    400 it deserves (context too long), not a 429 for a request larger than the limit."""
-    cap = window or sys.maxsize
-    prompts: dict[int, int] = {}
+def _reservation(seqs: list[GenerationRequest], candidates: list[ModelConfig]) -> tuple[int, int]:
+    """(tokens, nano-dollars) a request may use: each distinct prompt once (n choices share
+    it) plus every sequence's max_tokens. Reserved before tokenizing, so prompts are estimated
+    from their characters as OpenAI does (1 token per 3 characters), and settled to the real
+    usage afterwards. Where every candidate model's context window is enforced here (`window`,
+    local models), no prompt or completion can be larger than it: an absurd max_tokens is then
+    the 400 it deserves (context too long), not a 429 for a request larger than the limit.
+
+    Money is reserved from an upper bound instead, so that a budget is never overrun by an
+    estimate: a byte-level tokenizer never makes more tokens than the UTF-8 bytes it reads,
+    plus an allowance per message and per prompt for the chat template (MONEY_*), at the
+    dearest candidate's prices."""
+    cap = window = _window(candidates) or sys.maxsize
+    prompts: dict[int, tuple[int, int]] = {}
     for seq in seqs:
         source = seq.messages if seq.messages is not None else seq.prompt
         chars = sum(len(m.content) for m in seq.messages or []) + len(seq.prompt or "")
-        prompts[id(source)] = min(chars // 3 + 1, cap)
-    return sum(prompts.values()) + sum(min(seq.params.max_tokens, cap) for seq in seqs)
+        bound = _prompt_bound(seq)
+        prompts[id(source)] = (min(chars // 3 + 1, cap), min(bound, window))
+    completion = sum(min(seq.params.max_tokens, cap) for seq in seqs)
+    tokens = sum(t for t, _ in prompts.values()) + completion
+    priced = [c.pricing.per_token() for c in candidates]
+    input_price = max(max(p[0], p[1]) for p in priced)
+    output_price = max(p[2] for p in priced)
+    cost = sum(b for _, b in prompts.values()) * input_price + completion * output_price
+    return tokens, cost
+
+
+# The chat template's tokens around each message and the whole prompt, beyond its text.
+MONEY_TOKENS_PER_MESSAGE = 16
+MONEY_TOKENS_PER_PROMPT = 64
+
+
+def _prompt_bound(seq: GenerationRequest) -> int:
+    """At least as many tokens as the prompt can have (see _reservation)."""
+    size = len((seq.prompt or "").encode())
+    for m in seq.messages or ():
+        size += len(m.content.encode()) + MONEY_TOKENS_PER_MESSAGE
+        for c in m.tool_calls or ():
+            size += len(c.arguments.encode()) + len(c.name.encode()) + MONEY_TOKENS_PER_MESSAGE
+    for t in seq.tools or ():
+        size += len(str(t.parameters).encode()) + len((t.description or "").encode()) + 64
+    return size + MONEY_TOKENS_PER_PROMPT
 
 
 def _window(candidates: list[ModelConfig]) -> int | None:

@@ -180,6 +180,7 @@ class RequestContext:
     # else a user: Principal.tenant) and its priority class (interactive, low or batch).
     tenant: str = "anonymous"
     priority: str = "interactive"
+    team_id: str | None = None  # a team's service key: the team's budgets apply
 
 
 @dataclass(slots=True)
@@ -204,3 +205,7 @@ class CompletionRecord:
     latency_ms: float
     queue_ms: float
     stream: bool
+    # What it cost, in nano-dollars (services/money/prices.py): the answering model's prices
+    # times the tokens used; 0 for cache hits and for failures before any output.
+    cost_nanos: int = 0
+    team_id: str | None = None

@@ -29,7 +29,15 @@ from llm_api.core.exceptions import ServiceUnavailableError
 from llm_api.core.ids import new_request_id
 from llm_api.core.metrics import RATE_LIMIT_REJECTIONS
 from llm_api.services.llm.types import CompletionRecord, RequestContext
-from llm_api.services.rate_limit.headers import rate_limit_headers, rejection
+
+# A module, not its names: money.budgets imports rate_limit.types (a cycle through the package).
+from llm_api.services.money import budgets as money
+from llm_api.services.rate_limit.headers import (
+    budget_headers,
+    budget_rejection,
+    rate_limit_headers,
+    rejection,
+)
 from llm_api.services.rate_limit.login import LoginPolicy, LoginThrottle
 from llm_api.services.rate_limit.memory_store import MemoryStore, StoreFull
 from llm_api.services.rate_limit.policy import LimitPolicy
@@ -47,11 +55,13 @@ def _refuse_if_rejected(
     if not decision.allowed:
         spec = specs[decision.rejected or 0]
         _count_rejection(spec)
+        if spec.kind == "budget":
+            raise budget_rejection(spec, decision, headers)
         raise rejection(spec, decision, headers)
 
 
 def _count_rejection(spec: LimitSpec) -> None:
-    # A short fixed set of labels (scope_rule: user_rpm, ip_tpm, pair_login, ...), never an id.
+    # A short fixed set of labels (scope_rule: user_rpm, ip_tpm, team_budget, ...), never an id.
     RATE_LIMIT_REJECTIONS.labels(limit=f"{spec.scope}_{spec.name}").inc()
 
 
@@ -68,6 +78,9 @@ class _Ticket:
     admitted_ms: int
     tokens: list[LimitSpec]
     leases: list[LimitSpec]
+    # Budgets: what each charge became in the store that admitted it (the local fallback
+    # scales limits), and the charge (rule, period) for the soft-limit alerts.
+    budgets: list[tuple[LimitSpec, money.BudgetCharge]]
 
 
 class RateLimiter:
@@ -84,8 +97,12 @@ class RateLimiter:
         enabled: bool = True,
         login: LoginThrottle | None = None,
         memory_max_keys: int = 100_000,
+        budgets: money.BudgetBook | None = None,
     ) -> None:
         self.policy = policy
+        # Money (services/money/budgets.py): charged in the same script as the token limits,
+        # and enforced whether or not the rate limits are.
+        self.budgets = budgets or money.BudgetBook()
         self.store = store
         self.failure_mode = failure_mode
         self.processes = max(1, processes)
@@ -101,7 +118,7 @@ class RateLimiter:
         # Settlements (and so releases of concurrency slots) that Redis did not take, and
         # admissions whose reply never came (to void), retried until Redis takes them: dropped,
         # each would hold its slot there for the whole lease.
-        self._unsettled: dict[str, Callable[[], Awaitable[None]]] = {}
+        self._unsettled: dict[str, Callable[[], Awaitable[object]]] = {}
         self._reconciler: asyncio.Task[None] | None = None
         self._redis_back = asyncio.Event()
 
@@ -169,29 +186,35 @@ class RateLimiter:
         except StoreFull as full:
             raise _memory_full(full) from None
 
-    async def admit_completion(self, ctx: RequestContext, tokens: int) -> dict[str, str]:
+    async def admit_completion(
+        self, ctx: RequestContext, tokens: int, cost: int = 0
+    ) -> dict[str, str]:
         """Check and take every limit of this request, or raise 429 (or 503 when closed).
-        `tokens` is the reservation: prompt tokens + max_tokens of every choice. Returns the
-        x-ratelimit-* headers the response carries."""
-        if not self.enabled:
-            return {}
-        specs = self.policy.for_completion(ctx, tokens)
+        `tokens` is the reservation: prompt tokens + max_tokens of every choice; `cost` its
+        price in nano-dollars, reserved against the request's budgets in the same call.
+        Returns the x-ratelimit-* (and budget) headers the response carries."""
+        specs = self.policy.for_completion(ctx, tokens) if self.enabled else []
         if ctx.batch_id is not None:
             # Batch lines are paced by the batch worker, not per-minute limits; the owner's
             # daily token quota still applies.
             specs = [s for s in specs if s.name == "tpd" and s.scope == "user"]
+        charges = self.budgets.charges(ctx, cost) if not self.budgets.empty else []
+        specs += [c.spec for c in charges]
         if not specs:
             return {}
         decision, store, specs = await self._decide(ctx.request_id, specs)
         if decision is None:
             return {}
         headers = rate_limit_headers(specs, decision)
+        if charges:
+            headers.update(budget_headers(specs, decision, [c.rule.soft_nanos for c in charges]))
         _refuse_if_rejected(specs, decision, headers)
         self._tickets[ctx.request_id] = _Ticket(
             store,
             decision.now_ms,
             [s for s in specs if s.metric == "tokens"],
             [s for s in specs if s.kind == "concurrency"],
+            list(zip([s for s in specs if s.kind == "budget"], charges, strict=True)),
         )
         return headers
 
@@ -241,8 +264,14 @@ class RateLimiter:
         if record.status >= 500 and record.completion_tokens == 0:
             used = 0  # the server failed before generating: do not charge the caller
         settlements = [Settlement(spec, spec.cost, used) for spec in ticket.tokens]
+        # Money: the real cost (cancelled streams pay for what was generated; a failure of
+        # ours before any output costs nothing, see stages._cost).
+        settlements += [
+            Settlement(spec, spec.cost, record.cost_nanos) for spec, _ in ticket.budgets
+        ]
         if isinstance(ticket.store, MemoryStore):
-            ticket.store.settle_now(record.request_id, settlements, ticket.leases)
+            totals = ticket.store.settle_now(record.request_id, settlements, ticket.leases)
+            self._budgets_settled(ticket, totals)
             return
         task = asyncio.get_running_loop().create_task(
             self._settle(record.request_id, ticket, settlements)
@@ -254,7 +283,10 @@ class RateLimiter:
         self, request_id: str, ticket: _Ticket, settlements: list[Settlement]
     ) -> None:
         try:
-            await ticket.store.settle(request_id, ticket.admitted_ms, settlements, ticket.leases)
+            totals = await ticket.store.settle(
+                request_id, ticket.admitted_ms, settlements, ticket.leases
+            )
+            self._budgets_settled(ticket, totals)
         except StoreUnavailable:
             log.warning("rate_limit_settle_deferred", request_id=request_id)
             self._defer(
@@ -266,7 +298,12 @@ class RateLimiter:
         except Exception:
             log.exception("rate_limit_settle_error", request_id=request_id)
 
-    def _defer(self, key: str, call: Callable[[], Awaitable[None]]) -> None:
+    def _budgets_settled(self, ticket: _Ticket, totals: list[int]) -> None:
+        for (_, charge), total in zip(ticket.budgets, totals, strict=False):
+            if total >= 0:
+                self.budgets.settled(charge, total)
+
+    def _defer(self, key: str, call: Callable[[], Awaitable[object]]) -> None:
         """Keep a call Redis did not take (settle or void: both idempotent), to retry once it
         answers. Bounded: beyond MAX_UNSETTLED the oldest goes (its lease has long lapsed)."""
         if len(self._unsettled) >= self.MAX_UNSETTLED:
@@ -320,7 +357,9 @@ class RateLimiter:
                     log.exception("rate_limit_renew_error")
 
 
-def build_rate_limiter(settings: Settings, redis: SharedRedis | None) -> RateLimiter:
+def build_rate_limiter(
+    settings: Settings, redis: SharedRedis | None, budgets: money.BudgetBook | None = None
+) -> RateLimiter:
     """The shared Redis when there is one (LLM_API_REDIS_URL), else this process's memory."""
     policy = LimitPolicy.from_settings(settings)
     store: Store
@@ -349,4 +388,5 @@ def build_rate_limiter(settings: Settings, redis: SharedRedis | None) -> RateLim
         enabled=settings.rate_limit_enabled,
         login=login,
         memory_max_keys=settings.rate_limit_memory_max_keys,
+        budgets=budgets,
     )

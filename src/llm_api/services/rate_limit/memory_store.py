@@ -65,6 +65,20 @@ class _Leases:
         return self.newest_ms
 
 
+@dataclass(slots=True)
+class _Budget:
+    """One budget's period: spent plus reserved, and the outstanding reservations (as in the
+    Redis script). Kept apart from the windows: their number is the budgets' (an operator's
+    list), and each goes when its period (plus a day) is over."""
+
+    expires_ms: int
+    used: int = 0
+    reserved: dict[str, int] = field(default_factory=dict)
+
+
+BUDGET_GRACE_MS = 86_400_000
+
+
 class StoreFull(Exception):
     """Every one of the store's `max_keys` keys holds a live count: a request that needs a new
     key is refused rather than any subject's count dropped."""
@@ -85,6 +99,7 @@ class MemoryStore:
         self.max_keys = max_keys
         self._windows: dict[str, _Window] = {}
         self._leases: dict[str, _Leases] = {}
+        self._budgets: dict[str, _Budget] = {}
         # Per period, every key in the order it was last written (its expiry order).
         self._order: dict[int, dict[str, None]] = {}
         self._last_full_scan = -self.FULL_SCAN_INTERVAL_MS
@@ -159,17 +174,36 @@ class MemoryStore:
             log.warning("rate_limit_memory_full", keys=self.keys, max_keys=self.max_keys)
         raise StoreFull(min(max(retry, 1000), self.MAX_FULL_RETRY_MS))
 
+    def _budget(self, spec: LimitSpec, now: int) -> _Budget:
+        b = self._budgets.get(spec.key)
+        if b is None or b.expires_ms <= now:
+            if b is None and len(self._budgets) >= self.max_keys:  # periods that ended
+                for key in [k for k, old in self._budgets.items() if old.expires_ms <= now]:
+                    del self._budgets[key]
+            b = self._budgets[spec.key] = _Budget(now + spec.period_ms + BUDGET_GRACE_MS)
+        return b
+
     def admit_now(self, request_id: str, specs: list[LimitSpec]) -> Decision:
         now = self.now_ms()
-        new_keys = sum(1 for s in specs if s.key not in self._windows and s.key not in self._leases)
+        new_keys = sum(
+            1
+            for s in specs
+            if s.kind != "budget" and s.key not in self._windows and s.key not in self._leases
+        )
         if new_keys:
             self._make_room(new_keys, now)  # before anything is taken: all or nothing
         used: list[int] = []
-        held: list[_Window | _Leases] = []
+        held: list[_Window | _Leases | _Budget] = []
         reject, retry = None, 0
         for i, spec in enumerate(specs):
             wait = 0
-            if spec.kind == "window":
+            if spec.kind == "budget":
+                b = self._budget(spec, now)
+                held.append(b)
+                u = b.used
+                if spec.cost > 0 and u + spec.cost > spec.limit:
+                    wait = spec.period_ms
+            elif spec.kind == "window":
                 w = self._window(spec)
                 held.append(w)
                 w.trim(now)
@@ -195,12 +229,16 @@ class MemoryStore:
                 reject, retry = i, wait
         states = []
         for i, spec in enumerate(specs):
-            cost = spec.cost if spec.kind == "window" else 1
+            cost = 1 if spec.kind == "concurrency" else spec.cost
             remaining, reset = spec.limit - used[i], 0
             if reject is None:
                 remaining -= cost
                 obj = held[i]
-                if isinstance(obj, _Window):
+                if isinstance(obj, _Budget):
+                    obj.reserved[request_id] = cost
+                    obj.used += cost
+                    reset = spec.period_ms
+                elif isinstance(obj, _Window):
                     w = obj
                     if cost > 0:
                         w.entries.append((now, request_id))
@@ -215,6 +253,8 @@ class MemoryStore:
                     self._touch(spec.key, c.period_ms)
             elif isinstance(last := held[i], _Window) and last.entries:
                 reset = last.entries[-1][0] + spec.period_ms - now
+            elif spec.kind == "budget":
+                reset = spec.period_ms
             states.append(LimitState(max(0, remaining), reset))
         return Decision(reject is None, now, states, reject, retry)
 
@@ -227,13 +267,23 @@ class MemoryStore:
         admitted_ms: int,
         settlements: list[Settlement],
         leases: list[LimitSpec],
-    ) -> None:
-        self.settle_now(request_id, settlements, leases)
+    ) -> list[int]:
+        return self.settle_now(request_id, settlements, leases)
 
     def settle_now(
         self, request_id: str, settlements: list[Settlement], leases: list[LimitSpec]
-    ) -> None:
+    ) -> list[int]:
+        totals: list[int] = []
         for s in settlements:
+            if s.spec.kind == "budget":
+                b = self._budgets.get(s.spec.key)
+                reserved = b.reserved.pop(request_id, None) if b is not None else None
+                if b is None or reserved is None:
+                    totals.append(-1)
+                else:
+                    b.used += s.used - reserved
+                    totals.append(b.used)
+                continue
             w = self._windows.get(s.spec.key)
             if w is not None and request_id in w.costs:
                 w.used += s.used - w.costs[request_id]
@@ -242,6 +292,7 @@ class MemoryStore:
             c = self._leases.get(spec.key)
             if c is not None:
                 c.expiry.pop(request_id, None)
+        return totals
 
     async def renew(self, leases: list[tuple[str, LimitSpec]]) -> None:
         now = self.now_ms()
@@ -261,4 +312,5 @@ class MemoryStore:
     async def aclose(self) -> None:
         self._windows.clear()
         self._leases.clear()
+        self._budgets.clear()
         self._order.clear()

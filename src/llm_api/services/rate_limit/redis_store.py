@@ -12,6 +12,11 @@ Data, per limit (all keys share one hash tag so the scripts also run on Redis Cl
   Redis' own clock, so replicas with skewed clocks agree), and a counter with the sum of the
   costs in the window. Entries older than the window are trimmed (and subtracted) on access.
 - concurrency limits: a sorted set of request ids scored by lease expiry.
+- budgets (money, in the same script as the token limits, so one round trip takes both): a
+  counter of the period's spend plus outstanding reservations, and a hash of the outstanding
+  reservations by request id (settlement replaces one by the real cost, once). The key names
+  the calendar period, so a new period starts at 0; both live until the period's end plus a
+  day (BUDGET_GRACE_MS: a request running across midnight still settles).
 Every key is written with a PEXPIRE in the same script: no key ever lives without a TTL.
 Counts are exact: Lua numbers are doubles, so every count is capped (types.MAX_UNITS) and every
 member is written with `string.format('%d')`; Lua's own `..` would write 1e+15, which the cost
@@ -30,6 +35,10 @@ from llm_api.services.rate_limit.types import Decision, LimitSpec, LimitState, S
 from llm_api.services.redis_pool import RedisHealth, RedisUnavailable
 
 log = structlog.get_logger(__name__)
+
+# How long a budget's keys outlive their period: a request admitted before midnight settles after.
+BUDGET_GRACE_MS = 86_400_000
+_KINDS = {"window": "w", "concurrency": "c", "budget": "b"}
 
 _ENTRY_COST = "tonumber(string.match(%s, ':(%%-?%%d+)$'))"
 
@@ -75,6 +84,9 @@ for i = 1, n do
         end
       end
     end
+  elseif kind == 'b' then
+    u = tonumber(redis.call('GET', tk) or '0')
+    if cost > 0 and u + cost > limit then wait = period end
   else
     redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
     u = redis.call('ZCARD', z)
@@ -91,11 +103,17 @@ for i = 1, n do
   local kind, limit = ARGV[a], tonumber(ARGV[a + 1])
   local period, cost = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   local z, tk = KEYS[2 * i - 1], KEYS[2 * i]
-  if kind ~= 'w' then cost = 1 end
+  if kind == 'c' then cost = 1 end
   local remaining, reset = limit - used[i], 0
   if reject == 0 then
     remaining = remaining - cost
-    if kind == 'w' then
+    if kind == 'b' then
+      redis.call('HSET', z, rid, string.format('%d', cost))
+      redis.call('INCRBY', tk, string.format('%d', cost))
+      redis.call('PEXPIRE', z, period + GRACE)
+      redis.call('PEXPIRE', tk, period + GRACE)
+      reset = period
+    elseif kind == 'w' then
       if cost > 0 then
         redis.call('ZADD', z, now, string.format('%s:%d', rid, cost))
         redis.call('INCRBY', tk, cost)
@@ -110,6 +128,8 @@ for i = 1, n do
   elseif kind == 'w' then
     local newest = redis.call('ZRANGE', z, -1, -1, 'WITHSCORES')
     if #newest > 0 then reset = tonumber(newest[2]) + period - now end
+  elseif kind == 'b' then
+    reset = period
   end
   if remaining < 0 then remaining = 0 end
   out[#out + 1] = remaining
@@ -120,12 +140,21 @@ return out
 
 SETTLE = """
 local rid, at, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local totals = {}
 for i = 1, n do
   local z, tk = KEYS[2 * i - 1], KEYS[2 * i]
-  local a = 4 + (i - 1) * 3
-  local reserved, used = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  local period = tonumber(ARGV[a + 2])
-  if redis.call('ZREM', z, string.format('%s:%d', rid, reserved)) == 1 then
+  local a = 4 + (i - 1) * 4
+  local kind = ARGV[a]
+  local reserved, used = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local period = tonumber(ARGV[a + 3])
+  if kind == 'b' then
+    if redis.call('HDEL', z, rid) == 1 then
+      totals[#totals + 1] = redis.call('INCRBY', tk, string.format('%d', used - reserved))
+      if redis.call('PTTL', tk) < 0 then redis.call('PEXPIRE', tk, period + GRACE) end
+    else
+      totals[#totals + 1] = -1
+    end
+  elseif redis.call('ZREM', z, string.format('%s:%d', rid, reserved)) == 1 then
     if used > 0 then redis.call('ZADD', z, at, string.format('%s:%d', rid, used)) end
     local total = redis.call('INCRBY', tk, used - reserved)
     if redis.call('ZCARD', z) == 0 then
@@ -138,7 +167,7 @@ for i = 1, n do
   end
 end
 for j = 2 * n + 1, LAST do redis.call('ZREM', KEYS[j], rid) end
-return 1
+return totals
 """
 
 # An admission whose reply never came (a timeout) may have run, or may yet run: what was sent
@@ -149,6 +178,9 @@ VOID = "redis.call('SET', KEYS[#KEYS], '1', 'PX', ARGV[#ARGV])\n" + SETTLE.repla
     "LAST", "#KEYS - 1"
 )
 SETTLE = SETTLE.replace("LAST", "#KEYS")
+ADMIT = ADMIT.replace("GRACE", str(BUDGET_GRACE_MS))
+SETTLE = SETTLE.replace("GRACE", str(BUDGET_GRACE_MS))
+VOID = VOID.replace("GRACE", str(BUDGET_GRACE_MS))
 # Long enough for TCP to give up retransmitting what an abandoned connection sent.
 VOID_TTL_MS = 600_000
 
@@ -211,8 +243,7 @@ class RedisStore:
         args: list[str | int] = [request_id]
         for spec in specs:
             keys += [self._key(spec, "z"), self._key(spec, "t")]
-            kind = "w" if spec.kind == "window" else "c"
-            args += [kind, spec.limit, spec.period_ms, spec.cost]
+            args += [_KINDS[spec.kind], spec.limit, spec.period_ms, spec.cost]
         raw = await self._call(self._admit, [*keys, self._void_key(request_id)], args)
         assert isinstance(raw, list)
         out = [int(x) for x in raw]
@@ -233,9 +264,10 @@ class RedisStore:
         admitted_ms: int,
         settlements: list[Settlement],
         leases: list[LimitSpec],
-    ) -> None:
+    ) -> list[int]:
         keys, args = self._settle_args(request_id, admitted_ms, settlements, leases)
-        await self._call(self._settle, keys, args)
+        raw = await self._call(self._settle, keys, args)
+        return [int(x) for x in raw] if isinstance(raw, list) else []
 
     def _settle_args(
         self,
@@ -248,13 +280,13 @@ class RedisStore:
         args: list[str | int] = [request_id, admitted_ms, len(settlements)]
         for s in settlements:
             keys += [self._key(s.spec, "z"), self._key(s.spec, "t")]
-            args += [s.reserved, s.used, s.spec.period_ms]
+            args += [_KINDS[s.spec.kind], s.reserved, s.used, s.spec.period_ms]
         keys += [self._key(spec, "z") for spec in leases]
         return keys, args
 
     async def void(self, request_id: str, specs: list[LimitSpec]) -> None:
         """Undo an admission whose reply never came, now or whenever it arrives (VOID)."""
-        windows = [Settlement(s, s.cost, 0) for s in specs if s.kind == "window"]
+        windows = [Settlement(s, s.cost, 0) for s in specs if s.kind in ("window", "budget")]
         leases = [s for s in specs if s.kind == "concurrency"]
         keys, args = self._settle_args(request_id, 0, windows, leases)
         await self._call(self._void, [*keys, self._void_key(request_id)], [*args, VOID_TTL_MS])

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
-Kind = Literal["window", "concurrency"]
-Metric = Literal["requests", "tokens", "concurrency"]
+Kind = Literal["window", "concurrency", "budget"]
+Metric = Literal["requests", "tokens", "concurrency", "cost"]
 
 # The most one limit, reservation or settled usage may count. Lua (the Redis scripts) computes
 # in doubles, exact for integers below 2**53: capped here, a window's sum stays exact, and no
@@ -26,7 +26,12 @@ class LimitSpec:
 
     `window` limits are sliding logs: at most `limit` units of cost in any `period_ms`.
     `concurrency` limits are leases: at most `limit` requests hold one, each lease lasting
-    `period_ms` unless renewed (so a crashed worker's slots come back by themselves)."""
+    `period_ms` unless renewed (so a crashed worker's slots come back by themselves).
+    `budget` limits are money (nano-dollars) spent in one calendar period: a counter of what
+    was spent plus what is reserved, refusing a request whose reservation (`cost`) would take
+    it past `limit`; `period_ms` is the time left in the period (the subject names the period,
+    so a new one starts from 0), and outstanding reservations are kept per request id so that
+    settlement is idempotent."""
 
     name: str  # the rule, short and fixed: rpm, tpm, tpd, concurrency, login, key_creation
     label: str  # for people: "tokens per minute (TPM)"
@@ -91,7 +96,10 @@ class Store(Protocol):
         admitted_ms: int,
         settlements: list[Settlement],
         leases: list[LimitSpec],
-    ) -> None: ...
+    ) -> list[int]:
+        """Settle; returns each budget settlement's total after it (in order; -1 when the
+        reservation was settled before), for the soft-limit alerts."""
+        ...
 
     async def renew(self, leases: list[tuple[str, LimitSpec]]) -> None: ...
 

@@ -49,6 +49,8 @@ class UsageRecorder:
                 "latency_ms": rec.latency_ms,
                 "disconnected": rec.cancelled,
                 "stream": rec.stream,
+                "cost_nanos": rec.cost_nanos,
+                "team_id": rec.team_id,
             }
         )
         USAGE_BUFFER_BACKLOG.inc()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from llm_api.core.exceptions import InvalidRequestError
 from llm_api.schemas.usage import ConversationLogStatus, UsageBucket, UsageReport, UsageSummary
+from llm_api.services.money.prices import usd_text
 from llm_api.services.usage import repository as repo
 
 DEFAULT_DAYS = 30
@@ -36,6 +39,18 @@ def _summary(s: repo.UsageSums) -> UsageSummary:
         prompt_tokens=s.prompt_tokens,
         completion_tokens=s.completion_tokens,
         total_tokens=s.prompt_tokens + s.completion_tokens,
+        cost_usd=usd_text(s.cost_nanos),
+    )
+
+
+def _bucket(values: dict[str, Any], sums: repo.UsageSums) -> UsageBucket:
+    return UsageBucket(
+        date=values.get("day"),
+        model=values.get("model"),
+        user_id=values.get("user"),
+        key_id=values.get("key"),
+        team_id=values.get("team"),
+        **_summary(sums).model_dump(),
     )
 
 
@@ -44,18 +59,18 @@ async def usage_report(
     start: date | None,
     end: date | None,
     *,
-    user_id: str | None,
-    per_user: bool,
+    user_id: str | None = None,
+    team_id: str | None = None,
+    group_by: Sequence[str] = ("day", "model"),
 ) -> UsageReport:
     """Buckets and totals both come from SQL aggregates over the same rows, so the totals equal
-    the sum of the records exactly."""
+    the sum of the records exactly (cost included: integer nano-dollars)."""
     first, last = date_range(start, end)
-    buckets = await repo.usage_by_day(session, first, last, user_id, per_user)
-    totals = await repo.usage_totals(session, first, last, user_id)
-    data = [
-        UsageBucket(date=day, model=model, user_id=uid, **_summary(sums).model_dump())
-        for day, model, uid, sums in buckets
-    ]
+    who = repo.UsageFilter(user_id=user_id, team_id=team_id)
+    groups = list(dict.fromkeys(group_by))  # each once, in the order asked
+    buckets = await repo.usage_groups(session, first, last, who, groups)
+    totals = await repo.usage_totals(session, first, last, who)
+    data = [_bucket(values, sums) for values, sums in buckets]
     return UsageReport(start=first, end=last, data=data, totals=_summary(totals))
 
 

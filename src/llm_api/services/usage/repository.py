@@ -48,6 +48,8 @@ def usage_row(rec: dict[str, Any]) -> dict[str, Any]:
         "latency_ms": rec["latency_ms"],
         "disconnected": rec["disconnected"],
         "stream": rec["stream"],
+        "cost_nanos": rec.get("cost_nanos", 0),  # lines buffered before money (0007): 0
+        "team_id": rec.get("team_id"),
     }
 
 
@@ -130,6 +132,7 @@ class UsageSums:
     cache_hits: int
     prompt_tokens: int
     completion_tokens: int
+    cost_nanos: int = 0
 
 
 def _sums() -> list[ColumnElement[Any]]:
@@ -139,13 +142,24 @@ def _sums() -> list[ColumnElement[Any]]:
         func.coalesce(func.sum(case((UsageRecord.cache_hit, 1), else_=0)), 0).label("cache_hits"),
         func.coalesce(func.sum(UsageRecord.prompt_tokens), 0).label("prompt_tokens"),
         func.coalesce(func.sum(UsageRecord.completion_tokens), 0).label("completion_tokens"),
+        func.coalesce(func.sum(UsageRecord.cost_nanos), 0).label("cost_nanos"),
     ]
 
 
-def _filtered(stmt: Select[Any], start: date, end: date, user_id: str | None) -> Select[Any]:
+@dataclass(frozen=True, slots=True)
+class UsageFilter:
+    """Whose records a report covers: one user's, one team's, or (both None) everyone's."""
+
+    user_id: str | None = None
+    team_id: str | None = None
+
+
+def _filtered(stmt: Select[Any], start: date, end: date, who: UsageFilter) -> Select[Any]:
     stmt = stmt.where(UsageRecord.day >= start, UsageRecord.day <= end)
-    if user_id is not None:
-        stmt = stmt.where(UsageRecord.user_id == user_id)
+    if who.user_id is not None:
+        stmt = stmt.where(UsageRecord.user_id == who.user_id)
+    if who.team_id is not None:
+        stmt = stmt.where(UsageRecord.team_id == who.team_id)
     return stmt
 
 
@@ -156,42 +170,44 @@ def _as_sums(row: Any) -> UsageSums:
         cache_hits=int(row.cache_hits),
         prompt_tokens=int(row.prompt_tokens),
         completion_tokens=int(row.completion_tokens),
+        cost_nanos=int(row.cost_nanos),
     )
 
 
-async def usage_by_day(
-    session: AsyncSession, start: date, end: date, user_id: str | None, per_user: bool
-) -> list[tuple[date, str, str | None, UsageSums]]:
-    """(day, model, user or None, sums) buckets, summed by the database."""
-    keys: list[Any] = [UsageRecord.day, UsageRecord.model]
-    if per_user:
-        keys.append(UsageRecord.user_id)
-    stmt = _filtered(select(*keys, *_sums()), start, end, user_id)
-    rows = await session.execute(stmt.group_by(*keys).order_by(*keys))
-    return [(_as_date(r.day), r.model, r.user_id if per_user else None, _as_sums(r)) for r in rows]
+# `group_by` names → the ledger's columns.
+GROUP_COLUMNS: dict[str, Any] = {
+    "day": UsageRecord.day,
+    "model": UsageRecord.model,
+    "key": UsageRecord.key_id,
+    "team": UsageRecord.team_id,
+    "user": UsageRecord.user_id,
+}
+
+
+async def usage_groups(
+    session: AsyncSession, start: date, end: date, who: UsageFilter, group_by: Sequence[str]
+) -> list[tuple[dict[str, Any], UsageSums]]:
+    """(group values by name, sums) per group, summed by the database."""
+    keys = [GROUP_COLUMNS[g].label(g) for g in group_by]
+    stmt = _filtered(select(*keys, *_sums()), start, end, who)
+    if keys:
+        stmt = stmt.group_by(*keys).order_by(*keys)
+    rows = await session.execute(stmt)
+    out = []
+    for r in rows:
+        values = {g: getattr(r, g) for g in group_by}
+        if "day" in values and values["day"] is not None:
+            values["day"] = _as_date(values["day"])
+        out.append((values, _as_sums(r)))
+    return out
 
 
 async def usage_totals(
-    session: AsyncSession, start: date, end: date, user_id: str | None
+    session: AsyncSession, start: date, end: date, who: UsageFilter
 ) -> UsageSums:
-    row = (await session.execute(_filtered(select(*_sums()), start, end, user_id))).one()
+    row = (await session.execute(_filtered(select(*_sums()), start, end, who))).one()
     return _as_sums(row)
 
 
 def _as_date(value: date | str) -> date:
     return date.fromisoformat(value) if isinstance(value, str) else value
-
-
-async def usage_of_keys(
-    session: AsyncSession, start: date, end: date, key_ids: Select[Any]
-) -> tuple[list[tuple[date, str, UsageSums]], UsageSums]:
-    """(day, model, sums) buckets and the totals of the requests made with `key_ids` (a
-    subquery: a team's keys, services/teams.py)."""
-    keys: list[Any] = [UsageRecord.day, UsageRecord.model]
-    where = (UsageRecord.key_id.in_(key_ids),)
-    stmt = _filtered(select(*keys, *_sums()), start, end, None).where(*where)
-    rows = await session.execute(stmt.group_by(*keys).order_by(*keys))
-    buckets = [(_as_date(r.day), r.model, _as_sums(r)) for r in rows]
-    totals = _filtered(select(*_sums()), start, end, None).where(*where)
-    total = (await session.execute(totals)).one()
-    return buckets, _as_sums(total)

@@ -21,8 +21,16 @@ function isoDay(date) {
   return date.toISOString().slice(0, 10);
 }
 
-/** Rows of `GET /v1/usage` → categories (days) and one series per model. */
-export function usageSeries(rows, days) {
+const tokensOf = (row) =>
+  row.total_tokens ?? (row.prompt_tokens || 0) + (row.completion_tokens || 0);
+/** A row's spend in USD (`cost_usd` is an exact decimal string). */
+export const spendOf = (row) => Number(row.cost_usd || 0);
+
+/**
+ * Rows of `GET /v1/usage` → categories (days) and one series per `by` (the model, by default)
+ * of `value` (tokens, by default; `spendOf` for USD).
+ */
+export function usageSeries(rows, days, { value = tokensOf, by = (row) => row.model || "unknown" } = {}) {
   const end = new Date();
   const categories = [];
   for (let i = days - 1; i >= 0; i -= 1) {
@@ -33,11 +41,9 @@ export function usageSeries(rows, days) {
     const day = String(row.date ?? row.day ?? "").slice(0, 10);
     const index = categories.indexOf(day);
     if (index === -1) continue;
-    const tokens =
-      row.total_tokens ?? (row.prompt_tokens || 0) + (row.completion_tokens || 0);
-    const model = row.model || "unknown";
-    if (!byModel.has(model)) byModel.set(model, new Array(categories.length).fill(0));
-    byModel.get(model)[index] += tokens;
+    const name = by(row);
+    if (!byModel.has(name)) byModel.set(name, new Array(categories.length).fill(0));
+    byModel.get(name)[index] += value(row);
   }
   const series = [...byModel.entries()].map(([name, values]) => ({ name, values }));
   return { categories, series };
@@ -308,11 +314,17 @@ async function renderUsage(body) {
     const rows = usageRows(data);
     const { categories, series } = usageSeries(rows, USAGE_DAYS);
     const total = series.reduce((sum, x) => sum + x.values.reduce((a, b) => a + b, 0), 0);
+    const spend = usageSeries(rows, USAGE_DAYS, { value: spendOf });
+    const spent = rows.reduce((sum, row) => sum + spendOf(row), 0);
     mount(
       body,
       h("p", {}, `${fmtInt(total)} tokens in the last ${USAGE_DAYS} days.`),
       stackedBars(categories, series, { title: "Tokens per day per model" }),
       legend(series.map((x) => x.name)),
+      h("h3", {}, "Spend"),
+      h("p", { id: "spend-total" }, `$${spent.toFixed(4)} in the last ${USAGE_DAYS} days.`),
+      stackedBars(spend.categories, spend.series, { title: "Spend per day per model (USD)" }),
+      legend(spend.series.map((x) => x.name)),
     );
   } catch (err) {
     mount(body, notice(`Could not load usage: ${err.message}`));

@@ -5,7 +5,7 @@
 import { api } from "./api.js";
 import { legend, sparkline, stackedBars } from "./chart.js";
 import { $, fmtDate, fmtInt, h, mount, notice } from "./dom.js";
-import { teamsList, usageSeries } from "./account.js";
+import { spendOf, teamsList, usageSeries } from "./account.js";
 
 const POLL_MS = 3000;
 const HISTORY = 60;
@@ -267,15 +267,24 @@ export async function show(container) {
   const end = new Date();
   const start = new Date(end.getTime() - 13 * 86_400_000);
   const day = (d) => d.toISOString().slice(0, 10);
-  Promise.all([api(`/v1/admin/usage?start=${day(start)}&end=${day(end)}`), userList])
-    .then(([body, list]) => {
+  const range = `start=${day(start)}&end=${day(end)}`;
+  const byTeam = api(`/v1/admin/usage?${range}&group_by=day,team`);
+  Promise.all([api(`/v1/admin/usage?${range}`), userList, byTeam])
+    .then(([body, list, teams]) => {
       const rows = Array.isArray(body) ? body : body.data || [];
       const emails = new Map((list || []).map((u) => [u.id, u.email]));
       const { categories, series } = usageSeries(rows, 14);
+      const spend = usageSeries(teams.data || [], 14, {
+        value: spendOf,
+        by: (row) => (row.team_id ? `team ${row.team_id.slice(0, 8)}` : "no team"),
+      });
       mount(
         usage,
         stackedBars(categories, series, { title: "Tokens per day per model, all users" }),
         legend(series.map((x) => x.name)),
+        h("h3", {}, "Spend per day per team (USD)"),
+        stackedBars(spend.categories, spend.series, { title: "Spend per day per team (USD)" }),
+        legend(spend.series.map((x) => x.name)),
         usageByUser(rows, emails),
       );
     })

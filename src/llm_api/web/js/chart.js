@@ -111,5 +111,6 @@ export function sparkline(values, { width = 320, height = 60, label = "" } = {})
 function fmt(value) {
   if (value >= 1e6) return `${(value / 1e6).toFixed(1)}M`;
   if (value >= 1e3) return `${(value / 1e3).toFixed(1)}k`;
+  if (value > 0 && value < 1) return String(Number(value.toPrecision(2))); // USD: 0.0025
   return String(Math.round(value * 10) / 10);
 }

@@ -30,7 +30,7 @@ async def create_chat_completion(
     if body.stream:
         frames, out = await serving.chat_stream(body, ctx, policy)
         chunks = wire.chat_chunks(
-            body, ctx.request_id, out.model, frames, serving.fingerprint(out.model)
+            body, ctx.request_id, out.model, frames, serving.fingerprint(out.model), out
         )
         stream = sse_response(chunks, call.keepalive)
         answer_with(request, stream.headers, out)

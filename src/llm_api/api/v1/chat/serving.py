@@ -19,6 +19,7 @@ import orjson
 
 from llm_api.schemas.chat import ChatCompletion, ChatCompletionRequest
 from llm_api.services.llm.shaping import Answer, ChoiceAnswer, UsageCounter, wire_finish
+from llm_api.services.llm.stages import Outcome
 from llm_api.services.llm.types import Frame, TokenLogprob
 
 _ROLE = b'{"role":"assistant","content":""}'
@@ -98,6 +99,7 @@ async def chat_chunks(
     model: str,
     frames: AsyncIterator[Frame],
     fingerprint: str | None = None,
+    out: Outcome | None = None,
 ) -> AsyncIterator[bytes]:
     """The JSON of each `chat.completion.chunk`: per choice a role chunk, its content chunks, a
     finish chunk; then the usage chunk when `stream_options.include_usage` asks for it."""
@@ -134,7 +136,9 @@ async def chat_chunks(
                 reason = orjson.dumps(wire_finish(frame.finish_reason))
                 yield state.head + b'{},"logprobs":null,"finish_reason":' + reason + b"}]}"
     if req.stream_options is not None and req.stream_options.include_usage:
-        yield orjson.dumps({**head, "choices": [], "usage": usage.body()})
+        # The frames have ended, so the pipeline has settled `out` (its cost included).
+        cost = out.cost_nanos if out is not None else None
+        yield orjson.dumps({**head, "choices": [], "usage": usage.body(cost)})
 
 
 def message_body(choice: ChoiceAnswer) -> dict[str, Any]:
@@ -172,7 +176,7 @@ def chat_body(request_id: str, answer: Answer, fingerprint: str | None = None) -
         }
         for c in answer.choices
     ]
-    body["usage"] = answer.usage.body()
+    body["usage"] = answer.usage.body(answer.cost_nanos)
     return body
 
 

@@ -13,6 +13,7 @@ import orjson
 
 from llm_api.schemas.completions import Completion, CompletionRequest
 from llm_api.services.llm.shaping import Answer, UsageCounter, wire_finish
+from llm_api.services.llm.stages import Outcome
 from llm_api.services.llm.types import Frame, TokenLogprob
 
 _TEXT_TAIL = b',"logprobs":null,"finish_reason":null}]}'
@@ -63,6 +64,7 @@ async def completion_chunks(
     model: str,
     frames: AsyncIterator[Frame],
     fingerprint: str | None = None,
+    out: Outcome | None = None,
 ) -> AsyncIterator[bytes]:
     head = _head(request_id, model, fingerprint)
     prefix = orjson.dumps(head)[:-1] + b',"choices":[{"index":'
@@ -98,7 +100,9 @@ async def completion_chunks(
                 reason = orjson.dumps(wire_finish(frame.finish_reason))
                 yield choice + b'"","logprobs":null,"finish_reason":' + reason + b"}]}"
     if req.stream_options is not None and req.stream_options.include_usage:
-        yield orjson.dumps({**head, "choices": [], "usage": usage.body()})
+        # The frames have ended, so the pipeline has settled `out` (its cost included).
+        cost = out.cost_nanos if out is not None else None
+        yield orjson.dumps({**head, "choices": [], "usage": usage.body(cost)})
 
 
 def completion_body(
@@ -114,7 +118,7 @@ def completion_body(
         }
         for c in answer.choices
     ]
-    body["usage"] = answer.usage.body()
+    body["usage"] = answer.usage.body(answer.cost_nanos)
     return body
 
 

@@ -18,6 +18,7 @@ from llm_api.schemas.common import Usage
 from llm_api.schemas.completions import CompletionRequest, GenerateRequest, GenerateResponse
 from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.shaping import wire_finish
+from llm_api.services.money.prices import usd
 
 router = APIRouter(tags=["simple"])
 
@@ -53,6 +54,7 @@ async def generate(
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
             total_tokens=usage.total_tokens,
+            cost=None if answer.cost_nanos is None else usd(answer.cost_nanos),
         ),
     )
 

@@ -35,7 +35,7 @@ async def create_message(body: MessagesRequest, request: Request, call: Inferenc
         frames, out = await serving.chat_stream(chat, ctx, policy, ENDPOINT)
         # The first frame is in: a local model's prompt is counted (its request's prepare).
         counted = out.seqs[0].prompt_tokens if out.seqs else None
-        events = wire.message_events(message_id, out.model, frames, counted)
+        events = wire.message_events(message_id, out.model, frames, counted, out)
         stream = named_sse_response(events, call.keepalive, wire.PING, wire.error_event)
         answer_with(request, stream.headers, out)
         return stream

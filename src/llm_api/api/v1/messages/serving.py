@@ -15,7 +15,9 @@ import structlog
 from llm_api.api.errors import anthropic_error
 from llm_api.core.exceptions import APIError, ServerError
 from llm_api.services.llm.shaping import Answer
+from llm_api.services.llm.stages import Outcome
 from llm_api.services.llm.types import Frame
+from llm_api.services.money.prices import usd
 
 log = structlog.get_logger(__name__)
 
@@ -74,11 +76,17 @@ def _head(message_id: str, model: str, input_tokens: int) -> dict[str, Any]:
 
 
 async def message_events(
-    message_id: str, model: str, frames: AsyncIterator[Frame], input_tokens: int | None = None
+    message_id: str,
+    model: str,
+    frames: AsyncIterator[Frame],
+    input_tokens: int | None = None,
+    out: Outcome | None = None,
 ) -> AsyncIterator[bytes]:
     """The events of one streamed message (one choice: Anthropic has no `n`). `input_tokens`:
     the prompt's tokens when known before the end (a local model counted them in `prepare`);
-    otherwise message_start says 0 and message_delta the count."""
+    otherwise message_start says 0 and message_delta the count. message_delta comes once the
+    frames have ended, so that its usage carries the request's settled `cost` (from `out`)."""
+    ending: tuple[dict[str, Any], dict[str, Any]] | None = None  # message_delta's parts
     started = False
     block = -1  # the open content block's index, -1: none
     kind = ""  # its type: text | tool_use
@@ -118,14 +126,19 @@ async def message_events(
                 reason = stop_reason(frame.finish_reason, call >= 0, sequence)
                 if block >= 0:
                     yield _event("content_block_stop", {"index": block})
-                usage = {
+                usage: dict[str, Any] = {
                     "input_tokens": frame.prompt_tokens or 0,
                     "output_tokens": frame.completion_tokens or 0,
                 }
                 matched = sequence if reason == "stop_sequence" else None
                 stop = {"stop_reason": reason, "stop_sequence": matched}
-                yield _event("message_delta", {"delta": stop, "usage": usage})
-                yield _event("message_stop", {})
+                ending = stop, usage
+    if ending is not None:
+        stop, usage = ending
+        if out is not None:
+            usage["cost"] = usd(out.cost_nanos)
+        yield _event("message_delta", {"delta": stop, "usage": usage})
+        yield _event("message_stop", {})
 
 
 def message_body(message_id: str, answer: Answer) -> dict[str, Any]:
@@ -144,4 +157,6 @@ def message_body(message_id: str, answer: Answer) -> dict[str, Any]:
     body["stop_reason"] = reason
     body["stop_sequence"] = choice.stop_sequence if reason == "stop_sequence" else None
     body["usage"]["output_tokens"] = answer.usage.completion_tokens
+    if answer.cost_nanos is not None:
+        body["usage"]["cost"] = usd(answer.cost_nanos)  # an extra field (docs/usage.md)
     return body

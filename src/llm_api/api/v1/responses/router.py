@@ -49,7 +49,7 @@ async def create_response(
     if body.stream:
         frames, out = await serving.responses_stream(chat, ctx, policy)
         events = wire.response_events(
-            body, ctx.request_id, out.model, frames, save if keep else None
+            body, ctx.request_id, out.model, frames, out, save if keep else None
         )
         stream = named_sse_response(events, call.keepalive)
         answer_with(request, stream.headers, out)

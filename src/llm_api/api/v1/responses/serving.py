@@ -19,16 +19,18 @@ import orjson
 from llm_api.api.streaming import error_payload
 from llm_api.schemas.responses import ResponsesRequest
 from llm_api.services.llm.shaping import Answer, ChoiceAnswer, UsageCounter
+from llm_api.services.llm.stages import Outcome
 from llm_api.services.llm.types import Frame
+from llm_api.services.money.prices import usd
 
 # Engine finish → (status, incomplete_details.reason).
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 
 
-def _usage(usage: UsageCounter) -> dict[str, Any]:
+def _usage(usage: UsageCounter, cost_nanos: int | None) -> dict[str, Any]:
     details = usage.extra.get("completion_tokens_details")
     reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
-    return {
+    body: dict[str, Any] = {
         "input_tokens": usage.prompt_tokens,
         # OpenAI's schema requires cache_write_tokens: no prompt cache is written for a client.
         "input_tokens_details": {
@@ -39,6 +41,9 @@ def _usage(usage: UsageCounter) -> dict[str, Any]:
         "output_tokens_details": {"reasoning_tokens": reasoning or 0},
         "total_tokens": usage.total_tokens,
     }
+    if cost_nanos is not None:
+        body["cost"] = usd(cost_nanos)  # an extra field, as in chat's usage (docs/usage.md)
+    return body
 
 
 def _tool_choice(req: ResponsesRequest) -> Any:
@@ -59,6 +64,7 @@ def response_body(
     usage: UsageCounter | None = None,
     incomplete: str | None = None,
     error: dict[str, Any] | None = None,
+    cost_nanos: int | None = None,
 ) -> dict[str, Any]:
     """A `response` object (the SDK's `Response`), echoing the request's settings."""
     fmt = req.text.format if req.text is not None else None
@@ -100,7 +106,7 @@ def response_body(
     }
     # Objects or strings when present (OpenAI's schema), absent otherwise: usage until the end.
     if usage is not None:
-        body["usage"] = _usage(usage)
+        body["usage"] = _usage(usage, cost_nanos)
     if req.user is not None:
         body["user"] = req.user
     return body
@@ -158,6 +164,7 @@ def response_object(req: ResponsesRequest, request_id: str, answer: Answer) -> d
         status=status,
         usage=answer.usage,
         incomplete=incomplete,
+        cost_nanos=answer.cost_nanos,
     )
 
 
@@ -275,6 +282,7 @@ async def response_events(
     request_id: str,
     model: str,
     frames: AsyncIterator[Frame],
+    out: Outcome | None = None,
     on_done: OnDone | None = None,
 ) -> AsyncIterator[bytes]:
     """Each stream event, whole (for api/streaming's `event_frames`). An error after the start
@@ -288,6 +296,8 @@ async def response_events(
     finish: str | None = None
 
     def body(status: str, **kw: Any) -> dict[str, Any]:
+        if "usage" in kw and out is not None:  # the frames have ended: `out` is settled
+            kw["cost_nanos"] = out.cost_nanos
         return response_body(req, request_id, model, created, s.items, status=status, **kw)
 
     yield s.event("response.created", response=body("in_progress"))
