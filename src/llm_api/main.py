@@ -38,6 +38,8 @@ from llm_api.services.auth.startup import start_accounts
 from llm_api.services.batches.queue import start_batches
 from llm_api.services.cache.service import build_cache_store
 from llm_api.services.dashboard import SummaryService
+from llm_api.services.fine_tuning.queue import start_fine_tuning
+from llm_api.services.fine_tuning.serving import FineTunedModels
 from llm_api.services.llm.backends.factory import build_backends
 from llm_api.services.llm.embeddings import EmbeddingService
 from llm_api.services.llm.pipeline import PipelineParts, build_pipeline
@@ -84,6 +86,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     responses = CompletionServing(llm, pipeline)
     embeddings = EmbeddingService(llm, pipeline.cache.store, settings, pipeline.admission)
     files, batch_queue = start_batches(settings, db.sessions, responses, embeddings)
+    fine_tuning = start_fine_tuning(settings, db.sessions, files, llm.registry)
+    fine_tuned = llm.dynamic = FineTunedModels(llm, db.sessions, settings)
     state = app.state.llm_api = AppState(
         settings=settings,
         llm=llm,
@@ -96,6 +100,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         files=files,
         batch_queue=batch_queue,
         summary=SummaryService(llm),
+        fine_tuning=fine_tuning,
+        fine_tuned=fine_tuned,
         on_drain=on_drain,
     )
 
@@ -120,6 +126,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader.cancel()
         await asyncio.gather(loader, return_exceptions=True)
         await batch_queue.aclose()
+        await fine_tuning.aclose()
+        await fine_tuned.aclose()
         await llm.aclose()
         await limiter.aclose()
         await usage.aclose()  # after the models: cancelled requests have recorded by now

@@ -14,6 +14,7 @@ from llm_api.api.v1.endpoints import (
     dashboard,
     embeddings,
     files,
+    fine_tuning,
     keys,
     models,
     simple,
@@ -40,6 +41,7 @@ V1_ROUTERS = (
     usage.router,
     files.router,
     batches.router,
+    fine_tuning.router,
 )
 
 

@@ -69,7 +69,9 @@ def _parse_line(raw: bytes) -> tuple[list[Message], str]:
     return messages, messages[-1].content
 
 
-def parse_examples(data: bytes, *, max_examples: int, param: str = "training_file") -> list[Example]:
+def parse_examples(
+    data: bytes, *, max_examples: int, param: str = "training_file"
+) -> list[Example]:
     """Every example of a file, or a 400 listing the bad lines (up to 20)."""
     errors: list[str] = []
     examples: list[Example] = []

@@ -154,7 +154,7 @@ def train(
         state = {"step": step, "tokens": result.trained_tokens, "lora": lora_state}
         torch.save({**state, "optimizer": optimizer.state_dict()}, tmp)
         os.replace(tmp, path)
-        on_checkpoint(step, path, {"train_loss": loss})
+        on_checkpoint(step, path, {"train_loss": loss, "trained_tokens": result.trained_tokens})
 
     loss_value = float("nan")
     for step in range(start, spec.total_steps):

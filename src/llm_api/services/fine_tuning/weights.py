@@ -30,15 +30,19 @@ GGUF_PART = {v: k for k, v in _PARTS.items()}  # HF module path → GGUF tensor 
 
 def unpermute(w: Any, n_head: int) -> Any:
     """Undo llama.cpp's q/k row permutation (convert_hf_to_gguf's `permute`)."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(
-        w.shape
+    return (
+        w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
     )
 
 
 def permute(w: Any, n_head: int) -> Any:
     """llama.cpp's q/k row order, from Hugging Face's."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
-        w.shape
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
     )
 
 
