@@ -94,7 +94,7 @@ def _dequantized(gguf: Path, config: dict[str, Any]) -> dict[str, Any]:
             elif part == "attn_k":
                 w = unpermute(w, config["num_key_value_heads"])
             key = f"model.layers.{layer}.{_PARTS[part]}.weight"
-            state[key] = torch.from_numpy(np.ascontiguousarray(w))
+            state[key] = torch.from_numpy(np.array(w, dtype=np.float32))  # a writable copy
     return state
 
 
