@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from llm_api.db.tables import (
@@ -362,7 +362,7 @@ async def runnable_jobs(
 ) -> list[str]:
     """Active jobs no worker holds (as `runnable_batches`)."""
     now = _now()
-    unleased = FineTuningJob.lease_until.is_(None)
+    unleased: ColumnElement[bool] = FineTuningJob.lease_until.is_(None)
     if stranded_only:
         unleased = unleased & (FineTuningJob.created_at < now - timedelta(minutes=5))
     async with sessions() as s:

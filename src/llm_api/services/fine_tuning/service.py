@@ -251,7 +251,7 @@ class FineTuningService:
             raise NotFoundError(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
         return row
 
-    async def list(
+    async def list_jobs(
         self, user_id: str, after: str | None, limit: int
     ) -> tuple[list[FineTuningJob], bool]:
         query = select(FineTuningJob).where(FineTuningJob.user_id == user_id)

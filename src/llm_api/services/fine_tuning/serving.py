@@ -15,6 +15,7 @@ for a few seconds per caller, so a deletion takes effect within that on every pr
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ class LoraBatchedBackend(LlamaBatchedBackend):
         if not adapter:
             raise RuntimeError(f"llama.cpp could not load the LoRA adapter {self.adapter.name}")
         adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
-        scales = (llama_cpp.ctypes.c_float * 1)(1.0)
+        scales = (ctypes.c_float * 1)(1.0)
         if llama_cpp.llama_set_adapters_lora(self._ctx.ctx, adapters, 1, scales):
             raise RuntimeError("llama.cpp could not set the LoRA adapter")
         # Freed with the model (llama.cpp frees a model's adapters when it frees the model).

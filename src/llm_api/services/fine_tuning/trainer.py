@@ -42,7 +42,7 @@ class TrainSpec:
     threads: int = 1
     checkpoint_every: int = 10
     lora_rank: int = 8
-    lora_alpha: float = 16.0
+    lora_alpha: int = 16
     lora_layers: int = 10  # the top layers that get adapters
 
     @property

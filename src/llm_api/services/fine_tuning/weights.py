@@ -123,7 +123,7 @@ def load_base_model(gguf: Path, cache_dir: Path) -> tuple[Any, dict[str, Any]]:
         tmp.replace(cached)
     hf_config = LlamaConfig(**config, bos_token_id=1, eos_token_id=2)
     with torch.device("meta"):  # no random initialisation of weights about to be replaced
-        model = LlamaForCausalLM(hf_config)
+        model = LlamaForCausalLM(hf_config)  # type: ignore[no-untyped-call]
     model.load_state_dict(state, strict=False, assign=True)
     if config["tie_word_embeddings"]:
         model.tie_weights()

@@ -48,7 +48,7 @@ async def create_job(
 async def list_jobs(
     user_id: UserId, jobs: FineTuningDep, after: After = None, limit: Limit = 20
 ) -> FineTuningJobList:
-    rows, has_more = await jobs.list(user_id, after, limit)
+    rows, has_more = await jobs.list_jobs(user_id, after, limit)
     return FineTuningJobList(data=[job_object(r) for r in rows], has_more=has_more)
 
 
