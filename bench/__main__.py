@@ -2,7 +2,8 @@
 `python -m bench gateway [...]` runs the gateway-overhead benchmark (bench/gateway.py);
 `python -m bench neighbour [...]` what a busy neighbour process costs local inference;
 `python -m bench embeddings [...]` embedding throughput against llama-server
-(bench/embeddings.py)."""
+(bench/embeddings.py);
+`python -m bench finetune [...]` fine-tuning training tokens per second (bench/finetune.py)."""
 
 import sys
 
@@ -16,6 +17,10 @@ if sys.argv[1:2] == ["embeddings"]:
     from bench.embeddings import main as embeddings
 
     raise SystemExit(embeddings(sys.argv[2:]))
+if sys.argv[1:2] == ["finetune"]:
+    from bench.finetune import main as finetune
+
+    raise SystemExit(finetune(sys.argv[2:]))
 if sys.argv[1:2] == ["neighbour"]:
     from bench.neighbour import main as neighbour
 

@@ -344,7 +344,7 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="CPU threads for training (default: the CPUs this process may use). On a "
-        "shared, oversubscribed machine 1 is much faster than more (threads spin-wait).",
+        "machine shared with other busy processes fewer can be as fast (bench finetune).",
     )
     finetune_checkpoint_every: int = Field(
         10, ge=1, description="Training steps between checkpoints (what a resumed job keeps)."
