@@ -368,13 +368,13 @@ async def test_worker_sigkilled_after_a_checkpoint_another_resumes_from_it(
         async with running_app(settings) as app:
             state = app.state.llm_api
             client = sdk(app, await create_account(app))
-            training = await upload(client, examples())
+            training = await upload(client, examples(QUESTIONS[:8]))
             workers.append(_start_worker(worker_env, logs[0]))
             job = await client.fine_tuning.jobs.create(
                 training_file=training.id,
                 model=MODEL,
                 seed=3,
-                hyperparameters={"n_epochs": 1, "batch_size": 4},  # 4 steps
+                hyperparameters={"n_epochs": 1, "batch_size": 2},  # 4 short steps
             )
             deadline = time.monotonic() + 240
             while True:  # until the first checkpoint is recorded
@@ -405,11 +405,58 @@ async def test_worker_sigkilled_after_a_checkpoint_another_resumes_from_it(
             assert sorted(after) == [3, 4], after
             async with state.db.sessions() as s:
                 row = await s.get(FineTuningJob, job.id)
-                assert row is not None and row.lease_owner is None
-                assert row.lease_owner is None and str(workers[1].pid) not in (row.lease_owner or "")
+                assert row is not None and row.lease_owner is None and row.step == 4
             assert done.trained_tokens and done.trained_tokens > 0
     finally:
         for worker in workers:
             if worker.poll() is None:
                 worker.send_signal(signal.SIGKILL)
                 worker.wait(10)
+
+
+# --- without the extra -----------------------------------------------------------------------
+
+_WITHOUT_EXTRA = r"""
+import asyncio, importlib.abc, io, json, sys, tempfile
+from pathlib import Path
+
+class Block(importlib.abc.MetaPathFinder):  # as if llm-api[finetune] were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "peft"):
+            raise ModuleNotFoundError(name)
+        return None
+
+sys.meta_path.insert(0, Block())
+import openai, httpx
+from tests.conftest import create_account, running_app, test_settings
+
+async def main():
+    async with running_app(test_settings(Path(tempfile.mkdtemp()), warmup=False)) as app:
+        acct = await create_account(app)
+        client = openai.AsyncOpenAI(base_url="http://t/v1", api_key=acct.api_key, max_retries=0,
+            http_client=httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t"))
+        line = {"messages": [{"role": "user", "content": "a"},
+                             {"role": "assistant", "content": "b"}]}
+        f = await client.files.create(file=("t.jsonl", io.BytesIO(json.dumps(line).encode())),
+                                      purpose="fine-tune")
+        try:
+            await client.fine_tuning.jobs.create(training_file=f.id, model="smollm2-135m-instruct")
+        except openai.BadRequestError as exc:
+            print("CODE", exc.code)
+        print("TORCH", "torch" in sys.modules)
+
+asyncio.run(main())
+"""
+
+
+def test_without_the_extra_the_server_runs_and_jobs_answer_400() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_EXTRA],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "CODE fine_tuning_unavailable" in out.stdout, out.stdout + out.stderr[-2000:]
+    assert "TORCH False" in out.stdout

@@ -12,7 +12,10 @@ REQUIRED = ("torch", "transformers", "peft")
 
 
 def available() -> bool:
-    return all(importlib.util.find_spec(name) is not None for name in REQUIRED)
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in REQUIRED)
+    except (ImportError, ValueError):  # a broken or half-removed install counts as absent
+        return False
 
 
 def require() -> None:
