@@ -92,9 +92,7 @@ def main(argv: list[str]) -> int:
     cache = Settings().model_cache_dir
     load_base_model(gguf, cache)  # converts into the cache once
     print(f"load average at start: {os.getloadavg()[0]:.1f}")
-    rows = [
-        run(int(t), args.steps, args.batch_size, gguf, cache) for t in args.threads.split(",")
-    ]
+    rows = [run(int(t), args.steps, args.batch_size, gguf, cache) for t in args.threads.split(",")]
     print("| threads | batch | tokens/step | tokens/s | step (median) |")
     print("|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -176,9 +176,7 @@ class BatchService:
         if purpose == "batch":
             await asyncio.to_thread(validate_input, data, max_lines=self.max_lines)
         else:  # the examples' structure now; their lengths when a job is created
-            await asyncio.to_thread(
-                parse_examples, data, max_examples=self.max_lines, param="file"
-            )
+            await asyncio.to_thread(parse_examples, data, max_examples=self.max_lines, param="file")
         await self._check_storage(user_id, 1, len(data))
         row = StoredFile(
             id=new_file_id(),
