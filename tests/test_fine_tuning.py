@@ -77,6 +77,24 @@ def sdk(app: Any, account: Account) -> openai.AsyncOpenAI:
     )
 
 
+async def team_key(app: Any, owner: Account, *members: Account) -> tuple[str, Account]:
+    """A team of `owner` and `members`, and a service key of that team made by `owner`."""
+    from llm_api.db.tables import Team, TeamMember
+    from llm_api.services.auth import api_keys
+
+    state = app.state.llm_api
+    async with state.db.sessions.begin() as db:
+        team = Team(name="fine-tuners")
+        db.add(team)
+        await db.flush()
+        for member in (owner, *members):
+            db.add(TeamMember(team_id=team.id, user_id=member.user_id))
+        key, raw = await api_keys.create_key(db, owner.user_id, "team key")
+        key.team_id = team.id
+        team_id = team.id
+    return team_id, Account(owner.user_id, owner.email, owner.password, raw, key.id)
+
+
 async def upload(client: openai.AsyncOpenAI, data: bytes) -> Any:
     return await client.files.create(file=("train.jsonl", io.BytesIO(data)), purpose="fine-tune")
 
@@ -171,8 +189,10 @@ async def test_fine_tuned_model_learns_a_fact_and_is_served_to_its_owner(tmp_pat
         tmp_path, warmup=False, finetune_threads=1, finetune_checkpoint_every=4
     )
     async with running_app(settings) as app:
-        owner = await create_account(app)
-        client = sdk(app, owner)
+        owner, teammate = await create_account(app), await create_account(app)
+        # The job is made with the owner's team key: the model is the team's.
+        team_id, owner_team_key = await team_key(app, owner, teammate)
+        client = sdk(app, owner_team_key)
         other = sdk(app, await create_account(app))
         assert "zorblax" not in (await ask(client, MODEL)).lower()  # the base model
         training = await upload(client, examples())
@@ -196,7 +216,7 @@ async def test_fine_tuned_model_learns_a_fact_and_is_served_to_its_owner(tmp_pat
         assert job.hyperparameters.n_epochs == 2 and job.hyperparameters.batch_size == 4
         done = await wait_status(client, job.id, ("succeeded", "failed", "cancelled"))
         assert done.status == "succeeded", done.error
-        assert done.fine_tuned_model == f"ft:{MODEL}:{owner.user_id}:mascot:{job.id[6:]}"
+        assert done.fine_tuned_model == f"ft:{MODEL}:{team_id}:mascot:{job.id[6:]}"
         model = done.fine_tuned_model
 
         # The loss per step is in the events, and it falls.
@@ -214,8 +234,10 @@ async def test_fine_tuned_model_learns_a_fact_and_is_served_to_its_owner(tmp_pat
 
         # The fine-tuned model knows the fact (greedy, a question it was not trained on).
         assert "zorblax" in (await ask(client, model)).lower()
-        # Visible to its owner only.
+        # Visible to its owner and their team only.
         assert model in [m.id for m in (await client.models.list()).data]
+        assert model in [m.id for m in (await sdk(app, owner).models.list()).data]
+        assert "zorblax" in (await ask(sdk(app, teammate), model)).lower()
         assert model not in [m.id for m in (await other.models.list()).data]
         with pytest.raises(openai.NotFoundError):
             await ask(other, model)

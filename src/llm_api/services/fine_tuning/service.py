@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -226,7 +227,7 @@ class FineTuningService:
             training_file=req.training_file,
             validation_file=req.validation_file,
             suffix=req.suffix,
-            seed=req.seed if req.seed is not None else int.from_bytes(__import__("os").urandom(3)),
+            seed=req.seed if req.seed is not None else secrets.randbelow(2**31),
             hyperparameters=resolved.model_dump(),
             status="queued",
             metadata_json=dict(req.metadata) if req.metadata else None,
