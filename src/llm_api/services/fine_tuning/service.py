@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from llm_api.core.exceptions import InvalidRequestError, ModelNotFoundError, NotFoundError
@@ -337,3 +337,14 @@ class FineTuningService:
             raise ModelNotFoundError(model)
         row.model_deleted_at = datetime.now(UTC)
         return row
+
+
+async def cancel_user_jobs(session: AsyncSession, user_id: str) -> int:
+    """Cancel every unfinished fine-tuning job of a user (on deactivation); a training one stops
+    after its current step. Returns how many."""
+    result = await session.execute(
+        update(FineTuningJob)
+        .where(FineTuningJob.user_id == user_id, FineTuningJob.status.in_(ACTIVE))
+        .values(status="cancelled", finished_at=datetime.now(UTC))
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
