@@ -4,7 +4,8 @@
 `python -m bench noisy-neighbour [...]` what a flooding tenant costs another tenant's TTFT, FIFO
 against fair queuing (bench/noisy_neighbour.py);
 `python -m bench embeddings [...]` embedding throughput against llama-server
-(bench/embeddings.py)."""
+(bench/embeddings.py);
+`python -m bench finetune [...]` fine-tuning training tokens per second (bench/finetune.py)."""
 
 import sys
 
@@ -22,6 +23,10 @@ if sys.argv[1:2] == ["noisy-neighbour"]:
     from bench.noisy_neighbour import main as noisy_neighbour
 
     raise SystemExit(noisy_neighbour(sys.argv[2:]))
+if sys.argv[1:2] == ["finetune"]:
+    from bench.finetune import main as finetune
+
+    raise SystemExit(finetune(sys.argv[2:]))
 if sys.argv[1:2] == ["neighbour"]:
     from bench.neighbour import main as neighbour
 

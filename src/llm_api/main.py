@@ -40,6 +40,8 @@ from llm_api.services.auth.startup import start_accounts
 from llm_api.services.batches.queue import start_batches
 from llm_api.services.cache.service import build_cache_store
 from llm_api.services.dashboard import SummaryService
+from llm_api.services.fine_tuning.queue import start_fine_tuning
+from llm_api.services.fine_tuning.serving import FineTunedModels
 from llm_api.services.llm.backends.factory import build_backends
 from llm_api.services.llm.embeddings import EmbeddingService
 from llm_api.services.llm.pipeline import PipelineParts, build_pipeline
@@ -91,6 +93,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     files, batch_queue = start_batches(settings, db.sessions, responses, embeddings)
     stored_responses = ResponseStore(db.sessions, settings.responses_retention_days)
     stored_responses.start()  # the hourly retention purge
+    fine_tuning = start_fine_tuning(settings, db.sessions, files, llm.registry)
+    fine_tuned = llm.dynamic = FineTunedModels(llm, db.sessions, settings)
     state = app.state.llm_api = AppState(
         settings=settings,
         llm=llm,
@@ -105,6 +109,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batch_queue=batch_queue,
         summary=SummaryService(llm),
         stored_responses=stored_responses,
+        fine_tuning=fine_tuning,
+        fine_tuned=fine_tuned,
         on_drain=on_drain,
     )
 
@@ -130,6 +136,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.gather(loader, return_exceptions=True)
         await batch_queue.aclose()
         await stored_responses.aclose()
+        await fine_tuning.aclose()
+        await fine_tuned.aclose()
         await llm.aclose()
         await limiter.aclose()
         await money.aclose()

@@ -21,6 +21,8 @@ from llm_api.middleware.request_id import GENERATED_KEY as GENERATED_REQUEST_ID_
 from llm_api.services.auth.principal import AuthServices, Principal
 from llm_api.services.batches.service import BatchService, StorageQuotas
 from llm_api.services.cache.service import CachePolicy
+from llm_api.services.fine_tuning.queue import trainable_models
+from llm_api.services.fine_tuning.service import FineTuningLimits, FineTuningService
 from llm_api.services.llm.embeddings import EmbeddingService
 from llm_api.services.llm.priority import PRIORITY_HEADER, requested_priority
 from llm_api.services.llm.service import LLMService
@@ -183,3 +185,20 @@ async def get_batch_service(state: StateDep, db: DbSession) -> BatchService:
 
 
 BatchServiceDep = Annotated[BatchService, Depends(get_batch_service)]
+
+
+async def get_fine_tuning_service(state: StateDep, db: DbSession) -> FineTuningService:
+    settings = state.settings
+    return FineTuningService(
+        db,
+        state.files,
+        trainable_models(state.llm.registry),
+        FineTuningLimits(
+            max_active_jobs=settings.finetune_max_active_per_user,
+            max_examples=settings.finetune_max_examples,
+            max_seq_tokens=settings.finetune_max_seq_tokens,
+        ),
+    )
+
+
+FineTuningDep = Annotated[FineTuningService, Depends(get_fine_tuning_service)]

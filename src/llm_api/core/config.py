@@ -461,6 +461,30 @@ class Settings(BaseSettings):
     )
 
     # --- fine-tuning jobs ---------------------------------------------------------------------
+    finetune_max_active_per_user: int = Field(
+        1, ge=1, description="Fine-tuning jobs of one user not yet finished (queued or running)."
+    )
+    finetune_max_examples: int = Field(
+        10_000, ge=1, description="Most examples in one fine-tuning training file."
+    )
+    finetune_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for training (default: the CPUs this process may use). On a "
+        "machine shared with other busy processes fewer can be as fast (bench finetune).",
+    )
+    finetune_checkpoint_every: int = Field(
+        10, ge=1, description="Training steps between checkpoints (what a resumed job keeps)."
+    )
+    finetune_max_seq_tokens: int = Field(
+        1024, ge=16, description="Longest training example (prompt and answer), in tokens."
+    )
+    finetune_max_loaded_models: int = Field(
+        4, ge=1, description="Fine-tuned models kept loaded for serving (least recently used go)."
+    )
+    finetune_serving_slots: int = Field(
+        4, ge=1, le=64, description="Sequences one fine-tuned model decodes together."
+    )
 
     @field_validator("oidc_allowed_email_domains", mode="before")
     @classmethod

@@ -15,6 +15,8 @@ from llm_api.services.auth.principal import AuthServices
 from llm_api.services.batches.queue import BatchQueue
 from llm_api.services.batches.storage import FileStore
 from llm_api.services.dashboard import SummaryService
+from llm_api.services.fine_tuning.queue import FineTuneQueue
+from llm_api.services.fine_tuning.serving import FineTunedModels
 from llm_api.services.llm.embeddings import EmbeddingService
 from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.serving import CompletionServing
@@ -39,6 +41,8 @@ class AppState:
     batch_queue: BatchQueue  # Celery (Redis) or the embedded dispatcher
     summary: SummaryService  # the admin dashboard's live numbers (keeps its own samples)
     stored_responses: ResponseStore  # /v1/responses `store`: save, previous, retention purge
+    fine_tuning: FineTuneQueue  # fine-tuning jobs: Celery (Redis) or the embedded dispatcher
+    fine_tuned: FineTunedModels  # `ft:` models, loaded per use (services/fine_tuning/serving)
     # Run once on SIGTERM after in-flight requests end (or are cut), before the process exits:
     # the lifespan passes the flushes it registers (`UsagePipeline.start(on_drain)`).
     on_drain: list[DrainHook]

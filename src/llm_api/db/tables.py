@@ -396,3 +396,69 @@ class AuditChainHead(Base):
 
 
 # --- fine-tuning jobs (migration 0009) ----------------------------------------------------------
+
+
+class FineTuningJob(Base):
+    """A fine-tuning job (OpenAI's shape). Leased like a batch (`lease_owner/lease_until`): a
+    worker that dies mid-training lets another resume from the last checkpoint. The trained
+    adapter lives under `data_dir/fine_tuning/<id>/`; `fine_tuned_model` names it once done and
+    `model_deleted_at` hides it again (DELETE /v1/models/{id})."""
+
+    __tablename__ = "fine_tuning_jobs"
+    __table_args__ = (
+        Index("ix_fine_tuning_jobs_status_lease", "status", "lease_until"),
+        Index("ix_fine_tuning_jobs_fine_tuned_model", "fine_tuned_model"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    team_id: Mapped[str | None] = mapped_column(String(32), default=None)  # the key's team
+    model: Mapped[str] = mapped_column(String(256))
+    training_file: Mapped[str] = mapped_column(String(40))
+    validation_file: Mapped[str | None] = mapped_column(String(40), default=None)
+    suffix: Mapped[str | None] = mapped_column(String(64), default=None)
+    seed: Mapped[int] = mapped_column(Integer, default=0)
+    hyperparameters: Mapped[dict] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(24), default="validating_files")
+    error_json: Mapped[dict | None] = mapped_column(JSON, default=None)
+    metadata_json: Mapped[dict | None] = mapped_column(JSON, default=None)
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(256), default=None)
+    trained_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    total_steps: Mapped[int] = mapped_column(Integer, default=0)
+    step: Mapped[int] = mapped_column(Integer, default=0)  # steps done (checkpointed or not)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    model_deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), default=None)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+
+class FineTuningEvent(Base):
+    """One line of a job's log (`GET .../events`): status changes, and each step's loss."""
+
+    __tablename__ = "fine_tuning_events"
+    __table_args__ = (Index("ix_fine_tuning_events_job_seq", "job_id", "seq"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("fine_tuning_jobs.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(BigInteger)  # ordering (time in µs, ties broken by id)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    level: Mapped[str] = mapped_column(String(8), default="info")
+    type: Mapped[str] = mapped_column(String(16), default="message")  # message | metrics
+    message: Mapped[str] = mapped_column(String(512))
+    data: Mapped[dict | None] = mapped_column(JSON, default=None)
+
+
+class FineTuningCheckpoint(Base):
+    """A saved training state (adapter, optimiser, step) a resumed job starts from."""
+
+    __tablename__ = "fine_tuning_checkpoints"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("fine_tuning_jobs.id", ondelete="CASCADE"), index=True
+    )
+    step: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    metrics: Mapped[dict] = mapped_column(JSON)

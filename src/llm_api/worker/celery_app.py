@@ -12,6 +12,7 @@ from celery import Celery
 from llm_api.core.config import Settings
 
 RUN_BATCH = "llm_api.run_batch"  # the task name the API sends and workers consume
+RUN_FINE_TUNE = "llm_api.run_fine_tune"  # a fine-tuning job (same queue; it holds a worker)
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -18,6 +18,7 @@ from llm_api.db.engine import build_engine, build_sessionmaker
 from llm_api.services import tracing
 from llm_api.services.batches.runner import BatchRunner, BatchRunnerConfig
 from llm_api.services.batches.storage import FileStore
+from llm_api.services.fine_tuning.runner import FineTuneRunner
 from llm_api.services.llm.embeddings import EmbeddingService
 from llm_api.services.llm.pipeline import PipelineParts, build_pipeline
 from llm_api.services.llm.serving import CompletionServing
@@ -57,6 +58,7 @@ class WorkerRuntime:
             )
         )
         self.run(self.llm.start())
+        self._fine_tune: FineTuneRunner | None = None
         self.runner = BatchRunner(
             self.sessions,
             CompletionServing(self.llm, self.pipeline),
@@ -68,6 +70,19 @@ class WorkerRuntime:
             # No per-input cache in workers: batch lines are rarely repeated.
             EmbeddingService(self.llm, None, settings, self.pipeline.admission),
         )
+
+    @property
+    def fine_tune(self) -> FineTuneRunner:
+        """The fine-tuning runner, built on first use (training imports torch only then)."""
+        if self._fine_tune is None:
+            from llm_api.services.fine_tuning.queue import runner_config
+
+            self._fine_tune = FineTuneRunner(
+                self.sessions,
+                FileStore(self.settings.data_dir / "files"),
+                runner_config(self.settings, self.llm.registry),
+            )
+        return self._fine_tune
 
     async def _accounting(self) -> tuple[UsagePipeline, RateLimiter]:
         usage = UsagePipeline(self.settings, self.sessions)

@@ -16,6 +16,7 @@ from llm_api.api.v1.endpoints import (
     dashboard,
     embeddings,
     files,
+    fine_tuning,
     keys,
     models,
     oidc,
@@ -48,6 +49,7 @@ V1_ROUTERS = (
     files.router,
     batches.router,
     budgets.router,
+    fine_tuning.router,
 )
 
 

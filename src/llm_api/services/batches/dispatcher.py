@@ -88,13 +88,15 @@ async def dispatch_forever(
     *,
     stranded_only: bool = False,
     health: DispatchHealth | None = None,
+    find: Callable[..., Awaitable[list[str]]] = runnable_batches,
 ) -> None:
-    """Poll for runnable batches and hand each to `handle` (run it, or enqueue it)."""
+    """Poll for runnable batches (or what `find` returns: fine-tuning jobs) and hand each to
+    `handle` (run it, or enqueue it)."""
     health = health or DispatchHealth()
     reported: set[str] = set()  # batches whose failure was logged (once each, until they run)
     while True:
         try:
-            batch_ids = await runnable_batches(sessions, stranded_only=stranded_only)
+            batch_ids = await find(sessions, stranded_only=stranded_only)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the database may be down: try again next round

@@ -33,6 +33,7 @@ from llm_api.schemas.batches import (
 )
 from llm_api.services.batches.input_file import iter_lines, validate_input
 from llm_api.services.batches.storage import FileStore, new_batch_id, new_file_id
+from llm_api.services.fine_tuning.dataset import parse_examples
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 
@@ -163,15 +164,20 @@ class BatchService:
     # --- files ----------------------------------------------------------------------------------
 
     async def upload(self, user_id: str, filename: str, purpose: str, data: bytes) -> StoredFile:
-        if purpose != "batch":
-            raise InvalidRequestError("Only purpose `batch` is supported.", param="purpose")
+        if purpose not in ("batch", "fine-tune"):
+            raise InvalidRequestError(
+                "Only purposes `batch` and `fine-tune` are supported.", param="purpose"
+            )
         if len(data) > self.max_bytes:
             raise InvalidRequestError(
                 f"The file is larger than {self.max_bytes} bytes.", param="file"
             )
         # Refused before the (costly) validation, and checked again under the lock after it.
         await self._check_storage(user_id, 1, len(data), lock=False)
-        await asyncio.to_thread(validate_input, data, max_lines=self.max_lines)
+        if purpose == "batch":
+            await asyncio.to_thread(validate_input, data, max_lines=self.max_lines)
+        else:  # the examples' structure now; their lengths when a job is created
+            await asyncio.to_thread(parse_examples, data, max_examples=self.max_lines, param="file")
         await self._check_storage(user_id, 1, len(data))
         row = StoredFile(
             id=new_file_id(),
@@ -194,7 +200,7 @@ class BatchService:
         )
         if row is None:
             raise NotFoundError(f"No such file: {file_id}", param="file_id")
-        if row.purpose != "batch":  # output files grow while their batch runs
+        if row.purpose not in ("batch", "fine-tune"):  # output files grow while their batch runs
             row.bytes = self.files.size(row.id)
         return row
 
@@ -206,7 +212,7 @@ class BatchService:
             query = query.where(StoredFile.purpose == purpose)
         rows = list(await self.session.scalars(query.order_by(StoredFile.created_at.desc())))
         for row in rows:
-            if row.purpose != "batch":
+            if row.purpose not in ("batch", "fine-tune"):
                 row.bytes = self.files.size(row.id)
         return rows
 

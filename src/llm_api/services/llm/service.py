@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Protocol
 
 import structlog
 
@@ -34,6 +35,16 @@ from llm_api.services.llm.types import GenerationRequest, RequestContext
 log = structlog.get_logger(__name__)
 
 
+class DynamicModels(Protocol):
+    """Models that exist per caller, beyond the registry (fine-tuned `ft:` models)."""
+
+    async def ensure(self, model_id: str, ctx: RequestContext) -> None:
+        """Check the caller may use the model and load it; ModelNotFoundError otherwise."""
+        ...
+
+    def visible_config(self, model_id: str, ctx: RequestContext) -> ModelConfig | None: ...
+
+
 class LLMService:
     def __init__(self, settings: Settings, registry: Registry, backends: dict[str, Backend]):
         self.settings = settings
@@ -48,6 +59,8 @@ class LLMService:
         # Set by the drainer (core/drain.py) when it cuts in-flight work at the drain deadline:
         # a cancellation after that is the server's, recorded as 503, not a client's 499.
         self.drain_cut = asyncio.Event()
+        # Fine-tuned models (services/fine_tuning/serving.py), set by the lifespan when on.
+        self.dynamic: DynamicModels | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -71,11 +84,21 @@ class LLMService:
             raise ModelNotFoundError(model_id)
         return config
 
+    async def resolve(self, model_id: str, ctx: RequestContext) -> None:
+        """Before planning a request: load a caller's own dynamic model (`ft:` ids)."""
+        if self.dynamic is not None and self.registry.get(model_id) is None:
+            await self.dynamic.ensure(model_id, ctx)
+
     def get_model_for(self, model_id: str, ctx: RequestContext) -> ModelConfig:
         """The model, if the caller's key and tier may use it: outside the key's allow-list
         403 (whether or not the model exists, so a key learns nothing of other models), a paid
-        model answers free users 402."""
-        config = self.visible_model(model_id, ctx.controls)
+        model answers free users 402. A caller's own fine-tuned (`ft:`) model is found once
+        `resolve` has checked it is theirs."""
+        config = self.check_key_may_use(model_id, ctx.controls)
+        if config is None and self.dynamic is not None:
+            config = self.dynamic.visible_config(model_id, ctx)
+        if config is None:
+            raise ModelNotFoundError(model_id)
         if not _entitled(config, ctx):
             raise PaymentRequiredError("Paid subscription required", param="model")
         return config

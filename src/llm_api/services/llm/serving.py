@@ -74,6 +74,7 @@ class CompletionServing:
         policy: CachePolicy | None,
         endpoint: str | None = None,
     ) -> tuple[Frames, Outcome]:
+        await self.llm.resolve(req.model, ctx)
         return await self.pipeline.run(self.plan(req, ctx, policy, stream=True, endpoint=endpoint))
 
     async def _answer(
@@ -83,6 +84,7 @@ class CompletionServing:
         policy: CachePolicy | None,
         endpoint: str | None = None,
     ) -> tuple[shaping.Answer, Outcome]:
+        await self.llm.resolve(req.model, ctx)
         call = self.plan(req, ctx, policy, stream=False, endpoint=endpoint)
         frames, out = await self.pipeline.run(call)
         answer = await shaping.collect(frames, len(call.seqs), req.n)
@@ -111,6 +113,7 @@ class CompletionServing:
     async def prompt_tokens(self, req: ChatCompletionRequest, ctx: RequestContext) -> int:
         """The prompt's tokens as the model would see them (its chat template and tokenizer,
         tools included): local models only; 400 for a model that cannot count here."""
+        await self.llm.resolve(req.model, ctx)
         config, seqs = self.llm.chat_requests(req, ctx)
         backend = self.llm.backends[config.id]
         if not backend.ready:

@@ -25,6 +25,7 @@ from llm_api.services import audit
 from llm_api.services.auth import api_keys
 from llm_api.services.auth.principal import Principal
 from llm_api.services.batches.service import cancel_user_batches
+from llm_api.services.fine_tuning.service import cancel_user_jobs
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(get_admin)])
 Admin = Annotated[Principal, Depends(get_admin)]
@@ -86,6 +87,7 @@ async def update_user(
     if body.is_active is not None:
         if user.is_active and not body.is_active:
             await cancel_user_batches(db, user.id)  # no more work runs for them
+            await cancel_user_jobs(db, user.id)
         user.is_active = body.is_active
     await db.flush()
     before, after = audit.diff(was, audit.changes(user, audit.USER_FIELDS))

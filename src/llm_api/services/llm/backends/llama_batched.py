@@ -103,6 +103,7 @@ class LlamaBatchedBackend:
         self._ctx = _internals.LlamaContext(
             model=self._model, params=self._context_params(), verbose=False
         )
+        self._configure_context()
         model = self._model
         self._grammar_piece = grammar_piece(model.vocab)
         bos, eos = model.token_bos(), model.token_eos()
@@ -137,6 +138,10 @@ class LlamaBatchedBackend:
             slots=self.config.slots,
             ctx_per_slot=self.config.context_length,
         )
+
+    def _configure_context(self) -> None:
+        """Before the engine starts: a subclass may change the context (fine-tuned models
+        apply their LoRA adapter here, services/fine_tuning/serving.py)."""
 
     def _piece(self, token: int, *, special: bool) -> str:
         if token < 0:
