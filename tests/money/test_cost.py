@@ -163,3 +163,27 @@ async def test_a_cache_hit_costs_nothing(priced: Priced) -> None:
     await priced.flush()
     (record,) = await priced.records(request_id=again.headers["x-request-id"])
     assert record.cache_hit and record.cost_nanos == 0
+
+
+def test_fine_tuning_jobs_are_priced_per_trained_token_from_the_registry(tmp_path: Any) -> None:
+    from llm_api.services.fine_tuning.queue import runner_config
+    from llm_api.services.llm.registry import load_registry
+    from tests.conftest import test_settings
+    from tests.core_apps import SMOLLM_GGUF, write_registry
+
+    path = write_registry(
+        tmp_path / "models.yaml",
+        [
+            {
+                "id": "priced-base",
+                "backend": "llama_cpp",
+                "gguf": SMOLLM_GGUF,
+                "pricing": {"input": 0.1, "training": 3.25},
+            }
+        ],
+    )
+    settings = test_settings(tmp_path, models_file=path)
+    prices = runner_config(settings, load_registry(path)).prices
+    # 3.25 USD per million trained tokens = 3,250 nano-dollars a token, exactly.
+    assert prices["priced-base"].training_cost(1_000) == 3_250_000
+    assert prices["priced-base"].cost(10, 0, 0) == 1_000  # inference prices unchanged

@@ -83,6 +83,7 @@ def runner_config(settings: Settings, registry: Registry) -> FineTuneConfig:
         checkpoint_every=settings.finetune_checkpoint_every,
         max_seq_tokens=settings.finetune_max_seq_tokens,
         max_examples=settings.finetune_max_examples,
+        prices={m.id: m.pricing for m in registry.models},
     )
 
 

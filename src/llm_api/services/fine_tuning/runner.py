@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from llm_api.services.batches.storage import FileStore
 from llm_api.services.fine_tuning.dataset import parse_examples, tokenize_examples, tokenizer_for
 from llm_api.services.fine_tuning.ids import job_dir, model_name, new_checkpoint_id
 from llm_api.services.fine_tuning.service import ACTIVE, event_row
+from llm_api.services.money.prices import FREE, Pricing
 
 log = structlog.get_logger(__name__)
 
@@ -51,6 +52,8 @@ class FineTuneConfig:
     checkpoint_every: int = 10
     max_seq_tokens: int = 1024
     max_examples: int = 10_000
+    # Each base model's price per trained token (its registry `pricing.training`); absent: free.
+    prices: dict[str, Pricing] = field(default_factory=dict)
 
 
 class FineTuneRunner:
@@ -152,7 +155,7 @@ class FineTuneRunner:
             job.status, job.started_at = "running", job.started_at or _now()
             snapshot = (job.model, job.training_file, job.seed, dict(job.hyperparameters))
             suffix, owner_name = job.suffix, job.team_id or job.user_id
-            user_id = job.user_id
+            user_id, team_id = job.user_id, job.team_id
             if first_start:
                 s.add(event_row(job_id, "Fine-tuning job started"))
             elif checkpoint is not None:
@@ -220,6 +223,10 @@ class FineTuneRunner:
                         user_id=user_id,
                         model=base,
                         endpoint="fine_tuning",
+                        team_id=team_id,
+                        cost_nanos=self.config.prices.get(base, FREE).training_cost(
+                            job.trained_tokens
+                        ),
                         prompt_tokens=job.trained_tokens,
                         completion_tokens=0,
                         status=200,

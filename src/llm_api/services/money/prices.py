@@ -57,14 +57,17 @@ class Pricing(BaseModel):
         description="Prompt tokens served from a cached prefix; default: the input price.",
     )
     output: Decimal = Field(Decimal(0), ge=0, le=MAX_PRICE, description="Completion tokens.")
+    training: Decimal = Field(
+        Decimal(0), ge=0, le=MAX_PRICE, description="Tokens trained by a fine-tuning job."
+    )
 
-    @field_validator("input", "cached_input", "output", mode="before")
+    @field_validator("input", "cached_input", "output", "training", mode="before")
     @classmethod
     def _exact(cls, v: object) -> object:
         # YAML hands floats: 0.15 must mean 0.15, not the binary float nearest to it.
         return Decimal(str(v)) if isinstance(v, float) else v
 
-    @field_validator("input", "cached_input", "output")
+    @field_validator("input", "cached_input", "output", "training")
     @classmethod
     def _three_places(cls, v: Decimal | None) -> Decimal | None:
         if v is not None and (v * _NANOS_PER_TOKEN) != (v * _NANOS_PER_TOKEN).to_integral_value():
@@ -90,6 +93,10 @@ class Pricing(BaseModel):
         inp, cached_price, out = self.per_token()
         cached = min(max(cached_tokens, 0), max(prompt_tokens, 0))
         return (prompt_tokens - cached) * inp + cached * cached_price + completion_tokens * out
+
+    def training_cost(self, trained_tokens: int) -> int:
+        """A fine-tuning job's cost in nano-dollars: every token it trained (each epoch's)."""
+        return trained_tokens * int(self.training * _NANOS_PER_TOKEN)
 
 
 FREE = Pricing()
