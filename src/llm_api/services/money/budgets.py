@@ -115,7 +115,9 @@ async def ledger_floors(
         parts.append(stmt)
     if not parts:
         return {}
-    query = union_all(*parts) if len(parts) > 1 else parts[0]
+    query: Any = parts[0]
+    if len(parts) > 1:
+        query = union_all(*parts)
     spent: dict[tuple[str, str], dict[Period, int]] = {}
     for row in (await session.execute(query)).all():
         scope, subject, *sums = tuple(row)
