@@ -211,6 +211,7 @@ async def test_an_embedded_server_restarts_with_the_spend_counted(tmp_path: Path
         assert refused
         # What the first server spent still counts: together they kept to the budget (a fresh
         # count would have let the second spend up to the whole budget again).
+        await second.flush()
         ledger = await ledger_total(second, user_id=me.user_id)
         assert ledger == round((spent + more) * 1e9)
         assert ledger <= 30_000_000, "the restarted server forgot the day's spend"
