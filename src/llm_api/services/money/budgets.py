@@ -7,6 +7,12 @@ every `LLM_API_BUDGET_REFRESH_SECONDS`: admission needs no query. Spend is count
 limiter's store (Redis, shared by all processes; or memory when embedded) in the same atomic
 script as the token limits, and recorded in the usage ledger.
 
+With the rules, each reload also reads every budget's spend in its current period from the
+ledger (one grouped query): a store that lost its counter (Redis without persistence restarted,
+a key evicted, an embedded server restarted) re-seeds it from that floor instead of 0. The
+ledger lags the counter (usage is written through a buffer, and the floor is as old as the last
+reload), so the floor is a lower bound: a counter only starts from it when missing.
+
 A request is subject to its key's budgets, and to its team's when its key is a team's service
 key (`Principal.team_id`), else to its user's: a team's spend is the team's, not that of the
 member who happened to create its key.
@@ -19,14 +25,15 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import case, func, literal, select, union_all
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from llm_api.db.tables import Budget
+from llm_api.db.tables import Budget, UsageRecord
 from llm_api.services.llm.types import RequestContext
-from llm_api.services.money.periods import Period, ms_left, period_key
+from llm_api.services.money.periods import Period, ms_left, period_key, period_start
 from llm_api.services.rate_limit.types import LimitSpec
 
 log = structlog.get_logger(__name__)
@@ -73,6 +80,55 @@ class BudgetCharge:
 SoftLimitHook = Callable[[BudgetRule, str, int], Awaitable[None]]
 
 
+_SUBJECT_COLUMNS = {
+    "key": UsageRecord.key_id,
+    "user": UsageRecord.user_id,
+    "team": UsageRecord.team_id,
+}
+_DATED: tuple[Period, ...] = ("day", "week", "month")
+
+
+async def ledger_floors(
+    session: AsyncSession, rules: list[BudgetRule], now: datetime
+) -> dict[tuple[str, str], int]:
+    """Each budget's spend in its period holding `now`, from the ledger, by (budget id, period
+    key): one query, each subject's sums since the start of the day, the week, the month and
+    ever, grouped by subject (the (subject, day) indexes serve it)."""
+    starts = {p: period_start(p, now) for p in _DATED}
+    parts: list[Any] = []  # selects
+    for scope, column in _SUBJECT_COLUMNS.items():
+        mine = [r for r in rules if r.scope == scope]
+        if not mine:
+            continue
+        sums = [
+            func.sum(case((UsageRecord.day >= starts[p], UsageRecord.cost_nanos), else_=0))
+            for p in _DATED
+        ]
+        stmt = (
+            select(literal(scope), column, *sums, func.sum(UsageRecord.cost_nanos))
+            .where(column.in_({r.subject_id for r in mine}))
+            .group_by(column)
+        )
+        periods = {r.period for r in mine}
+        if "none" not in periods:
+            stmt = stmt.where(UsageRecord.day >= min(starts[p] for p in periods))  # type: ignore[type-var]
+        parts.append(stmt)
+    if not parts:
+        return {}
+    query: Any = parts[0]
+    if len(parts) > 1:
+        query = union_all(*parts)
+    spent: dict[tuple[str, str], dict[Period, int]] = {}
+    for row in (await session.execute(query)).all():
+        scope, subject, *sums = tuple(row)
+        values = [int(v or 0) for v in sums]
+        spent[(scope, subject)] = dict(zip((*_DATED, "none"), values, strict=True))  # type: ignore[arg-type]
+    return {
+        (r.id, period_key(r.period, now)): spent.get((r.scope, r.subject_id), {}).get(r.period, 0)
+        for r in rules
+    }
+
+
 class BudgetBook:
     """Every budget, in memory, by (scope, subject)."""
 
@@ -86,15 +142,20 @@ class BudgetBook:
         self.refresh_s = refresh_s
         self.on_soft_limit = on_soft_limit
         self._by_subject: dict[tuple[str, str], tuple[BudgetRule, ...]] = {}
+        # (budget id, period key) -> the period's spend in the ledger at the last reload.
+        self._floors: dict[tuple[str, str], int] = {}
         self._alerted: set[tuple[str, str]] = set()  # (budget, period) this process reported
         self._task: asyncio.Task[None] | None = None
         self._hooks: set[asyncio.Task[None]] = set()
 
-    def set_rules(self, rules: list[BudgetRule]) -> None:
+    def set_rules(
+        self, rules: list[BudgetRule], floors: dict[tuple[str, str], int] | None = None
+    ) -> None:
         by: dict[tuple[str, str], list[BudgetRule]] = {}
         for rule in rules:
             by.setdefault((rule.scope, rule.subject_id), []).append(rule)
         self._by_subject = {k: tuple(v) for k, v in by.items()}
+        self._floors = floors or {}
 
     @property
     def empty(self) -> bool:
@@ -103,9 +164,11 @@ class BudgetBook:
     async def refresh(self) -> None:
         if self.sessions is None:
             return
+        now = datetime.now(UTC)
         async with self.sessions() as session:
-            rows = (await session.scalars(select(Budget))).all()
-        self.set_rules([BudgetRule.of(r) for r in rows])
+            rules = [BudgetRule.of(r) for r in (await session.scalars(select(Budget))).all()]
+            floors = await ledger_floors(session, rules, now)
+        self.set_rules(rules, floors)
 
     async def start(self) -> None:
         """Load now (a database that is down leaves the book empty until the next try), then
@@ -149,6 +212,7 @@ class BudgetBook:
                 spec = LimitSpec(
                     "budget", rule.label, scope, f"{subject}:{rule.id}:{period}", "budget",
                     "cost", rule.hard_nanos, ms_left(rule.period, now), cost,
+                    self._floors.get((rule.id, period), 0),
                 )  # fmt: skip
                 out.append(BudgetCharge(rule, period, spec))
         return out

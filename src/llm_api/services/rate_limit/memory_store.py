@@ -180,7 +180,9 @@ class MemoryStore:
             if b is None and len(self._budgets) >= self.max_keys:  # periods that ended
                 for key in [k for k, old in self._budgets.items() if old.expires_ms <= now]:
                     del self._budgets[key]
-            b = self._budgets[spec.key] = _Budget(now + spec.period_ms + BUDGET_GRACE_MS)
+            # A period this process has no count for starts from the ledger's (spec.floor).
+            b = _Budget(now + spec.period_ms + BUDGET_GRACE_MS, spec.floor)
+            self._budgets[spec.key] = b
         return b
 
     def admit_now(self, request_id: str, specs: list[LimitSpec]) -> Decision:

@@ -16,7 +16,10 @@ Data, per limit (all keys share one hash tag so the scripts also run on Redis Cl
   counter of the period's spend plus outstanding reservations, and a hash of the outstanding
   reservations by request id (settlement replaces one by the real cost, once). The key names
   the calendar period, so a new period starts at 0; both live until the period's end plus a
-  day (BUDGET_GRACE_MS: a request running across midnight still settles).
+  day (BUDGET_GRACE_MS: a request running across midnight still settles). A counter that is
+  missing (Redis lost its data: it keeps nothing on disk) is re-seeded in the same script from
+  the period's spend in the usage ledger (`LimitSpec.floor`, loaded with the budget rules) plus
+  any reservations it still holds: the spend before the loss still counts.
 Every key is written with a PEXPIRE in the same script: no key ever lives without a TTL.
 Counts are exact: Lua numbers are doubles, so every count is capped (types.MAX_UNITS) and every
 member is written with `string.format('%d')`; Lua's own `..` would write 1e+15, which the cost
@@ -47,11 +50,11 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rid = ARGV[1]
 if redis.call('EXISTS', KEYS[#KEYS]) == 1 then return {-1, now, 0, 0} end  -- voided (see VOID)
-local n = (#ARGV - 1) / 4
+local n = (#ARGV - 1) / 5
 local used, waits = {}, {}
 local reject, retry = 0, 0
 for i = 1, n do
-  local a = 2 + (i - 1) * 4
+  local a = 2 + (i - 1) * 5
   local kind, limit = ARGV[a], tonumber(ARGV[a + 1])
   local period, cost = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   local z, tk = KEYS[2 * i - 1], KEYS[2 * i]
@@ -85,7 +88,14 @@ for i = 1, n do
       end
     end
   elseif kind == 'b' then
-    u = tonumber(redis.call('GET', tk) or '0')
+    local v = redis.call('GET', tk)
+    if v then
+      u = tonumber(v)
+    else  -- lost (or new): from the ledger's spend plus any reservations still held
+      u = tonumber(ARGV[a + 4])
+      for _, r in ipairs(redis.call('HVALS', z)) do u = u + tonumber(r) end
+      if u > 0 then redis.call('SET', tk, string.format('%d', u), 'PX', period + GRACE) end
+    end
     if cost > 0 and u + cost > limit then wait = period end
   else
     redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
@@ -99,7 +109,7 @@ for i = 1, n do
 end
 local out = {reject == 0 and 1 or 0, now, reject, retry}
 for i = 1, n do
-  local a = 2 + (i - 1) * 4
+  local a = 2 + (i - 1) * 5
   local kind, limit = ARGV[a], tonumber(ARGV[a + 1])
   local period, cost = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   local z, tk = KEYS[2 * i - 1], KEYS[2 * i]
@@ -243,7 +253,7 @@ class RedisStore:
         args: list[str | int] = [request_id]
         for spec in specs:
             keys += [self._key(spec, "z"), self._key(spec, "t")]
-            args += [_KINDS[spec.kind], spec.limit, spec.period_ms, spec.cost]
+            args += [_KINDS[spec.kind], spec.limit, spec.period_ms, spec.cost, spec.floor]
         raw = await self._call(self._admit, [*keys, self._void_key(request_id)], args)
         assert isinstance(raw, list)
         out = [int(x) for x in raw]

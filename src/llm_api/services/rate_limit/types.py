@@ -31,7 +31,10 @@ class LimitSpec:
     was spent plus what is reserved, refusing a request whose reservation (`cost`) would take
     it past `limit`; `period_ms` is the time left in the period (the subject names the period,
     so a new one starts from 0), and outstanding reservations are kept per request id so that
-    settlement is idempotent."""
+    settlement is idempotent. `floor` (budgets only) is the period's spend in the usage ledger
+    when the rules were last loaded: a store that has no counter for the period (Redis lost its
+    data, a restarted embedded server) starts it from there, never from 0; an existing counter
+    is never lowered."""
 
     name: str  # the rule, short and fixed: rpm, tpm, tpd, concurrency, login, key_creation
     label: str  # for people: "tokens per minute (TPM)"
@@ -42,19 +45,23 @@ class LimitSpec:
     limit: int
     period_ms: int
     cost: int = 1
+    floor: int = 0
 
     def __post_init__(self) -> None:
         # Every count a store sees is exact (MAX_UNITS), whoever built the spec.
         object.__setattr__(self, "limit", units(self.limit))
         object.__setattr__(self, "cost", units(self.cost))
+        object.__setattr__(self, "floor", units(self.floor))
 
     @property
     def key(self) -> str:
         return f"{self.scope}:{self.subject}:{self.name}"
 
     def scaled(self, divisor: int) -> LimitSpec:
-        """This limit shared among `divisor` processes (the local fallback), never below 1."""
-        return replace(self, limit=max(1, -(-self.limit // divisor)))
+        """This limit shared among `divisor` processes (the local fallback), never below 1. A
+        budget's share is of what its floor leaves (each process's counter starts there)."""
+        share = -(-max(0, self.limit - self.floor) // divisor)
+        return replace(self, limit=max(1, self.floor + share))
 
 
 @dataclass(slots=True)
