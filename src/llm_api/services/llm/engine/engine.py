@@ -1,9 +1,11 @@
 """The batched engine: one thread per model owns the llama.cpp context and loops
 
     admit waiting sequences into free slots (copying another slot's KV stream when it holds a
-    longer reusable prefix) → one llama_decode of one token per running sequence, then one per
-    prompt chunk of new ones (alone in its call, so llama.cpp computes it with the kernels a
-    cold run would use, see `exact_reuse`); after each call, sample each sequence with its own
+    longer reusable prefix) → one llama_decode per prompt chunk of new ones (alone in its call,
+    so llama.cpp computes it with the kernels a cold run would use, see `exact_reuse`), then
+    one of one token per running sequence (new ones whose prompt just ended included);
+    sequences submitted meanwhile are admitted before each prompt chunk, so that a new
+    prompt does not wait behind the running decodes (`Scheduler.begin_step`); after each call, sample each sequence with its own
     sampler chain (and, for those that asked, read the logprobs from the same logits row:
     `logprobs`) → detokenize, apply stop sequences / max_tokens / end-of-generation → hand
     that call's output to the event loop in one call → free the slots of finished sequences.
@@ -134,13 +136,37 @@ class BatchEngine:
         out.flush()
 
     def _step(self, out: Outbox) -> None:
+        for seq in [s for s in self._sched.running if s.cancelled]:
+            self._finish(seq, "cancelled", out)
+        # Prompt chunks first, admitting new sequences before each one, then the decode call
+        # (why: Scheduler.begin_step). Output leaves after each call, not at the end of the
+        # step: a new sequence gets its first token as soon as its prompt is done.
+        self._sched.begin_step()
+        evaluated = False
+        while True:
+            self._admit(out)
+            w = self._sched.next_prefill()
+            if w is None:
+                break
+            self._run([w], out)  # alone in its call: one micro-batch of known shape
+            out.flush()
+            evaluated = True
+        decodes = self._sched.decode_tokens()
+        if decodes:
+            self._run(decodes, out)
+            out.flush()
+            evaluated = True
+        if evaluated:
+            self.steps += 1
+
+    def _admit(self, out: Outbox) -> None:
+        """Take submitted sequences, drop cancelled waiting ones, and set up those that get
+        a slot."""
         while self._inbox:
             self._sched.waiting.append(self._inbox.popleft())
         for seq in [s for s in self._sched.waiting if s.cancelled]:
             self._sched.waiting.remove(seq)
             out.put(seq.sink, None)
-        for seq in [s for s in self._sched.running if s.cancelled]:
-            self._finish(seq, "cancelled", out)
         for adm in self._sched.admit():
             seq, reuse = adm.seq, adm.reuse
             if adm.donor is not None:
@@ -165,19 +191,6 @@ class BatchEngine:
                 gbnf=seq.gbnf,
                 seed=seq.seed,
             )
-        decodes, prefills = self._sched.plan()
-        if decodes or prefills:
-            self.steps += 1
-        # Output leaves after each call, not at the end of the step: running streams get
-        # their token before the step's prompt chunks are evaluated, and a new sequence its
-        # first token as soon as its prompt is done.
-        if decodes:
-            self._run(decodes, out)
-            out.flush()
-        for w in prefills:  # alone in its call: one micro-batch of known shape
-            if w.seq.finish is None:  # not failed by an earlier call of this step
-                self._run([w], out)
-                out.flush()
 
     def _run(self, work: list[Work], out: Outbox) -> None:
         """One llama_decode over `work`, then sample the sequences that want a token."""
