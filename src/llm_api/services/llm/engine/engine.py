@@ -76,6 +76,9 @@ class BatchEngine:
         self.prompt_tokens = 0  # prompt tokens admitted
         self.prompt_tokens_reused = 0  # of those, taken from a slot's KV cache (prefix_cache)
         self.kv_copies = 0  # KV streams copied from another slot to reuse its prefix
+        # Tests set a list to record every llama_decode: (step, prompt chunk?, (slot, tokens)
+        # per sequence in the call), steps counted as `steps` counts them.
+        self.call_log: list[tuple[int, bool, tuple[tuple[int, int], ...]]] | None = None
         self._queries = metrics.PREFIX_CACHE_QUERIES.labels(name)
         self._hits = metrics.PREFIX_CACHE_HITS.labels(name)
 
@@ -195,6 +198,9 @@ class BatchEngine:
     def _run(self, work: list[Work], out: Outbox) -> None:
         """One llama_decode over `work`, then sample the sequences that want a token."""
         outputs = self._fill(work)
+        if self.call_log is not None:
+            shape = tuple((w.seq.slot, len(w.tokens)) for w in work)
+            self.call_log.append((self.steps, work[0].seq.prefilling, shape))
         rc = llama_cpp.llama_decode(self._ctx, self._batch)
         if rc != 0:
             # Cannot happen while slots × ctx_per_slot bound every sequence; if it does, fail
