@@ -502,6 +502,7 @@ async def test_long_prompt_prefill_does_not_freeze_a_running_stream(small_app: A
     # The new sequence's first token is sampled by its last chunk, its second in that step.
     assert late_slot in {slot for slot, _ in by_step[last_step][-1][1]}
 
+
 async def test_n_choices_decode_together(client: openai.AsyncOpenAI, app: Any) -> None:
     """n choices of one request share decode steps instead of running one after another."""
     engine = _engine(app)

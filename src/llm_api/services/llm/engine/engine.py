@@ -2,11 +2,11 @@
 
     admit waiting sequences into free slots (copying another slot's KV stream when it holds a
     longer reusable prefix) → one llama_decode per prompt chunk of new ones (alone in its call,
-    so llama.cpp computes it with the kernels a cold run would use, see `exact_reuse`), then
-    one of one token per running sequence (new ones whose prompt just ended included);
-    sequences submitted meanwhile are admitted before each prompt chunk, so that a new
-    prompt does not wait behind the running decodes (`Scheduler.begin_step`); after each call, sample each sequence with its own
-    sampler chain (and, for those that asked, read the logprobs from the same logits row:
+    so llama.cpp computes it with the kernels a cold run would use, see `exact_reuse`),
+    admitting whatever arrived before each chunk, then one of one token per running sequence
+    (new ones whose prompt just ended included), so that a new prompt does not wait behind the
+    running decodes (`Scheduler.begin_step`); after each call, sample each sequence with its
+    own sampler chain (and, for those that asked, read the logprobs from the same logits row:
     `logprobs`) → detokenize, apply stop sequences / max_tokens / end-of-generation → hand
     that call's output to the event loop in one call → free the slots of finished sequences.
 
