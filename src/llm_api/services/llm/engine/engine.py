@@ -2,10 +2,10 @@
 
     admit waiting sequences into free slots (copying another slot's KV stream when it holds a
     longer reusable prefix) → one llama_decode per prompt chunk of new ones (alone in its call,
-    so llama.cpp computes it with the kernels a cold run would use, see `exact_reuse`),
-    admitting whatever arrived before each chunk, then one of one token per running sequence
-    (new ones whose prompt just ended included), so that a new prompt does not wait behind the
-    running decodes (`Scheduler.begin_step`); after each call, sample each sequence with its
+    so llama.cpp computes it with the kernels a cold run would use, see `exact_reuse`), then
+    one of one token per running sequence (new ones whose prompt just ended included), so that
+    a new prompt does not wait behind the running decodes (`Scheduler.begin_step`); after
+    each call, sample each sequence with its
     own sampler chain (and, for those that asked, read the logprobs from the same logits row:
     `logprobs`) → detokenize, apply stop sequences / max_tokens / end-of-generation → hand
     that call's output to the event loop in one call → free the slots of finished sequences.
@@ -141,16 +141,13 @@ class BatchEngine:
     def _step(self, out: Outbox) -> None:
         for seq in [s for s in self._sched.running if s.cancelled]:
             self._finish(seq, "cancelled", out)
-        # Prompt chunks first, admitting new sequences before each one, then the decode call
-        # (why: Scheduler.begin_step). Output leaves after each call, not at the end of the
-        # step: a new sequence gets its first token as soon as its prompt is done.
+        self._admit(out)
+        # Prompt chunks first, then the decode call (why: Scheduler.begin_step). Output leaves
+        # after each call, not at the end of the step: a new sequence gets its first token as
+        # soon as its prompt is done.
         self._sched.begin_step()
         evaluated = False
-        while True:
-            self._admit(out)
-            w = self._sched.next_prefill()
-            if w is None:
-                break
+        while (w := self._sched.next_prefill()) is not None:
             self._run([w], out)  # alone in its call: one micro-batch of known shape
             out.flush()
             evaluated = True

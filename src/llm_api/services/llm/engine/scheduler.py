@@ -126,14 +126,15 @@ class Scheduler:
         self._free.append(seq.slot)
 
     # --- one engine step: prompt chunks first, then one decode token per running sequence ---
-    # What this order buys: time to first token with every slot busy. A prompt that arrives
-    # during a step is admitted at the next llama_decode boundary (the engine asks for one
-    # chunk at a time and admits in between) and gets its first token after its own chunks,
-    # instead of waiting for the step to end and then for a decode call over all running
-    # streams (~80 ms of 16 streams on 2 cores, a third of the 16-stream TTFT p95 before;
-    # bench/RESULTS.md). Running streams still get one token per step, and the per-step
-    # budget bounds how long prompt chunks hold back their next token, as before. A sequence
-    # whose prompt ends in this step's chunks joins this step's decode call.
+    # What this order buys: time to first token with every slot busy. A prompt admitted at
+    # the start of a step gets its first token after its own chunks (and those of prompts
+    # admitted before it), instead of after a decode call over all running streams as well
+    # (~80-90 ms for 16 streams on 2 cores; bench/RESULTS.md). Running streams still get one
+    # token per step, and a step is as long either way. A sequence whose prompt ends in this
+    # step's chunks joins this step's decode call. Admission stays at step boundaries:
+    # admitting between chunks as well, measured, let staggered arrivals on a loaded host hold
+    # the decode call back until the budget ran out, which started every stream in the same
+    # step, so they all ended, and their next prompts all arrived, in one burst.
 
     def begin_step(self) -> None:
         self._spent = 0
