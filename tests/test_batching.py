@@ -441,11 +441,14 @@ async def test_requests_beyond_the_kv_budget_wait_instead_of_failing(
 
 
 async def test_long_prompt_prefill_does_not_freeze_a_running_stream(small_app: Any) -> None:
-    """Prefill is chunked (n_batch 64 per step here) and interleaved with decoding: while a
-    ~600-token prompt is evaluated, the running stream keeps receiving tokens."""
+    """Prefill is chunked (n_batch 64 per step here) and interleaved with decoding, prompt
+    chunks first in each step: while a ~600-token prompt is evaluated over many steps, the
+    running stream gets a token in every one of them, and the new sequence decodes in the
+    step its prompt ends. Counted in engine calls (`call_log`), not timed."""
     backend = small_app.state.llm_api.llm.backends[SMALL]
-    running = _request(0.8, 1, PROMPTS[0])
-    running.params.max_tokens = 300
+    engine = _engine(small_app, SMALL)
+    running = _request(0.0, None, "Count from 1 to 500, separated by commas.")
+    running.params.max_tokens = 300  # greedy counting: no end of generation before that
     long_prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 60)
     late = _request(0.0, None, long_prompt + " Summarise this.")
     late.params.max_tokens = 2
@@ -453,6 +456,7 @@ async def test_long_prompt_prefill_does_not_freeze_a_running_stream(small_app: A
     assert late.prompt_tokens is not None and late.prompt_tokens > 500
     seen: list[str] = []
     at_first_token: list[int] = []
+    log: list[tuple[int, bool, tuple[tuple[int, int], ...]]] = []
 
     async def consume_running() -> None:
         async for chunk in backend.generate(running):
@@ -463,13 +467,40 @@ async def test_long_prompt_prefill_does_not_freeze_a_running_stream(small_app: A
     async def start_late() -> None:
         while len(seen) < 2:
             await asyncio.sleep(0.01)
+        engine.call_log = log
         async for _chunk in backend.generate(late):
             if not at_first_token:
                 at_first_token.append(len(seen))
 
-    await asyncio.wait_for(asyncio.gather(consume_running(), start_late()), timeout=120)
+    try:
+        await asyncio.wait_for(asyncio.gather(consume_running(), start_late()), timeout=120)
+    finally:
+        engine.call_log = None
     during_prefill = at_first_token[0] - 2
     assert during_prefill >= 5, f"only {during_prefill} tokens while a 600-token prompt ran"
+
+    chunks = [(step, shape[0]) for step, prefill, shape in log if prefill]
+    late_slot = chunks[0][1][0]
+    assert {slot for _, (slot, _) in chunks} == {late_slot}
+    # The whole prompt, bar a reused chat-template header at most, evaluated in chunks.
+    assert late.prompt_tokens - 64 < sum(n for _, (_, n) in chunks) <= late.prompt_tokens
+    first_step, last_step = chunks[0][0], chunks[-1][0]
+    assert last_step - first_step >= 5, "a 600-token prompt in 64-token steps takes many steps"
+    by_step: dict[int, list[tuple[bool, tuple[tuple[int, int], ...]]]] = {}
+    for step, prefill, shape in log:
+        by_step.setdefault(step, []).append((prefill, shape))
+    for step in range(first_step, last_step + 1):
+        calls = by_step[step]
+        kinds = [prefill for prefill, _ in calls]
+        # Prompt chunks first, then exactly one decode call, in every step.
+        assert kinds == [True] * (len(kinds) - 1) + [False], (step, calls)
+        # At most the budget (64) less the running sequences' tokens, plus the overrun a
+        # chunk may take to keep the cold run's kernels (< 2 × 64).
+        assert sum(n for prefill, shape in calls if prefill for _, n in shape) < 64 + 128
+        decoded = {slot for slot, _ in calls[-1][1]}
+        assert len(decoded - {late_slot}) == 1, "the running stream decodes in every step"
+    # The new sequence's first token is sampled by its last chunk, its second in that step.
+    assert late_slot in {slot for slot, _ in by_step[last_step][-1][1]}
 
 
 async def test_n_choices_decode_together(client: openai.AsyncOpenAI, app: Any) -> None:

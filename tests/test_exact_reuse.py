@@ -78,13 +78,17 @@ def test_prompt_chunks_keep_the_cold_kernels_within_the_budget() -> None:
     those tokens); a sequence's later chunks in a step stay within the budget."""
     scheduler = Scheduler(slots=2, budget=160)
     seq = _running(scheduler, list(range(300)), reused=100)
-    decodes, prefills = scheduler.plan()
-    assert decodes == []
-    # 200 tokens left, 160 of budget: 160 would strand 40, so 136 now and 64 next step.
-    assert [(w.start, w.start + len(w.tokens), w.sample) for w in prefills] == [(100, 236, False)]
-    seq.n_past = 236
-    _, prefills = scheduler.plan()
-    assert [(w.start, w.start + len(w.tokens), w.sample) for w in prefills] == [(236, 300, True)]
+    # 200 tokens left, 159 of budget (one kept for the sequence's decode token): 159 would
+    # strand 41, so 136 now and 64 next step.
+    scheduler.begin_step()
+    chunk = scheduler.next_prefill()
+    assert chunk is not None and (chunk.start, len(chunk.tokens), chunk.sample) == (100, 136, False)
+    seq.n_past = 236  # evaluated
+    assert scheduler.decode_tokens() == []  # still prefilling
+    assert scheduler.next_prefill() is None  # 64 more would overrun this step's budget
+    scheduler.begin_step()
+    chunk = scheduler.next_prefill()
+    assert chunk is not None and (chunk.start, len(chunk.tokens), chunk.sample) == (236, 64, True)
 
 
 def _evaluated(scheduler: Scheduler, prompt: list[int]) -> Sequence:

@@ -1,10 +1,12 @@
 """The batched engine: one thread per model owns the llama.cpp context and loops
 
     admit waiting sequences into free slots (copying another slot's KV stream when it holds a
-    longer reusable prefix) → one llama_decode of one token per running sequence, then one per
-    prompt chunk of new ones (alone in its call, so llama.cpp computes it with the kernels a
-    cold run would use, see `exact_reuse`); after each call, sample each sequence with its own
-    sampler chain (and, for those that asked, read the logprobs from the same logits row:
+    longer reusable prefix) → one llama_decode per prompt chunk of new ones (alone in its call,
+    so llama.cpp computes it with the kernels a cold run would use, see `exact_reuse`), then
+    one of one token per running sequence (new ones whose prompt just ended included), so that
+    a new prompt does not wait behind the running decodes (`Scheduler.begin_step`); after
+    each call, sample each sequence with its
+    own sampler chain (and, for those that asked, read the logprobs from the same logits row:
     `logprobs`) → detokenize, apply stop sequences / max_tokens / end-of-generation → hand
     that call's output to the event loop in one call → free the slots of finished sequences.
 
@@ -74,6 +76,9 @@ class BatchEngine:
         self.prompt_tokens = 0  # prompt tokens admitted
         self.prompt_tokens_reused = 0  # of those, taken from a slot's KV cache (prefix_cache)
         self.kv_copies = 0  # KV streams copied from another slot to reuse its prefix
+        # Tests set a list to record every llama_decode: (step, prompt chunk?, (slot, tokens)
+        # per sequence in the call), steps counted as `steps` counts them.
+        self.call_log: list[tuple[int, bool, tuple[tuple[int, int], ...]]] | None = None
         self._queries = metrics.PREFIX_CACHE_QUERIES.labels(name)
         self._hits = metrics.PREFIX_CACHE_HITS.labels(name)
 
@@ -134,13 +139,34 @@ class BatchEngine:
         out.flush()
 
     def _step(self, out: Outbox) -> None:
+        for seq in [s for s in self._sched.running if s.cancelled]:
+            self._finish(seq, "cancelled", out)
+        self._admit(out)
+        # Prompt chunks first, then the decode call (why: Scheduler.begin_step). Output leaves
+        # after each call, not at the end of the step: a new sequence gets its first token as
+        # soon as its prompt is done.
+        self._sched.begin_step()
+        evaluated = False
+        while (w := self._sched.next_prefill()) is not None:
+            self._run([w], out)  # alone in its call: one micro-batch of known shape
+            out.flush()
+            evaluated = True
+        decodes = self._sched.decode_tokens()
+        if decodes:
+            self._run(decodes, out)
+            out.flush()
+            evaluated = True
+        if evaluated:
+            self.steps += 1
+
+    def _admit(self, out: Outbox) -> None:
+        """Take submitted sequences, drop cancelled waiting ones, and set up those that get
+        a slot."""
         while self._inbox:
             self._sched.waiting.append(self._inbox.popleft())
         for seq in [s for s in self._sched.waiting if s.cancelled]:
             self._sched.waiting.remove(seq)
             out.put(seq.sink, None)
-        for seq in [s for s in self._sched.running if s.cancelled]:
-            self._finish(seq, "cancelled", out)
         for adm in self._sched.admit():
             seq, reuse = adm.seq, adm.reuse
             if adm.donor is not None:
@@ -165,23 +191,13 @@ class BatchEngine:
                 gbnf=seq.gbnf,
                 seed=seq.seed,
             )
-        decodes, prefills = self._sched.plan()
-        if decodes or prefills:
-            self.steps += 1
-        # Output leaves after each call, not at the end of the step: running streams get
-        # their token before the step's prompt chunks are evaluated, and a new sequence its
-        # first token as soon as its prompt is done.
-        if decodes:
-            self._run(decodes, out)
-            out.flush()
-        for w in prefills:  # alone in its call: one micro-batch of known shape
-            if w.seq.finish is None:  # not failed by an earlier call of this step
-                self._run([w], out)
-                out.flush()
 
     def _run(self, work: list[Work], out: Outbox) -> None:
         """One llama_decode over `work`, then sample the sequences that want a token."""
         outputs = self._fill(work)
+        if self.call_log is not None:
+            shape = tuple((w.seq.slot, len(w.tokens)) for w in work)
+            self.call_log.append((self.steps, work[0].seq.prefilling, shape))
         rc = llama_cpp.llama_decode(self._ctx, self._batch)
         if rc != 0:
             # Cannot happen while slots × ctx_per_slot bound every sequence; if it does, fail

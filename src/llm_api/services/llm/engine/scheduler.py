@@ -6,11 +6,12 @@ Pure bookkeeping, no llama.cpp calls, so the policy is easy to read:
   system prompt is not evaluated again): its own slot's leftovers, or, when another slot (free
   or running) holds a longer usable prefix, a copy of that slot's KV stream. Every slot and
   running sequence knows which kernel computed each cached token (see `exact_reuse`);
-- each step decodes one token for every running sequence, then spends what is left of the
-  per-step token budget on prompt chunks of sequences still prefilling, oldest first, so a long
-  prompt is spread over several steps instead of freezing the running streams. Chunks are cut
-  so that llama.cpp computes each token with the same kernel as a cold run would
-  (`exact_reuse.next_chunk`);
+- each step first spends the per-step token budget, less one token per running sequence, on
+  prompt chunks of sequences still prefilling, oldest first, so a long prompt is spread over
+  several steps instead of freezing the running streams; then it decodes one token for every
+  running sequence past its prompt (those whose prompt ended in this step's chunks included).
+  Chunks are cut so that llama.cpp computes each token with the same kernel as a cold run
+  would (`exact_reuse.next_chunk`);
 - slots are handed out lowest id first and decode tokens are ordered by slot: with one KV
   stream per sequence, llama.cpp splits a batch into one micro-batch per run of consecutive
   sequence ids (`split_equal(sequential=true)`), so gaps between running ids cost extra passes
@@ -68,6 +69,7 @@ class Scheduler:
         self._free: list[int] = list(range(slots))
         # free slot -> (tokens still in its KV cache, the kernel that computed each)
         self._cached: dict[int, tuple[list[int], bytes]] = {}
+        self.begin_step()
 
     @property
     def idle(self) -> bool:
@@ -123,20 +125,43 @@ class Scheduler:
         self._cached[seq.slot] = (seq.tokens[: seq.n_past], bytes(seq.kernels[: seq.n_past]))
         self._free.append(seq.slot)
 
-    def plan(self) -> tuple[list[Work], list[Work]]:
-        """This step's decode tokens (one llama_decode) and prompt chunks (one llama_decode
-        each: alone in its call, a chunk is one micro-batch of known shape)."""
-        running = sorted(self.running, key=lambda s: s.slot)
-        decodes = [Work(s, [s.tokens[-1]], s.n_past, True) for s in running if not s.prefilling]
-        prefills: list[Work] = []
-        left = self.budget - len(decodes)
+    # --- one engine step: prompt chunks first, then one decode token per running sequence ---
+    # What this order buys: time to first token with every slot busy. A prompt admitted at
+    # the start of a step gets its first token after its own chunks (and those of prompts
+    # admitted before it), instead of after a decode call over all running streams as well
+    # (~80-90 ms for 16 streams on 2 cores; bench/RESULTS.md). Running streams still get one
+    # token per step, and a step is as long either way. A sequence whose prompt ends in this
+    # step's chunks joins this step's decode call. Admission stays at step boundaries:
+    # admitting between chunks as well, measured, let staggered arrivals on a loaded host hold
+    # the decode call back until the budget ran out, which started every stream in the same
+    # step, so they all ended, and their next prompts all arrived, in one burst.
+
+    def begin_step(self) -> None:
+        self._spent = 0
+        self._chunked: set[int] = set()  # id() of sequences with a chunk in this step
+
+    def next_prefill(self) -> Work | None:
+        """The next prompt chunk of this step (one llama_decode: alone in its call, a chunk is
+        one micro-batch of known shape), oldest sequence first, within the step's token
+        budget less one decode token for every running sequence; None when the step's
+        prefill is done. The caller evaluates it (advancing `n_past`) before asking again."""
+        left = self.budget - len(self.running) - self._spent
         for seq in self.running:
+            if not seq.prefilling:
+                continue
+            if left <= 0:
+                return None
             pos, n = seq.n_past, len(seq.prompt)
-            while left > 0 and pos < n:
-                end = next_chunk(pos, n, left, self.budget)
-                if end - pos > left and pos != seq.n_past:
-                    break  # only a sequence's first chunk of a step may overrun the budget
-                prefills.append(Work(seq, seq.prompt[pos:end], pos, end == n))
-                left -= end - pos
-                pos = end
-        return decodes, prefills
+            end = next_chunk(pos, n, left, self.budget)
+            if end - pos > left and id(seq) in self._chunked:
+                continue  # only a sequence's first chunk of a step may overrun the budget
+            self._spent += end - pos
+            self._chunked.add(id(seq))
+            return Work(seq, seq.prompt[pos:end], pos, end == n)
+        return None
+
+    def decode_tokens(self) -> list[Work]:
+        """One token for every running sequence past its prompt, ordered by slot (one
+        llama_decode; see the module docstring for why the order matters)."""
+        running = sorted(self.running, key=lambda s: s.slot)
+        return [Work(s, [s.tokens[-1]], s.n_past, True) for s in running if not s.prefilling]
