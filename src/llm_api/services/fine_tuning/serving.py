@@ -24,6 +24,7 @@ from pathlib import Path
 import llama_cpp
 import structlog
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from llm_api.core.config import Settings
@@ -133,8 +134,15 @@ class FineTunedModels:
         )
 
     async def cards(self, ctx: RequestContext) -> list[tuple[ModelConfig, int]]:
+        """The caller's fine-tuned models for /v1/models. While the database is unreachable
+        the list goes on without them (the served models do not depend on it)."""
+        try:
+            jobs = await self.visible_jobs(ctx)
+        except (SQLAlchemyError, OSError) as exc:
+            log.warning("fine_tuned_models_unlisted", error=type(exc).__name__)
+            return []
         out = []
-        for job in await self.visible_jobs(ctx):
+        for job in jobs:
             try:
                 created = int((job.finished_at or job.created_at).timestamp())
                 out.append((self._config(job), created))
