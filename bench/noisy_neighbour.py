@@ -4,7 +4,8 @@ time to first token, under first-come-first-served admission and under fair queu
 busy neighbour *process* on the same CPU.
 
 One run starts our server twice on the built-in model, first with LLM_API_FAIR_QUEUING=false
-(FIFO, as before fair queuing), then with fair queuing on (its defaults: one reserved slot).
+(FIFO, as before fair queuing), then with fair queuing on (its defaults; a
+LLM_API_FAIR_RESERVED_SLOTS in the environment reaches the server).
 Against each:
 - B alone: tenant B sends one streaming request at a time; its TTFT p50/p95;
 - B beside A: tenant A keeps `--a-streams` streams in flight (closed loop, twice the slots by
