@@ -68,7 +68,6 @@ def _request_context(request: Request, principal: Principal) -> RequestContext:
         tier=principal.tier,
         controls=principal.controls,
         trace=scope_state.get(TRACE_KEY),  # the request span's, when tracing is on
-        tenant=principal.tenant,
         priority=requested_priority(
             request.headers.get(PRIORITY_HEADER),
             principal.controls.priority if principal.controls else "interactive",

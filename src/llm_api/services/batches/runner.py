@@ -249,7 +249,6 @@ class BatchRunner:
                     tier=tier,
                     batch_id=batch_id,
                     trace=tracing.context_of(span) if span is not None else None,
-                    tenant=f"user:{user_id}",
                     priority="batch",  # after interactive work on the same model
                 )
                 await self._run_lines(owner_ctx, endpoint, pending, out, err, lease)

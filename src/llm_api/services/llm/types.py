@@ -176,11 +176,17 @@ class RequestContext:
     # The request span's context, the parent of the pipeline's spans (services/tracing.py);
     # None whenever tracing is off.
     trace: Context | None = None
-    # Fair queuing (services/llm/admission.py): whose share the request counts against (a team,
-    # else a user: Principal.tenant) and its priority class (interactive, low or batch).
-    tenant: str = "anonymous"
+    # Fair queuing (services/llm/admission.py): the priority class (interactive, low or batch).
     priority: str = "interactive"
     team_id: str | None = None  # a team's service key: the team's budgets apply
+
+    @property
+    def tenant(self) -> str:
+        """Whose share the request counts against (as Principal.tenant): the key's team, else
+        the user; anonymous callers share one tenant."""
+        if self.team_id is not None:
+            return f"team:{self.team_id}"
+        return f"user:{self.user_id}" if self.user_id is not None else "anonymous"
 
 
 @dataclass(slots=True)
