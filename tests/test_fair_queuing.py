@@ -12,6 +12,8 @@ import pytest
 
 from llm_api.core.exceptions import OverloadedError
 from llm_api.services.llm.admission import BATCH, LOW, AdmissionGate, FairPolicy, Ticket
+from llm_api.services.llm.engine.scheduler import Scheduler
+from llm_api.services.llm.engine.sequence import Sequence
 
 
 async def settle() -> None:
@@ -71,7 +73,7 @@ async def test_weights_3_to_1_split_completed_tokens(fair: bool) -> None:
     heavier tenant's requests are charged three times what they turn out to use (the charge
     is corrected when each settles) and the other's are half the size. FIFO (fair=False)
     splits by who asks more often instead, which here is 1:1 in requests."""
-    gate = AdmissionGate("m", slots=4, max_waiting=64, policy=FairPolicy(fair=fair, reserved=0))
+    gate = AdmissionGate("m", slots=4, max_waiting=64, policy=FairPolicy(fair=fair))
     load = Saturating(gate)
     load.add("team:heavy", weight=3, cost=300, used=100, depth=8)
     load.add("user:light", weight=1, cost=50, used=50, depth=8)
@@ -101,7 +103,7 @@ async def test_a_tenant_arriving_at_an_idle_gate_is_admitted_at_once() -> None:
 async def test_an_idle_tenant_banks_no_credit() -> None:
     """A tenant idle while another was served is lifted to the busy one's clock on arrival:
     its queued requests then alternate with the busy tenant's instead of all going first."""
-    gate = AdmissionGate("m", slots=1, max_waiting=64, policy=FairPolicy(reserved=0))
+    gate = AdmissionGate("m", slots=1, max_waiting=64, policy=FairPolicy())
     load = Saturating(gate)
     load.add("user:busy", weight=1, cost=10, used=10, depth=4)
     try:
@@ -124,7 +126,7 @@ async def test_an_idle_tenant_banks_no_credit() -> None:
 async def test_requests_admitted_at_once_also_move_the_gate_clock() -> None:
     """A tenant whose requests never had to wait still used the model: a newcomer is lifted to
     its clock, not to where the gate's clock stood before all that work."""
-    gate = AdmissionGate("m", slots=2, max_waiting=64, policy=FairPolicy(reserved=0))
+    gate = AdmissionGate("m", slots=2, max_waiting=64, policy=FairPolicy())
     for _ in range(20):
         ticket = Ticket(tenant="user:busy", cost=10)
         assert await gate.acquire(ticket) == 0.0
@@ -176,7 +178,7 @@ async def test_a_lowered_request_completes_under_constant_interactive_load() -> 
         "m",
         slots=2,
         max_waiting=64,
-        policy=FairPolicy(reserved=0, aging_seconds=5),
+        policy=FairPolicy(aging_seconds=5),
         clock=lambda: now[0],
     )
     load = Saturating(gate)
@@ -196,26 +198,30 @@ async def test_a_lowered_request_completes_under_constant_interactive_load() -> 
 
 
 async def test_the_reserved_slot_goes_only_to_a_tenant_below_its_share() -> None:
-    gate = AdmissionGate("m", slots=8, max_waiting=64, policy=FairPolicy(reserved=1))
+    """The reserved slot is on top of `slots`: a tenant alone has all 8 of them (and not the
+    ninth); a newcomer takes the ninth at once; admission records each tenant's share."""
+    gate = AdmissionGate("m", slots=8, max_waiting=64, reserved=1)
     load = Saturating(gate)
     load.add("user:flood", weight=1, cost=10, used=10, depth=16)
     try:
         await settle()
-        assert gate.running == 7 and gate.waiting == 9  # alone, it leaves one slot free
+        assert gate.running == 8 and gate.waiting == 8  # alone, it has every unreserved slot
+        assert sorted(t.share for t in load.held) == list(range(8))  # 0..7 already running
         newcomer = Ticket(tenant="user:new")
-        assert await gate.acquire(newcomer) == 0.0  # ... which a newcomer takes at once
-        assert gate.running == 8
+        assert await gate.acquire(newcomer) == 0.0  # ... and a newcomer is let in at once
+        assert gate.running == 9 and newcomer.share == 0.0
         await load.run(rounds=20)  # the flood's releases hand over among its own requests
-        assert gate.running == 8 and len(load.held) == 7
+        assert gate.running == 9 and len(load.held) == 8
         gate.release(newcomer)
         await settle()
-        assert gate.running == 7  # the reserved slot is free again, not the flood's
+        assert gate.running == 8  # the reserved slot is free again, not the flood's
     finally:
         await load.close()
 
 
 async def test_fifo_policy_has_no_reserved_slot_and_no_classes() -> None:
-    gate = AdmissionGate("m", slots=8, max_waiting=64, policy=FairPolicy(fair=False))
+    gate = AdmissionGate("m", slots=8, max_waiting=64, policy=FairPolicy(fair=False), reserved=1)
+    assert gate.slots == 8  # FIFO takes no reserved slot, even where the engine has one
     tickets = [Ticket(tenant="user:flood") for _ in range(8)]
     for ticket in tickets:
         assert await gate.acquire(ticket) == 0.0
@@ -264,7 +270,7 @@ async def test_full_queue_is_503_with_retry_after_whatever_the_tenant() -> None:
 
 
 async def test_tenants_report_position_and_expected_wait() -> None:
-    gate = AdmissionGate("m", slots=1, max_waiting=8, policy=FairPolicy(reserved=0))
+    gate = AdmissionGate("m", slots=1, max_waiting=8, policy=FairPolicy())
     holder = Ticket(tenant="user:a", tier="paid")
     await gate.acquire(holder)
     tasks = [
@@ -284,3 +290,51 @@ async def test_tenants_report_position_and_expected_wait() -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
     gate.release(holder)
     assert gate.tenants() == [] and gate.running == 0
+
+
+def test_the_engine_prefills_the_tenant_holding_less_first() -> None:
+    """A burst of a busy tenant's new prompts (ranked by the share its tenant held when each was
+    admitted) and, admitted after them, a prompt of a tenant holding nothing: the newcomer's
+    chunk is the first of the step, and it gets a slot first when slots are short. Oldest first
+    among equal ranks, as before."""
+    scheduler = Scheduler(slots=4, budget=512, prefix_cache=False)
+
+    def seq(rank: tuple[int, float], n: int) -> Sequence:
+        return Sequence(prompt=list(range(n)), params=None, gbnf=None, seed=0, sink=None, rank=rank)  # type: ignore[arg-type]
+
+    busy = [seq((0, 14.0), 200), seq((0, 15.0), 200), seq((0, 15.0), 200)]
+    batch_line = seq((2, 0.0), 50)  # a Batch API line: after every interactive prompt
+    newcomer = seq((0, 0.0), 30)
+    scheduler.waiting.extend([*busy, batch_line, newcomer])
+    admitted = [a.seq for a in scheduler.admit()]
+    assert admitted == [newcomer, busy[0], busy[1], busy[2]]  # four slots; the batch line waits
+    scheduler.begin_step()
+    order = []
+    while (work := scheduler.next_prefill()) is not None:
+        order.append(work.seq)
+        work.seq.n_past = work.start + len(work.tokens)
+    assert order[:3] == [newcomer, busy[0], busy[1]]  # ...and busy[2] if the budget allows
+
+
+def test_between_chunks_only_a_sequence_outranking_every_pending_prompt_joins() -> None:
+    scheduler = Scheduler(slots=4, budget=512, prefix_cache=False)
+
+    def seq(rank: tuple[int, float], n: int) -> Sequence:
+        return Sequence(prompt=list(range(n)), params=None, gbnf=None, seed=0, sink=None, rank=rank)  # type: ignore[arg-type]
+
+    busy = [seq((0, 15.0), 100), seq((0, 15.0), 100)]
+    scheduler.waiting.extend(busy)
+    scheduler.admit()
+    scheduler.begin_step()
+    first = scheduler.next_prefill()
+    assert first is not None and first.seq is busy[0]
+    busy[0].n_past = 100
+    late_busy, newcomer = seq((0, 15.0), 20), seq((0, 0.0), 20)
+    scheduler.waiting.extend([late_busy, newcomer])
+    assert [a.seq for a in scheduler.admit_ahead()] == [newcomer]  # the busy one waits
+    assert list(scheduler.waiting) == [late_busy]
+    second = scheduler.next_prefill()
+    assert second is not None and second.seq is newcomer  # before busy[1]'s prompt
+    newcomer.n_past = 20
+    busy[1].n_past = 100
+    assert scheduler.admit_ahead() == []  # no prompt pending: the step goes on to decode

@@ -383,13 +383,13 @@ class Settings(BaseSettings):
         "corrected to the real count when it ends.",
     )
     fair_reserved_slots: int = Field(
-        0,
+        1,
         ge=0,
         le=8,
-        description="Slots of a model (with 8 or more) that only a tenant below its fair share "
-        "may take, so a newcomer need not wait for a busy tenant's generation to end. Default 0 "
-        "(work-conserving): a reserved slot costs a lone tenant's closed loop a whole "
-        "generation's wait (docs/fair-sharing.md).",
+        description="Sequences each local batched engine keeps on top of its `slots` for "
+        "tenants below their fair share, so a newcomer need not wait for a busy tenant's "
+        "generation to end (docs/fair-sharing.md). Extra KV memory: this many × context_length "
+        "tokens. Upstream deployments keep none: their concurrency cap is theirs.",
     )
     fair_aging_seconds: float = Field(
         10.0,

@@ -34,6 +34,7 @@ from llm_api.services.fine_tuning.ids import job_dir
 from llm_api.services.llm.admission import AdmissionGate
 from llm_api.services.llm.backends.llama_batched import LlamaBatchedBackend
 from llm_api.services.llm.fingerprint import model_fingerprint
+from llm_api.services.llm.priority import fair_policy, reserved_slots
 from llm_api.services.llm.registry import ModelConfig
 from llm_api.services.llm.service import LLMService
 from llm_api.services.llm.types import RequestContext
@@ -46,8 +47,10 @@ ACCESS_SECONDS = 5.0
 class LoraBatchedBackend(LlamaBatchedBackend):
     """The batched engine on the base GGUF with one LoRA adapter set on its context."""
 
-    def __init__(self, config: ModelConfig, adapter: Path, *, threads: int | None = None) -> None:
-        super().__init__(config, threads=threads)
+    def __init__(
+        self, config: ModelConfig, adapter: Path, *, threads: int | None = None, reserved: int = 0
+    ) -> None:
+        super().__init__(config, threads=threads, reserved=reserved)
         self.adapter = adapter
 
     def _configure_context(self) -> None:
@@ -190,11 +193,18 @@ class FineTunedModels:
             adapter = job_dir(self.settings.data_dir, seen.job_id) / "adapter.gguf"
             if not adapter.exists():
                 raise ModelNotFoundError(model_id)
-            backend = LoraBatchedBackend(seen.config, adapter, threads=self.settings.llama_threads)
+            reserved = reserved_slots(self.settings, seen.config)
+            backend = LoraBatchedBackend(
+                seen.config, adapter, threads=self.settings.llama_threads, reserved=reserved
+            )
             await backend.start(warmup=False)
             self.llm.backends[model_id] = backend
             self.llm.gates[model_id] = AdmissionGate(
-                model_id, seen.config.concurrency, seen.config.max_queue
+                model_id,
+                seen.config.concurrency,
+                seen.config.max_queue,
+                fair_policy(self.settings),
+                reserved=reserved,
             )
             self.llm.fingerprints[model_id] = _fingerprint(seen.config, adapter)
             self._loaded[model_id] = backend

@@ -11,9 +11,13 @@ Who goes next (docs/fair-sharing.md):
   "Fairness in Serving Large Language Models" (OSDI 2024). A request starts at
   max(the gate's virtual time, its tenant's clock), so a tenant that was idle is lifted to the
   busy ones and cannot bank credit (start-time fair queuing);
-- work-conserving, except that the last `reserved` free slots are kept for tenants below their
-  weighted share: with every slot held by one busy tenant, a newcomer would otherwise wait for
-  a long generation to end before its first token.
+- work-conserving over `slots`; `reserved` slots on top of them are kept for tenants below
+  their weighted share: with every slot held by one busy tenant, a newcomer would otherwise
+  wait for a long generation to end before its first token. They are extra capacity (the
+  local engine is sized `slots + reserved`), so a lone tenant still has all `slots`.
+
+Each admitted ticket records its tenant's share of the model at admission (`Ticket.share`):
+the engine prefills prompts of tenants holding less first (engine/scheduler.py).
 
 `policy.fair = False` is plain FIFO (no classes, no reservation), kept for comparison.
 
@@ -53,12 +57,14 @@ class Ticket:
     tier: str = "free"  # a bounded label for the metrics, never the tenant
     used: int | None = None
     waited: float = 0.0  # seconds in the queue, set on admission
+    # Set on admission: the tenant's requests already running, per weight. The local engine
+    # prefills the prompts of tenants holding less first (engine/scheduler.py).
+    share: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class FairPolicy:
     fair: bool = True  # False: first come, first served
-    reserved: int = 1  # slots kept for tenants below their share (only with 8+ slots)
     aging_seconds: float = 10.0  # a lowered or batch request waiting this long goes interactive
 
 
@@ -122,11 +128,15 @@ class AdmissionGate:
         max_waiting: int,
         policy: FairPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        reserved: int = 0,
     ) -> None:
+        """`slots` for anyone, plus `reserved` (fair queuing only) for tenants below their
+        share: capacity the caller has on top of `slots` (priority.reserved_slots)."""
         self.name = name
-        self.slots = slots
-        self.max_waiting = max_waiting
         self.policy = policy or FairPolicy()
+        self.reserved = reserved if self.policy.fair else 0
+        self.slots = slots + self.reserved
+        self.max_waiting = max_waiting
         self.running = 0
         self.waiting = 0
         self._clock = clock
@@ -137,12 +147,6 @@ class AdmissionGate:
         self._vtime = 0.0  # the latest virtual start admitted: the gate's virtual time
         self._hold = 0.0  # moving average of how long a slot is held (expected waits)
 
-    @property
-    def reserved(self) -> int:
-        """Slots kept for tenants below their share: only where there are enough to spare one
-        (a one-slot upstream or the single-sequence engine keeps none)."""
-        return min(self.policy.reserved, self.slots // 8) if self.policy.fair else 0
-
     # --- acquire / release --------------------------------------------------------------------
 
     async def acquire(self, ticket: Ticket | None = None) -> float:
@@ -152,7 +156,7 @@ class AdmissionGate:
         if self.running < self.slots and self._eligible(tenant):
             # Nobody eligible waits while a slot is free: straight in.
             self._vtime = max(self._vtime, self._charge(tenant, ticket))
-            self._start(tenant)
+            self._start(tenant, ticket)
             ticket.waited = 0.0
             return 0.0
         if self.waiting >= self.max_waiting:
@@ -230,7 +234,8 @@ class AdmissionGate:
         tenant.finish = start + ticket.cost / ticket.weight
         return start
 
-    def _start(self, tenant: _Tenant) -> None:
+    def _start(self, tenant: _Tenant, ticket: Ticket) -> None:
+        ticket.share = tenant.running / tenant.weight
         self.running += 1
         tenant.running += 1
 
@@ -292,7 +297,7 @@ class AdmissionGate:
             self.waiting -= 1
             tenant.waiting -= 1
             self._vtime = max(self._vtime, waiter.start)
-            self._start(tenant)
+            self._start(tenant, waiter.ticket)
             waiter.future.set_result(None)
         if len(self._heap) > 2 * self.waiting + 64:  # drop stale entries now and then
             self._heap = [e for e in self._heap if not e.stale]

@@ -11,6 +11,7 @@ from llm_api.core import metrics
 from llm_api.core.config import Settings
 from llm_api.core.exceptions import InvalidRequestError
 from llm_api.services.llm.admission import PRIORITIES, FairPolicy, Ticket
+from llm_api.services.llm.registry import ModelConfig
 from llm_api.services.llm.types import GenerationRequest, RequestContext
 
 PRIORITY_HEADER = "x-llm-api-priority"
@@ -30,11 +31,15 @@ def requested_priority(header: str | None, ceiling: str = "interactive") -> str:
 
 
 def fair_policy(settings: Settings) -> FairPolicy:
-    return FairPolicy(
-        fair=settings.fair_queuing,
-        reserved=settings.fair_reserved_slots,
-        aging_seconds=settings.fair_aging_seconds,
-    )
+    return FairPolicy(fair=settings.fair_queuing, aging_seconds=settings.fair_aging_seconds)
+
+
+def reserved_slots(settings: Settings, model: ModelConfig) -> int:
+    """Sequences a model keeps on top of its `slots` for tenants below their share: only a
+    local batched engine, which we size for them; an upstream's concurrency cap is the
+    operator's statement of what it can take, so nothing is added to it."""
+    batched = model.backend == "llama_cpp" and model.engine == "batched" and model.kind == "chat"
+    return settings.fair_reserved_slots if settings.fair_queuing and batched else 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from llm_api.services.llm.admission import AdmissionGate
 from llm_api.services.llm.backends.base import Backend
 from llm_api.services.llm.capabilities import check_capabilities
 from llm_api.services.llm.fingerprint import fingerprints
-from llm_api.services.llm.priority import fair_policy
+from llm_api.services.llm.priority import fair_policy, reserved_slots
 from llm_api.services.llm.registry import ModelConfig, Registry
 from llm_api.services.llm.types import GenerationRequest, RequestContext
 
@@ -52,7 +52,10 @@ class LLMService:
         self.backends = backends
         policy = fair_policy(settings)
         self.gates = {
-            m.id: AdmissionGate(m.id, m.concurrency, m.max_queue, policy) for m in registry.models
+            m.id: AdmissionGate(
+                m.id, m.concurrency, m.max_queue, policy, reserved=reserved_slots(settings, m)
+            )
+            for m in registry.models
         }
         self.started_at = int(time.time())
         self.fingerprints = fingerprints(registry)  # `system_fingerprint` per local model

@@ -88,6 +88,11 @@ class GenerationRequest:
     wire: dict[str, Any] | None = None
     # Private to the backend between prepare() and generate() (token ids, compiled grammar).
     engine_state: dict[str, Any] = field(default_factory=dict)
+    # Set at admission (services/llm/stages.py): its priority class and its tenant's share of
+    # the model then (admission.Ticket.share). The local engine prefills lower ranks first, so
+    # a tenant holding little of the model is not queued behind a busy tenant's burst of new
+    # prompts (engine/scheduler.py).
+    prefill_rank: tuple[int, float] = (0, 0.0)
     # The trace context an upstream request continues (services/tracing.py): the generation
     # span's, or the router's attempt span's while it calls a deployment. None: not traced.
     trace: Context | None = None

@@ -17,8 +17,11 @@ def build_backend(config: ModelConfig, settings: Settings) -> Backend:
         )
     if config.backend == "llama_cpp" and config.engine == "batched":
         from llm_api.services.llm.backends.llama_batched import LlamaBatchedBackend
+        from llm_api.services.llm.priority import reserved_slots
 
-        return LlamaBatchedBackend(config, threads=settings.llama_threads)
+        return LlamaBatchedBackend(
+            config, threads=settings.llama_threads, reserved=reserved_slots(settings, config)
+        )
     if config.backend == "llama_cpp":
         from llm_api.services.llm.backends.llama_cpp import LlamaCppBackend
 

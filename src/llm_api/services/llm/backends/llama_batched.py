@@ -2,7 +2,9 @@
 thread that decodes all running sequences together (services/llm/engine/).
 
 Same Backend protocol as the one-at-a-time `LlamaCppBackend`; `context_length` is the context of
-one slot (what one request may use) and the KV cache holds `slots × context_length` tokens.
+one slot (what one request may use) and the KV cache holds `slots × context_length` tokens,
+plus `reserved` more sequences: the slots the admission gate keeps for tenants below their fair
+share (services/llm/admission.py), on top of `slots` so that a lone tenant still has them all.
 """
 
 from __future__ import annotations
@@ -47,9 +49,12 @@ log = structlog.get_logger(__name__)
 
 
 class LlamaBatchedBackend:
-    def __init__(self, config: ModelConfig, *, threads: int | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, *, threads: int | None = None, reserved: int = 0
+    ) -> None:
         self.config = config
         self._threads = threads or available_cpus()
+        self._sequences = config.slots + reserved  # what the engine and its KV cache hold
         self._model: Any = None
         self._ctx: Any = None
         self._engine: BatchEngine | None = None
@@ -77,10 +82,10 @@ class LlamaBatchedBackend:
         sequence alone decodes to the same tokens), plus the multi-sequence KV layout."""
         cfg = self.config
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = cfg.slots * cfg.context_length
+        params.n_ctx = self._sequences * cfg.context_length
         params.n_batch = cfg.n_batch
         params.n_ubatch = cfg.n_batch  # one micro-batch per prompt chunk: see exact_reuse
-        params.n_seq_max = cfg.slots
+        params.n_seq_max = self._sequences
         params.kv_unified = False  # one KV stream per sequence: attention spans only its own
         params.n_threads = self._threads
         params.n_threads_batch = self._threads
@@ -122,7 +127,7 @@ class LlamaBatchedBackend:
             ctx=self._ctx.ctx,
             vocab=model.vocab,
             n_vocab=model.n_vocab(),
-            slots=self.config.slots,
+            slots=self._sequences,
             ctx_per_slot=self.config.context_length,
             n_batch=self.config.n_batch,
             defaults=self.config.defaults,
@@ -135,7 +140,7 @@ class LlamaBatchedBackend:
             model=self.config.id,
             path=path.name,
             engine="batched",
-            slots=self.config.slots,
+            slots=self._sequences,
             ctx_per_slot=self.config.context_length,
         )
 
@@ -225,6 +230,7 @@ class LlamaBatchedBackend:
             gbnf=state.get("gbnf"),
             seed=request_seed(request.params),
             sink=sink,
+            rank=request.prefill_rank,
             trigger=(
                 CallTrigger(plan.rules, self._grammar_piece)
                 if plan is not None and plan.gbnf is None

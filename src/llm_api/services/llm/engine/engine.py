@@ -151,6 +151,8 @@ class BatchEngine:
             self._run([w], out)  # alone in its call: one micro-batch of known shape
             out.flush()
             evaluated = True
+            if self._inbox:  # a newcomer that outranks the pending prompts goes next
+                self._admit(out, ahead=True)
         decodes = self._sched.decode_tokens()
         if decodes:
             self._run(decodes, out)
@@ -159,15 +161,15 @@ class BatchEngine:
         if evaluated:
             self.steps += 1
 
-    def _admit(self, out: Outbox) -> None:
+    def _admit(self, out: Outbox, ahead: bool = False) -> None:
         """Take submitted sequences, drop cancelled waiting ones, and set up those that get
-        a slot."""
+        a slot (between prompt chunks, `ahead`: only those that outrank the pending ones)."""
         while self._inbox:
             self._sched.waiting.append(self._inbox.popleft())
         for seq in [s for s in self._sched.waiting if s.cancelled]:
             self._sched.waiting.remove(seq)
             out.put(seq.sink, None)
-        for adm in self._sched.admit():
+        for adm in self._sched.admit_ahead() if ahead else self._sched.admit():
             seq, reuse = adm.seq, adm.reuse
             if adm.donor is not None:
                 # llama.cpp copies the whole stream before the next llama_decode evaluates

@@ -1,15 +1,19 @@
 """Which sequences run in the next engine step, and which slot (llama.cpp seq id) each uses.
 
 Pure bookkeeping, no llama.cpp calls, so the policy is easy to read:
-- admission is FIFO into the lowest free slot. With `prefix_cache` a new sequence reuses as
-  much of its prompt as some slot's KV cache allows without changing its output (a shared
-  system prompt is not evaluated again): its own slot's leftovers, or, when another slot (free
-  or running) holds a longer usable prefix, a copy of that slot's KV stream. Every slot and
-  running sequence knows which kernel computed each cached token (see `exact_reuse`);
+- admission goes by `Sequence.rank` (priority class, then the tenant's share of the model when
+  the admission gate let it in; services/llm/admission.py), then arrival, into the lowest free
+  slot. With `prefix_cache` a new sequence reuses as much of its prompt as some slot's KV
+  cache allows without changing its output (a shared system prompt is not evaluated again):
+  its own slot's leftovers, or, when another slot (free or running) holds a longer usable
+  prefix, a copy of that slot's KV stream. Every slot and running sequence knows which kernel
+  computed each cached token (see `exact_reuse`);
 - each step first spends the per-step token budget, less one token per running sequence, on
-  prompt chunks of sequences still prefilling, oldest first, so a long prompt is spread over
-  several steps instead of freezing the running streams; then it decodes one token for every
-  running sequence past its prompt (those whose prompt ended in this step's chunks included).
+  prompt chunks of sequences still prefilling, lowest rank first, then oldest, so a long
+  prompt is spread over several steps instead of freezing the running streams, and a tenant
+  holding little of the model is not queued behind a busy tenant's burst of new prompts; then
+  it decodes one token for every running sequence past its prompt (those whose prompt ended
+  in this step's chunks included).
   Chunks are cut so that llama.cpp computes each token with the same kernel as a cold run
   would (`exact_reuse.next_chunk`);
 - slots are handed out lowest id first and decode tokens are ordered by slot: with one KV
@@ -80,7 +84,8 @@ class Scheduler:
         reuses and the slot to copy it from, if any."""
         admitted: list[Admission] = []
         while self.waiting and self._free:
-            seq = self.waiting.popleft()
+            seq = min(self.waiting, key=_rank)  # the first of the lowest rank
+            self.waiting.remove(seq)
             slot = min(self._free)
             self._free.remove(slot)
             own = self._cached.pop(slot, ([], b""))
@@ -96,6 +101,23 @@ class Scheduler:
             self.running.append(seq)
             admitted.append(adm)
         return admitted
+
+    def admit_ahead(self) -> list[Admission]:
+        """Between a step's prompt chunks: admit (as `admit`) only waiting sequences ranked
+        below every running sequence still prefilling; none while no prompt is pending."""
+        pending = [s.rank for s in self.running if s.prefilling]
+        if not pending:
+            return []
+        bar = min(pending)
+        ahead = [s for s in self.waiting if s.rank < bar]
+        if not ahead:
+            return []
+        rest = [s for s in self.waiting if s.rank >= bar]
+        self.waiting = collections.deque(ahead)
+        try:
+            return self.admit()
+        finally:
+            self.waiting.extend(rest)
 
     def _best_donor(self, prompt: list[int], own: int) -> tuple[int | None, int, bytes | bytearray]:
         """The slot (free or running) whose cache would let `prompt` reuse at least
@@ -134,7 +156,12 @@ class Scheduler:
     # step's chunks joins this step's decode call. Admission stays at step boundaries:
     # admitting between chunks as well, measured, let staggered arrivals on a loaded host hold
     # the decode call back until the budget ran out, which started every stream in the same
-    # step, so they all ended, and their next prompts all arrived, in one burst.
+    # step, so they all ended, and their next prompts all arrived, in one burst. The one
+    # exception is `admit_ahead`: a sequence that outranks every prompt still to be evaluated
+    # in this step (a tenant holding little of the model, arriving while a busy tenant's burst
+    # of prompts is evaluated) joins between chunks and goes next, instead of waiting for the
+    # rest of the burst and the decode call. It cannot hold the decode back for long: only a
+    # better rank gets in, and the step's budget still bounds the chunks.
 
     def begin_step(self) -> None:
         self._spent = 0
@@ -142,11 +169,11 @@ class Scheduler:
 
     def next_prefill(self) -> Work | None:
         """The next prompt chunk of this step (one llama_decode: alone in its call, a chunk is
-        one micro-batch of known shape), oldest sequence first, within the step's token
+        one micro-batch of known shape), lowest rank first, then oldest, within the step's token
         budget less one decode token for every running sequence; None when the step's
         prefill is done. The caller evaluates it (advancing `n_past`) before asking again."""
         left = self.budget - len(self.running) - self._spent
-        for seq in self.running:
+        for seq in sorted(self.running, key=_rank):  # stable: oldest first within a rank
             if not seq.prefilling:
                 continue
             if left <= 0:
@@ -165,3 +192,7 @@ class Scheduler:
         llama_decode; see the module docstring for why the order matters)."""
         running = sorted(self.running, key=lambda s: s.slot)
         return [Work(s, [s.tokens[-1]], s.n_past, True) for s in running if not s.prefilling]
+
+
+def _rank(seq: Sequence) -> tuple[int, float]:
+    return seq.rank

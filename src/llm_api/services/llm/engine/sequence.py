@@ -49,6 +49,9 @@ class Sequence:
     seed: int
     sink: Sink
     cancelled: bool = False
+    # Prefill order, lower first: (priority class, the tenant's share when admitted); see
+    # GenerationRequest.prefill_rank.
+    rank: tuple[int, float] = (0, 0.0)
     # auto tool choice: engages the call grammar once the output opens a call (tools/grammar)
     trigger: CallTrigger | None = None
     # --- engine thread only ---
