@@ -30,7 +30,7 @@ async def test_pages_walk_every_row_once_newest_first(tmp_path: Path) -> None:
         s.add(Batch(id="other", user_id="v", endpoint="e", input_file_id="f", created_at=t0))
     seen: list[str] = []
     pages: list[bool] = []
-    after: tuple[datetime, str] | None = None
+    after: Batch | None = None
     async with sessions() as s:
         while True:
             rows, has_more = await newest_first(
@@ -40,7 +40,7 @@ async def test_pages_walk_every_row_once_newest_first(tmp_path: Path) -> None:
             pages.append(has_more)
             if not has_more:
                 break
-            after = (rows[-1].created_at, rows[-1].id)
+            after = rows[-1]
     await engine.dispose()
     assert seen == ["b5", "b4", "b3", "b2", "b1"]
     assert pages == [True, True, False]

@@ -17,14 +17,14 @@ async def newest_first(
     query: Select[T],
     key: InstrumentedAttribute[Any],
     id_col: InstrumentedAttribute[str],
-    after: tuple[Any, str] | None,
+    after: T | None,
     limit: int,
 ) -> tuple[list[T], bool]:
     """Up to `limit` rows of `query` ordered by (`key`, `id_col`) descending, those after the
-    cursor row `after` (its key and id), and whether more follow. The id breaks ties, so rows
-    with the same key are neither skipped nor repeated across pages."""
+    cursor row `after` (the last of the previous page), and whether more follow. The id breaks
+    ties, so rows with the same key are neither skipped nor repeated across pages."""
     if after is not None:
-        anchor_key, anchor_id = after
+        anchor_key, anchor_id = getattr(after, key.key), getattr(after, id_col.key)
         query = query.where((key < anchor_key) | ((key == anchor_key) & (id_col < anchor_id)))
     rows = list(await session.scalars(query.order_by(key.desc(), id_col.desc()).limit(limit + 1)))
     return rows[:limit], len(rows) > limit

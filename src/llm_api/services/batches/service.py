@@ -287,7 +287,7 @@ class BatchService:
             select(Batch).where(Batch.user_id == user_id),
             Batch.created_at,
             Batch.id,
-            (anchor.created_at, anchor.id) if anchor is not None else None,
+            anchor,
             limit,
         )
 

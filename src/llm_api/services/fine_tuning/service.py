@@ -256,7 +256,7 @@ class FineTuningService:
             select(FineTuningJob).where(FineTuningJob.user_id == user_id),
             FineTuningJob.created_at,
             FineTuningJob.id,
-            (anchor.created_at, anchor.id) if anchor is not None else None,
+            anchor,
             limit,
         )
 
@@ -291,7 +291,7 @@ class FineTuningService:
             select(FineTuningEvent).where(FineTuningEvent.job_id == job_id),
             FineTuningEvent.seq,
             FineTuningEvent.id,
-            (anchor.seq, anchor.id) if anchor is not None else None,
+            anchor,
             limit,
         )
 
