@@ -1,12 +1,12 @@
 """Runs one batch: the body of the Celery task, and of the embedded dispatcher.
 
 Exactly-once output without distributed transactions:
-- A lease row (`batches.lease_owner/lease_until`) lets one worker run a batch at a time. The
-  lease is short (`batch_lease_seconds`, 6 s) and a heartbeat renews it every sixth of that while
-  the worker lives, so a killed worker's batch is free again within seconds and another worker
-  (or the same one after a restart) takes over. A worker writes a result only while its own
-  clock says the lease still holds (`Lease.held`), so after a takeover the old one never adds a
-  line the new one could also write.
+- A lease row (`batches.lease_owner/lease_until`, taken and renewed by services/leases.py) lets
+  one worker run a batch at a time. The lease is short (`batch_lease_seconds`, 6 s) and a
+  heartbeat renews it every sixth of that while the worker lives, so a killed worker's batch is
+  free again within seconds and another worker (or the same one after a restart) takes over. A
+  worker writes a result only while its own clock says the lease still holds (`Lease.held`), so
+  after a takeover the old one never adds a line the new one could also write.
 - The output and error files are the record of what is done. On resume the runner reads them
   (cutting a torn last line), skips every custom_id already there, and runs the rest, so each
   custom_id appears exactly once.
@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
-import socket
 import time
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -42,6 +40,7 @@ from llm_api.schemas.embeddings import EmbeddingRequest
 from llm_api.services import tracing
 from llm_api.services.batches.input_file import BatchLine, iter_lines
 from llm_api.services.batches.storage import FileStore, LineAppender, new_file_id
+from llm_api.services.leases import Lease, RowLease, worker_id
 from llm_api.services.llm.embeddings import EmbeddingService
 from llm_api.services.llm.serving import CompletionServing
 from llm_api.services.llm.types import RequestContext
@@ -51,10 +50,6 @@ log = structlog.get_logger(__name__)
 LEASE_SECONDS = 6.0  # the default of `batch_lease_seconds`
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 _MAX_ATTEMPTS = APIError("Maximum attempts exceeded for this request.", code="max_attempts")
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _now() -> datetime:
@@ -67,27 +62,6 @@ class BatchRunnerConfig:
     max_attempts: int = 3  # per line, across worker crashes and retryable errors
     retry_base_seconds: float = 0.5
     lease_seconds: float = LEASE_SECONDS
-
-
-class Lease:
-    """This worker's hold on one batch as its own clock sees it. Each renewal moves `deadline`
-    to when the renewal was *sent* plus the lease, less a margin, so the worker stops believing
-    it holds the batch before the database lets another worker take it (however long the
-    renewal took, or if it failed: a database outage or a stalled event loop)."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.margin = min(1.0, seconds / 4)
-        self.deadline = 0.0
-        self.lost = asyncio.Event()
-
-    def renewed(self, sent: float) -> None:
-        self.deadline = sent + self.seconds - self.margin
-
-    def held(self) -> bool:
-        if not self.lost.is_set() and time.monotonic() >= self.deadline:
-            self.lost.set()
-        return not self.lost.is_set()
 
 
 class BatchRunner:
@@ -105,60 +79,14 @@ class BatchRunner:
         self.files = files
         self.config = config or BatchRunnerConfig()
         self.owner = worker_id()
-
-    # --- lease ----------------------------------------------------------------------------------
-
-    async def _acquire(self, batch_id: str, lease: Lease) -> bool:
-        sent, now = time.monotonic(), _now()
-        async with self.sessions.begin() as s:
-            result = await s.execute(
-                update(Batch)
-                .where(
-                    Batch.id == batch_id,
-                    Batch.status.in_(ACTIVE),
-                    (Batch.lease_until.is_(None))
-                    | (Batch.lease_until < now)
-                    | (Batch.lease_owner == self.owner),
-                )
-                .values(
-                    lease_owner=self.owner,
-                    lease_until=now + timedelta(seconds=lease.seconds),
-                )
-            )
-        if not result.rowcount:  # type: ignore[attr-defined]
-            return False
-        lease.renewed(sent)
-        return True
-
-    async def _heartbeat(self, batch_id: str, lease: Lease) -> None:
-        while True:
-            await asyncio.sleep(lease.seconds / 6)
-            if not lease.held():
-                return
-            sent = time.monotonic()
-            try:
-                async with self.sessions.begin() as s:
-                    result = await s.execute(
-                        update(Batch)
-                        .where(Batch.id == batch_id, Batch.lease_owner == self.owner)
-                        .values(lease_until=_now() + timedelta(seconds=lease.seconds))
-                    )
-            except Exception as exc:  # database unreachable: retry; the lease lapses meanwhile
-                log.debug("batch_lease_renew_failed", batch_id=batch_id, error=type(exc).__name__)
-                continue
-            if not result.rowcount:  # type: ignore[attr-defined]
-                lease.lost.set()  # another worker took it over
-                return
-            lease.renewed(sent)
-
-    async def _release(self, batch_id: str) -> None:
-        # An expired lease (not a cleared one) marks an unfinished batch as ready to resume.
-        async with self.sessions.begin() as s:
-            await s.execute(
-                update(Batch)
-                .where(Batch.id == batch_id, Batch.lease_owner == self.owner)
-                .values(lease_owner=None, lease_until=_now())
-            )
+        self.leases = RowLease(
+            Batch,
+            ACTIVE,
+            self.owner,
+            sessions,
+            renew_failed_event="batch_lease_renew_failed",
+            id_key="batch_id",
+        )
 
     # --- running --------------------------------------------------------------------------------
 
@@ -168,32 +96,29 @@ class BatchRunner:
         trace of the request that created the batch, `traceparent`), the parent of every
         line's pipeline spans."""
         lease = Lease(self.config.lease_seconds)
-        if not await self._acquire(batch_id, lease):
+        if not await self.leases.acquire(batch_id, lease):
             return None
-        heartbeat = asyncio.create_task(self._heartbeat(batch_id, lease))
-        span = None
-        if tracing.TRACER is not None:
-            span = tracing.start(
-                "batch run",
-                tracing.extract(traceparent),
-                tracing.SpanKind.CONSUMER,
-                {"llm_api.batch_id": batch_id},
-            )
-        try:
-            status = await self._run(batch_id, lease, span)
-            if span is not None:
-                span.set_attribute("llm_api.batch.status", status)
-            return status
-        except BaseException as exc:
-            if span is not None:
-                tracing.fail(span, exc)
-            raise
-        finally:
-            if span is not None:
-                span.end()
-            heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
-            await self._release(batch_id)
+        async with self.leases.renewing(batch_id, lease):
+            span = None
+            if tracing.TRACER is not None:
+                span = tracing.start(
+                    "batch run",
+                    tracing.extract(traceparent),
+                    tracing.SpanKind.CONSUMER,
+                    {"llm_api.batch_id": batch_id},
+                )
+            try:
+                status = await self._run(batch_id, lease, span)
+                if span is not None:
+                    span.set_attribute("llm_api.batch.status", status)
+                return status
+            except BaseException as exc:
+                if span is not None:
+                    tracing.fail(span, exc)
+                raise
+            finally:
+                if span is not None:
+                    span.end()
 
     async def _run(self, batch_id: str, lease: Lease, span: tracing.Span | None = None) -> str:
         async with self.sessions.begin() as s:

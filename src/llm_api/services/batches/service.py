@@ -34,6 +34,7 @@ from llm_api.schemas.batches import (
 from llm_api.services.batches.input_file import iter_lines, validate_input
 from llm_api.services.batches.storage import FileStore, new_batch_id, new_file_id
 from llm_api.services.fine_tuning.dataset import parse_examples
+from llm_api.services.paging import newest_first
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 
@@ -48,7 +49,8 @@ class StorageQuotas:
     max_active_batches: int = 10
 
 
-def _ts(value: datetime | None) -> int | None:
+def ts(value: datetime | None) -> int | None:
+    """A stored time as Unix seconds (SQLite hands back naive datetimes: they are UTC)."""
     if value is None:
         return None
     value = value if value.tzinfo else value.replace(tzinfo=UTC)
@@ -59,7 +61,7 @@ def file_object(row: StoredFile) -> FileObject:
     return FileObject(
         id=row.id,
         bytes=row.bytes,
-        created_at=_ts(row.created_at) or 0,
+        created_at=ts(row.created_at) or 0,
         filename=row.filename,
         purpose=row.purpose,
     )
@@ -84,14 +86,14 @@ def batch_object(row: Batch, files: FileStore) -> BatchObject:
         status=row.status,  # type: ignore[arg-type]
         output_file_id=out,
         error_file_id=err,
-        created_at=_ts(row.created_at) or 0,
-        in_progress_at=_ts(row.in_progress_at),
-        expires_at=_ts(row.expires_at),
-        finalizing_at=_ts(row.finalizing_at),
-        completed_at=_ts(row.completed_at),
-        failed_at=_ts(row.failed_at),
-        cancelling_at=_ts(row.cancelling_at),
-        cancelled_at=_ts(row.cancelled_at),
+        created_at=ts(row.created_at) or 0,
+        in_progress_at=ts(row.in_progress_at),
+        expires_at=ts(row.expires_at),
+        finalizing_at=ts(row.finalizing_at),
+        completed_at=ts(row.completed_at),
+        failed_at=ts(row.failed_at),
+        cancelling_at=ts(row.cancelling_at),
+        cancelled_at=ts(row.cancelled_at),
         request_counts=RequestCounts(total=row.total, completed=row.completed, failed=row.failed),
         metadata=row.metadata_json,
     )
@@ -279,19 +281,15 @@ class BatchService:
     async def list_batches(
         self, user_id: str, after: str | None, limit: int
     ) -> tuple[list[Batch], bool]:
-        query = select(Batch).where(Batch.user_id == user_id)
-        if after:
-            anchor = await self.get_batch(user_id, after)
-            query = query.where(
-                (Batch.created_at < anchor.created_at)
-                | ((Batch.created_at == anchor.created_at) & (Batch.id < anchor.id))
-            )
-        rows = list(
-            await self.session.scalars(
-                query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)
-            )
+        anchor = await self.get_batch(user_id, after) if after else None
+        return await newest_first(
+            self.session,
+            select(Batch).where(Batch.user_id == user_id),
+            Batch.created_at,
+            Batch.id,
+            anchor,
+            limit,
         )
-        return rows[:limit], len(rows) > limit
 
     async def cancel_batch(self, user_id: str, batch_id: str) -> Batch:
         row = await self.get_batch(user_id, batch_id)

@@ -1,9 +1,10 @@
 """Runs one fine-tuning job: the body of the Celery task and of the embedded dispatcher.
 
-The same lease as batches (services/batches/runner.py): one worker holds a job at a time and
-renews its lease while it lives; a SIGKILLed worker's lease lapses within seconds and another
-worker resumes the job from its last checkpoint (training state saved every
-`finetune_checkpoint_every` steps; the steps since are trained again, with the same batches).
+The same lease as batches (services/leases.py; services/batches/runner.py explains it): one
+worker holds a job at a time and renews its lease while it lives; a SIGKILLed worker's lease
+lapses within seconds and another worker resumes the job from its last checkpoint (training
+state saved every `finetune_checkpoint_every` steps; the steps since are trained again, with
+the same batches).
 Training runs in a thread; between steps it stops when the job is cancelled (seen within a
 second) or the lease is lost. The tokens trained go to the usage ledger as one row per job.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,11 +28,11 @@ from llm_api.db.tables import (
     UsageRecord,
     User,
 )
-from llm_api.services.batches.runner import Lease, worker_id
 from llm_api.services.batches.storage import FileStore
 from llm_api.services.fine_tuning.dataset import parse_examples, tokenize_examples, tokenizer_for
 from llm_api.services.fine_tuning.ids import job_dir, model_name, new_checkpoint_id
 from llm_api.services.fine_tuning.service import ACTIVE, event_row
+from llm_api.services.leases import Lease, RowLease, worker_id
 from llm_api.services.money.prices import FREE, Pricing
 
 log = structlog.get_logger(__name__)
@@ -64,56 +64,14 @@ class FineTuneRunner:
         self.files = files
         self.config = config
         self.owner = worker_id()
-
-    # --- lease (as BatchRunner's) ---------------------------------------------------------------
-
-    async def _acquire(self, job_id: str, lease: Lease) -> bool:
-        sent, now = time.monotonic(), _now()
-        async with self.sessions.begin() as s:
-            result = await s.execute(
-                update(FineTuningJob)
-                .where(
-                    FineTuningJob.id == job_id,
-                    FineTuningJob.status.in_(ACTIVE),
-                    (FineTuningJob.lease_until.is_(None))
-                    | (FineTuningJob.lease_until < now)
-                    | (FineTuningJob.lease_owner == self.owner),
-                )
-                .values(lease_owner=self.owner, lease_until=now + timedelta(seconds=lease.seconds))
-            )
-        if not result.rowcount:  # type: ignore[attr-defined]
-            return False
-        lease.renewed(sent)
-        return True
-
-    async def _heartbeat(self, job_id: str, lease: Lease) -> None:
-        while True:
-            await asyncio.sleep(lease.seconds / 6)
-            if not lease.held():
-                return
-            sent = time.monotonic()
-            try:
-                async with self.sessions.begin() as s:
-                    result = await s.execute(
-                        update(FineTuningJob)
-                        .where(FineTuningJob.id == job_id, FineTuningJob.lease_owner == self.owner)
-                        .values(lease_until=_now() + timedelta(seconds=lease.seconds))
-                    )
-            except Exception as exc:  # database unreachable: retry; the lease lapses meanwhile
-                log.debug("fine_tune_lease_renew_failed", job_id=job_id, error=type(exc).__name__)
-                continue
-            if not result.rowcount:  # type: ignore[attr-defined]
-                lease.lost.set()
-                return
-            lease.renewed(sent)
-
-    async def _release(self, job_id: str) -> None:
-        async with self.sessions.begin() as s:
-            await s.execute(
-                update(FineTuningJob)
-                .where(FineTuningJob.id == job_id, FineTuningJob.lease_owner == self.owner)
-                .values(lease_owner=None, lease_until=_now())
-            )
+        self.leases = RowLease(
+            FineTuningJob,
+            ACTIVE,
+            self.owner,
+            sessions,
+            renew_failed_event="fine_tune_lease_renew_failed",
+            id_key="job_id",
+        )
 
     # --- running --------------------------------------------------------------------------------
 
@@ -121,15 +79,10 @@ class FineTuneRunner:
         """Run or resume a job. Returns its final status, or None when another worker holds it
         or it has finished."""
         lease = Lease(self.config.lease_seconds)
-        if not await self._acquire(job_id, lease):
+        if not await self.leases.acquire(job_id, lease):
             return None
-        heartbeat = asyncio.create_task(self._heartbeat(job_id, lease))
-        try:
+        async with self.leases.renewing(job_id, lease):
             return await self._run(job_id, lease)
-        finally:
-            heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
-            await self._release(job_id)
 
     async def _event(self, job_id: str, message: str, **kw: object) -> None:
         async with self.sessions.begin() as s:

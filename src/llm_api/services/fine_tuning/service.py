@@ -32,21 +32,16 @@ from llm_api.schemas.fine_tuning import (
 from llm_api.schemas.fine_tuning import FineTuningCheckpoint as CheckpointObject
 from llm_api.schemas.fine_tuning import FineTuningEvent as EventObject
 from llm_api.schemas.fine_tuning import FineTuningJob as JobObject
+from llm_api.services.batches.service import ts
 from llm_api.services.batches.storage import FileStore
 from llm_api.services.fine_tuning import extra
 from llm_api.services.fine_tuning.dataset import parse_examples, tokenize_examples, tokenizer_for
 from llm_api.services.fine_tuning.ids import new_event_id, new_job_id
+from llm_api.services.paging import newest_first
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 ACTIVE = ("validating_files", "queued", "running")
 PURPOSE = "fine-tune"
-
-
-def ts(value: datetime | None) -> int | None:
-    if value is None:
-        return None
-    value = value if value.tzinfo else value.replace(tzinfo=UTC)
-    return int(value.timestamp())
 
 
 def event_row(
@@ -255,21 +250,15 @@ class FineTuningService:
     async def list_jobs(
         self, user_id: str, after: str | None, limit: int
     ) -> tuple[list[FineTuningJob], bool]:
-        query = select(FineTuningJob).where(FineTuningJob.user_id == user_id)
-        if after:
-            anchor = await self.get(user_id, after)
-            query = query.where(
-                (FineTuningJob.created_at < anchor.created_at)
-                | ((FineTuningJob.created_at == anchor.created_at) & (FineTuningJob.id < anchor.id))
-            )
-        rows = list(
-            await self.session.scalars(
-                query.order_by(FineTuningJob.created_at.desc(), FineTuningJob.id.desc()).limit(
-                    limit + 1
-                )
-            )
+        anchor = await self.get(user_id, after) if after else None
+        return await newest_first(
+            self.session,
+            select(FineTuningJob).where(FineTuningJob.user_id == user_id),
+            FineTuningJob.created_at,
+            FineTuningJob.id,
+            anchor,
+            limit,
         )
-        return rows[:limit], len(rows) > limit
 
     async def cancel(self, user_id: str, job_id: str) -> FineTuningJob:
         """Cancelled at once in the database; a worker training it sees that within a second
@@ -288,7 +277,7 @@ class FineTuningService:
     ) -> tuple[list[FineTuningEvent], bool]:
         """Newest first, as OpenAI lists them; `after` an event id to page on."""
         await self.get(user_id, job_id)
-        query = select(FineTuningEvent).where(FineTuningEvent.job_id == job_id)
+        anchor = None
         if after:
             anchor = await self.session.scalar(
                 select(FineTuningEvent).where(
@@ -297,18 +286,14 @@ class FineTuningService:
             )
             if anchor is None:
                 raise NotFoundError(f"No such event: {after}", param="after")
-            query = query.where(
-                (FineTuningEvent.seq < anchor.seq)
-                | ((FineTuningEvent.seq == anchor.seq) & (FineTuningEvent.id < anchor.id))
-            )
-        rows = list(
-            await self.session.scalars(
-                query.order_by(FineTuningEvent.seq.desc(), FineTuningEvent.id.desc()).limit(
-                    limit + 1
-                )
-            )
+        return await newest_first(
+            self.session,
+            select(FineTuningEvent).where(FineTuningEvent.job_id == job_id),
+            FineTuningEvent.seq,
+            FineTuningEvent.id,
+            anchor,
+            limit,
         )
-        return rows[:limit], len(rows) > limit
 
     async def checkpoints(
         self, user_id: str, job_id: str, limit: int
