@@ -237,8 +237,8 @@ async def test_overloaded_request_is_recorded_with_its_status(env: Running) -> N
     leaves a usage record."""
     user_id, key = await env.user()
     gate = env.state.llm.gates[MODEL]
-    saved = gate.slots, gate.max_waiting
-    gate.slots, gate.max_waiting = 1, 0
+    saved = gate.slots, gate.max_waiting, gate.reserved
+    gate.slots, gate.max_waiting, gate.reserved = 1, 0, 0
     try:
         long_body = chat_body(f"Write a poem {nonce()}", max_tokens=200, stop=None)
         first = asyncio.create_task(
@@ -250,7 +250,7 @@ async def test_overloaded_request_is_recorded_with_its_status(env: Running) -> N
         )
         await first
     finally:
-        gate.slots, gate.max_waiting = saved
+        gate.slots, gate.max_waiting, gate.reserved = saved
     assert second.status_code == 503
     await env.flush()
     statuses = sorted(r.status for r in await env.records(user_id=user_id))
