@@ -82,6 +82,20 @@ def test_every_shipped_example_secret_is_refused_in_production() -> None:
         "this-is-the-secret-" + secrets.token_hex(16),  # a placeholder word
         secrets.token_hex(8),  # random but too short
     ],
+    # Ids by position: the random values must not make the collected ids differ between runs
+    # (pytest-xdist's workers each collect and must agree).
+    ids=[
+        "repeated-char",
+        "repeated-block",
+        "run",
+        "reversed-block",
+        "words",
+        "capitalized-words",
+        "words-dashed",
+        "repeated-classes",
+        "placeholder-word",
+        "short-random",
+    ],
 )
 def test_guessable_secrets_are_refused_in_production(weak: str) -> None:
     assert weakness(weak) is not None
