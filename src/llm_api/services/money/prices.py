@@ -9,6 +9,7 @@ edge, in a response's `usage.cost`.
 
 from __future__ import annotations
 
+import functools
 from decimal import Decimal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -80,6 +81,13 @@ class Pricing(BaseModel):
 
     def per_token(self) -> tuple[int, int, int]:
         """(input, cached input, output) in nano-dollars per token."""
+        return self._per_token
+
+    @functools.cached_property
+    def _per_token(self) -> tuple[int, int, int]:
+        # Computed once: every request prices itself twice (reservation and cost), and Decimal
+        # arithmetic there showed in the gateway's per-request CPU (bench.gateway_instructions).
+        # Prices are set when the registry loads and never change afterwards.
         cached = self.input if self.cached_input is None else self.cached_input
         return (
             int(self.input * _NANOS_PER_TOKEN),
