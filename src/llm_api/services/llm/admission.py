@@ -135,7 +135,7 @@ class AdmissionGate:
         self.name = name
         self.policy = policy or FairPolicy()
         self.reserved = reserved if self.policy.fair else 0
-        self.slots = slots + self.reserved
+        self.slots = slots + self.reserved  # all it admits at once, the reserved included
         self.max_waiting = max_waiting
         self.running = 0
         self.waiting = 0
