@@ -292,15 +292,17 @@ async def test_tenants_report_position_and_expected_wait() -> None:
     assert gate.tenants() == [] and gate.running == 0
 
 
+def seq(rank: tuple[int, float], n: int) -> Sequence:
+    """An engine sequence with an `n`-token prompt and the rank admission gave it."""
+    return Sequence(prompt=list(range(n)), params=None, gbnf=None, seed=0, sink=None, rank=rank)  # type: ignore[arg-type]
+
+
 def test_the_engine_prefills_the_tenant_holding_less_first() -> None:
     """A burst of a busy tenant's new prompts (ranked by the share its tenant held when each was
     admitted) and, admitted after them, a prompt of a tenant holding nothing: the newcomer's
     chunk is the first of the step, and it gets a slot first when slots are short. Oldest first
     among equal ranks, as before."""
     scheduler = Scheduler(slots=4, budget=512, prefix_cache=False)
-
-    def seq(rank: tuple[int, float], n: int) -> Sequence:
-        return Sequence(prompt=list(range(n)), params=None, gbnf=None, seed=0, sink=None, rank=rank)  # type: ignore[arg-type]
 
     busy = [seq((0, 14.0), 200), seq((0, 15.0), 200), seq((0, 15.0), 200)]
     batch_line = seq((2, 0.0), 50)  # a Batch API line: after every interactive prompt
@@ -318,9 +320,6 @@ def test_the_engine_prefills_the_tenant_holding_less_first() -> None:
 
 def test_between_chunks_only_a_sequence_outranking_every_pending_prompt_joins() -> None:
     scheduler = Scheduler(slots=4, budget=512, prefix_cache=False)
-
-    def seq(rank: tuple[int, float], n: int) -> Sequence:
-        return Sequence(prompt=list(range(n)), params=None, gbnf=None, seed=0, sink=None, rank=rank)  # type: ignore[arg-type]
 
     busy = [seq((0, 15.0), 100), seq((0, 15.0), 100)]
     scheduler.waiting.extend(busy)
