@@ -81,6 +81,8 @@ def _dequantized(gguf: Path, config: dict[str, Any]) -> dict[str, Any]:
     state: dict[str, Any] = {}
     for t in reader.tensors:
         w = np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        if not w.flags.writeable:  # an F32 tensor is a view of the read-only memory map
+            w = w.copy()
         if t.name == "token_embd.weight":
             state["model.embed_tokens.weight"] = torch.from_numpy(w)
         elif t.name == "output_norm.weight":
