@@ -368,8 +368,10 @@ async def test_worker_sigkilled_after_a_checkpoint_another_resumes_from_it(
     tmp_path: Path,
 ) -> None:
     require_service("Redis", "127.0.0.1", 6379)
-    redis_url = "redis://127.0.0.1:6379/13"
-    subprocess.run(["redis-cli", "-n", "13", "flushdb"], check=False, capture_output=True)
+    # A database of its own: the suite runs files in parallel (make test), and this one is
+    # flushed (test_batches uses 7, test_tracing 9, test_embeddings_gateway 13).
+    redis_url = "redis://127.0.0.1:6379/14"
+    subprocess.run(["redis-cli", "-n", "14", "flushdb"], check=False, capture_output=True)
     settings = make_settings(tmp_path, warmup=False, redis_url=redis_url)
     worker_env = {
         **os.environ,

@@ -9,6 +9,8 @@ once in the model cache (safetensors), keyed by the GGUF's size and mtime.
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -120,9 +122,15 @@ def load_base_model(gguf: Path, cache_dir: Path) -> tuple[Any, dict[str, Any]]:
     else:
         state = _dequantized(gguf, config)
         private_dir(cached.parent)
-        tmp = cached.with_suffix(".tmp")
-        save_file(state, tmp)
-        tmp.replace(cached)
+        # A name of its own per writer, renamed into place: workers (and processes) starting
+        # at once each write their own file, and none reads half of another's.
+        fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=f".{cached.stem}-", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(state, tmp)
+            os.replace(tmp, cached)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
     hf_config = LlamaConfig(**config, bos_token_id=1, eos_token_id=2)
     with torch.device("meta"):  # no random initialisation of weights about to be replaced
         model = LlamaForCausalLM(hf_config)  # type: ignore[no-untyped-call]
