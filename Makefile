@@ -62,7 +62,7 @@ E2E_TESTS = tests/test_chat.py tests/test_completions.py tests/test_streaming.py
 # module fixtures (a running app, a live server) stay in one process: ~13 min where one process
 # takes ~19 on this project's 2-core machines. Not the default yet: in one of three such runs a
 # worker died of a segfault inside llama.cpp's context creation (llama_init_from_model) while
-# one worker alone held 5.7 GiB (many models and KV caches); one process has not shown it.
+# a worker's memory reached 5.7 GiB (models and KV caches); one process has not shown it.
 TEST_WORKERS ?= 0
 XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
