@@ -79,12 +79,15 @@ class Scheduler:
     def idle(self) -> bool:
         return not self.waiting and not self.running
 
-    def admit(self) -> list[Admission]:
-        """Move waiting sequences into free slots, lowest id first, with the prefix each
-        reuses and the slot to copy it from, if any."""
+    def admit(self, below: tuple[int, float] | None = None) -> list[Admission]:
+        """Move waiting sequences (only those ranked below `below`, when set) into free
+        slots, lowest id first, with the prefix each reuses and the slot to copy it from."""
         admitted: list[Admission] = []
-        while self.waiting and self._free:
-            seq = min(self.waiting, key=_rank)  # the first of the lowest rank
+        while self._free:
+            # The first of the lowest rank.
+            seq = min(self.waiting, key=_rank, default=None)
+            if seq is None or (below is not None and seq.rank >= below):
+                break
             self.waiting.remove(seq)
             slot = min(self._free)
             self._free.remove(slot)
@@ -103,21 +106,10 @@ class Scheduler:
         return admitted
 
     def admit_ahead(self) -> list[Admission]:
-        """Between a step's prompt chunks: admit (as `admit`) only waiting sequences ranked
-        below every running sequence still prefilling; none while no prompt is pending."""
+        """Between a step's prompt chunks: admit only waiting sequences ranked below every
+        running sequence still prefilling; none while no prompt is pending."""
         pending = [s.rank for s in self.running if s.prefilling]
-        if not pending:
-            return []
-        bar = min(pending)
-        ahead = [s for s in self.waiting if s.rank < bar]
-        if not ahead:
-            return []
-        rest = [s for s in self.waiting if s.rank >= bar]
-        self.waiting = collections.deque(ahead)
-        try:
-            return self.admit()
-        finally:
-            self.waiting.extend(rest)
+        return self.admit(below=min(pending)) if pending else []
 
     def _best_donor(self, prompt: list[int], own: int) -> tuple[int | None, int, bytes | bytearray]:
         """The slot (free or running) whose cache would let `prompt` reuse at least
