@@ -336,4 +336,27 @@ def test_between_chunks_only_a_sequence_outranking_every_pending_prompt_joins() 
     assert second is not None and second.seq is newcomer  # before busy[1]'s prompt
     newcomer.n_past = 20
     busy[1].n_past = 100
-    assert scheduler.admit_ahead() == []  # no prompt pending: the step goes on to decode
+    # No prompt pending: only a sequence outranking every one in the decode call would join.
+    assert scheduler.admit_ahead() == []
+
+
+def test_before_the_decode_call_a_sequence_outranking_all_of_it_joins_first() -> None:
+    """Once the step's prompts are done, a newcomer ranked below every decoding sequence is
+    admitted and its prompt is the step's next call (the engine may even cut the decode call
+    short for it: engine/interrupt.py); one of the same rank as the decoders waits. A chunk
+    whose call was cut short gives its tokens back to the step's budget."""
+    scheduler = Scheduler(slots=4, budget=64, prefix_cache=False)
+    busy = [seq((0, 15.0), 10), seq((0, 14.0), 10)]
+    scheduler.waiting.extend(busy)
+    scheduler.admit()
+    for s in busy:
+        s.n_past = 10
+    scheduler.begin_step()
+    same, light = seq((0, 14.0), 60), seq((0, 1.0), 60)
+    scheduler.waiting.extend([same, light])
+    assert [a.seq for a in scheduler.admit_ahead()] == [light]
+    chunk = scheduler.next_prefill()
+    assert chunk is not None and chunk.seq is light and chunk.start == 0
+    scheduler.retract(chunk)  # cut short: its share of the budget is back
+    again = scheduler.next_prefill()
+    assert again is not None and again.seq is light and again.tokens == chunk.tokens

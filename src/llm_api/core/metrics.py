@@ -109,6 +109,12 @@ PREFIX_CACHE_HITS = Counter(
 """Incremented by the batched engine at admission; hits ÷ queries is the prefix-cache hit rate
 (vLLM's metrics of the same names)."""
 
+ENGINE_CALLS_INTERRUPTED = Counter(
+    "llm_api:engine_calls_interrupted",
+    "llama_decode calls of the batched engine cut short for a newcomer that outranked them "
+    "(a tenant below its share; docs/fair-sharing.md).",
+    MODEL,
+)
 UPSTREAM_ERRORS = Counter(
     "llm_api:upstream_errors",
     "Failures of upstream (OpenAI-compatible) model servers.",

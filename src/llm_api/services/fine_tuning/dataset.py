@@ -105,12 +105,12 @@ class Tokenizer:
     def __init__(self, gguf: Path) -> None:
         import llama_cpp
         from llama_cpp import _internals
-        from llama_cpp._logger import set_verbose
 
+        from llm_api.services.llm.backends import llama_log
         from llm_api.services.llm.chat_template import ChatTemplate, template_from_metadata
 
         llama_cpp.llama_backend_init()
-        set_verbose(False)
+        llama_log.install()
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = True
         self._model = _internals.LlamaModel(path_model=str(gguf), params=params, verbose=False)

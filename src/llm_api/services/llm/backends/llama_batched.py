@@ -18,10 +18,10 @@ import anyio
 import llama_cpp
 import structlog
 from llama_cpp import _internals  # the model/context wrappers `Llama` itself is built on
-from llama_cpp._logger import set_verbose
 
 from llm_api.core.cpus import available_cpus
 from llm_api.core.exceptions import InvalidRequestError, ServiceUnavailableError
+from llm_api.services.llm.backends import llama_log
 from llm_api.services.llm.backends.base import warmup_request
 from llm_api.services.llm.chat_template import (
     ChatTemplate,
@@ -98,9 +98,7 @@ class LlamaBatchedBackend:
 
     def _load(self) -> None:
         llama_cpp.llama_backend_init()
-        set_verbose(
-            False
-        )  # llama.cpp's own log lines (context set-up) off, as Llama(verbose=False)
+        llama_log.install()
         path = self.config.gguf_path()
         self._model = _internals.LlamaModel(
             path_model=str(path), params=llama_cpp.llama_model_default_params(), verbose=False

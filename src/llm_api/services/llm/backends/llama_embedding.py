@@ -25,10 +25,10 @@ import llama_cpp
 import numpy as np
 import structlog
 from llama_cpp import _internals
-from llama_cpp._logger import set_verbose
 
 from llm_api.core.cpus import available_cpus
 from llm_api.core.exceptions import InvalidRequestError, ServiceUnavailableError
+from llm_api.services.llm.backends import llama_log
 from llm_api.services.llm.registry import ModelConfig
 from llm_api.services.llm.types import Frame, GenerationRequest
 
@@ -253,7 +253,7 @@ class LlamaEmbeddingBackend:
     def _load(self) -> None:
         cfg = self.config
         llama_cpp.llama_backend_init()
-        set_verbose(False)
+        llama_log.install()
         path = cfg.embedding_gguf_path(self._cache_dir)
         self._model = _internals.LlamaModel(
             path_model=str(path), params=llama_cpp.llama_model_default_params(), verbose=False

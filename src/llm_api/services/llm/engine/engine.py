@@ -4,11 +4,13 @@
     longer reusable prefix) → one llama_decode per prompt chunk of new ones (alone in its call,
     so llama.cpp computes it with the kernels a cold run would use, see `exact_reuse`), then
     one of one token per running sequence (new ones whose prompt just ended included), so that
-    a new prompt does not wait behind the running decodes (`Scheduler.begin_step`); after
-    each call, sample each sequence with its
-    own sampler chain (and, for those that asked, read the logprobs from the same logits row:
-    `logprobs`) → detokenize, apply stop sequences / max_tokens / end-of-generation → hand
-    that call's output to the event loop in one call → free the slots of finished sequences.
+    a new prompt does not wait behind the running decodes (`Scheduler.begin_step`); a
+    newcomer that outranks everything left in the step (a tenant below its share) goes next,
+    and may cut the call in flight short (`interrupt`); after each call, sample each sequence
+    with its own sampler chain (and, for those that asked, read the logprobs from the same
+    logits row: `logprobs`) → detokenize, apply stop sequences / max_tokens /
+    end-of-generation → hand that call's output to the event loop in one call → free the
+    slots of finished sequences.
 
 Hand-written on llama-cpp-python's low-level bindings because its high-level `Llama` decodes one
 sequence at a time. KV memory is fixed at start: `slots` sequences × `ctx_per_slot` tokens, one
@@ -27,6 +29,7 @@ import structlog
 from llm_api.core import metrics
 from llm_api.core.exceptions import InvalidRequestError, ServerError
 from llm_api.services.llm.engine.exact_reuse import chunk_kernels, decode_kernel
+from llm_api.services.llm.engine.interrupt import CallInterrupter
 from llm_api.services.llm.engine.logprobs import LogprobReader
 from llm_api.services.llm.engine.sampling import build_chain
 from llm_api.services.llm.engine.scheduler import Scheduler, Work, copy_worth
@@ -72,15 +75,18 @@ class BatchEngine:
         self._failed: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name=f"llama-batch-{name}", daemon=True)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._interrupt = CallInterrupter(ctx)
         self.steps = 0  # engine steps that evaluated tokens (for tests)
         self.prompt_tokens = 0  # prompt tokens admitted
         self.prompt_tokens_reused = 0  # of those, taken from a slot's KV cache (prefix_cache)
         self.kv_copies = 0  # KV streams copied from another slot to reuse its prefix
+        self.interrupted = 0  # llama_decode calls cut short for an outranking newcomer
         # Tests set a list to record every llama_decode: (step, prompt chunk?, (slot, tokens)
         # per sequence in the call), steps counted as `steps` counts them.
         self.call_log: list[tuple[int, bool, tuple[tuple[int, int], ...]]] | None = None
         self._queries = metrics.PREFIX_CACHE_QUERIES.labels(name)
         self._hits = metrics.PREFIX_CACHE_HITS.labels(name)
+        self._interrupted = metrics.ENGINE_CALLS_INTERRUPTED.labels(name)
 
     # --- called from the event loop ---------------------------------------------------------
 
@@ -100,6 +106,8 @@ class BatchEngine:
         if not self.alive:
             raise ServerError(f"The engine of model `{self.name}` is not running.")
         self._inbox.append(seq)  # deque.append is thread-safe
+        if self._sched.free_slots:  # it can start now: it may cut short a call that it outranks
+            self._interrupt.request(seq.rank)
         self._wake.set()
 
     def cancel(self, seq: Sequence) -> None:
@@ -146,18 +154,23 @@ class BatchEngine:
         # after each call, not at the end of the step: a new sequence gets its first token as
         # soon as its prompt is done.
         self._sched.begin_step()
+        self._interrupt.arm()
         evaluated = False
-        while (w := self._sched.next_prefill()) is not None:
-            self._run([w], out)  # alone in its call: one micro-batch of known shape
-            out.flush()
-            evaluated = True
-            if self._inbox:  # a newcomer that outranks the pending prompts goes next
+        while True:
+            if self._inbox:  # a newcomer that outranks what comes next goes first
                 self._admit(out, ahead=True)
-        decodes = self._sched.decode_tokens()
-        if decodes:
-            self._run(decodes, out)
+            chunk = self._sched.next_prefill()  # alone in its call: a micro-batch of known shape
+            work = [chunk] if chunk is not None else self._sched.decode_tokens()
+            if not work:
+                break
+            if not self._run(work, out):  # cut short for a newcomer: nothing was evaluated
+                if chunk is not None:
+                    self._sched.retract(chunk)
+                continue
             out.flush()
             evaluated = True
+            if chunk is None:  # the decode call ends the step
+                break
         if evaluated:
             self.steps += 1
 
@@ -194,13 +207,24 @@ class BatchEngine:
                 seed=seq.seed,
             )
 
-    def _run(self, work: list[Work], out: Outbox) -> None:
-        """One llama_decode over `work`, then sample the sequences that want a token."""
+    def _run(self, work: list[Work], out: Outbox) -> bool:
+        """One llama_decode over `work`, then sample the sequences that want a token; False
+        when the call was cut short (`interrupt`), having changed nothing."""
         outputs = self._fill(work)
+        prefill = work[0].seq.prefilling
+        self._interrupt.begin(min(w.seq.rank for w in work), self._batch.n_tokens, prefill)
+        rc = llama_cpp.llama_decode(self._ctx, self._batch)
+        if self._interrupt.end(rc):
+            # llama.cpp dropped the aborted micro-batch's cells; earlier micro-batches of the
+            # call (one per run of consecutive slots) stay unless removed here.
+            for w in work:
+                llama_cpp.llama_memory_seq_rm(self._mem, w.seq.slot, w.start, -1)
+            self.interrupted += 1
+            self._interrupted.inc()
+            return False
         if self.call_log is not None:
             shape = tuple((w.seq.slot, len(w.tokens)) for w in work)
-            self.call_log.append((self.steps, work[0].seq.prefilling, shape))
-        rc = llama_cpp.llama_decode(self._ctx, self._batch)
+            self.call_log.append((self.steps, prefill, shape))
         if rc != 0:
             # Cannot happen while slots × ctx_per_slot bound every sequence; if it does, fail
             # these sequences rather than the whole engine.
@@ -208,7 +232,7 @@ class BatchEngine:
             for w in work:
                 out.put(w.seq.sink, ServerError("Generation failed in llama_decode."))
                 self._finish(w.seq, "error", out, send=False)
-            return
+            return True
         for w in work:
             seq, end = w.seq, w.start + len(w.tokens)
             prefill = seq.n_past < len(seq.prompt)
@@ -216,6 +240,7 @@ class BatchEngine:
             seq.n_past = end
         for w, idx in outputs:
             self._sample(w.seq, idx, out)
+        return True
 
     def _fill(self, work: list[Work]) -> list[tuple[Work, int]]:
         b = self._batch

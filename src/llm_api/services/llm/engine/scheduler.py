@@ -41,6 +41,7 @@ class Work:
     tokens: list[int]
     start: int
     sample: bool
+    first: bool = False  # a prompt chunk: the sequence's first of this step
 
 
 @dataclass(slots=True)
@@ -79,6 +80,10 @@ class Scheduler:
     def idle(self) -> bool:
         return not self.waiting and not self.running
 
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
     def admit(self, below: tuple[int, float] | None = None) -> list[Admission]:
         """Move waiting sequences (only those ranked below `below`, when set) into free
         slots, lowest id first, with the prefix each reuses and the slot to copy it from."""
@@ -106,10 +111,11 @@ class Scheduler:
         return admitted
 
     def admit_ahead(self) -> list[Admission]:
-        """Between a step's prompt chunks: admit only waiting sequences ranked below every
-        running sequence still prefilling; none while no prompt is pending."""
-        pending = [s.rank for s in self.running if s.prefilling]
-        return self.admit(below=min(pending)) if pending else []
+        """Within a step: admit only waiting sequences ranked below everything the step has
+        still to evaluate: every running sequence still prefilling or, once none is, every
+        one in the decode call."""
+        pending = [s.rank for s in self.running if s.prefilling] or [s.rank for s in self.running]
+        return self.admit(below=min(pending)) if pending else self.admit()
 
     def _best_donor(self, prompt: list[int], own: int) -> tuple[int | None, int, bytes | bytearray]:
         """The slot (free or running) whose cache would let `prompt` reuse at least
@@ -149,11 +155,12 @@ class Scheduler:
     # admitting between chunks as well, measured, let staggered arrivals on a loaded host hold
     # the decode call back until the budget ran out, which started every stream in the same
     # step, so they all ended, and their next prompts all arrived, in one burst. The one
-    # exception is `admit_ahead`: a sequence that outranks every prompt still to be evaluated
-    # in this step (a tenant holding little of the model, arriving while a busy tenant's burst
-    # of prompts is evaluated) joins between chunks and goes next, instead of waiting for the
-    # rest of the burst and the decode call. It cannot hold the decode back for long: only a
-    # better rank gets in, and the step's budget still bounds the chunks.
+    # exception is `admit_ahead`: a sequence that outranks everything still to be evaluated in
+    # this step (a tenant holding little of the model, arriving while a busy tenant's burst of
+    # prompts or its decode call is evaluated) joins mid-step and goes next, instead of waiting
+    # for the rest of the burst and the decode call; the engine may even cut the call in flight
+    # short for it (engine/interrupt.py). It cannot hold the decode back for long: only a better
+    # rank gets in, and the step's budget still bounds the chunks.
 
     def begin_step(self) -> None:
         self._spent = 0
@@ -175,9 +182,17 @@ class Scheduler:
             if end - pos > left and id(seq) in self._chunked:
                 continue  # only a sequence's first chunk of a step may overrun the budget
             self._spent += end - pos
+            first = id(seq) not in self._chunked
             self._chunked.add(id(seq))
-            return Work(seq, seq.prompt[pos:end], pos, end == n)
+            return Work(seq, seq.prompt[pos:end], pos, end == n, first)
         return None
+
+    def retract(self, chunk: Work) -> None:
+        """`chunk` (from next_prefill) was not evaluated after all (its call was cut short):
+        give back its share of the step's budget."""
+        self._spent -= len(chunk.tokens)
+        if chunk.first:
+            self._chunked.discard(id(chunk.seq))
 
     def decode_tokens(self) -> list[Work]:
         """One token for every running sequence past its prompt, ordered by slot (one
