@@ -227,9 +227,13 @@ async def test_fifo_policy_has_no_reserved_slot_and_no_classes() -> None:
         assert await gate.acquire(ticket) == 0.0
     order: list[str] = []
 
+    ranks: list[tuple[int, float]] = []
+
     async def ask(name: str, priority: int) -> None:
-        await gate.acquire(Ticket(tenant=f"user:{name}", priority=priority))
+        ticket = Ticket(tenant=f"user:{name}", priority=priority)
+        await gate.acquire(ticket)
         order.append(name)
+        ranks.append(ticket.rank)
 
     tasks = [asyncio.create_task(ask("batch", BATCH)), asyncio.create_task(ask("chat", 0))]
     await settle()
@@ -237,6 +241,9 @@ async def test_fifo_policy_has_no_reserved_slot_and_no_classes() -> None:
     gate.release(tickets[1])
     await asyncio.gather(*tasks)
     assert order == ["batch", "chat"]  # arrival order
+    # ...in the engine too: one rank for all, so no prompt goes ahead and no call is cut short
+    assert {t.rank for t in tickets} | set(ranks) == {(0, 0.0)}
+    assert tickets[7].share == 7.0  # still recorded
 
 
 async def test_a_waiter_cancelled_just_before_a_release_is_skipped() -> None:

@@ -57,9 +57,11 @@ class Ticket:
     tier: str = "free"  # a bounded label for the metrics, never the tenant
     used: int | None = None
     waited: float = 0.0  # seconds in the queue, set on admission
-    # Set on admission: the tenant's requests already running, per weight. The local engine
-    # prefills the prompts of tenants holding less first (engine/scheduler.py).
+    # Set on admission: the tenant's requests already running, per weight, and the rank the
+    # local engine orders prompts by (class, then share; engine/scheduler.py, interrupt.py).
+    # Under FIFO every request ranks the same, so the engine keeps arrival order too.
     share: float = 0.0
+    rank: tuple[int, float] = (INTERACTIVE, 0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +238,8 @@ class AdmissionGate:
 
     def _start(self, tenant: _Tenant, ticket: Ticket) -> None:
         ticket.share = tenant.running / tenant.weight
+        if self.policy.fair:
+            ticket.rank = (ticket.priority, ticket.share)
         self.running += 1
         tenant.running += 1
 

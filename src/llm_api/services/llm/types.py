@@ -89,9 +89,10 @@ class GenerationRequest:
     # Private to the backend between prepare() and generate() (token ids, compiled grammar).
     engine_state: dict[str, Any] = field(default_factory=dict)
     # Set at admission (services/llm/stages.py): its priority class and its tenant's share of
-    # the model then (admission.Ticket.share). The local engine prefills lower ranks first, so
-    # a tenant holding little of the model is not queued behind a busy tenant's burst of new
-    # prompts (engine/scheduler.py).
+    # the model then (admission.Ticket.rank; the same for all under FIFO). The local engine
+    # prefills lower ranks first, so a tenant holding little of the model is not queued behind
+    # a busy tenant's burst of new prompts (engine/scheduler.py), and may cut a call of higher
+    # ranks short (engine/interrupt.py).
     prefill_rank: tuple[int, float] = (0, 0.0)
     # The trace context an upstream request continues (services/tracing.py): the generation
     # span's, or the router's attempt span's while it calls a deployment. None: not traced.
