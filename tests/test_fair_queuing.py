@@ -11,7 +11,14 @@ import collections
 import pytest
 
 from llm_api.core.exceptions import OverloadedError
-from llm_api.services.llm.admission import BATCH, LOW, AdmissionGate, FairPolicy, Ticket
+from llm_api.services.llm.admission import (
+    BATCH,
+    LOW,
+    AdmissionGate,
+    FairPolicy,
+    TenantStanding,
+    Ticket,
+)
 from llm_api.services.llm.engine.scheduler import Scheduler
 from llm_api.services.llm.engine.sequence import Sequence
 
@@ -244,6 +251,7 @@ async def test_fifo_policy_has_no_reserved_slot_and_no_classes() -> None:
     # ...in the engine too: one rank for all, so no prompt goes ahead and no call is cut short
     assert {t.rank for t in tickets} | set(ranks) == {(0, 0.0)}
     assert tickets[7].share == 7.0  # still recorded
+    assert all(t.standing is None for t in tickets)  # no live share either
 
 
 async def test_a_waiter_cancelled_just_before_a_release_is_skipped() -> None:
@@ -367,3 +375,24 @@ def test_before_the_decode_call_a_sequence_outranking_all_of_it_joins_first() ->
     scheduler.retract(chunk)  # cut short: its share of the budget is back
     again = scheduler.next_prefill()
     assert again is not None and again.seq is light and again.tokens == chunk.tokens
+
+
+def test_a_tenants_share_is_read_live_not_frozen_at_admission() -> None:
+    """A busy tenant's first request after a quiet spell was admitted holding nothing (share
+    0); once the tenant holds 16 slots it is one of many: a newcomer holding nothing outranks
+    it, joins before the decode call and may cut it short."""
+    busy, light = TenantStanding(running=1), TenantStanding(running=1)
+    first = seq((0, 0.0), 10)
+    first.standing = busy
+    scheduler = Scheduler(slots=4, budget=64, prefix_cache=False)
+    scheduler.waiting.append(first)
+    scheduler.admit()
+    first.n_past = 10
+    scheduler.begin_step()
+    newcomer = seq((0, 0.0), 10)
+    newcomer.standing = light
+    scheduler.waiting.append(newcomer)
+    assert scheduler.admit_ahead() == []  # both hold nothing else: equals, no cut in line
+    busy.running = 16  # the busy tenant's other requests were admitted since
+    assert first.live_rank() == (0, 15.0) and newcomer.live_rank() == (0, 0.0)
+    assert [a.seq for a in scheduler.admit_ahead()] == [newcomer]

@@ -58,10 +58,12 @@ class Ticket:
     used: int | None = None
     waited: float = 0.0  # seconds in the queue, set on admission
     # Set on admission: the tenant's requests already running, per weight, and the rank the
-    # local engine orders prompts by (class, then share; engine/scheduler.py, interrupt.py).
+    # local engine orders prompts by (class, then share; engine/scheduler.py, interrupt.py)
+    # with the tenant's live standing, from which the engine reads the share as it is later.
     # Under FIFO every request ranks the same, so the engine keeps arrival order too.
     share: float = 0.0
     rank: tuple[int, float] = (INTERACTIVE, 0.0)
+    standing: TenantStanding | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +85,10 @@ class TenantLoad:
 
 
 @dataclass(slots=True, eq=False)
-class _Tenant:
+class TenantStanding:
+    """A tenant's place in one gate. The engine thread reads `running` and `weight` of the
+    tenants whose sequences it holds (plain attributes: a read is atomic, a stale one harmless)."""
+
     weight: float = 1.0
     tier: str = "free"
     finish: float = 0.0  # virtual time at which the work charged so far ends
@@ -145,7 +150,7 @@ class AdmissionGate:
         self._seq = itertools.count()
         self._heap: list[_Entry] = []
         self._lowered: deque[_Waiter] = deque()  # waiters below interactive, by arrival (aging)
-        self._tenants: dict[str, _Tenant] = {}
+        self._tenants: dict[str, TenantStanding] = {}
         self._vtime = 0.0  # the latest virtual start admitted: the gate's virtual time
         self._hold = 0.0  # moving average of how long a slot is held (expected waits)
 
@@ -223,27 +228,28 @@ class AdmissionGate:
 
     # --- who goes next ------------------------------------------------------------------------
 
-    def _tenant(self, ticket: Ticket) -> _Tenant:
+    def _tenant(self, ticket: Ticket) -> TenantStanding:
         tenant = self._tenants.get(ticket.tenant)
         if tenant is None:
-            tenant = self._tenants[ticket.tenant] = _Tenant()
+            tenant = self._tenants[ticket.tenant] = TenantStanding()
         tenant.weight, tenant.tier = ticket.weight, ticket.tier
         return tenant
 
-    def _charge(self, tenant: _Tenant, ticket: Ticket) -> float:
+    def _charge(self, tenant: TenantStanding, ticket: Ticket) -> float:
         """The request's virtual start; the tenant's clock moves on by its weighted cost."""
         start = max(self._vtime, tenant.finish)
         tenant.finish = start + ticket.cost / ticket.weight
         return start
 
-    def _start(self, tenant: _Tenant, ticket: Ticket) -> None:
+    def _start(self, tenant: TenantStanding, ticket: Ticket) -> None:
         ticket.share = tenant.running / tenant.weight
         if self.policy.fair:
             ticket.rank = (ticket.priority, ticket.share)
+            ticket.standing = tenant
         self.running += 1
         tenant.running += 1
 
-    def _eligible(self, tenant: _Tenant) -> bool:
+    def _eligible(self, tenant: TenantStanding) -> bool:
         """A free slot beyond the reserved ones goes to anyone. A reserved one goes to a tenant
         below its weighted share of the unreserved slots, or to one at or above its share while
         such tenants hold fewer than the unreserved slots between them."""
@@ -307,7 +313,7 @@ class AdmissionGate:
             self._heap = [e for e in self._heap if not e.stale]
             heapq.heapify(self._heap)
 
-    def _forget_if_idle(self, name: str, tenant: _Tenant) -> None:
+    def _forget_if_idle(self, name: str, tenant: TenantStanding) -> None:
         """An idle tenant's clock matters only while it is ahead of the gate's: behind it, it
         would be lifted anyway. Forgetting it keeps the table to the recently active."""
         if not tenant.running and not tenant.waiting and tenant.finish <= self._vtime:

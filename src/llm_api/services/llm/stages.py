@@ -373,7 +373,7 @@ class BackendStage:
             out.admitted = time.perf_counter()
             observe_admission(model.id, ticket)
             for seq in seqs:
-                seq.prefill_rank = ticket.rank
+                seq.prefill_rank, seq.prefill_standing = ticket.rank, ticket.standing
             try:
                 if len(seqs) == 1:  # the common case, without _choices' generator in between
                     async with aclosing(backend.generate(seqs[0])) as frames:

@@ -60,6 +60,13 @@ class Message:
     name: str | None = None
 
 
+class Standing(Protocol):
+    """A tenant's live standing at a model's admission gate (admission.TenantStanding)."""
+
+    running: int  # its requests holding a slot, this one's included
+    weight: float
+
+
 @dataclass(slots=True)
 class GenerationRequest:
     """One sequence to generate. `messages` for chat, `prompt` for text completion."""
@@ -94,6 +101,7 @@ class GenerationRequest:
     # a busy tenant's burst of new prompts (engine/scheduler.py), and may cut a call of higher
     # ranks short (engine/interrupt.py).
     prefill_rank: tuple[int, float] = (0, 0.0)
+    prefill_standing: Standing | None = None  # the tenant's live standing (fair queuing only)
     # The trace context an upstream request continues (services/tracing.py): the generation
     # span's, or the router's attempt span's while it calls a deployment. None: not traced.
     trace: Context | None = None

@@ -229,6 +229,7 @@ class LlamaBatchedBackend:
             seed=request_seed(request.params),
             sink=sink,
             rank=request.prefill_rank,
+            standing=request.prefill_standing,
             trigger=(
                 CallTrigger(plan.rules, self._grammar_piece)
                 if plan is not None and plan.gbnf is None

@@ -107,7 +107,7 @@ class BatchEngine:
             raise ServerError(f"The engine of model `{self.name}` is not running.")
         self._inbox.append(seq)  # deque.append is thread-safe
         if self._sched.free_slots:  # it can start now: it may cut short a call that it outranks
-            self._interrupt.request(seq.rank)
+            self._interrupt.request(seq.live_rank())
         self._wake.set()
 
     def cancel(self, seq: Sequence) -> None:
@@ -212,7 +212,8 @@ class BatchEngine:
         when the call was cut short (`interrupt`), having changed nothing."""
         outputs = self._fill(work)
         prefill = work[0].seq.prefilling
-        self._interrupt.begin(min(w.seq.rank for w in work), self._batch.n_tokens, prefill)
+        rank = min(w.seq.live_rank() for w in work)
+        self._interrupt.begin(rank, self._batch.n_tokens, prefill)
         rc = llama_cpp.llama_decode(self._ctx, self._batch)
         if self._interrupt.end(rc):
             # llama.cpp dropped the aborted micro-batch's cells; earlier micro-batches of the

@@ -1,8 +1,9 @@
 """Which sequences run in the next engine step, and which slot (llama.cpp seq id) each uses.
 
 Pure bookkeeping, no llama.cpp calls, so the policy is easy to read:
-- admission goes by `Sequence.rank` (priority class, then the tenant's share of the model when
-  the admission gate let it in; services/llm/admission.py), then arrival, into the lowest free
+- admission goes by `Sequence.live_rank` (priority class, then the tenant's share of the model:
+  its other requests holding a slot, per weight, as the admission gate counts them now;
+  services/llm/admission.py), then arrival, into the lowest free
   slot. With `prefix_cache` a new sequence reuses as much of its prompt as some slot's KV
   cache allows without changing its output (a shared system prompt is not evaluated again):
   its own slot's leftovers, or, when another slot (free or running) holds a longer usable
@@ -91,7 +92,7 @@ class Scheduler:
         while self._free:
             # The first of the lowest rank.
             seq = min(self.waiting, key=_rank, default=None)
-            if seq is None or (below is not None and seq.rank >= below):
+            if seq is None or (below is not None and _rank(seq) >= below):
                 break
             self.waiting.remove(seq)
             slot = min(self._free)
@@ -114,7 +115,9 @@ class Scheduler:
         """Within a step: admit only waiting sequences ranked below everything the step has
         still to evaluate: every running sequence still prefilling or, once none is, every
         one in the decode call."""
-        pending = [s.rank for s in self.running if s.prefilling] or [s.rank for s in self.running]
+        pending = [_rank(s) for s in self.running if s.prefilling] or [
+            _rank(s) for s in self.running
+        ]
         return self.admit(below=min(pending)) if pending else self.admit()
 
     def _best_donor(self, prompt: list[int], own: int) -> tuple[int | None, int, bytes | bytearray]:
@@ -202,4 +205,4 @@ class Scheduler:
 
 
 def _rank(seq: Sequence) -> tuple[int, float]:
-    return seq.rank
+    return seq.live_rank()

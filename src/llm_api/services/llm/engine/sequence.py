@@ -19,6 +19,7 @@ from llm_api.services.llm.types import (
     FinishReason,
     Frame,
     SamplingParams,
+    Standing,
     TokenLogprob,
 )
 
@@ -50,8 +51,9 @@ class Sequence:
     sink: Sink
     cancelled: bool = False
     # Prefill order, lower first: (priority class, the tenant's share when admitted); see
-    # GenerationRequest.prefill_rank.
+    # GenerationRequest.prefill_rank. With `standing`, the share is read live (`live_rank`).
     rank: tuple[int, float] = (0, 0.0)
+    standing: Standing | None = None
     # auto tool choice: engages the call grammar once the output opens a call (tools/grammar)
     trigger: CallTrigger | None = None
     # --- engine thread only ---
@@ -72,6 +74,15 @@ class Sequence:
     @property
     def prefilling(self) -> bool:
         return self.n_past < len(self.prompt)
+
+    def live_rank(self) -> tuple[int, float]:
+        """The rank with the tenant's share as it is now (its other requests holding a slot,
+        per weight): a tenant's first request after a quiet spell ranked 0 when admitted, but
+        once the tenant fills the model again it is one of many."""
+        s = self.standing
+        if s is None:
+            return self.rank
+        return (self.rank[0], max(0, s.running - 1) / s.weight)
 
     def take_logprobs(self) -> list[TokenLogprob] | None:
         """The pending logprobs, for the frame about to leave (None if there are none)."""
