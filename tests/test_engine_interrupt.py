@@ -6,6 +6,7 @@ work it cut in on, that work is redone, and every output is exactly what it is u
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -60,7 +61,12 @@ async def _until_in_flight(engine: Any, rank: tuple[int, float], prefill: bool) 
         await asyncio.sleep(0.001)
 
 
-async def test_a_newcomer_cuts_a_long_prompt_chunk_short(app: Any) -> None:
+async def test_a_newcomer_cuts_a_long_prompt_chunk_short(
+    app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """...and llama.cpp's lines about the aborted call are logged at DEBUG, not as errors
+    (backends/llama_log.py)."""
+    caplog.set_level(logging.DEBUG, logger="llama_cpp")
     backend = await _backend(app, "interrupt-chunk", slots=1)
     engine = backend.engine
     assert engine is not None
@@ -87,6 +93,9 @@ async def test_a_newcomer_cuts_a_long_prompt_chunk_short(app: Any) -> None:
         assert counter._value.get() == counted + 1
         assert firsts[0] == "Say hello."  # it did not wait for the long chunk
         assert [busy_text, light_text] == solo  # the cut chunk was redone, exactly
+        lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "llama_cpp"]
+        assert any("removing memory module entries" in m for _, m in lines), lines
+        assert all(level == logging.DEBUG for level, _ in lines), lines
     finally:
         await backend.aclose()
 
