@@ -211,9 +211,9 @@ class BatchEngine:
         """One llama_decode over `work`, then sample the sequences that want a token; False
         when the call was cut short (`interrupt`), having changed nothing."""
         outputs = self._fill(work)
-        prefill = work[0].seq.prefilling
+        chunk = work[0].seq.prefilling  # a prompt chunk (alone in its call), else the decode call
         rank = min(w.seq.live_rank() for w in work)
-        self._interrupt.begin(rank, self._batch.n_tokens, prefill)
+        self._interrupt.begin(rank, self._batch.n_tokens, chunk)
         rc = llama_cpp.llama_decode(self._ctx, self._batch)
         if self._interrupt.end(rc):
             # llama.cpp dropped the aborted micro-batch's cells; earlier micro-batches of the
@@ -225,7 +225,7 @@ class BatchEngine:
             return False
         if self.call_log is not None:
             shape = tuple((w.seq.slot, len(w.tokens)) for w in work)
-            self.call_log.append((self.steps, prefill, shape))
+            self.call_log.append((self.steps, chunk, shape))
         if rc != 0:
             # Cannot happen while slots × ctx_per_slot bound every sequence; if it does, fail
             # these sequences rather than the whole engine.
